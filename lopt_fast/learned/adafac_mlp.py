@@ -1,0 +1,210 @@
+"""`AdafacMLPLOpt`: learned_optimization's MLP learned optimizer with Adafactor features.
+
+Same meta-parameters (names, shapes, init distribution, defaults) as
+`learned_optimization/learned_optimizers/adafac_mlp_lopt.py` at HEAD, so weights
+trained there load unchanged. The per-tensor math lives in `adafac_math.py`.
+
+Example:
+    lopt = AdafacMLPLOpt(hidden_size=32)
+    theta = lopt.init(jax.random.key(0))
+    opt = lopt.opt_fn(theta)
+    state = opt.init(params, num_steps=200)
+    state = opt.update(state, grad, loss=loss)
+    params = opt.get_params(state)
+
+Non-finite gradients: if any gradient entry of a step is NaN or +-Inf, the whole
+step is skipped: params, accumulators and `iteration` keep their values and
+`nonfinite_steps` counts the skipped step. (Per-entry skipping would still corrupt
+the per-tensor feature normalisation and the factored statistics.)
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lopt_fast.learned import adafac_math as am
+from lopt_fast.learned.base import LearnedOptimizer, MetaParams
+from lopt_fast.optimizers.base import Optimizer, check_same_structure
+
+
+@flax.struct.dataclass
+class AdafacMLPLOptState:
+    """Optimizer state. Accumulator trees mirror `params` (see `LeafAccumulators`)."""
+
+    params: Any
+    state: Any
+    mom: Any  # per leaf: shape + [3]
+    rms: Any  # per leaf: shape + [1]
+    v_row: Any  # per leaf: (shape \ d0) + [3] for factored tensors, else [0, 3]
+    v_col: Any  # per leaf: (shape \ d1) + [3] for factored tensors, else [0, 3]
+    v_diag: Any  # per leaf: shape + [3] for non-factored tensors, else [0, 3]
+    iteration: jax.Array  # int32, steps taken
+    num_steps: jax.Array  # int32, the training length given at init
+    nonfinite_steps: jax.Array  # int32, steps skipped for NaN/Inf gradients
+
+
+class _InitialDecays(NamedTuple):
+    mom: tuple[float, ...]
+    rms: tuple[float, ...]
+    fac: tuple[float, ...]
+
+
+def _truncated_normal(key, shape, stddev):
+    # haiku.initializers.TruncatedNormal: a standard normal truncated to [-2, 2], times stddev.
+    return stddev * jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
+
+
+class AdafacMLPLOpt(LearnedOptimizer):
+    """MLP learned optimizer with momentum, RMS and Adafactor-style features.
+
+    Args:
+      exp_mult, step_mult: step = direction * exp(magnitude * exp_mult) * step_mult.
+      hidden_size, hidden_layers: the per-parameter MLP (39 -> H x layers -> 2).
+      initial_momentum_decays, initial_rms_decays, initial_adafactor_decays: decays
+        that a theta of zeros means; theta learns offsets from them.
+    """
+
+    def __init__(
+        self,
+        exp_mult: float = 0.001,
+        step_mult: float = 0.001,
+        hidden_size: int = 4,
+        hidden_layers: int = 2,
+        initial_momentum_decays=(0.9, 0.99, 0.999),
+        initial_rms_decays=(0.999,),
+        initial_adafactor_decays=(0.9, 0.99, 0.999),
+    ):
+        if len(initial_momentum_decays) != am.NUM_MOM or len(initial_rms_decays) != am.NUM_RMS \
+                or len(initial_adafactor_decays) != am.NUM_FAC:
+            raise ValueError(
+                f"AdafacMLPLOpt's 39 features need {am.NUM_MOM} momentum, {am.NUM_RMS} rms and "
+                f"{am.NUM_FAC} adafactor decays; got {len(initial_momentum_decays)}, "
+                f"{len(initial_rms_decays)}, {len(initial_adafactor_decays)}")
+        if hidden_size < 1 or hidden_layers < 1:
+            raise ValueError(f"hidden_size and hidden_layers must be >= 1, got "
+                             f"{hidden_size} and {hidden_layers}")
+        self.exp_mult = exp_mult
+        self.step_mult = step_mult
+        self.hidden_size = hidden_size
+        self.hidden_layers = hidden_layers
+        self.initial_decays = _InitialDecays(
+            tuple(initial_momentum_decays), tuple(initial_rms_decays),
+            tuple(initial_adafactor_decays))
+        self.name = f"AdafacMLPLOpt(hidden_size={hidden_size})"
+
+    def init(self, key: jax.Array) -> MetaParams:
+        """Random theta: truncated-normal weights (std 1/sqrt(fan_in)), zero biases/decays."""
+        sizes = [am.NUM_FEATURES] + [self.hidden_size] * self.hidden_layers + [2]
+        keys = jax.random.split(key, len(sizes) - 1)
+        nn = {}
+        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            nn[f"w{i}"] = _truncated_normal(keys[i], (fan_in, fan_out), 1.0 / np.sqrt(fan_in))
+            nn[f"b{i}"] = jnp.zeros((fan_out,), jnp.float32)
+        return {
+            "momentum_decays": jnp.zeros((am.NUM_MOM,), jnp.float32),
+            "rms_decays": jnp.zeros((am.NUM_RMS,), jnp.float32),
+            "adafactor_decays": jnp.zeros((am.NUM_FAC,), jnp.float32),
+            "nn": {"~": nn},
+        }
+
+    def check_theta(self, theta: MetaParams) -> None:
+        """Raise a clear error when `theta` does not fit this optimizer."""
+        expected = jax.tree.map(jnp.shape, jax.eval_shape(self.init, jax.random.key(0)))
+        got = jax.tree.map(jnp.shape, theta)
+        if jax.tree.structure(expected) != jax.tree.structure(got) or expected != got:
+            raise ValueError(f"theta does not fit {self.name}.\n  expected shapes: {expected}\n"
+                             f"  received shapes: {got}")
+
+    def opt_fn(self, theta: MetaParams, is_training: bool = False,
+               backend: str = "auto") -> Optimizer:
+        """The optimizer that `theta` defines.
+
+        Args:
+          theta: meta-parameters from `init` (or `load_theta`).
+          is_training: unused; kept for learned_optimization compatibility.
+          backend: "auto" | "reference" | "pallas" | "triton" (`LOPT_FAST_BACKEND`
+            overrides); see `lopt_fast.backends`.
+        """
+        del is_training
+        self.check_theta(theta)
+        from lopt_fast.backends import resolve_backend
+
+        return _AdafacOpt(self, theta, resolve_backend(backend))
+
+
+def reference_update(lopt: AdafacMLPLOpt, theta, state: AdafacMLPLOptState, grad):
+    """Pure-JAX update of every tensor: returns (new params tree, new accumulator trees).
+
+    This is the `reference` backend; kernel backends implement the same signature.
+    """
+    decays = am.decays_from_theta(theta, lopt.initial_decays)
+    nn = theta["nn"]["~"]
+    treedef = jax.tree.structure(state.params)
+    leaves = [jax.tree.leaves(t) for t in (state.params, grad, state.mom, state.rms,
+                                           state.v_row, state.v_col, state.v_diag)]
+    new_p, new_acc = [], []
+    for i, (p, g, *acc) in enumerate(zip(*leaves, strict=True)):
+        with jax.named_scope(f"adafac_leaf_{i}"):
+            p_i, acc_i = am.leaf_update(p, g, am.LeafAccumulators(*acc), nn, decays,
+                                        state.iteration, lopt.exp_mult, lopt.step_mult)
+        new_p.append(p_i)
+        new_acc.append(acc_i)
+    unflat = lambda xs: jax.tree.unflatten(treedef, xs)  # noqa: E731
+    accs = [unflat([a[k] for a in new_acc]) for k in range(5)]
+    return unflat(new_p), am.LeafAccumulators(*accs)
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+class _AdafacOpt(Optimizer):
+    """The optimizer for one theta (returned by `AdafacMLPLOpt.opt_fn`)."""
+
+    def __init__(self, lopt: AdafacMLPLOpt, theta, backend):
+        self.lopt = lopt
+        self.theta = theta
+        self.backend = backend
+        self.name = f"{lopt.name}[{backend.name}]"
+
+    def init(self, params, model_state=None, num_steps=None, key=None) -> AdafacMLPLOptState:
+        del key
+        if num_steps is None:
+            raise ValueError("AdafacMLPLOpt needs num_steps: call opt.init(params, num_steps=N) "
+                             "with the length of the training run")
+        for path, leaf in jax.tree.leaves_with_path(params):
+            if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+                raise TypeError(f"param {jax.tree_util.keystr(path)} has dtype "
+                                f"{jnp.result_type(leaf)}; only floating-point params are optimized")
+        accs = [am.init_leaf(jnp.shape(x)) for x in jax.tree.leaves(params)]
+        treedef = jax.tree.structure(params)
+        trees = [jax.tree.unflatten(treedef, [a[k] for a in accs]) for k in range(5)]
+        return AdafacMLPLOptState(
+            params=params, state=model_state, mom=trees[0], rms=trees[1], v_row=trees[2],
+            v_col=trees[3], v_diag=trees[4],
+            iteration=jnp.asarray(0, jnp.int32),
+            num_steps=jnp.asarray(num_steps, jnp.int32),
+            nonfinite_steps=jnp.asarray(0, jnp.int32))
+
+    def update(self, opt_state: AdafacMLPLOptState, grad, loss=None, model_state=None,
+               key=None, **kwargs) -> AdafacMLPLOptState:
+        del loss, key, kwargs  # this learned optimizer does not use the loss.
+        check_same_structure(opt_state.params, grad)
+
+        def step(s):
+            new_params, acc = self.backend.update(self.lopt, self.theta, s, grad)
+            return s.replace(params=new_params, mom=acc.mom, rms=acc.rms, v_row=acc.v_row,
+                             v_col=acc.v_col, v_diag=acc.v_diag, iteration=s.iteration + 1)
+
+        def skip(s):
+            return s.replace(nonfinite_steps=s.nonfinite_steps + 1)
+
+        # cond, not where: without vmap only one branch runs.
+        new_state = jax.lax.cond(_all_finite(grad), step, skip, opt_state.replace(state=None))
+        return new_state.replace(state=model_state)

@@ -1,0 +1,90 @@
+"""AdafacMLPLOpt reference path against an independent float64 NumPy implementation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lopt_fast.learned import AdafacMLPLOpt
+from lopt_fast.learned import adafac_math as am
+from tests.numpy_adafac import NumpyAdafac
+
+SHAPES = [(), (7,), (13, 29), (3, 3, 5, 11), (4, 6, 5), (300, 130)]
+NUM_STEPS = 6
+REL_TOL = 2e-3
+
+
+def random_theta(lopt, key):
+    """A theta with random (not init-like) decays and biases so every input matters."""
+    theta = lopt.init(key)
+    keys = iter(jax.random.split(jax.random.fold_in(key, 1), 16))
+    theta["momentum_decays"] = 0.05 * jax.random.normal(next(keys), (3,))
+    theta["rms_decays"] = 0.05 * jax.random.normal(next(keys), (1,))
+    theta["adafactor_decays"] = 0.05 * jax.random.normal(next(keys), (3,))
+    nn = theta["nn"]["~"]
+    for k in list(nn):
+        if k.startswith("b"):
+            nn[k] = 0.1 * jax.random.normal(next(keys), nn[k].shape)
+    # Large enough step multipliers that the cumulative update is well above rounding.
+    return theta
+
+
+def run_both(shape, hidden_size, seed, exp_mult=0.3, step_mult=0.01):
+    lopt = AdafacMLPLOpt(hidden_size=hidden_size, exp_mult=exp_mult, step_mult=step_mult)
+    key = jax.random.key(seed)
+    theta = random_theta(lopt, key)
+    rng = np.random.default_rng(seed)
+    p0 = rng.normal(size=shape).astype(np.float32)
+    grads = [rng.normal(size=shape).astype(np.float32) * (0.5 + i) for i in range(NUM_STEPS)]
+
+    opt = lopt.opt_fn(theta, backend="reference")
+    state = opt.init({"p": jnp.asarray(p0)}, num_steps=100)
+    update = jax.jit(opt.update)
+    ref = NumpyAdafac(jax.tree.map(np.asarray, theta), shape, exp_mult, step_mult)
+    p_ref = p0.astype(np.float64)
+    for g in grads:
+        state = update(state, {"p": jnp.asarray(g)})
+        p_ref = ref.step(p_ref, g)
+    return p0, np.asarray(opt.get_params(state)["p"], np.float64), p_ref
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("hidden_size", [4, 32])
+def test_matches_float64_numpy(shape, hidden_size):
+    seed = int(np.random.default_rng().integers(1 << 30))  # fresh inputs every run
+    p0, p_jax, p_ref = run_both(shape, hidden_size, seed)
+    delta_ref = p_ref - p0
+    delta_jax = p_jax - p0
+    rel = np.linalg.norm(delta_jax - delta_ref) / np.linalg.norm(delta_ref)
+    worst = np.unravel_index(np.argmax(np.abs(delta_jax - delta_ref)), np.shape(delta_ref))
+    assert np.linalg.norm(delta_ref) > 1e-4, "cumulative update too small to test"
+    assert rel <= REL_TOL, f"{shape=} {hidden_size=} {seed=} {rel=:.2e} worst index {worst}"
+
+
+def test_chunked_pass_equals_single_chunk():
+    """Pass 2's chunk loop (with a clamped, overlapping last chunk) changes nothing."""
+    lopt = AdafacMLPLOpt(hidden_size=8, exp_mult=0.3, step_mult=0.01)
+    key = jax.random.key(3)
+    theta = random_theta(lopt, key)
+    nn = theta["nn"]["~"]
+    decays = am.decays_from_theta(theta, lopt.initial_decays)
+    for shape in [(37, 53), (53, 37), (5, 7, 41), (3, 3, 17, 19)]:
+        p = jax.random.normal(jax.random.fold_in(key, 1), shape)
+        g = jax.random.normal(jax.random.fold_in(key, 2), shape)
+        acc = am.update_accumulators(am.init_leaf(shape), g, decays)
+        moments = am.feature_second_moments(p, g, acc)
+        w0, b0 = am.first_layer(nn, moments, 3)
+        whole = am.apply_step(p, g, acc, w0, b0, nn, 0.3, 0.01, chunk_elements=10**9)
+        plan = am._chunk_plan(shape, 200)
+        assert plan is not None and plan[2] >= 3, f"{shape=} should be chunked"
+        chunked = am.apply_step(p, g, acc, w0, b0, nn, 0.3, 0.01, chunk_elements=200)
+        np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-7, err_msg=f"{shape=}")
+
+
+def test_factored_dims_ties_match_learned_optimization():
+    # learned_optimization: argsort of the shape, d1 second-largest, d0 largest.
+    assert am.factored_dims((3, 3, 64, 64)) == (2, 3)
+    assert am.factored_dims((10, 10)) == (0, 1)
+    assert am.factored_dims((1024, 10)) == (1, 0)
+    assert am.factored_dims((5,)) is None
+    assert am.factored_dims(()) is None
