@@ -13,8 +13,9 @@ The split is a fixed permutation (seed `SPLIT_SEED`) cut into `SPLIT_SIZES`, so 
 the same on every machine and independent of the task's seed; the task's seed only
 drives the batch order of each split.
 
-This module also holds the few layer helpers the image tasks share (haiku's default
-initialisers, a NHWC convolution, softmax cross-entropy).
+This module also holds the few layer helpers the image tasks share: haiku's default
+initialisers, a 'SAME' NHWC convolution (im2col on CPU, see `conv2d`) and softmax
+cross-entropy.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def load_digits() -> dict[str, dict[str, np.ndarray]]:
 
     Cached: the arrays are shared between tasks and marked read-only.
     """
+    # tasks/data/ is a plain folder of package data beside the data.py module.
     ref = importlib.resources.files("lopt_fast.tasks").joinpath("data/digits.npz")
     with ref.open("rb") as f, np.load(f) as npz:
         images, labels = npz["images"], npz["labels"]
