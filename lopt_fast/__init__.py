@@ -7,7 +7,7 @@
     opt = lopt.opt_fn(theta)
 """
 
-from lopt_fast import learned, optimizers
+from lopt_fast import learned, meta, optimizers, tasks
 from lopt_fast.backends import BackendUnavailableError, available_backends, resolve_backend
 from lopt_fast.learned import (
     AdafacMLPLOpt,
@@ -36,7 +36,9 @@ __all__ = [
     "available_backends",
     "learned",
     "load_theta",
+    "meta",
     "optimizers",
     "resolve_backend",
     "save_theta",
+    "tasks",
 ]

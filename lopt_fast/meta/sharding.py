@@ -1,0 +1,69 @@
+"""Sharding the task axis of meta-training over devices (`jax.jit` + `NamedSharding`).
+
+One mesh axis, "tasks". Every worker-state leaf has a leading task axis (antithetic
+pairs included) and is split over it; theta, the outer optimizer state, the PRNG key
+and the step counter are replicated. Host-fetched data batches are split on their
+task axis (axis 1: `[T, num_tasks, ...]`); device-resident data pools are replicated.
+The jitted outer step then runs each device's tasks locally, and the mean over
+tasks that forms the meta-gradient becomes an all-reduce inserted by XLA, so every
+device ends the step with the same theta.
+
+Multi-host: call `jax.distributed.initialize()` first in every process; `task_mesh()`
+then spans `jax.devices()` (all hosts) and the same program runs everywhere (see
+docs/META.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+AXIS = "tasks"
+
+
+def task_mesh(devices=None) -> Mesh:
+    """A 1-D mesh named "tasks" over `devices` (default: all devices, every host)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return Mesh(np.asarray(devices), (AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def along_axis(mesh: Mesh, axis: int | None) -> NamedSharding:
+    """Split dimension `axis` over the mesh (None: replicate)."""
+    if axis is None:
+        return replicated(mesh)
+    return NamedSharding(mesh, PartitionSpec(*([None] * axis), AXIS))
+
+
+def tree_shardings(mesh: Mesh, tree: Any, axes: Any) -> Any:
+    """Shardings for `tree`; `axes` is a prefix tree of task axes (int or None)."""
+    return jax.tree.map(lambda ax, sub: jax.tree.map(lambda _: along_axis(mesh, ax), sub),
+                        axes, tree, is_leaf=lambda x: x is None)
+
+
+def check_divisible(mesh: Mesh, tree: Any, axes: Any, what: str) -> None:
+    """Raise a clear error when a task axis does not split evenly over the mesh."""
+    size = mesh.size
+
+    def check(ax, sub):
+        if ax is None:
+            return
+        for path, leaf in jax.tree.leaves_with_path(sub):
+            n = np.shape(leaf)[ax]
+            if n % size:
+                raise ValueError(
+                    f"{what}{jax.tree_util.keystr(path)} has {n} tasks on axis {ax}, which does "
+                    f"not split over {size} devices; use a num_tasks that is a multiple of {size}")
+
+    jax.tree.map(check, axes, tree, is_leaf=lambda x: x is None)
+
+
+def put(tree: Any, shardings: Any) -> Any:
+    """`jax.device_put` a host or device tree onto its shardings."""
+    return jax.device_put(tree, shardings)
