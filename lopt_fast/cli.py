@@ -213,10 +213,11 @@ def _cmd_demo(args) -> int:
     # 1. Adam learning-rate sweep, several seeds each.
     sweep: dict[float, list[dict]] = {}
     jobs = [(lr, s) for lr in args.adam_lrs for s in range(args.adam_seeds)]
+    adams = {lr: Adam(lr) for lr in args.adam_lrs}  # one object per lr: seeds reuse its compile
     for lr, s in tqdm(jobs, desc="Adam sweep", disable=not progress, dynamic_ncols=True):
         key = jax.random.fold_in(jax.random.key(args.seed), s)
         sweep.setdefault(lr, []).append(
-            _curves(task, Adam(lr), args.inner_steps, key, args.eval_every))
+            _curves(task, adams[lr], args.inner_steps, key, args.eval_every))
     adam_stats = {lr: _loss_stats(c) for lr, c in sweep.items()}
     best_lr = min(adam_stats, key=lambda lr: adam_stats[lr][0])
     print(f"best Adam lr (mean train loss over {args.inner_steps} steps): {best_lr:g} "
