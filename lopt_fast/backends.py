@@ -4,6 +4,16 @@ The environment variable `LOPT_FAST_BACKEND` overrides the argument. "auto" pick
 fastest backend that can run on the default device; an explicit choice that cannot
 run raises `BackendUnavailableError` saying why.
 
+  reference  pure JAX (`lopt_fast.learned.adafac_mlp.reference_update`); runs everywhere.
+  pallas     fused Pallas kernels (`lopt_fast.pallas`): on an NVIDIA GPU through Pallas'
+             Triton lowering; on CPU in Pallas' interpreter (correct, slow: for tests
+             and debugging, never picked by "auto").
+  triton     fused Triton kernels through jax-triton (`lopt_fast.kernels`): an NVIDIA
+             GPU and the `gpu` extra (`jax-triton`, `triton`).
+
+"auto": the reference on CPU (the kernels only pay off on a GPU; interpreted they are
+orders of magnitude slower), "pallas" on an NVIDIA GPU, the reference elsewhere.
+
 A backend is an object with `name` and
 `update(lopt, theta, state, grad) -> (new_params, LeafAccumulators of trees)`.
 """
@@ -11,8 +21,12 @@ A backend is an object with `name` and
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
 import os
 from collections.abc import Callable
+
+import jax
 
 BACKENDS = ("auto", "reference", "pallas", "triton")
 ENV_VAR = "LOPT_FAST_BACKEND"
@@ -28,27 +42,62 @@ class Backend:
     update: Callable
 
 
-def _reference() -> Backend:
-    from lopt_fast.learned.adafac_mlp import reference_update
-
-    return Backend("reference", reference_update)
+def _platform() -> str:
+    """'cpu', 'cuda', 'rocm', 'tpu' or another platform name of the default device."""
+    backend = jax.default_backend()
+    if backend == "gpu":
+        version = getattr(jax.devices()[0].client, "platform_version", "").lower()
+        return "rocm" if "rocm" in version else "cuda"
+    return backend
 
 
 def _unavailable_reason(name: str) -> str | None:
     """None if backend `name` can run on this machine, else why not."""
     if name == "reference":
         return None
-    return f"the {name!r} backend is not built yet in this version of lopt_fast"
+    platform = _platform()
+    if name == "pallas":
+        if platform in ("cpu", "cuda"):
+            return None
+        return (f"the Pallas kernels lower through Pallas' Triton backend (NVIDIA GPUs) or run "
+                f"interpreted on CPU; the default device here is {platform!r}")
+    if name == "triton":
+        if platform != "cuda":
+            return (f"the Triton kernels need an NVIDIA GPU (jax default backend is "
+                    f"{jax.default_backend()!r})")
+        missing = [m for m in ("triton", "jax_triton") if importlib.util.find_spec(m) is None]
+        if missing:
+            return (f"module(s) {', '.join(missing)} not installed: "
+                    f"pip install 'lopt-fast[gpu]' (jax-triton, triton)")
+        return None
+    raise ValueError(f"unknown backend {name!r}")
 
 
 def _make(name: str) -> Backend:
     if name == "reference":
-        return _reference()
+        from lopt_fast.learned.adafac_mlp import reference_update
+
+        return Backend("reference", reference_update)
+    if name == "pallas":
+        from lopt_fast.pallas import pallas_update
+
+        interpret = _platform() == "cpu"
+        return Backend("pallas-interpret" if interpret else "pallas",
+                       functools.partial(pallas_update, interpret=interpret))
+    if name == "triton":
+        from lopt_fast.kernels import triton_update
+
+        return Backend("triton", triton_update)
     raise BackendUnavailableError(_unavailable_reason(name))
 
 
 def available_backends() -> list[str]:
     return [b for b in BACKENDS[1:] if _unavailable_reason(b) is None]
+
+
+def auto_backend_name() -> str:
+    """What "auto" resolves to on the default device."""
+    return "pallas" if _platform() == "cuda" else "reference"
 
 
 def resolve_backend(backend: str = "auto") -> Backend:
@@ -58,8 +107,7 @@ def resolve_backend(backend: str = "auto") -> Backend:
         source = f"${ENV_VAR}" if os.environ.get(ENV_VAR) else "backend"
         raise ValueError(f"{source}={requested!r} is not one of {', '.join(BACKENDS)}")
     if requested == "auto":
-        # Kernels are only faster on GPUs; the reference is the CPU production path.
-        return _make("reference")
+        return _make(auto_backend_name())
     reason = _unavailable_reason(requested)
     if reason is not None:
         raise BackendUnavailableError(f"backend {requested!r} cannot run: {reason}")

@@ -1,0 +1,194 @@
+"""Time one optimizer step: AdafacMLPLOpt backends (reference / pallas / triton) vs optax.adam.
+
+    python benchmarks/step.py                       # CPU defaults: 1e5, 1e6; tasks 8
+    python benchmarks/step.py --sizes 1e7 1e8 --tasks 8 16 32 64 --backends reference pallas triton
+    python benchmarks/step.py --json out.json --repeats 20 --hidden-size 32
+
+Workloads:
+  * one model of N parameters: a square matrix plus its bias (N = 1e5 ... 1e8);
+  * the meta-training shape: T tasks x the small conv model (3x3 convs 3->32->64->64
+    plus a 64x10 head, 56,970 parameters), vmapped over tasks with per-task theta.
+Method: jit, one compile call and one warm-up excluded, `block_until_ready`, median and
+IQR of `--repeats`. Ceilings measured in the same run: a large elementwise copy
+(bytes read + written per second) and a large float32 matmul (FLOP/s). For each row:
+achieved GB/s and GFLOP/s against the floor counts per parameter (AdafacMLP: 72 B of
+float32 traffic and 2 (39 H + H^2 + 2 H) FLOP; Adam: 28 B, ~12 FLOP), the floor time
+max(bytes / copy rate, FLOP / matmul rate) and time / adam in the same run.
+Unavailable backends are skipped with a note; pallas on CPU (interpreter) only when asked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lopt_fast.backends import BackendUnavailableError, _platform, resolve_backend
+from lopt_fast.learned import AdafacMLPLOpt
+
+CONV_MODEL = {
+    "conv1": {"w": (3, 3, 3, 32), "b": (32,)},
+    "conv2": {"w": (3, 3, 32, 64), "b": (64,)},
+    "conv3": {"w": (3, 3, 64, 64), "b": (64,)},
+    "head": {"w": (64, 10), "b": (10,)},
+}
+
+
+def _time(fn, *args, repeats):
+    jax.block_until_ready(fn(*args))  # compile
+    jax.block_until_ready(fn(*args))  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return statistics.median(times), q[2] - q[0]
+
+
+def ceilings(small: bool, repeats: int):
+    n = (1 << 24) if small else (1 << 28)
+    # Donated input: the output reuses the buffer, so no fresh pages are faulted in.
+    scale = jax.jit(lambda a: a * 1.0001, donate_argnums=0)
+    x = scale(jnp.full((n,), 1.5, jnp.float32))
+    times = []
+    for _ in range(repeats + 2):
+        t0 = time.perf_counter()
+        x = jax.block_until_ready(scale(x))
+        times.append(time.perf_counter() - t0)
+    copy_gbs = 2 * 4 * n / statistics.median(times[2:]) / 1e9
+    m = 2048 if small else 8192
+    a = jax.random.normal(jax.random.key(0), (m, m), jnp.float32)
+    t, _ = _time(jax.jit(lambda a: a @ a), a, repeats=max(3, repeats // 3))
+    return {"copy_GBps": copy_gbs, "matmul_GFLOPs": 2 * m**3 / t / 1e9}
+
+
+def model_shapes(n: int):
+    side = max(2, int(round(n ** 0.5)))
+    return {"w": (side, side), "b": (side,)}
+
+
+def _tree(shapes, key, lead=()):
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(treedef, [0.1 * jax.random.normal(k, lead + s)
+                                        for k, s in zip(keys, leaves, strict=True)])
+
+
+def lopt_step(lopt, backend, shapes, tasks):
+    theta = lopt.init(jax.random.key(0))
+    opt = lopt.opt_fn(theta, backend=backend)
+    if tasks is None:
+        params = _tree(shapes, jax.random.key(1))
+        state = opt.init(params, num_steps=1000)
+        grad = _tree(shapes, jax.random.key(2))
+        return jax.jit(opt.update), (state, grad)
+    thetas = jax.tree.map(lambda x: jnp.stack([x + 0.01 * i for i in range(tasks)]), theta)
+    params = _tree(shapes, jax.random.key(1), (tasks,))
+    state = jax.vmap(lambda p: opt.init(p, num_steps=1000))(params)
+    grad = _tree(shapes, jax.random.key(2), (tasks,))
+
+    def update(th, s, g):  # per-task theta, as PES perturbs it
+        return lopt.opt_fn(th, backend=backend).update(s, g)
+
+    fn = jax.jit(jax.vmap(update))
+    return (lambda s, g: fn(thetas, s, g)), (state, grad)
+
+
+def adam_step(shapes, tasks):
+    tx = optax.adam(1e-3)
+    lead = () if tasks is None else (tasks,)
+    params = _tree(shapes, jax.random.key(1), lead)
+    grad = _tree(shapes, jax.random.key(2), lead)
+    init = tx.init if tasks is None else jax.vmap(tx.init)
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    fn = jax.jit(step if tasks is None else jax.vmap(step))
+    return fn, (params, init(params), grad)
+
+
+def main(argv=None):
+    on_cpu = jax.default_backend() == "cpu"
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--sizes", nargs="*", type=float, default=[1e5, 1e6] if on_cpu else
+                    [1e5, 1e6, 1e7, 1e8])
+    ap.add_argument("--tasks", nargs="*", type=int, default=[8] if on_cpu else [8, 16, 32, 64])
+    ap.add_argument("--backends", nargs="*", default=["reference", "pallas", "triton"])
+    ap.add_argument("--hidden-size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=10 if on_cpu else 30)
+    ap.add_argument("--json", default="step_benchmark.json")
+    args = ap.parse_args(argv)
+
+    notes = []
+    backends = []
+    for b in args.backends:
+        if b == "pallas" and on_cpu and "pallas" not in (argv or []) and args.backends == \
+                ["reference", "pallas", "triton"]:
+            notes.append("pallas skipped on CPU by default (interpreter; pass --backends pallas)")
+            continue
+        try:
+            resolve_backend(b)
+            backends.append(b)
+        except BackendUnavailableError as e:
+            notes.append(f"{b} skipped: {e}")
+
+    info = {"device": str(jax.devices()[0].device_kind), "platform": _platform(),
+            "host": platform.processor() or platform.machine(), "jax": jax.__version__,
+            "optax": optax.__version__, "numpy": np.__version__,
+            "date": datetime.date.today().isoformat(), "hidden_size": args.hidden_size}
+    ceil = ceilings(on_cpu, args.repeats)
+    h = args.hidden_size
+    flop_lopt, flop_adam = 2 * (39 * h + h * h + 2 * h), 12
+    lopt = AdafacMLPLOpt(hidden_size=h)
+
+    workloads = [(f"model {int(n):.0e}", model_shapes(int(n)), None) for n in args.sizes]
+    workloads += [(f"{t} tasks x conv", CONV_MODEL, t) for t in args.tasks]
+    rows = []
+    for label, shapes, tasks in workloads:
+        nparams = sum(int(np.prod(s)) for s in jax.tree.leaves(
+            shapes, is_leaf=lambda x: isinstance(x, tuple))) * (tasks or 1)
+        fn, a = adam_step(shapes, tasks)
+        t_adam, iqr = _time(fn, *a, repeats=args.repeats)
+        entries = [("optax.adam", t_adam, iqr, 28, flop_adam)]
+        for b in backends:
+            fn, a = lopt_step(lopt, b, shapes, tasks)
+            t, iqr = _time(fn, *a, repeats=args.repeats)
+            entries.append((b, t, iqr, 72, flop_lopt))
+        for name, t, iqr, bpp, fpp in entries:
+            floor = max(bpp * nparams / (ceil["copy_GBps"] * 1e9),
+                        fpp * nparams / (ceil["matmul_GFLOPs"] * 1e9))
+            rows.append({"workload": label, "params": nparams, "backend": name, "ms": t * 1e3,
+                         "iqr_ms": iqr * 1e3, "GBps": bpp * nparams / t / 1e9,
+                         "GFLOPs": fpp * nparams / t / 1e9, "pct_of_floor": 100 * floor / t,
+                         "x_adam": t / t_adam})
+
+    print(f"device: {info['device']} ({info['platform']}), jax {info['jax']}, optax "
+          f"{info['optax']}, {info['date']}, H={h}")
+    print(f"ceilings: copy {ceil['copy_GBps']:.1f} GB/s, matmul {ceil['matmul_GFLOPs']:.1f} GFLOP/s")
+    for n in notes:
+        print("note:", n)
+    hdr = ("workload", "params", "backend", "ms", "iqr ms", "GB/s", "GFLOP/s", "% floor", "x adam")
+    print("| " + " | ".join(hdr) + " |")
+    print("|" + " --- |" * 2 + " --- |" + " ---: |" * 6)
+    for r in rows:
+        print(f"| {r['workload']} | {r['params']:,} | {r['backend']} | {r['ms']:.3f} | "
+              f"{r['iqr_ms']:.3f} | {r['GBps']:.1f} | {r['GFLOPs']:.1f} | "
+              f"{r['pct_of_floor']:.1f} | {r['x_adam']:.1f} |")
+    with open(args.json, "w") as f:
+        json.dump({"info": info, "ceilings": ceil, "notes": notes, "rows": rows}, f, indent=1)
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

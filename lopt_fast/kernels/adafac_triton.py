@@ -1,0 +1,408 @@
+"""Fused `AdafacMLPLOpt` step as Triton kernels launched through jax-triton (`triton_call`).
+
+Same math, passes and canonical layouts as `lopt_fast.pallas.adafac_step` (see its
+docstring for the formulas and the 72 B / ~3.2 kFLOP per parameter budget), written
+against raw pointers: every operand is a contiguous canonical array
+(p, g [B, U, V]; mom [3, B, U, V]; rms [1, B, U, V]; fu [3, B, U]; fv [3, B, V];
+packed tensors [rows, 128]); offsets are int64.
+
+MLP: layer 1 (16 or 22 inputs) as FMAs on the vector units; the H x H layers with
+`tl.dot` on tensor cores, TF32 operands and float32 accumulation (`input_precision=
+"tf32"`, the default) or "ieee". Tolerance against the float32 reference, TF32: step
+relative error ~3e-4 (operands rounded to a 10-bit mantissa), params within
+atol 1e-5 + rtol 1e-4 after a step of size ~1e-3; "ieee": as the Pallas kernels.
+
+Only on NVIDIA GPUs with the `gpu` extra (jax-triton needs a CUDA jaxlib). jax-triton
+has no vmap rule: use the "pallas" backend for vmapped tasks (documented gap).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import triton
+import triton.language as tl
+
+from lopt_fast.pallas import plan
+from lopt_fast.pallas.blocks import BlockSizes
+
+NUM_SUMS = tl.constexpr(plan.NUM_SUMS)
+
+
+# ----------------------------------------------------------------------------- kernel bodies
+
+@triton.jit
+def _l1(pre, x, w_ptr, f: tl.constexpr, HP: tl.constexpr):
+    """pre [R, C, HP] += x [R, C] (outer) w[f, :]."""
+    w = tl.load(w_ptr + f * HP + tl.arange(0, HP))
+    return pre + x[:, :, None] * w[None, None, :]
+
+
+@triton.jit
+def _lane(vec, f: tl.constexpr, x, mask):
+    """vec [32]: lane f = sum over the tile of x^2 (masked)."""
+    s = tl.sum(tl.sum(tl.where(mask, x * x, 0.0), axis=1), axis=0)
+    return tl.where(tl.arange(0, NUM_SUMS) == f, s, vec)
+
+
+@triton.jit
+def _mlp_rest(pre, c_ptr, wh_ptr, bh_ptr, wo_ptr, R: tl.constexpr, C: tl.constexpr,
+              HP: tl.constexpr, NHID: tl.constexpr, EXP_MULT: tl.constexpr,
+              STEP_MULT: tl.constexpr, PREC: tl.constexpr):
+    h = tl.reshape(tl.maximum(pre, 0.0), (R * C, HP))
+    k = tl.arange(0, HP)
+    for layer in tl.static_range(NHID):
+        w = tl.load(wh_ptr + layer * HP * HP + k[:, None] * HP + k[None, :])
+        h = tl.dot(h, w, input_precision=PREC)
+        h = tl.maximum(h + tl.load(bh_ptr + layer * HP + k)[None, :], 0.0)
+    d = tl.sum(h * tl.load(wo_ptr + k)[None, :], axis=1) + tl.load(c_ptr + 7)
+    mag = tl.sum(h * tl.load(wo_ptr + HP + k)[None, :], axis=1) + tl.load(c_ptr + 8)
+    return tl.reshape(d * tl.exp(mag * EXP_MULT) * STEP_MULT, (R, C))
+
+
+@triton.jit
+def _tile(B, U, V, R: tl.constexpr, C: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    u = tl.program_id(1).to(tl.int64) * R + tl.arange(0, R)
+    v = tl.program_id(2).to(tl.int64) * C + tl.arange(0, C)
+    mask = (u[:, None] < U) & (v[None, :] < V)
+    off = b * U * V + u[:, None] * V + v[None, :]
+    return b, u, v, mask, off
+
+
+@triton.jit
+def _row_col_sums_kernel(g_ptr, su_ptr, sv_ptr, B, U, V, R: tl.constexpr, C: tl.constexpr):
+    b, u, v, mask, off = _tile(B, U, V, R, C)
+    g = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    sq = tl.where(mask, g * g + 1e-30, 0.0)
+    n_v = tl.num_programs(2)
+    n_u = tl.num_programs(1)
+    tl.store(su_ptr + (b * n_v + tl.program_id(2)) * U + u, tl.sum(sq, axis=1), mask=u < U)
+    tl.store(sv_ptr + (b * n_u + tl.program_id(1)) * V + v, tl.sum(sq, axis=0), mask=v < V)
+
+
+@triton.jit
+def _factored_planes(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, B, U, V, off, mask):
+    n = B * U * V
+    g = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    p = tl.load(p_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    b0, b1, b2 = tl.load(c_ptr + 0), tl.load(c_ptr + 1), tl.load(c_ptr + 2)
+    m0 = b0 * tl.load(mom_ptr + off, mask=mask, other=0.0) + (1 - b0) * g
+    m1 = b1 * tl.load(mom_ptr + n + off, mask=mask, other=0.0) + (1 - b1) * g
+    m2 = b2 * tl.load(mom_ptr + 2 * n + off, mask=mask, other=0.0) + (1 - b2) * g
+    cr = tl.load(c_ptr + 3)
+    rms = cr * tl.load(rms_ptr + off, mask=mask, other=0.0) + (1 - cr) * g * g
+    return g, p, m0, m1, m2, rms
+
+
+@triton.jit
+def _factors(fu_ptr, fv_ptr, B, U, V, b, u, v, k: tl.constexpr):
+    fu = tl.load(fu_ptr + k * B * U + b * U + u, mask=u < U, other=0.0)
+    fv = tl.load(fv_ptr + k * B * V + b * V + v, mask=v < V, other=0.0)
+    return fu[:, None] * fv[None, :]
+
+
+@triton.jit
+def _factored_moments_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, s_ptr,
+                             B, U, V, R: tl.constexpr, C: tl.constexpr):
+    b, u, v, mask, off = _tile(B, U, V, R, C)
+    g, p, m0, m1, m2, rms = _factored_planes(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, B, U, V, off,
+                                             mask)
+    r = tl.rsqrt(rms + 1e-6)
+    f0 = _factors(fu_ptr, fv_ptr, B, U, V, b, u, v, 0)
+    f1 = _factors(fu_ptr, fv_ptr, B, U, V, b, u, v, 1)
+    f2 = _factors(fu_ptr, fv_ptr, B, U, V, b, u, v, 2)
+    s = tl.zeros((NUM_SUMS,), tl.float32)
+    s = _lane(s, 0, g, mask)
+    s = _lane(s, 1, p, mask)
+    s = _lane(s, 2, m0, mask)
+    s = _lane(s, 3, m1, mask)
+    s = _lane(s, 4, m2, mask)
+    s = _lane(s, 5, rms, mask)
+    s = _lane(s, 6, m0 * r, mask)
+    s = _lane(s, 7, m1 * r, mask)
+    s = _lane(s, 8, m2 * r, mask)
+    s = _lane(s, 9, r, mask)
+    s = _lane(s, 10, g * f0, mask)
+    s = _lane(s, 11, g * f1, mask)
+    s = _lane(s, 12, g * f2, mask)
+    s = _lane(s, 13, m0 * f0, mask)
+    s = _lane(s, 14, m1 * f1, mask)
+    s = _lane(s, 15, m2 * f2, mask)
+    tile = tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)
+    base = (b * tl.num_programs(1) * tl.num_programs(2) + tile) * NUM_SUMS
+    tl.store(s_ptr + base + tl.arange(0, NUM_SUMS), s)
+
+
+@triton.jit
+def _factored_apply_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, tu_ptr, tv_ptr,
+                           w_ptr, wh_ptr, bh_ptr, wo_ptr, po_ptr, mo_ptr, ro_ptr, B, U, V,
+                           R: tl.constexpr, C: tl.constexpr, HP: tl.constexpr,
+                           NHID: tl.constexpr, EXP_MULT: tl.constexpr, STEP_MULT: tl.constexpr,
+                           PREC: tl.constexpr):
+    b, u, v, mask, off = _tile(B, U, V, R, C)
+    g, p, m0, m1, m2, rms = _factored_planes(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, B, U, V, off,
+                                             mask)
+    r = tl.rsqrt(rms + 1e-6)
+    f0 = _factors(fu_ptr, fv_ptr, B, U, V, b, u, v, 0)
+    f1 = _factors(fu_ptr, fv_ptr, B, U, V, b, u, v, 1)
+    f2 = _factors(fu_ptr, fv_ptr, B, U, V, b, u, v, 2)
+    h = tl.arange(0, HP)
+    tu = tl.load(tu_ptr + (b * U + u[:, None]) * HP + h[None, :], mask=(u < U)[:, None], other=0.0)
+    tv = tl.load(tv_ptr + (b * V + v[:, None]) * HP + h[None, :], mask=(v < V)[:, None], other=0.0)
+    pre = tu[:, None, :] + tv[None, :, :]
+    pre = _l1(pre, g, w_ptr, 0, HP)
+    pre = _l1(pre, p, w_ptr, 1, HP)
+    pre = _l1(pre, m0, w_ptr, 2, HP)
+    pre = _l1(pre, m1, w_ptr, 3, HP)
+    pre = _l1(pre, m2, w_ptr, 4, HP)
+    pre = _l1(pre, rms, w_ptr, 5, HP)
+    pre = _l1(pre, m0 * r, w_ptr, 6, HP)
+    pre = _l1(pre, m1 * r, w_ptr, 7, HP)
+    pre = _l1(pre, m2 * r, w_ptr, 8, HP)
+    pre = _l1(pre, r, w_ptr, 9, HP)
+    pre = _l1(pre, g * f0, w_ptr, 10, HP)
+    pre = _l1(pre, g * f1, w_ptr, 11, HP)
+    pre = _l1(pre, g * f2, w_ptr, 12, HP)
+    pre = _l1(pre, m0 * f0, w_ptr, 13, HP)
+    pre = _l1(pre, m1 * f1, w_ptr, 14, HP)
+    pre = _l1(pre, m2 * f2, w_ptr, 15, HP)
+    step = _mlp_rest(pre, c_ptr, wh_ptr, bh_ptr, wo_ptr, R, C, HP, NHID, EXP_MULT, STEP_MULT, PREC)
+    n = B * U * V
+    tl.store(po_ptr + off, (p - step).to(po_ptr.dtype.element_ty), mask=mask)
+    tl.store(mo_ptr + off, m0, mask=mask)
+    tl.store(mo_ptr + n + off, m1, mask=mask)
+    tl.store(mo_ptr + 2 * n + off, m2, mask=mask)
+    tl.store(ro_ptr + off, rms, mask=mask)
+
+
+@triton.jit
+def _packed_planes(c_ptr, vd_ptr, g, m0, m1, m2, n, off):
+    g2 = g * g + 1e-30
+    c0, c1, c2 = tl.load(c_ptr + 4), tl.load(c_ptr + 5), tl.load(c_ptr + 6)
+    v0 = c0 * tl.load(vd_ptr + off) + (1 - c0) * g2
+    v1 = c1 * tl.load(vd_ptr + n + off) + (1 - c1) * g2
+    v2 = c2 * tl.load(vd_ptr + 2 * n + off) + (1 - c2) * g2
+    return v0, v1, v2
+
+
+@triton.jit
+def _packed_common(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, ROWS, R: tl.constexpr,
+                   C: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    rr = t * R + tl.arange(0, R)
+    off = rr[:, None] * C + tl.arange(0, C)[None, :]
+    n = ROWS * C
+    g = tl.load(g_ptr + off)
+    p = tl.load(p_ptr + off)
+    b0, b1, b2 = tl.load(c_ptr + 0), tl.load(c_ptr + 1), tl.load(c_ptr + 2)
+    m0 = b0 * tl.load(mom_ptr + off) + (1 - b0) * g
+    m1 = b1 * tl.load(mom_ptr + n + off) + (1 - b1) * g
+    m2 = b2 * tl.load(mom_ptr + 2 * n + off) + (1 - b2) * g
+    cr = tl.load(c_ptr + 3)
+    rms = cr * tl.load(rms_ptr + off) + (1 - cr) * g * g
+    v0, v1, v2 = _packed_planes(c_ptr, vd_ptr, g, m0, m1, m2, n, off)
+    return t, off, n, g, p, m0, m1, m2, rms, v0, v1, v2
+
+
+@triton.jit
+def _packed_moments_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, cnt_ptr, s_ptr, ROWS,
+                           R: tl.constexpr, C: tl.constexpr):
+    t, off, n, g, p, m0, m1, m2, rms, v0, v1, v2 = _packed_common(
+        c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, ROWS, R, C)
+    local = tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
+    mask = local < tl.load(cnt_ptr + t)
+    r = tl.rsqrt(rms + 1e-6)
+    s = tl.zeros((NUM_SUMS,), tl.float32)
+    s = _lane(s, 0, g, mask)
+    s = _lane(s, 1, p, mask)
+    s = _lane(s, 2, m0, mask)
+    s = _lane(s, 3, m1, mask)
+    s = _lane(s, 4, m2, mask)
+    s = _lane(s, 5, rms, mask)
+    s = _lane(s, 6, m0 * r, mask)
+    s = _lane(s, 7, m1 * r, mask)
+    s = _lane(s, 8, m2 * r, mask)
+    s = _lane(s, 9, r, mask)
+    s = _lane(s, 10, g * tl.rsqrt(tl.maximum(v0 + 1e-9, 1e-9)), mask)
+    s = _lane(s, 11, g * tl.rsqrt(tl.maximum(v1 + 1e-9, 1e-9)), mask)
+    s = _lane(s, 12, g * tl.rsqrt(tl.maximum(v2 + 1e-9, 1e-9)), mask)
+    s = _lane(s, 13, m0 * tl.rsqrt(v0 + 1e-6), mask)
+    s = _lane(s, 14, m1 * tl.rsqrt(v1 + 1e-6), mask)
+    s = _lane(s, 15, m2 * tl.rsqrt(v2 + 1e-6), mask)
+    s = _lane(s, 16, v0, mask)
+    s = _lane(s, 17, v1, mask)
+    s = _lane(s, 18, v2, mask)
+    s = _lane(s, 19, tl.rsqrt(v0 + 1e-8), mask)
+    s = _lane(s, 20, tl.rsqrt(v1 + 1e-8), mask)
+    s = _lane(s, 21, tl.rsqrt(v2 + 1e-8), mask)
+    tl.store(s_ptr + t * NUM_SUMS + tl.arange(0, NUM_SUMS), s)
+
+
+@triton.jit
+def _packed_apply_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, seg_ptr, w_ptr, b0_ptr,
+                         wh_ptr, bh_ptr, wo_ptr, po_ptr, mo_ptr, ro_ptr, vo_ptr, ROWS,
+                         R: tl.constexpr, C: tl.constexpr, HP: tl.constexpr,
+                         NHID: tl.constexpr, EXP_MULT: tl.constexpr, STEP_MULT: tl.constexpr,
+                         PREC: tl.constexpr):
+    t, off, n, g, p, m0, m1, m2, rms, v0, v1, v2 = _packed_common(
+        c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, ROWS, R, C)
+    w_ptr = w_ptr + tl.load(seg_ptr + t).to(tl.int64) * NUM_SUMS * HP
+    r = tl.rsqrt(rms + 1e-6)
+    b0 = tl.load(b0_ptr + tl.arange(0, HP))
+    pre = tl.zeros((R, C, HP), tl.float32) + b0[None, None, :]
+    pre = _l1(pre, g, w_ptr, 0, HP)
+    pre = _l1(pre, p, w_ptr, 1, HP)
+    pre = _l1(pre, m0, w_ptr, 2, HP)
+    pre = _l1(pre, m1, w_ptr, 3, HP)
+    pre = _l1(pre, m2, w_ptr, 4, HP)
+    pre = _l1(pre, rms, w_ptr, 5, HP)
+    pre = _l1(pre, m0 * r, w_ptr, 6, HP)
+    pre = _l1(pre, m1 * r, w_ptr, 7, HP)
+    pre = _l1(pre, m2 * r, w_ptr, 8, HP)
+    pre = _l1(pre, r, w_ptr, 9, HP)
+    pre = _l1(pre, g * tl.rsqrt(tl.maximum(v0 + 1e-9, 1e-9)), w_ptr, 10, HP)
+    pre = _l1(pre, g * tl.rsqrt(tl.maximum(v1 + 1e-9, 1e-9)), w_ptr, 11, HP)
+    pre = _l1(pre, g * tl.rsqrt(tl.maximum(v2 + 1e-9, 1e-9)), w_ptr, 12, HP)
+    pre = _l1(pre, m0 * tl.rsqrt(v0 + 1e-6), w_ptr, 13, HP)
+    pre = _l1(pre, m1 * tl.rsqrt(v1 + 1e-6), w_ptr, 14, HP)
+    pre = _l1(pre, m2 * tl.rsqrt(v2 + 1e-6), w_ptr, 15, HP)
+    pre = _l1(pre, v0, w_ptr, 16, HP)
+    pre = _l1(pre, v1, w_ptr, 17, HP)
+    pre = _l1(pre, v2, w_ptr, 18, HP)
+    pre = _l1(pre, tl.rsqrt(v0 + 1e-8), w_ptr, 19, HP)
+    pre = _l1(pre, tl.rsqrt(v1 + 1e-8), w_ptr, 20, HP)
+    pre = _l1(pre, tl.rsqrt(v2 + 1e-8), w_ptr, 21, HP)
+    step = _mlp_rest(pre, c_ptr, wh_ptr, bh_ptr, wo_ptr, R, C, HP, NHID, EXP_MULT, STEP_MULT, PREC)
+    tl.store(po_ptr + off, p - step)
+    tl.store(mo_ptr + off, m0)
+    tl.store(mo_ptr + n + off, m1)
+    tl.store(mo_ptr + 2 * n + off, m2)
+    tl.store(ro_ptr + off, rms)
+    tl.store(vo_ptr + off, v0)
+    tl.store(vo_ptr + n + off, v1)
+    tl.store(vo_ptr + 2 * n + off, v2)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _f32(shape):
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+class TritonKernels:
+    """Launchers (`plan.Kernels` interface) through `jax_triton.triton_call`."""
+
+    def __init__(self, mlp_precision: str = "tf32"):
+        if mlp_precision not in ("tf32", "ieee"):
+            raise ValueError(f"mlp_precision must be 'tf32' or 'ieee', got {mlp_precision!r}")
+        self.prec = mlp_precision
+
+    @staticmethod
+    def _call(*args, **kw):
+        import jax_triton as jt
+
+        return jt.triton_call(*args, **kw)
+
+    @staticmethod
+    def _hidden(mlp, hp):
+        if mlp.w_hidden is None:  # dummies: NHID = 0 never reads them
+            return 0, jnp.zeros((1, hp, hp), jnp.float32), jnp.zeros((1, hp), jnp.float32)
+        return mlp.w_hidden.shape[0], mlp.w_hidden, mlp.b_hidden
+
+    def row_col_sums(self, g, blocks: BlockSizes):
+        b, u, v = g.shape
+        nu, nv = -(-u // blocks.rows), -(-v // blocks.cols)
+        su, sv = self._call(g, b, u, v, kernel=_row_col_sums_kernel,
+                            out_shape=[_f32((b, nv, u)), _f32((b, nu, v))], grid=(b, nu, nv),
+                            num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+                            R=blocks.rows, C=blocks.cols, name="adafac_row_col_sums")
+        return jnp.sum(su, axis=1), jnp.sum(sv, axis=1)
+
+    def factored_moments(self, p, g, mom, rms, fu, fv, consts, blocks: BlockSizes):
+        b, u, v = p.shape
+        nu, nv = -(-u // blocks.rows), -(-v // blocks.cols)
+        return self._call(consts, p, g, mom, rms, fu, fv, b, u, v, kernel=_factored_moments_kernel,
+                          out_shape=_f32((b, nu * nv, plan.NUM_SUMS)), grid=(b, nu, nv),
+                          num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+                          R=blocks.rows, C=blocks.cols, name="adafac_moments")
+
+    def factored_apply(self, p, g, mom, rms, fu, fv, consts, tu, tv, w_ew, mlp, mults,
+                       blocks: BlockSizes):
+        b, u, v = p.shape
+        hp = tu.shape[-1]
+        nu, nv = -(-u // blocks.rows), -(-v // blocks.cols)
+        nhid, wh, bh = self._hidden(mlp, hp)
+        return self._call(
+            consts, p, g, mom, rms, fu, fv, tu, tv, w_ew, wh, bh, mlp.w_out_t, b, u, v,
+            kernel=_factored_apply_kernel,
+            out_shape=[jax.ShapeDtypeStruct(p.shape, p.dtype), _f32(mom.shape), _f32(rms.shape)],
+            grid=(b, nu, nv), num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+            R=blocks.rows, C=blocks.cols, HP=hp, NHID=nhid, EXP_MULT=mults[0],
+            STEP_MULT=mults[1], PREC=self.prec, name="adafac_apply")
+
+    def packed_moments(self, p, g, mom, rms, vd, counts, consts, blocks: BlockSizes):
+        rows = p.shape[0]
+        n = rows // blocks.rows
+        return self._call(consts, p, g, mom, rms, vd, counts.reshape(-1), rows,
+                          kernel=_packed_moments_kernel, out_shape=_f32((n, plan.NUM_SUMS)),
+                          grid=(n,), num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+                          R=blocks.rows, C=blocks.cols, name="adafac_packed_moments")
+
+    def packed_apply(self, p, g, mom, rms, vd, consts, w_seg, b0, seg_starts, mlp, mults,
+                     blocks: BlockSizes):
+        rows = p.shape[0]
+        n = rows // blocks.rows
+        hp = b0.shape[-1]
+        starts = list(seg_starts) + [n]
+        seg = jnp.asarray(sum(([s] * (starts[s + 1] - starts[s]) for s in range(len(seg_starts))),
+                              []), jnp.int32)
+        nhid, wh, bh = self._hidden(mlp, hp)
+        return self._call(
+            consts, p, g, mom, rms, vd, seg, w_seg, b0, wh, bh, mlp.w_out_t, rows,
+            kernel=_packed_apply_kernel,
+            out_shape=[_f32(p.shape), _f32(mom.shape), _f32(rms.shape), _f32(vd.shape)],
+            grid=(n,), num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+            R=blocks.rows, C=blocks.cols, HP=hp, NHID=nhid, EXP_MULT=mults[0],
+            STEP_MULT=mults[1], PREC=self.prec, name="adafac_packed_apply")
+
+
+# ----------------------------------------------------------------------------- public op
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
+def _fused(lopt, theta, state, grad, config):
+    mlp_precision, blocks, packed_blocks = config
+    k = TritonKernels(mlp_precision)
+    kernels = plan.Kernels(k.row_col_sums, k.factored_moments, k.factored_apply, k.packed_moments,
+                           k.packed_apply)
+    return plan.fused_update(kernels, lopt, theta, state, grad, blocks=blocks,
+                             packed_blocks=packed_blocks)
+
+
+def _fused_fwd(lopt, theta, state, grad, config):
+    return _fused(lopt, theta, state, grad, config), (theta, state, grad)
+
+
+def _fused_bwd(lopt, config, residuals, cotangent):
+    from lopt_fast.learned.adafac_mlp import reference_update
+
+    _, vjp = jax.vjp(functools.partial(reference_update, lopt), *residuals)
+    return vjp(cotangent)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def triton_update(lopt, theta, state, grad, *, mlp_precision: str = "tf32",
+                  blocks: BlockSizes | None = None, packed_blocks: BlockSizes | None = None):
+    """Fused Triton `AdafacMLPLOpt` update (jax-triton): the signature of `reference_update`.
+
+    Forward runs the Triton kernels, backward differentiates the reference
+    (`jax.custom_vjp`). Needs an NVIDIA GPU, `jax-triton` and `triton`.
+
+    Example:
+        new_params, acc = triton_update(lopt, theta, opt_state, grads)
+    """
+    return _fused(lopt, theta, state, grad, (mlp_precision, blocks, packed_blocks))

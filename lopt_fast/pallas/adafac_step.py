@@ -1,0 +1,395 @@
+"""Fused `AdafacMLPLOpt` step in Pallas: accumulators, 39 features, MLP and update on chip.
+
+Math per parameter (decays b_m [3], c_r = clip(b_r), c_f = clip(b_f) [3]; see
+`lopt_fast.learned.adafac_math` for the full statement, which this matches):
+
+    m_k   = b_m,k m_k + (1 - b_m,k) g             r = rsqrt(rms + 1e-6)
+    rms   = c_r rms + (1 - c_r) g^2
+    factored  (tile of the canonical [B, U, V] view; fu [3, U], fv [3, V] from the wrapper)
+        F_k = fu_k[u] fv_k[v];  fac_g_k = g F_k;  fac_m_k = m_k F_k
+    packed    (scalars / vectors)
+        v_k = c_f,k v_k + (1 - c_f,k)(g^2 + 1e-30)
+        fac_g_k = g rsqrt(max(v_k + 1e-9, 1e-9));  fac_m_k = m_k rsqrt(v_k + 1e-6)
+        + the features v_k, rsqrt(v_k + 1e-8)
+    x = [g, p, m, rms, m r, r, fac_g, fac_m (, v, rsqrt(v + 1e-8))]   16 or 22 planes
+    pre0 = tu[u] + tv[v] + sum_f x_f w_f      (w = w0 rows scaled by rsqrt(1e-5 + E[x_f^2]),
+                                               tu / tv = per-row / per-column features @ w0
+                                               plus b0 with the time features)
+    h = relu(pre0); h = relu(h W_l + b_l) ...; (d, mag) = h W_out + b_out
+    p <- p - d exp(mag exp_mult) step_mult
+
+Kernels (all `pl.pallas_call`s are named; grid = (B, U / rows, V / cols), a leading
+task axis when vmapped):
+    adafac_row_col_sums      reads g                         4 B / param
+    adafac_moments           reads p, g, m, rms              24 B / param (+ packed: v 12 B)
+    adafac_apply             reads p, g, m, rms; writes p, m, rms   24 + 20 B / param
+  = 72 B / param of float32 traffic for a factored tensor (the issue's floor), plus
+    O(rows + cols) for the tables.
+FLOPs per parameter: pass 1 ~3, pass 2 ~60, pass 3 ~40 + 2 (16 H) + 2 H^2 (L - 1) + 4 H + 5
+  (H = 32, 2 layers: ~3.2 kFLOP; layer 1 runs as FMAs on the vector units, the H x H
+  layers through `jnp.dot` -> tensor cores on GPU).
+
+GPU: lowered through Pallas' Triton backend (`pltriton.CompilerParams`); see
+docs/KERNELS.md for why not Mosaic GPU. Dots run at `mlp_precision` ("tf32" default on
+GPU: |rel err| ~ 3e-4; "ieee" for full float32). CPU: `interpret=True` (the tests).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from lopt_fast.pallas import plan
+from lopt_fast.pallas.blocks import BlockSizes
+
+C_MOM, C_RMS, C_FAC, C_BOUT = plan.C_MOM, plan.C_RMS, plan.C_FAC, plan.C_BOUT
+
+
+# ----------------------------------------------------------------------------- kernel bodies
+
+def _accumulators(c_ref, g, mom_ref, rms_ref):
+    """New momenta (3 planes) and rms from the gradient tile g [rows, cols]."""
+    m = [c_ref[C_MOM + k] * mom_ref[k].astype(jnp.float32) + (1 - c_ref[C_MOM + k]) * g
+         for k in range(3)]
+    c_r = c_ref[C_RMS]
+    rms = c_r * rms_ref[0].astype(jnp.float32) + (1 - c_r) * (g * g)
+    return m, rms
+
+
+def _features_factored(g, p, m, rms, fu_ref, fv_ref):
+    """16 per-element feature planes of a factored tile (order of `adafac_math._PER_ELEMENT`)."""
+    r = lax.rsqrt(rms + 1e-6)
+    fac = [fu_ref[k][:, None] * fv_ref[k][None, :] for k in range(3)]
+    return ([g, p, *m, rms, *(mk * r for mk in m), r]
+            + [g * f for f in fac] + [mk * f for mk, f in zip(m, fac, strict=True)])
+
+
+def _features_packed(c_ref, g, p, m, rms, vd_ref):
+    """22 per-element planes of a non-factored tile, and the new v planes."""
+    g2 = g * g + 1e-30
+    v = [c_ref[C_FAC + k] * vd_ref[k] + (1 - c_ref[C_FAC + k]) * g2 for k in range(3)]
+    r = lax.rsqrt(rms + 1e-6)
+    feats = ([g, p, *m, rms, *(mk * r for mk in m), r]
+             + [g * lax.rsqrt(jnp.maximum(vk + 1e-9, 1e-9)) for vk in v]
+             + [mk * lax.rsqrt(vk + 1e-6) for mk, vk in zip(m, v, strict=True)]
+             + v + [lax.rsqrt(vk + 1e-8) for vk in v])
+    return feats, v
+
+
+def _sums_vector(feats, mask):
+    """[1, 32]: sum over the tile of each feature squared (masked), lane f = feature f."""
+    lane = lax.broadcasted_iota(jnp.int32, (1, plan.NUM_SUMS), 1)
+    out = jnp.zeros((1, plan.NUM_SUMS), jnp.float32)
+    for f, x in enumerate(feats):
+        out = jnp.where(lane == f, jnp.sum(jnp.where(mask, x * x, 0.0)), out)
+    return out
+
+
+def _mlp_step(pre0, feats, w_ref, mlp_refs, c_ref, mults, precision):
+    """pre0 [rows, cols, Hp] (tables and bias) + layer 1 -> step [rows, cols]."""
+    rows, cols, hp = pre0.shape
+    for f, x in enumerate(feats):
+        pre0 = pre0 + x[:, :, None] * w_ref[f, :][None, None, :]
+    h = jnp.maximum(pre0, 0.0).reshape(rows * cols, hp)
+    wh_ref, bh_ref, wo_ref = mlp_refs
+    if wh_ref is not None:
+        for layer in range(wh_ref.shape[0]):
+            h = jnp.dot(h, wh_ref[layer], precision=precision, preferred_element_type=jnp.float32)
+            h = jnp.maximum(h + bh_ref[layer, :][None, :], 0.0)
+    direction = jnp.sum(h * wo_ref[0, :][None, :], axis=1) + c_ref[C_BOUT]
+    magnitude = jnp.sum(h * wo_ref[1, :][None, :], axis=1) + c_ref[C_BOUT + 1]
+    exp_mult, step_mult = mults
+    return (direction * jnp.exp(magnitude * exp_mult) * step_mult).reshape(rows, cols)
+
+
+def _tile_mask(shape, u_size, v_size):
+    rows, cols = shape
+    u = pl.program_id(1) * rows + lax.broadcasted_iota(jnp.int32, shape, 0)
+    v = pl.program_id(2) * cols + lax.broadcasted_iota(jnp.int32, shape, 1)
+    return (u < u_size) & (v < v_size)
+
+
+def _row_col_sums_kernel(g_ref, su_ref, sv_ref, *, u_size, v_size):
+    # g_ref [rows, cols]; su_ref [rows] (sum over this tile's cols); sv_ref [cols]
+    g = g_ref[...].astype(jnp.float32)
+    sq = jnp.where(_tile_mask(g.shape, u_size, v_size), g * g + 1e-30, 0.0)
+    su_ref[...] = jnp.sum(sq, axis=1)
+    sv_ref[...] = jnp.sum(sq, axis=0)
+
+
+def _factored_moments_kernel(c_ref, p_ref, g_ref, mom_ref, rms_ref, fu_ref, fv_ref, s_ref, *,
+                             u_size, v_size):
+    # p, g [rows, cols]; mom [3, rows, cols]; rms [1, rows, cols]; fu [3, rows]; fv [3, cols]
+    # s_ref [1, 32]: this tile's sums of squared features
+    g = g_ref[...].astype(jnp.float32)
+    p = p_ref[...].astype(jnp.float32)
+    m, rms = _accumulators(c_ref, g, mom_ref, rms_ref)
+    feats = _features_factored(g, p, m, rms, fu_ref, fv_ref)
+    s_ref[...] = _sums_vector(feats, _tile_mask(g.shape, u_size, v_size))
+
+
+def _factored_apply_kernel(c_ref, p_ref, g_ref, mom_ref, rms_ref, fu_ref, fv_ref, tu_ref, tv_ref,
+                           w_ref, *rest, mults, precision, hidden):
+    # tu [rows, Hp] (row table + b0), tv [cols, Hp], w [16, Hp]; outputs p [rows, cols]
+    # in p's dtype, mom [3, rows, cols], rms [1, rows, cols]
+    mlp_refs, (po_ref, mo_ref, ro_ref) = _split_mlp(rest, hidden)
+    g = g_ref[...].astype(jnp.float32)
+    p = p_ref[...].astype(jnp.float32)
+    m, rms = _accumulators(c_ref, g, mom_ref, rms_ref)
+    feats = _features_factored(g, p, m, rms, fu_ref, fv_ref)
+    pre0 = tu_ref[...][:, None, :] + tv_ref[...][None, :, :]
+    step = _mlp_step(pre0, feats, w_ref, mlp_refs, c_ref, mults, precision)
+    po_ref[...] = (p - step).astype(po_ref.dtype)
+    for k in range(3):
+        mo_ref[k] = m[k]
+    ro_ref[0] = rms
+
+
+def _packed_moments_kernel(c_ref, p_ref, g_ref, mom_ref, rms_ref, vd_ref, n_ref, s_ref):
+    # p, g [rows, cols] of the packed buffer; mom, vd [3, rows, cols]; n [1, 1] valid count
+    g, p = g_ref[...], p_ref[...]
+    m, rms = _accumulators(c_ref, g, mom_ref, rms_ref)
+    feats, _ = _features_packed(c_ref, g, p, m, rms, vd_ref)
+    rows, cols = g.shape
+    flat = (lax.broadcasted_iota(jnp.int32, g.shape, 0) * cols
+            + lax.broadcasted_iota(jnp.int32, g.shape, 1))
+    s_ref[...] = _sums_vector(feats, flat < n_ref[...])
+
+
+def _packed_apply_kernel(c_ref, p_ref, g_ref, mom_ref, rms_ref, vd_ref, w_ref, b0_ref, *rest,
+                         mults, precision, hidden):
+    # w [32, Hp]: this tile's tensor's first-layer rows; b0 [1, Hp]
+    mlp_refs, (po_ref, mo_ref, ro_ref, vo_ref) = _split_mlp(rest, hidden)
+    g, p = g_ref[...], p_ref[...]
+    m, rms = _accumulators(c_ref, g, mom_ref, rms_ref)
+    feats, v = _features_packed(c_ref, g, p, m, rms, vd_ref)
+    rows, cols = g.shape
+    pre0 = jnp.broadcast_to(b0_ref[...][None, :, :], (rows, cols, b0_ref.shape[-1]))
+    step = _mlp_step(pre0, feats, w_ref, mlp_refs, c_ref, mults, precision)
+    po_ref[...] = p - step
+    for k in range(3):
+        mo_ref[k] = m[k]
+        vo_ref[k] = v[k]
+    ro_ref[0] = rms
+
+
+def _split_mlp(rest, hidden: bool):
+    if hidden:
+        return (rest[0], rest[1], rest[2]), rest[3:]
+    return (None, None, rest[0]), rest[1:]
+
+
+# ----------------------------------------------------------------------------- launchers
+
+class PallasKernels:
+    """Launchers of the Pallas kernels (`plan.Kernels` interface).
+
+    Args:
+      interpret: run the kernels in Pallas' interpreter (CPU).
+      mlp_precision: "tf32" (`lax.Precision.DEFAULT`) or "ieee" (`HIGHEST`) for the
+        hidden-layer dots.
+    """
+
+    def __init__(self, interpret: bool, mlp_precision: str = "tf32"):
+        if mlp_precision not in ("tf32", "ieee"):
+            raise ValueError(f"mlp_precision must be 'tf32' or 'ieee', got {mlp_precision!r}")
+        self.interpret = interpret
+        self.precision = lax.Precision.DEFAULT if mlp_precision == "tf32" else lax.Precision.HIGHEST
+
+    def _call(self, kernel, name, blocks: BlockSizes, **kw):
+        if self.interpret:
+            return pl.pallas_call(kernel, name=name, interpret=True, **kw)
+        from jax.experimental.pallas import triton as pltriton
+
+        params = pltriton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+        return pl.pallas_call(kernel, name=name, compiler_params=params, **kw)
+
+    # Factored tensors: grid (B, U / rows, V / cols).
+    @staticmethod
+    def _grid(shape3, blocks):
+        b, u, v = shape3
+        return (b, pl.cdiv(u, blocks.rows), pl.cdiv(v, blocks.cols))
+
+    def row_col_sums(self, g, blocks: BlockSizes):
+        b, u, v = g.shape
+        grid = self._grid(g.shape, blocks)
+        r, c = blocks.rows, blocks.cols
+        su, sv = self._call(
+            functools.partial(_row_col_sums_kernel, u_size=u, v_size=v), "adafac_row_col_sums",
+            blocks, grid=grid,
+            in_specs=[pl.BlockSpec((None, r, c), lambda i, j, k: (i, j, k))],
+            out_specs=[pl.BlockSpec((None, None, r), lambda i, j, k: (i, k, j)),
+                       pl.BlockSpec((None, None, c), lambda i, j, k: (i, j, k))],
+            out_shape=[jax.ShapeDtypeStruct((b, grid[2], u), jnp.float32),
+                       jax.ShapeDtypeStruct((b, grid[1], v), jnp.float32)],
+        )(g)
+        return jnp.sum(su, axis=1), jnp.sum(sv, axis=1)
+
+    def _factored_specs(self, blocks):
+        r, c = blocks.rows, blocks.cols
+        return [
+            pl.BlockSpec((plan.NUM_CONSTS,), lambda i, j, k: (0,)),  # consts
+            pl.BlockSpec((None, r, c), lambda i, j, k: (i, j, k)),  # p
+            pl.BlockSpec((None, r, c), lambda i, j, k: (i, j, k)),  # g
+            pl.BlockSpec((3, None, r, c), lambda i, j, k: (0, i, j, k)),  # mom
+            pl.BlockSpec((1, None, r, c), lambda i, j, k: (0, i, j, k)),  # rms
+            pl.BlockSpec((3, None, r), lambda i, j, k: (0, i, j)),  # fu
+            pl.BlockSpec((3, None, c), lambda i, j, k: (0, i, k)),  # fv
+        ]
+
+    def factored_moments(self, p, g, mom, rms, fu, fv, consts, blocks: BlockSizes):
+        b, u, v = p.shape
+        grid = self._grid(p.shape, blocks)
+        return self._call(
+            functools.partial(_factored_moments_kernel, u_size=u, v_size=v), "adafac_moments",
+            blocks, grid=grid, in_specs=self._factored_specs(blocks),
+            out_specs=pl.BlockSpec((None, 1, plan.NUM_SUMS),
+                                   lambda i, j, k: (i, j * grid[2] + k, 0)),
+            out_shape=jax.ShapeDtypeStruct((b, grid[1] * grid[2], plan.NUM_SUMS), jnp.float32),
+        )(consts, p, g, mom, rms, fu, fv)
+
+    @staticmethod
+    def _mlp_specs(mlp: plan.MLPWeights, ngrid: int):
+        zero = lambda *idx: (0,) * ngrid  # noqa: E731
+        specs, args = [], []
+        if mlp.w_hidden is not None:
+            specs += [pl.BlockSpec(mlp.w_hidden.shape, lambda *i: (0, 0, 0)),
+                      pl.BlockSpec(mlp.b_hidden.shape, lambda *i: (0, 0))]
+            args += [mlp.w_hidden, mlp.b_hidden]
+        specs.append(pl.BlockSpec(mlp.w_out_t.shape, lambda *i: (0, 0)))
+        args.append(mlp.w_out_t)
+        del zero
+        return specs, args
+
+    def factored_apply(self, p, g, mom, rms, fu, fv, consts, tu, tv, w_ew, mlp, mults,
+                       blocks: BlockSizes):
+        b, u, v = p.shape
+        hp = tu.shape[-1]
+        r, c = blocks.rows, blocks.cols
+        mlp_specs, mlp_args = self._mlp_specs(mlp, 3)
+        in_specs = self._factored_specs(blocks) + [
+            pl.BlockSpec((None, r, hp), lambda i, j, k: (i, j, 0)),  # tu
+            pl.BlockSpec((None, c, hp), lambda i, j, k: (i, k, 0)),  # tv
+            pl.BlockSpec(w_ew.shape, lambda i, j, k: (0, 0)),  # w_ew
+        ] + mlp_specs
+        kernel = functools.partial(_factored_apply_kernel, mults=mults, precision=self.precision,
+                                   hidden=mlp.w_hidden is not None)
+        return self._call(
+            kernel, "adafac_apply", blocks, grid=self._grid(p.shape, blocks), in_specs=in_specs,
+            out_specs=[pl.BlockSpec((None, r, c), lambda i, j, k: (i, j, k)),
+                       pl.BlockSpec((3, None, r, c), lambda i, j, k: (0, i, j, k)),
+                       pl.BlockSpec((1, None, r, c), lambda i, j, k: (0, i, j, k))],
+            out_shape=[jax.ShapeDtypeStruct(p.shape, p.dtype),
+                       jax.ShapeDtypeStruct(mom.shape, jnp.float32),
+                       jax.ShapeDtypeStruct(rms.shape, jnp.float32)],
+        )(consts, p, g, mom, rms, fu, fv, tu, tv, w_ew, *mlp_args)
+
+    # Packed non-factored tensors: grid (tiles,).
+    def _packed_specs(self, blocks):
+        r, c = blocks.rows, blocks.cols
+        return [
+            pl.BlockSpec((plan.NUM_CONSTS,), lambda i: (0,)),
+            pl.BlockSpec((r, c), lambda i: (i, 0)),  # p
+            pl.BlockSpec((r, c), lambda i: (i, 0)),  # g
+            pl.BlockSpec((3, r, c), lambda i: (0, i, 0)),  # mom
+            pl.BlockSpec((1, r, c), lambda i: (0, i, 0)),  # rms
+            pl.BlockSpec((3, r, c), lambda i: (0, i, 0)),  # v_diag
+        ]
+
+    def packed_moments(self, p, g, mom, rms, vd, counts, consts, blocks: BlockSizes):
+        n = p.shape[0] // blocks.rows
+        return self._call(
+            _packed_moments_kernel, "adafac_packed_moments", blocks, grid=(n,),
+            in_specs=self._packed_specs(blocks) + [pl.BlockSpec((1, 1), lambda i: (i, 0))],
+            out_specs=pl.BlockSpec((1, plan.NUM_SUMS), lambda i: (i, 0)),
+            out_shape=jax.ShapeDtypeStruct((n, plan.NUM_SUMS), jnp.float32),
+        )(consts, p, g, mom, rms, vd, counts)
+
+    def packed_apply(self, p, g, mom, rms, vd, consts, w_seg, b0, seg_starts, mlp, mults,
+                     blocks: BlockSizes):
+        n = p.shape[0] // blocks.rows
+        r, c = blocks.rows, blocks.cols
+
+        def segment(i):  # static block -> tensor map: segments are contiguous block ranges
+            s = jnp.int32(0)
+            for start in seg_starts[1:]:
+                s = s + (i >= start).astype(jnp.int32)
+            return s
+
+        mlp_specs, mlp_args = self._mlp_specs(mlp, 1)
+        in_specs = self._packed_specs(blocks) + [
+            pl.BlockSpec((None,) + w_seg.shape[1:], lambda i: (segment(i), 0, 0)),
+            pl.BlockSpec(b0.shape, lambda i: (0, 0)),
+        ] + mlp_specs
+        kernel = functools.partial(_packed_apply_kernel, mults=mults, precision=self.precision,
+                                   hidden=mlp.w_hidden is not None)
+        return self._call(
+            kernel, "adafac_packed_apply", blocks, grid=(n,), in_specs=in_specs,
+            out_specs=[pl.BlockSpec((r, c), lambda i: (i, 0)),
+                       pl.BlockSpec((3, r, c), lambda i: (0, i, 0)),
+                       pl.BlockSpec((1, r, c), lambda i: (0, i, 0)),
+                       pl.BlockSpec((3, r, c), lambda i: (0, i, 0))],
+            out_shape=[jax.ShapeDtypeStruct(p.shape, jnp.float32),
+                       jax.ShapeDtypeStruct(mom.shape, jnp.float32),
+                       jax.ShapeDtypeStruct(rms.shape, jnp.float32),
+                       jax.ShapeDtypeStruct(vd.shape, jnp.float32)],
+        )(consts, p, g, mom, rms, vd, w_seg, b0, *mlp_args)
+
+
+def _as_kernels(k: PallasKernels) -> plan.Kernels:
+    return plan.Kernels(k.row_col_sums, k.factored_moments, k.factored_apply, k.packed_moments,
+                        k.packed_apply)
+
+
+# ----------------------------------------------------------------------------- public op
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
+def _fused(lopt, theta, state, grad, config):
+    interpret, mlp_precision, blocks, packed_blocks = config
+    kernels = _as_kernels(PallasKernels(interpret, mlp_precision))
+    return plan.fused_update(kernels, lopt, theta, state, grad, blocks=blocks,
+                             packed_blocks=packed_blocks)
+
+
+def _fused_fwd(lopt, theta, state, grad, config):
+    return _fused(lopt, theta, state, grad, config), (theta, state, grad)
+
+
+def _fused_bwd(lopt, config, residuals, cotangent):
+    from lopt_fast.learned.adafac_mlp import reference_update
+
+    theta, state, grad = residuals
+    _, vjp = jax.vjp(functools.partial(reference_update, lopt), theta, state, grad)
+    return vjp(cotangent)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def pallas_update(lopt, theta, state, grad, *, interpret: bool | None = None,
+                  mlp_precision: str = "tf32", blocks: BlockSizes | None = None,
+                  packed_blocks: BlockSizes | None = None):
+    """Fused Pallas `AdafacMLPLOpt` update: the signature of `reference_update`.
+
+    Forward runs the kernels; the backward pass (`jax.custom_vjp`) differentiates the
+    reference, so meta-gradients through the optimizer match `reference_update`'s.
+
+    Args:
+      lopt, theta, state, grad: as `lopt_fast.learned.adafac_mlp.reference_update`.
+      interpret: run in Pallas' interpreter; default: when the default backend is CPU.
+      mlp_precision: "tf32" or "ieee" dots for the H x H layers on GPU.
+      blocks, packed_blocks: override `blocks.block_sizes` / `packed_block_sizes` tiles.
+
+    Returns:
+      (new params tree, `LeafAccumulators` of accumulator trees).
+
+    Example:
+        new_params, acc = pallas_update(lopt, theta, opt_state, grads, interpret=True)
+    """
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    return _fused(lopt, theta, state, grad, (bool(interpret), mlp_precision, blocks, packed_blocks))

@@ -1,0 +1,71 @@
+"""Block sizes and launch settings of the fused AdafacMLP step: the one place they are chosen.
+
+Both the Pallas kernels (`lopt_fast.pallas.adafac_step`) and the Triton kernels
+(`lopt_fast.kernels.adafac_triton`) take their tiles from `block_sizes`.
+
+Constraints behind the numbers:
+  * Triton (and the Pallas Triton lowering) needs power-of-two array shapes, and
+    `tl.dot` needs M, N, K >= 16: tiles are powers of two with rows * cols >= 16, the
+    MLP width is padded to `padded_hidden(H)` >= 16 (zero rows/columns are exact:
+    relu(0) = 0 contributes nothing).
+  * Pass 3 holds a [rows * cols, H] activation tile in registers; about 8K float32
+    values per program (64 per thread at 4 warps) keeps it out of local memory, so a
+    tile has `8192 // H_pad` elements (512 at H <= 16, 256 at H = 32), capped at 1024.
+  * Tiles never exceed the (power-of-two-rounded) tensor, so small tensors get small
+    tiles; edges are masked in-kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+TILE_VALUES = 8192  # float32 activations per program in pass 3
+MAX_TILE = 1024
+PACKED_COLS = 128  # lane width of the packed buffer for non-factored tensors
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def padded_hidden(hidden: int) -> int:
+    """MLP width inside the kernels: a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, next_pow2(hidden))
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile of one program: `rows` x `cols` of the canonical [B, U, V] view of a
+    tensor (cols along the minor axis), plus GPU launch settings."""
+
+    rows: int
+    cols: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("rows", "cols"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"BlockSizes.{name} must be a power of two >= 1, got {v}")
+        if self.rows * self.cols < 16:
+            raise ValueError(f"a tile needs >= 16 elements (tl.dot's M), got {self.rows}x{self.cols}")
+
+
+def tile_elements(hidden: int) -> int:
+    return max(16, min(MAX_TILE, TILE_VALUES // padded_hidden(hidden)))
+
+
+def block_sizes(u: int, v: int, hidden: int) -> BlockSizes:
+    """Tile for a canonical [B, u, v] tensor view with MLP width `hidden`."""
+    target = tile_elements(hidden)
+    cols = min(next_pow2(v), target)
+    rows = min(next_pow2(u), max(1, target // cols))
+    rows = max(rows, 16 // cols)  # tl.dot needs M >= 16; extra rows are masked
+    return BlockSizes(rows=rows, cols=cols)
+
+
+def packed_block_sizes(hidden: int) -> BlockSizes:
+    """Tile of the packed buffer that holds all non-factored (scalar / vector) tensors."""
+    cols = PACKED_COLS
+    return BlockSizes(rows=max(1, tile_elements(hidden) // cols), cols=cols)

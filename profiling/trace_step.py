@@ -1,0 +1,117 @@
+"""Capture a `jax.profiler` trace of one AdafacMLPLOpt step and print per-kernel times.
+
+    python profiling/trace_step.py                         # reference, CPU-friendly size
+    python profiling/trace_step.py --backend pallas --params 1e7 --logdir /tmp/lopt_trace
+
+The step is jitted, compiled and warmed up, then `--steps` steps run under
+`jax.profiler.trace(logdir)`. The trace (`*.trace.json.gz` under logdir, also readable
+in Perfetto / TensorBoard) is parsed and device / XLA-op events are grouped by name:
+named `pallas_call`s (adafac_row_col_sums, adafac_moments, adafac_apply,
+adafac_packed_*) appear under their names on GPU, and `jax.named_scope`s
+(adafac_leaf_<i>, adafac_fused_leaf_<i>, adafac_apply, ...) label the XLA ops of the
+reference and of the wrapper.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+
+from lopt_fast.learned import AdafacMLPLOpt
+
+
+def _events(logdir):
+    files = sorted(glob.glob(os.path.join(logdir, "**", "*.trace.json.gz"), recursive=True),
+                   key=os.path.getmtime)
+    if not files:
+        raise FileNotFoundError(f"no *.trace.json.gz under {logdir}")
+    with gzip.open(files[-1]) as f:
+        trace = json.load(f)
+    return files[-1], [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+
+
+def _is_kernel_event(e, pids):
+    """Device or XLA-op events (not Python / runtime bookkeeping)."""
+    name = e.get("name", "")
+    if e.get("pid") in pids:
+        return True
+    args = e.get("args", {})
+    return "hlo_op" in args or "long_name" in args or name.startswith(("adafac", "fusion"))
+
+
+def scope_of_ops(compiled_text: str) -> dict[str, str]:
+    """HLO instruction name -> its `adafac*` named scope (from op_name metadata)."""
+    out = {}
+    for m in re.finditer(r"%?([\w.\-]+) = .*?op_name=\"([^\"]+)\"", compiled_text):
+        scopes = [part for part in m.group(2).split("/") if part.startswith("adafac")]
+        out[m.group(1)] = "/".join(scopes[:2]) if scopes else "(other)"
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--backend", default="reference")
+    ap.add_argument("--params", type=float, default=1e6)
+    ap.add_argument("--hidden-size", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--logdir", default="/tmp/lopt_fast_trace")
+    ap.add_argument("--top", type=int, default=25)
+    args = ap.parse_args(argv)
+
+    side = int(round(args.params ** 0.5))
+    lopt = AdafacMLPLOpt(hidden_size=args.hidden_size)
+    opt = lopt.opt_fn(lopt.init(jax.random.key(0)), backend=args.backend)
+    params = {"w": 0.1 * jax.random.normal(jax.random.key(1), (side, side)),
+              "b": jnp.full((side,), 0.01)}
+    grad = jax.tree.map(lambda x: jnp.cos(x * 7.0), params)
+    state = opt.init(params, num_steps=1000)
+    step = jax.jit(opt.update)
+    scopes = scope_of_ops(step.lower(state, grad).compile().as_text())
+    for _ in range(2):  # compile, and again if the first output's types differ (weak types)
+        state = jax.block_until_ready(step(state, grad))
+
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0  # XLA / device events only
+    with jax.profiler.trace(args.logdir, profiler_options=options):
+        for i in range(args.steps):
+            with jax.profiler.StepTraceAnnotation("lopt_step", step_num=i):
+                state = step(state, grad)
+        jax.block_until_ready(state)
+
+    path, events = _events(args.logdir)
+    pids = set()
+    for e in events:
+        if "/device:" in str(e.get("args", {}).get("device", "")):
+            pids.add(e.get("pid"))
+    totals, counts = collections.defaultdict(float), collections.Counter()
+    for e in events:
+        if _is_kernel_event(e, pids):
+            totals[e["name"]] += e.get("dur", 0.0)
+            counts[e["name"]] += 1
+    by_scope = collections.defaultdict(float)
+    for name, us in totals.items():
+        by_scope[scopes.get(name, name if name.startswith("adafac") else "(other)")] += us
+    print(f"trace: {path}")
+    print(f"backend {opt.backend.name}, {side * side + side:,} params, "
+          f"{args.steps} steps on {jax.devices()[0].device_kind}")
+    total = sum(totals.values()) or 1.0
+    print(f"{'named scope / pallas_call':60s} {'ms/step':>9s} {'%':>6s}")
+    for name, us in sorted(by_scope.items(), key=lambda kv: -kv[1])[:args.top]:
+        print(f"{name[:60]:60s} {us / args.steps / 1e3:9.3f} {100 * us / total:6.1f}")
+    print()
+    print(f"{'kernel / op':60s} {'calls':>6s} {'ms/step':>9s} {'%':>6s}")
+    for name, us in sorted(totals.items(), key=lambda kv: -kv[1])[:args.top]:
+        print(f"{name[:60]:60s} {counts[name] // args.steps:6d} {us / args.steps / 1e3:9.3f} "
+              f"{100 * us / total:6.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Backend dispatch: names, the env override, "auto" on CPU, errors that say why."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lopt_fast import backends
+from lopt_fast.backends import BackendUnavailableError, resolve_backend
+from lopt_fast.learned import AdafacMLPLOpt
+
+ON_CPU = jax.default_backend() == "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _no_env(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+
+
+@pytest.mark.skipif(not ON_CPU, reason="checks the CPU choice")
+def test_auto_is_reference_on_cpu():
+    assert resolve_backend("auto").name == "reference"
+    assert backends.auto_backend_name() == "reference"
+
+
+@pytest.mark.skipif(not ON_CPU, reason="checks the CPU choice")
+def test_explicit_pallas_on_cpu_runs_interpreted():
+    b = resolve_backend("pallas")
+    assert b.name == "pallas-interpret"
+    assert b.update.keywords == {"interpret": True}
+    assert "pallas" in backends.available_backends()
+
+
+@pytest.mark.skipif(not ON_CPU, reason="no GPU: triton cannot run")
+def test_triton_without_gpu_raises_with_reason():
+    with pytest.raises(BackendUnavailableError, match="NVIDIA GPU"):
+        resolve_backend("triton")
+    assert "triton" not in backends.available_backends()
+
+
+def test_env_overrides_argument(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "reference")
+    assert resolve_backend("pallas").name == "reference"
+    monkeypatch.setenv(backends.ENV_VAR, "nonsense")
+    with pytest.raises(ValueError, match=r"\$LOPT_FAST_BACKEND='nonsense'"):
+        resolve_backend("auto")
+
+
+def test_unknown_backend_lists_choices():
+    with pytest.raises(ValueError, match="auto, reference, pallas, triton"):
+        resolve_backend("cuda")
+
+
+@pytest.mark.skipif(not ON_CPU, reason="interpret-mode run")
+def test_opt_fn_and_optax_bridge_route_to_pallas():
+    """One step through `opt_fn(backend="pallas")` and `as_optax(backend=...)` equals
+    the reference backend (same non-finite skip logic around both)."""
+    lopt = AdafacMLPLOpt(hidden_size=4, exp_mult=0.3, step_mult=0.01)
+    theta = lopt.init(jax.random.key(1))
+    rng = np.random.default_rng()
+    params = {"w": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32),
+              "b": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
+    grad = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+    outs = {}
+    for name in ("reference", "pallas"):
+        opt = lopt.opt_fn(theta, backend=name)
+        state = jax.jit(opt.update)(opt.init(params, num_steps=10), grad)
+        outs[name] = opt.get_params(state)
+        assert int(state.iteration) == 1
+    tx = lopt.as_optax(theta, num_steps=10, backend="pallas")
+    upd, _ = jax.jit(tx.update)(grad, tx.init(params), params)
+    for k in params:
+        np.testing.assert_allclose(outs["pallas"][k], outs["reference"][k], rtol=1e-5, atol=1e-6,
+                                   err_msg=f"opt_fn {k} shape={params[k].shape}")
+        np.testing.assert_allclose(params[k] + upd[k], outs["reference"][k], rtol=1e-5, atol=1e-6,
+                                   err_msg=f"as_optax {k} shape={params[k].shape}")

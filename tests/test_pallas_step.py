@@ -1,0 +1,256 @@
+"""The fused Pallas step (interpret mode on CPU) against the reference `reference_update`.
+
+One table of tolerances per dtype; fresh random params, gradients and theta every run
+(never zeros); several steps with independent trajectories; every shape class
+(scalar, vector, matrix, 4-D conv, 3-D, non-powers of two, smaller than a tile, the
+largest axis first, factored axes not adjacent); trees; vmapped tasks with per-task
+theta; bf16 params; gradients through the custom_vjp. Compiled functions are shared
+across steps (interpret mode compiles slowly on a small CPU).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lopt_fast.learned import AdafacMLPLOpt, reference_update
+from lopt_fast.pallas import BlockSizes, pallas_update
+from lopt_fast.pallas import plan as pallas_plan
+
+# dtype -> (atol, rtol) on new params; accumulators are float32 and use the float32 row.
+TOLERANCES = {
+    jnp.dtype(jnp.float32): (2e-6, 1e-5),
+    jnp.dtype(jnp.bfloat16): (1e-2, 1.6e-2),  # one bf16 ulp: a rounding flip of p - step
+}
+# ||kernel step - reference step|| / ||reference step|| (float32 params).
+STEP_REL_TOL = 1e-3
+NUM_STEPS = 3
+
+
+def _seed():
+    return int(np.random.default_rng().integers(1 << 30))
+
+
+def random_theta(lopt, key):
+    """Random decays and biases (not the init's zeros) so every input of the MLP matters."""
+    theta = lopt.init(key)
+    keys = iter(jax.random.split(jax.random.fold_in(key, 1), 16))
+    theta["momentum_decays"] = 0.05 * jax.random.normal(next(keys), (3,))
+    theta["rms_decays"] = 0.05 * jax.random.normal(next(keys), (1,))
+    theta["adafactor_decays"] = 0.05 * jax.random.normal(next(keys), (3,))
+    nn = theta["nn"]["~"]
+    for k in list(nn):
+        if k.startswith("b"):
+            nn[k] = 0.1 * jax.random.normal(next(keys), nn[k].shape)
+    return theta
+
+
+def random_tree(rng, shapes, dtypes=None, scale=1.0):
+    dtypes = dtypes or {}
+    return {k: jnp.asarray(scale * rng.normal(size=s), dtypes.get(k, jnp.float32))
+            for k, s in shapes.items()}
+
+
+def assert_close(name, got, want, old=None, dtype=None):
+    got64, want64 = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got64.shape == want64.shape, f"{name}: shape {got64.shape} != {want64.shape}"
+    assert np.all(np.isfinite(got64)), f"{name} shape={want64.shape}: non-finite kernel output"
+    atol, rtol = TOLERANCES[jnp.dtype(dtype or got.dtype)]
+    err = np.abs(got64 - want64)
+    bound = atol + rtol * np.abs(want64)
+    if np.any(err > bound):
+        worst = np.unravel_index(np.argmax(err - bound), err.shape)
+        raise AssertionError(f"{name} shape={want64.shape} dtype={got.dtype}: max_err="
+                             f"{err.max():.3e} worst index {worst} got {got64[worst]:.7g} "
+                             f"want {want64[worst]:.7g} (atol={atol}, rtol={rtol})")
+    if old is not None and jnp.dtype(got.dtype) == jnp.float32:
+        d_ref = want64 - np.asarray(old, np.float64)
+        d_got = got64 - np.asarray(old, np.float64)
+        norm = np.linalg.norm(d_ref)
+        assert norm > 0, f"{name}: the reference did not move"
+        rel = np.linalg.norm(d_got - d_ref) / norm
+        worst = np.unravel_index(np.argmax(np.abs(d_got - d_ref)), d_ref.shape)
+        assert rel <= STEP_REL_TOL, f"{name} shape={want64.shape}: step rel_err={rel:.2e} " \
+                                    f"worst index {worst}"
+
+
+def compare_states(tag, kp, kacc, rp, racc, old_params):
+    for path, want in jax.tree.leaves_with_path(rp):
+        key = jax.tree_util.keystr(path)
+        got = kp
+        for p in path:
+            got = got[p.key]
+        old = old_params
+        for p in path:
+            old = old[p.key]
+        assert got.dtype == want.dtype, f"{tag}{key}: dtype {got.dtype} != {want.dtype}"
+        assert_close(f"{tag} params{key}", got, want, old)
+    for field, kt, rt in zip(racc._fields, kacc, racc, strict=True):
+        for (path, want), got in zip(jax.tree.leaves_with_path(rt), jax.tree.leaves(kt), strict=True):
+            if np.size(want):
+                assert_close(f"{tag} {field}{jax.tree_util.keystr(path)}", got, want,
+                             dtype=jnp.float32)
+
+
+def run_trajectories(lopt, theta, params, shapes, rng, kernel_fn, ref_fn, vmapped=False):
+    """NUM_STEPS steps of kernel and reference, each from its own previous state."""
+    opt = lopt.opt_fn(theta if not vmapped else jax.tree.map(lambda x: x[0], theta),
+                      backend="reference")
+    init = jax.vmap(lambda p: opt.init(p, num_steps=100)) if vmapped else \
+        (lambda p: opt.init(p, num_steps=100))
+    k_state = r_state = init(params)
+    for step in range(NUM_STEPS):
+        lead = (jax.tree.leaves(params)[0].shape[0],) if vmapped else ()
+        grad = {k: jnp.asarray(rng.normal(size=lead + s) * (0.5 + step), jnp.float32)
+                for k, s in shapes.items()}
+        kp, kacc = kernel_fn(theta, k_state, grad)
+        rp, racc = ref_fn(theta, r_state, grad)
+        compare_states(f"step {step}:", kp, kacc, rp, racc, r_state.params)
+        k_state = _advance(k_state, kp, kacc)
+        r_state = _advance(r_state, rp, racc)
+
+
+def _advance(state, params, acc):
+    return state.replace(params=params, mom=acc.mom, rms=acc.rms, v_row=acc.v_row,
+                         v_col=acc.v_col, v_diag=acc.v_diag, iteration=state.iteration + 1)
+
+
+# Every shape class in one tree (one compile): name -> shape.
+TREE_SHAPES = {
+    "scalar": (),
+    "vector": (7,),
+    "matrix_non_pow2": (13, 29),
+    "largest_axis_first": (37, 6),
+    "conv_hwio": (3, 3, 5, 11),
+}
+SMALL_TILES = BlockSizes(rows=4, cols=8)  # several tiles per tensor, ragged edges
+SMALL_PACKED = BlockSizes(rows=2, cols=8)  # several tiles per packed tensor
+
+
+@pytest.fixture(scope="module")
+def lopt():
+    return AdafacMLPLOpt(hidden_size=8, exp_mult=0.3, step_mult=0.01)
+
+
+@pytest.fixture(scope="module")
+def ref_fn(lopt):
+    return jax.jit(lambda theta, s, g: reference_update(lopt, theta, s, g))
+
+
+def test_tree_of_shape_classes_multi_tile(lopt, ref_fn):
+    seed = _seed()
+    rng = np.random.default_rng(seed)
+    theta = random_theta(lopt, jax.random.key(seed))
+    params = random_tree(rng, TREE_SHAPES)
+    kernel = jax.jit(lambda t, s, g: pallas_update(lopt, t, s, g, interpret=True, mlp_precision="ieee",
+                                                   blocks=SMALL_TILES, packed_blocks=SMALL_PACKED))
+    run_trajectories(lopt, theta, params, TREE_SHAPES, rng, kernel, ref_fn)
+
+
+VMAP_SHAPES = {
+    "three_d": (4, 6, 5),
+    "factored_axes_not_adjacent": (6, 2, 9),  # d1 = 0, d0 = 2: transposed in and out
+    "bias_bf16": (5,),
+    "matrix_bf16": (9, 12),
+}
+VMAP_DTYPES = {"bias_bf16": jnp.bfloat16, "matrix_bf16": jnp.bfloat16}
+
+
+def test_vmapped_tasks_per_task_theta_bf16(lopt, ref_fn):
+    """Default tiles (each tensor smaller than one tile), 3 tasks with their own theta."""
+    seed, tasks = _seed(), 3
+    rng = np.random.default_rng(seed)
+    thetas = [random_theta(lopt, jax.random.key(seed + t)) for t in range(tasks)]
+    theta = jax.tree.map(lambda *xs: jnp.stack(xs), *thetas)
+    params = {k: jnp.asarray(rng.normal(size=(tasks,) + s), VMAP_DTYPES.get(k, jnp.float32))
+              for k, s in VMAP_SHAPES.items()}
+    kernel = jax.jit(jax.vmap(lambda t, s, g: pallas_update(lopt, t, s, g, interpret=True,
+                                                            mlp_precision="ieee")))
+    run_trajectories(lopt, theta, params, VMAP_SHAPES, rng, kernel, jax.jit(jax.vmap(ref_fn)),
+                     vmapped=True)
+
+
+def test_vmap_batches_into_the_grid(lopt):
+    """vmap over tasks adds a grid axis to each pallas_call (no loop over tasks)."""
+    theta = jax.tree.map(lambda x: jnp.stack([x, x + 0.01]), lopt.init(jax.random.key(0)))
+    params = {"w": jnp.ones((2, 6, 10)) * 0.3, "b": jnp.ones((2, 4)) * 0.2}
+    opt = lopt.opt_fn(jax.tree.map(lambda x: x[0], theta), backend="reference")
+    state = jax.vmap(lambda p: opt.init(p, num_steps=10))(params)
+    fn = jax.vmap(lambda t, s, g: pallas_update(lopt, t, s, g, interpret=True))
+    jaxpr = jax.make_jaxpr(fn)(theta, state, params)
+    calls = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "custom_vjp_call"]
+    assert calls, "expected the custom_vjp wrapper"
+    text = str(jaxpr)
+    assert "while" not in text and "scan" not in text, "vmap should not loop over tasks"
+    grids = [eq.params["grid_mapping"].grid for eq in _all_eqns(jaxpr.jaxpr)
+             if eq.primitive.name == "pallas_call"]
+    assert len(grids) == 5, f"expected 3 factored + 2 packed launches, got {len(grids)}"
+    assert all(g[0] == 2 for g in grids), f"task axis not in the grid: {grids}"
+
+
+def _all_eqns(jaxpr):
+    for eq in jaxpr.eqns:
+        yield eq
+        for sub in jax.core.subjaxprs(eq) if hasattr(jax.core, "subjaxprs") else ():
+            yield from _all_eqns(sub)
+        for p in eq.params.values():
+            inner = getattr(p, "jaxpr", None)
+            if inner is not None and hasattr(inner, "eqns"):
+                yield from _all_eqns(inner)
+            elif hasattr(p, "eqns"):
+                yield from _all_eqns(p)
+
+
+def test_gradients_through_custom_vjp_equal_reference(lopt):
+    """Meta-gradient of a loss after one step: kernel forward + reference backward."""
+    seed = _seed()
+    rng = np.random.default_rng(seed)
+    theta = random_theta(lopt, jax.random.key(seed))
+    shapes = {"w": (6, 10), "b": (4,)}
+    params = random_tree(rng, shapes)
+    grads = [random_tree(rng, shapes)]
+    opt = lopt.opt_fn(theta, backend="reference")
+    state0 = opt.init(params, num_steps=100)
+
+    def loss(theta, update):
+        s = state0
+        for g in grads:
+            p, acc = update(theta, s, g)
+            s = _advance(s, p, acc)
+        return sum(jnp.sum(jnp.sin(3.0 * x)) for x in jax.tree.leaves(s.params))
+
+    kernel = lambda t, s, g: pallas_update(lopt, t, s, g, interpret=True)  # noqa: E731
+    reference = lambda t, s, g: reference_update(lopt, t, s, g)  # noqa: E731
+    gk = jax.jit(jax.grad(lambda t: loss(t, kernel)))(theta)
+    gr = jax.jit(jax.grad(lambda t: loss(t, reference)))(theta)
+    for (path, want), got in zip(jax.tree.leaves_with_path(gr), jax.tree.leaves(gk), strict=True):
+        scale = np.abs(np.asarray(want)).max()
+        assert scale > 0, f"zero reference gradient at {jax.tree_util.keystr(path)}"
+        err = np.abs(np.asarray(got) - np.asarray(want)).max()
+        assert err <= 1e-4 * scale + 1e-7, f"grad{jax.tree_util.keystr(path)} {seed=} " \
+                                           f"max_err={err:.2e} scale={scale:.2e}"
+
+
+def test_layouts_roundtrip():
+    for shape in [(13, 29), (37, 6), (3, 3, 5, 11), (6, 2, 9), (2, 9, 3, 4), (5, 5)]:
+        lay = pallas_plan.factored_layout(shape)
+        x = jnp.arange(int(np.prod(shape)), dtype=jnp.float32).reshape(shape)
+        permuted = tuple(shape[q] for q in lay.perm) if lay.perm else shape
+        c = pallas_plan._to_canon(x, lay.perm, 0, (lay.B, lay.U, lay.V))
+        back = pallas_plan._from_canon(c, lay.perm, 0, permuted)
+        np.testing.assert_array_equal(back, x, err_msg=f"{shape=}")
+        assert lay.B * lay.U * lay.V == x.size, f"{shape=} {lay}"
+
+
+def test_lowers_for_cuda_through_triton(lopt):
+    """The real (non-interpreted) kernels lower for CUDA on this CPU-only machine."""
+    theta = lopt.init(jax.random.key(0))
+    shapes = {"m": (130, 290), "v": (7,), "s": (), "c": (3, 3, 16, 32), "w": (20, 6)}
+    params = {k: jnp.full(s, 0.5, jnp.bfloat16 if k == "w" else jnp.float32)
+              for k, s in shapes.items()}
+    state = lopt.opt_fn(theta, backend="reference").init(params, num_steps=50)
+    fn = jax.vmap(lambda t, s, g: pallas_update(lopt, t, s, g, interpret=False), in_axes=(None, 0, 0))
+    batched = jax.tree.map(lambda x: jnp.stack([x, x]), (state, params))
+    lowered = jax.jit(fn).trace(theta, *batched).lower(lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 3 * 3 + 2, "one Triton launch per kernel"
