@@ -7,26 +7,12 @@ import pytest
 
 from lopt_fast.learned import AdafacMLPLOpt
 from lopt_fast.learned import adafac_math as am
+from tests.helpers import random_theta
 from tests.numpy_adafac import NumpyAdafac
 
 SHAPES = [(), (7,), (13, 29), (3, 3, 5, 11), (4, 6, 5), (300, 130)]
 NUM_STEPS = 6
 REL_TOL = 2e-3
-
-
-def random_theta(lopt, key):
-    """A theta with random (not init-like) decays and biases so every input matters."""
-    theta = lopt.init(key)
-    keys = iter(jax.random.split(jax.random.fold_in(key, 1), 16))
-    theta["momentum_decays"] = 0.05 * jax.random.normal(next(keys), (3,))
-    theta["rms_decays"] = 0.05 * jax.random.normal(next(keys), (1,))
-    theta["adafactor_decays"] = 0.05 * jax.random.normal(next(keys), (3,))
-    nn = theta["nn"]["~"]
-    for k in list(nn):
-        if k.startswith("b"):
-            nn[k] = 0.1 * jax.random.normal(next(keys), nn[k].shape)
-    # Large enough step multipliers that the cumulative update is well above rounding.
-    return theta
 
 
 def run_both(shape, hidden_size, seed, exp_mult=0.3, step_mult=0.01):

@@ -16,6 +16,7 @@ import pytest
 from lopt_fast.learned import AdafacMLPLOpt, reference_update
 from lopt_fast.pallas import BlockSizes, pallas_update
 from lopt_fast.pallas import plan as pallas_plan
+from tests.helpers import random_theta
 
 # dtype -> (atol, rtol) on new params; accumulators are float32 and use the float32 row.
 TOLERANCES = {
@@ -29,20 +30,6 @@ NUM_STEPS = 3
 
 def _seed():
     return int(np.random.default_rng().integers(1 << 30))
-
-
-def random_theta(lopt, key):
-    """Random decays and biases (not the init's zeros) so every input of the MLP matters."""
-    theta = lopt.init(key)
-    keys = iter(jax.random.split(jax.random.fold_in(key, 1), 16))
-    theta["momentum_decays"] = 0.05 * jax.random.normal(next(keys), (3,))
-    theta["rms_decays"] = 0.05 * jax.random.normal(next(keys), (1,))
-    theta["adafactor_decays"] = 0.05 * jax.random.normal(next(keys), (3,))
-    nn = theta["nn"]["~"]
-    for k in list(nn):
-        if k.startswith("b"):
-            nn[k] = 0.1 * jax.random.normal(next(keys), nn[k].shape)
-    return theta
 
 
 def random_tree(rng, shapes, dtypes=None, scale=1.0):

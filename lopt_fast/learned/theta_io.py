@@ -8,12 +8,13 @@ tree with learned_optimization's names round-trips unchanged. Writes are atomic
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+
+from lopt_fast._atomic import atomic_savez
 
 _SEP = "/"
 
@@ -35,19 +36,7 @@ def save_theta(path: str | os.PathLike, theta: Mapping[str, Any]) -> None:
     """Write `theta` (a nested dict of arrays) to `path` atomically."""
     path = os.fspath(path)
     flat = _flatten(theta)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **flat)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_savez(path, flat)
 
 
 def load_theta(path: str | os.PathLike) -> dict[str, Any]:

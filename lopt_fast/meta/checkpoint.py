@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lopt_fast._atomic import atomic_savez
 
 _CONFIG = "__config__"
 _KEY_SUFFIX = "#prng_key"
@@ -50,19 +51,6 @@ def _flatten(state: Any) -> dict[str, np.ndarray]:
     return out
 
 
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(path: str | os.PathLike, state: Any, config: dict | None = None) -> None:
     """Write `state` (any pytree of arrays) to `path` atomically.
 
@@ -74,20 +62,7 @@ def save_checkpoint(path: str | os.PathLike, state: Any, config: dict | None = N
     flat[_CONFIG] = np.asarray(json.dumps(config or {}, sort_keys=True))
     if jax.process_index() != 0:
         return
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".ckpt-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **flat)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(directory)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_savez(path, flat)
 
 
 def checkpoint_config(path: str | os.PathLike) -> dict:
