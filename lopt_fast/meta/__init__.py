@@ -13,7 +13,12 @@
 
 from lopt_fast.meta.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
 from lopt_fast.meta.es import TruncatedES
-from lopt_fast.meta.estimator import EstimatorOut, GradientEstimator, sample_perturbations
+from lopt_fast.meta.estimator import (
+    AntitheticEstimator,
+    EstimatorOut,
+    GradientEstimator,
+    sample_perturbations,
+)
 from lopt_fast.meta.loop import ConfigMismatchError, MetaTrainResult, meta_train
 from lopt_fast.meta.lopt_truncated_step import LOptUnrollState, VectorizedLOptTruncatedStep
 from lopt_fast.meta.outer_trainer import MetaTrainState, OuterTrainer, default_outer_optimizer
@@ -32,6 +37,7 @@ __all__ = [
     "ConfigMismatchError",
     "ConstantTruncationSchedule",
     "EstimatorOut",
+    "AntitheticEstimator",
     "GradientEstimator",
     "LOptUnrollState",
     "LogUniformLengthSchedule",

@@ -16,17 +16,15 @@ import jax
 import jax.numpy as jnp
 
 from lopt_fast.meta.estimator import (
+    AntitheticEstimator,
     EstimatorOut,
-    GradientEstimator,
-    check_trunc_length,
     masked_mean_over_steps,
-    sample_perturbations,
     scale_per_task,
 )
-from lopt_fast.meta.truncated_step import TruncatedStep, interleave_pairs, split_pairs
+from lopt_fast.meta.truncated_step import interleave_pairs, split_pairs
 
 
-class TruncatedES(GradientEstimator):
+class TruncatedES(AntitheticEstimator):
     """Truncated antithetic ES.
 
     Args:
@@ -40,27 +38,12 @@ class TruncatedES(GradientEstimator):
 
     name = "es"
 
-    def __init__(self, truncated_step: TruncatedStep, trunc_length: int = 10,
-                 std: float = 0.01):
-        if not std > 0:
-            raise ValueError(f"std must be > 0, got {std}")
-        self.truncated_step = truncated_step
-        self.trunc_length = check_trunc_length(trunc_length)
-        self.std = float(std)
-
     def init_worker_state(self, theta, key):
         return self.truncated_step.init_step_state(theta, key)
 
     def compute_gradient_estimate(self, theta, state, key, data) -> EstimatorOut:
-        k_eps, k_unroll = jax.random.split(key)
-        n = self.truncated_step.num_tasks
-        eps = sample_perturbations(theta, k_eps, self.std, n)
-        pos = jax.tree.map(lambda t, e: t + e, theta, eps)
-        neg = jax.tree.map(lambda t, e: t - e, theta, eps)
-        new_state, ys = self.truncated_step.unroll(
-            interleave_pairs(pos, neg), interleave_pairs(state, state), k_unroll,
-            self.trunc_length, data, theta_is_vector=True, antithetic=True)
-        p_ys, n_ys = split_pairs(ys, axis=1)
+        eps, new_state, p_ys, n_ys = self.antithetic_unroll(
+            theta, interleave_pairs(state, state), key, data)
         pos_loss, neg_loss = masked_mean_over_steps(p_ys), masked_mean_over_steps(n_ys)
         delta = pos_loss - neg_loss
         grad = jax.tree.map(lambda g: jnp.mean(g, axis=0),

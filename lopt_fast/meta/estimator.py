@@ -19,7 +19,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from lopt_fast.meta.truncated_step import TruncatedStep, UnrollOut
+from lopt_fast.meta.truncated_step import TruncatedStep, UnrollOut, interleave_pairs, split_pairs
 
 
 @flax.struct.dataclass
@@ -93,3 +93,37 @@ def sample_perturbations(theta: Any, key: jax.Array, std: float, num: int) -> An
 def scale_per_task(coef: jax.Array, tree: Any) -> Any:
     """`coef[i] * tree[i]` for every leaf with leading task axis."""
     return jax.tree.map(lambda x: x * coef.reshape((-1,) + (1,) * (x.ndim - 1)), tree)
+
+
+class AntitheticEstimator(GradientEstimator):
+    """Base of the ES-style estimators: antithetic perturbations of theta.
+
+    Args:
+      truncated_step: the inner problem (e.g. `VectorizedLOptTruncatedStep`).
+      trunc_length: inner steps per truncation (per outer step).
+      std: standard deviation of the perturbations of theta (learned_optimization: 0.01).
+    """
+
+    def __init__(self, truncated_step: TruncatedStep, trunc_length: int = 10,
+                 std: float = 0.01):
+        if not std > 0:
+            raise ValueError(f"std must be > 0, got {std}")
+        self.truncated_step = truncated_step
+        self.trunc_length = check_trunc_length(trunc_length)
+        self.std = float(std)
+
+    def antithetic_unroll(self, theta, paired_state, key, data):
+        """Unroll theta + eps and theta - eps (pairs interleaved on the task axis, one vmap).
+
+        Returns (eps, next paired state, positive outputs, negative outputs), the
+        outputs' fields shaped `[T, num_tasks]`.
+        """
+        k_eps, k_unroll = jax.random.split(key)
+        eps = sample_perturbations(theta, k_eps, self.std, self.truncated_step.num_tasks)
+        pos = jax.tree.map(lambda t, e: t + e, theta, eps)
+        neg = jax.tree.map(lambda t, e: t - e, theta, eps)
+        next_state, ys = self.truncated_step.unroll(
+            interleave_pairs(pos, neg), paired_state, k_unroll, self.trunc_length, data,
+            theta_is_vector=True, antithetic=True)
+        p_ys, n_ys = split_pairs(ys, axis=1)
+        return eps, next_state, p_ys, n_ys

@@ -37,14 +37,12 @@ import jax
 import jax.numpy as jnp
 
 from lopt_fast.meta.estimator import (
+    AntitheticEstimator,
     EstimatorOut,
-    GradientEstimator,
-    check_trunc_length,
     masked_mean_over_steps,
-    sample_perturbations,
     scale_per_task,
 )
-from lopt_fast.meta.truncated_step import TruncatedStep, UnrollOut, interleave_pairs, split_pairs
+from lopt_fast.meta.truncated_step import UnrollOut, interleave_pairs
 
 
 @flax.struct.dataclass
@@ -88,7 +86,7 @@ def compute_pes_grad(p_ys: UnrollOut, n_ys: UnrollOut, accumulator: Any, eps: An
     return jnp.mean((pos_loss + neg_loss) / 2.0), grad, new_accumulator, delta
 
 
-class TruncatedPES(GradientEstimator):
+class TruncatedPES(AntitheticEstimator):
     """PES gradient estimates from antithetic truncated unrolls.
 
     Args:
@@ -104,14 +102,6 @@ class TruncatedPES(GradientEstimator):
 
     name = "pes"
 
-    def __init__(self, truncated_step: TruncatedStep, trunc_length: int = 10,
-                 std: float = 0.01):
-        if not std > 0:
-            raise ValueError(f"std must be > 0, got {std}")
-        self.truncated_step = truncated_step
-        self.trunc_length = check_trunc_length(trunc_length)
-        self.std = float(std)
-
     def init_worker_state(self, theta, key) -> PESWorkerState:
         # As in learned_optimization, the first inner states use the unperturbed theta.
         state = self.truncated_step.init_step_state(theta, key)
@@ -120,15 +110,8 @@ class TruncatedPES(GradientEstimator):
         return PESWorkerState(unroll_state=interleave_pairs(state, state), accumulator=acc)
 
     def compute_gradient_estimate(self, theta, state: PESWorkerState, key, data) -> EstimatorOut:
-        k_eps, k_unroll = jax.random.split(key)
-        n = self.truncated_step.num_tasks
-        eps = sample_perturbations(theta, k_eps, self.std, n)
-        pos = jax.tree.map(lambda t, e: t + e, theta, eps)
-        neg = jax.tree.map(lambda t, e: t - e, theta, eps)
-        unroll_state, ys = self.truncated_step.unroll(
-            interleave_pairs(pos, neg), state.unroll_state, k_unroll, self.trunc_length, data,
-            theta_is_vector=True, antithetic=True)
-        p_ys, n_ys = split_pairs(ys, axis=1)
+        eps, unroll_state, p_ys, n_ys = self.antithetic_unroll(
+            theta, state.unroll_state, key, data)
         loss, grad, acc, delta = compute_pes_grad(p_ys, n_ys, state.accumulator, eps, self.std)
         metrics = {"delta_loss_abs_mean": jnp.mean(jnp.abs(delta)),
                    "resets": jnp.sum(p_ys.is_done),
