@@ -48,6 +48,23 @@ def _lane(vec, f: tl.constexpr, x, mask):
 
 
 @triton.jit
+def _shared_lanes(g, p, m0, m1, m2, rms, r, mask):
+    """Lanes 0-9, the same in factored and packed tiles: g, p, m, rms, m r, r
+    (r = rsqrt(rms + 1e-6))."""
+    s = tl.zeros((NUM_SUMS,), tl.float32)
+    s = _lane(s, 0, g, mask)
+    s = _lane(s, 1, p, mask)
+    s = _lane(s, 2, m0, mask)
+    s = _lane(s, 3, m1, mask)
+    s = _lane(s, 4, m2, mask)
+    s = _lane(s, 5, rms, mask)
+    s = _lane(s, 6, m0 * r, mask)
+    s = _lane(s, 7, m1 * r, mask)
+    s = _lane(s, 8, m2 * r, mask)
+    return _lane(s, 9, r, mask)
+
+
+@triton.jit
 def _mlp_rest(pre, c_ptr, wh_ptr, bh_ptr, wo_ptr, R: tl.constexpr, C: tl.constexpr,
               HP: tl.constexpr, NHID: tl.constexpr, EXP_MULT: tl.constexpr,
               STEP_MULT: tl.constexpr, PREC: tl.constexpr):
@@ -114,17 +131,7 @@ def _factored_moments_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_p
     f0 = _factors(fu_ptr, fv_ptr, B, U, V, b, u, v, 0)
     f1 = _factors(fu_ptr, fv_ptr, B, U, V, b, u, v, 1)
     f2 = _factors(fu_ptr, fv_ptr, B, U, V, b, u, v, 2)
-    s = tl.zeros((NUM_SUMS,), tl.float32)
-    s = _lane(s, 0, g, mask)
-    s = _lane(s, 1, p, mask)
-    s = _lane(s, 2, m0, mask)
-    s = _lane(s, 3, m1, mask)
-    s = _lane(s, 4, m2, mask)
-    s = _lane(s, 5, rms, mask)
-    s = _lane(s, 6, m0 * r, mask)
-    s = _lane(s, 7, m1 * r, mask)
-    s = _lane(s, 8, m2 * r, mask)
-    s = _lane(s, 9, r, mask)
+    s = _shared_lanes(g, p, m0, m1, m2, rms, r, mask)
     s = _lane(s, 10, g * f0, mask)
     s = _lane(s, 11, g * f1, mask)
     s = _lane(s, 12, g * f2, mask)
@@ -215,17 +222,7 @@ def _packed_moments_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, cnt_pt
     local = tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
     mask = local < tl.load(cnt_ptr + t)
     r = tl.rsqrt(rms + 1e-6)
-    s = tl.zeros((NUM_SUMS,), tl.float32)
-    s = _lane(s, 0, g, mask)
-    s = _lane(s, 1, p, mask)
-    s = _lane(s, 2, m0, mask)
-    s = _lane(s, 3, m1, mask)
-    s = _lane(s, 4, m2, mask)
-    s = _lane(s, 5, rms, mask)
-    s = _lane(s, 6, m0 * r, mask)
-    s = _lane(s, 7, m1 * r, mask)
-    s = _lane(s, 8, m2 * r, mask)
-    s = _lane(s, 9, r, mask)
+    s = _shared_lanes(g, p, m0, m1, m2, rms, r, mask)
     s = _lane(s, 10, g * tl.rsqrt(tl.maximum(v0 + 1e-9, 1e-9)), mask)
     s = _lane(s, 11, g * tl.rsqrt(tl.maximum(v1 + 1e-9, 1e-9)), mask)
     s = _lane(s, 12, g * tl.rsqrt(tl.maximum(v2 + 1e-9, 1e-9)), mask)
