@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import optax
+from timing import median_and_iqr  # benchmarks/timing.py (these run as scripts)
 
 from lopt_fast.learned import AdafacMLPLOpt
 from lopt_fast.learned import adafac_math as am
@@ -28,18 +27,6 @@ TREES = {
     "1M": {"w": (1024, 1024), "b": (1024,)},
     "5M": {"w": (2048, 2560), "b": (2560,)},
 }
-
-
-def _time(fn, *args, repeats: int) -> tuple[float, float]:
-    jax.block_until_ready(fn(*args))  # compile
-    jax.block_until_ready(fn(*args))  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    q = statistics.quantiles(times, n=4)
-    return statistics.median(times), q[2] - q[0]
 
 
 def _literal_features(p, g, acc):
@@ -125,15 +112,15 @@ def main(argv=None):
         params = {k: jax.random.normal(next(keys), s) for k, s in TREES[name].items()}
         grad = {k: jax.random.normal(next(keys), s) for k, s in TREES[name].items()}
         n = sum(x.size for x in jax.tree.leaves(params))
-        adam_s, adam_iqr = _time(adam_step, params, adam.init(params), grad, repeats=args.repeats)
+        adam_s, adam_iqr = median_and_iqr(adam_step, params, adam.init(params), grad, repeats=args.repeats)
         state = opt.init(params, num_steps=1000)
-        lopt_s, lopt_iqr = _time(lopt_step, state, grad, repeats=args.repeats)
+        lopt_s, lopt_iqr = median_and_iqr(lopt_step, state, grad, repeats=args.repeats)
         row = {"tree": name, "params": n, "adam_ms": adam_s * 1e3, "adam_iqr_ms": adam_iqr * 1e3,
                "lopt_ms": lopt_s * 1e3, "lopt_iqr_ms": lopt_iqr * 1e3, "lopt_over_adam": lopt_s / adam_s}
         line = (f"{name:>5} {n:>10,} {adam_s * 1e3:>9.2f} {lopt_s * 1e3:>9.2f} "
                 f"{lopt_s / adam_s:>9.1f}x {lopt_s / n * 1e9:>9.1f}")
         if not args.no_literal:
-            lit_s, _ = _time(literal_step, state, grad, repeats=max(3, args.repeats // 3))
+            lit_s, _ = median_and_iqr(literal_step, state, grad, repeats=max(3, args.repeats // 3))
             row.update(literal_ms=lit_s * 1e3, literal_over_adam=lit_s / adam_s)
             line += f" {lit_s * 1e3:>11.2f} {lit_s / adam_s:>12.1f}x"
         print(line)

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from timing import median_and_iqr  # benchmarks/timing.py (these run as scripts)
 
 from lopt_fast.backends import BackendUnavailableError, _platform, resolve_backend
 from lopt_fast.learned import AdafacMLPLOpt
@@ -40,18 +41,6 @@ CONV_MODEL = {
     "conv3": {"w": (3, 3, 64, 64), "b": (64,)},
     "head": {"w": (64, 10), "b": (10,)},
 }
-
-
-def _time(fn, *args, repeats):
-    jax.block_until_ready(fn(*args))  # compile
-    jax.block_until_ready(fn(*args))  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return statistics.median(times), q[2] - q[0]
 
 
 def ceilings(small: bool, repeats: int):
@@ -67,7 +56,7 @@ def ceilings(small: bool, repeats: int):
     copy_gbs = 2 * 4 * n / statistics.median(times[2:]) / 1e9
     m = 2048 if small else 8192
     a = jax.random.normal(jax.random.key(0), (m, m), jnp.float32)
-    t, _ = _time(jax.jit(lambda a: a @ a), a, repeats=max(3, repeats // 3))
+    t, _ = median_and_iqr(jax.jit(lambda a: a @ a), a, repeats=max(3, repeats // 3))
     return {"copy_GBps": copy_gbs, "matmul_GFLOPs": 2 * m**3 / t / 1e9}
 
 
@@ -159,11 +148,11 @@ def main(argv=None):
         nparams = sum(int(np.prod(s)) for s in jax.tree.leaves(
             shapes, is_leaf=lambda x: isinstance(x, tuple))) * (tasks or 1)
         fn, a = adam_step(shapes, tasks)
-        t_adam, iqr = _time(fn, *a, repeats=args.repeats)
+        t_adam, iqr = median_and_iqr(fn, *a, repeats=args.repeats)
         entries = [("optax.adam", t_adam, iqr, 28, flop_adam)]
         for b in backends:
             fn, a = lopt_step(lopt, b, shapes, tasks)
-            t, iqr = _time(fn, *a, repeats=args.repeats)
+            t, iqr = median_and_iqr(fn, *a, repeats=args.repeats)
             entries.append((b, t, iqr, 72, flop_lopt))
         for name, t, iqr, bpp, fpp in entries:
             floor = max(bpp * nparams / (ceil["copy_GBps"] * 1e9),

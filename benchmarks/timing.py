@@ -1,0 +1,25 @@
+"""The one timing rule of the benchmarks: compile and warm up, then time repeats."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+
+
+def median_and_iqr(fn, *args, repeats: int) -> tuple[float, float]:
+    """Median and interquartile range (seconds) of `fn(*args)` over `repeats` calls.
+
+    The first call (compile) and a second (warm-up) are excluded; every call is
+    waited for with `block_until_ready`.
+    """
+    jax.block_until_ready(fn(*args))  # compile
+    jax.block_until_ready(fn(*args))  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return statistics.median(times), q[2] - q[0]
