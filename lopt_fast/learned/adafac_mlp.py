@@ -20,6 +20,7 @@ the per-tensor feature normalisation and the factored statistics.)
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import flax
@@ -113,9 +114,14 @@ class AdafacMLPLOpt(LearnedOptimizer):
             "nn": {"~": nn},
         }
 
+    @functools.cached_property
+    def _theta_shapes(self):
+        # Depends only on the constructor's arguments; opt_fn runs inside traced meta-training steps.
+        return jax.tree.map(jnp.shape, jax.eval_shape(self.init, jax.random.key(0)))
+
     def check_theta(self, theta: MetaParams) -> None:
         """Raise a clear error when `theta` does not fit this optimizer."""
-        expected = jax.tree.map(jnp.shape, jax.eval_shape(self.init, jax.random.key(0)))
+        expected = self._theta_shapes
         got = jax.tree.map(jnp.shape, theta)
         if jax.tree.structure(expected) != jax.tree.structure(got) or expected != got:
             raise ValueError(f"theta does not fit {self.name}.\n  expected shapes: {expected}\n"
