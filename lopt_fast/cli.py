@@ -162,10 +162,10 @@ def _to_jsonable(tree: Any) -> Any:
 
 def _loss_stats(curves: list[dict]) -> tuple[float, float]:
     """(mean over the run, final) training loss, averaged over seeds (as the tutorial)."""
-    import numpy as np
+    from lopt_fast.eval import summarize_curves
 
-    ys = np.array([np.asarray(c["eval/train/loss"], np.float64) for c in curves])
-    return float(ys.mean()), float(ys.mean(axis=0)[-1])
+    summary = summarize_curves(curves)
+    return summary["mean_train_loss"], summary["final_train_loss"]
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -187,6 +187,7 @@ def _cmd_demo(args) -> int:
     from tqdm.auto import tqdm
 
     from lopt_fast import meta
+    from lopt_fast.eval import best_lr as eval_best_lr
     from lopt_fast.eval import plot_lr_sweep
     from lopt_fast.learned import save_theta
     from lopt_fast.optimizers import Adam
@@ -209,7 +210,7 @@ def _cmd_demo(args) -> int:
         sweep.setdefault(lr, []).append(
             _curves(task, adams[lr], args.inner_steps, key, args.eval_every))
     adam_stats = {lr: _loss_stats(c) for lr, c in sweep.items()}
-    best_lr = min(adam_stats, key=lambda lr: adam_stats[lr][0])
+    best_lr = eval_best_lr(sweep, metric="mean")
     print(f"best Adam lr (mean train loss over {args.inner_steps} steps): {best_lr:g} "
           f"mean={adam_stats[best_lr][0]:.4f} final={adam_stats[best_lr][1]:.4f}")
 
