@@ -1,5 +1,7 @@
 """AdafacMLPLOpt: theta structure, API, optax bridge, weights I/O and edge cases."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -230,6 +232,34 @@ def test_optax_bridge_equals_direct_api(lopt, theta):
     for a, b in zip(jax.tree.leaves(p_optax), jax.tree.leaves(opt.get_params(state)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     assert isinstance(tx, optax.GradientTransformationExtraArgs)
+
+
+@pytest.mark.parametrize("backend", ["reference", "pallas"])
+def test_donated_state_and_optax_state(lopt, theta, backend):
+    """Training loops donate the optimizer state to jit; every state leaf must be its
+    own buffer (unused [3, 0] slots included), and donation must not change results."""
+    shapes = {"w": (8, 9), "b": (9,), "s": ()}
+    params = random_tree(jax.random.key(11), shapes)
+    grads = [random_tree(jax.random.key(30 + i), shapes) for i in range(3)]
+    opt = lopt.opt_fn(theta, backend=backend)
+    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731  (donation deletes buffers)
+    kept, donated = opt.init(copy(params), num_steps=9), opt.init(copy(params), num_steps=9)
+    update, update_donated = jax.jit(opt.update), jax.jit(opt.update, donate_argnums=0)
+    tx = lopt.as_optax(theta, num_steps=9, backend=backend)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def optax_step(p, tx_state, g):
+        updates, tx_state = tx.update(g, tx_state, p, loss=1.0)
+        return optax.apply_updates(p, updates), tx_state
+
+    p_optax, tx_state = copy(params), tx.init(params)
+    for g in grads:
+        kept, donated = update(kept, g), update_donated(donated, g)
+        p_optax, tx_state = optax_step(p_optax, tx_state, g)
+    for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(donated), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(p_optax), jax.tree.leaves(kept.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_optax_bridge_requires_num_steps_and_params(lopt, theta):

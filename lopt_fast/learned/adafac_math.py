@@ -138,15 +138,16 @@ def _work_shape(shape):
 
 def init_leaf(shape: tuple[int, ...]) -> LeafAccumulators:
     shape = tuple(shape)
-    empty = jnp.zeros((NUM_FAC, 0), jnp.float32)
+    # A new array per unused slot: one array in two slots cannot be donated to a jit.
+    empty = lambda: jnp.zeros((NUM_FAC, 0), jnp.float32)  # noqa: E731
     fd = factored_dims(shape)
     if fd is None:
-        v_row, v_col, v_diag = empty, empty, jnp.zeros((NUM_FAC,) + shape, jnp.float32)
+        v_row, v_col, v_diag = empty(), empty(), jnp.zeros((NUM_FAC,) + shape, jnp.float32)
     else:
         d1, d0 = fd
         v_row = jnp.zeros((NUM_FAC,) + tuple(np.delete(shape, d0)), jnp.float32)
         v_col = jnp.zeros((NUM_FAC,) + tuple(np.delete(shape, d1)), jnp.float32)
-        v_diag = empty
+        v_diag = empty()
     return LeafAccumulators(
         mom=jnp.zeros((NUM_MOM,) + shape, jnp.float32),
         rms=jnp.zeros((NUM_RMS,) + shape, jnp.float32),
