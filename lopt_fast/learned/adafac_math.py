@@ -349,9 +349,12 @@ def apply_step(p, g, acc: LeafAccumulators, w0_feat, b0, nn, exp_mult, step_mult
                chunk_elements: int = CHUNK_ELEMENTS):
     """Pass 2: features -> MLP -> new float32 params, chunk by chunk.
 
-    The features are read from the decay-major planes and stacked on a new last
-    axis, so the MLP runs row-major ([M, F] @ [F, H]); measured on CPU, this beats
-    both a feature-major MLP and transposing a concatenated [F, M] block.
+    Layer 1 is written as 16 (or 22) broadcast multiply-adds, not a matmul: XLA
+    then fuses the features, layer 1, the row / column tables and the relu into one
+    loop that writes [chunk, H] once. Measured on a 2-core CPU (1M parameters), this
+    is 12% faster than stacking the features into [chunk, 16] for a matmul, which
+    costs a transposing copy, a skinny K=16 matmul and a separate relu pass. The
+    hidden and output layers run row-major ([M, H] @ [H, H]).
 
     Args:
       p, g: float32 tensors of the work shape (scalars already made shape (1,)).
@@ -365,8 +368,8 @@ def apply_step(p, g, acc: LeafAccumulators, w0_feat, b0, nn, exp_mult, step_mult
     def visit(planes_c, terms_c, axis, start, new_p):
         feats = _elementwise_features(*planes_c)
         chunk_shape = jnp.broadcast_shapes(*(f.shape[1:] for f in feats))
-        x = jnp.stack([jnp.broadcast_to(row, chunk_shape) for f in feats for row in f], -1)
-        pre0 = x @ w_ew + b0  # [*chunk, H]
+        inputs = [jnp.broadcast_to(row, chunk_shape)[..., None] for f in feats for row in f]
+        pre0 = sum(x * w for x, w in zip(inputs, w_ew, strict=True)) + b0  # [*chunk, H]
         for t in terms_c:
             pre0 = pre0 + t
         step = mlp_step(pre0.reshape(-1, pre0.shape[-1]), nn, exp_mult, step_mult)
