@@ -188,10 +188,11 @@ def test_integer_params_rejected(lopt, theta):
         lopt.opt_fn(theta).init({"step": jnp.asarray(3)}, num_steps=3)
 
 
-@pytest.mark.parametrize("backend", ["reference", "pallas"])
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize(("bad", "backend"), [(np.nan, "reference"), (np.inf, "reference"),
+                                            (-np.inf, "reference"), (np.nan, "pallas")])
 def test_nonfinite_gradient_skips_the_step(lopt, theta, bad, backend):
-    opt = lopt.opt_fn(random_theta(lopt, jax.random.key(8)), backend=backend)
+    # theta as numpy arrays, as load_theta returns it.
+    opt = lopt.opt_fn(jax.tree.map(np.asarray, random_theta(lopt, jax.random.key(8))), backend=backend)
     params = {"w": jax.random.normal(jax.random.key(9), (5, 6)), "b": jnp.ones(6),
               "h": jax.random.normal(jax.random.key(10), (7,)).astype(jnp.bfloat16)}
     good = jax.tree.map(lambda x: jnp.sin(x) + 0.2, params)

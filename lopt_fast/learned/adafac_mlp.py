@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lopt_fast.learned import adafac_math as am
+from lopt_fast.learned import task_batching
 from lopt_fast.learned.base import LearnedOptimizer, MetaParams
 from lopt_fast.optimizers.base import Optimizer, check_same_structure
 
@@ -157,8 +158,8 @@ def reference_update(lopt: AdafacMLPLOpt, theta, state: AdafacMLPLOptState, grad
     new_p, new_acc = [], []
     for i, (p, g, *acc) in enumerate(zip(*leaves, strict=True)):
         with jax.named_scope(f"adafac_leaf_{i}"):
-            p_i, acc_i = am.leaf_update(p, g, am.LeafAccumulators(*acc), nn, decays,
-                                        state.iteration, lopt.exp_mult, lopt.step_mult)
+            p_i, acc_i = task_batching.leaf_update(p, g, am.LeafAccumulators(*acc), nn, decays,
+                                                   state.iteration, lopt.exp_mult, lopt.step_mult)
         new_p.append(p_i)
         new_acc.append(acc_i)
     unflat = lambda xs: jax.tree.unflatten(treedef, xs)  # noqa: E731
@@ -184,7 +185,7 @@ def _inputs_for_a_skippable_step(theta, grad, finite):
     keep = lambda x, skipped: jnp.where(finite, x, skipped)  # noqa: E731
     nn = dict(theta["nn"]["~"])
     last = max(int(k[1:]) for k in nn if k.startswith("w"))
-    w, b = nn[f"w{last}"], nn[f"b{last}"]
+    w, b = jnp.asarray(nn[f"w{last}"]), jnp.asarray(nn[f"b{last}"])  # theta may hold numpy arrays
     nn[f"w{last}"] = w.at[:, 0].set(keep(w[:, 0], 0.0))
     nn[f"b{last}"] = b.at[0].set(keep(b[0], 0.0))
     theta = {**theta, "nn": {"~": nn}}

@@ -1,0 +1,82 @@
+"""The reference update under vmap over tasks: groups of tasks in turn for big tensors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lopt_fast.learned import AdafacMLPLOpt
+from lopt_fast.learned import adafac_math as am
+from lopt_fast.learned import task_batching as tb
+from tests.helpers import random_theta
+
+
+@pytest.mark.parametrize(("axis_size", "elements", "chunk", "group"), [
+    (8, 100, 1000, 8),      # the whole batch fits: plain vmap
+    (8, 600, 1000, 2),      # 3 tasks would fit, the largest divisor of 8 that does is 2
+    (6, 600, 1000, 3),
+    (8, 5000, 1000, 1),     # one task is more than a chunk: one task at a time
+    (7, 300, 1000, 1),      # 7 is prime and 7 tasks do not fit
+])
+def test_group_size(axis_size, elements, chunk, group):
+    assert tb._group_size(axis_size, elements, chunk) == group
+
+
+def _per_task_trees(tasks, shapes, key):
+    leaves = []
+    for i, shape in enumerate(shapes):
+        leaves.append(jax.random.normal(jax.random.fold_in(key, i), (tasks,) + shape))
+    return {f"t{i}": x for i, x in enumerate(leaves)}
+
+
+def test_grouped_vmap_equals_each_task_alone_and_plain_vmap():
+    """4 tasks, each with its own theta, on tensors that take each path: plain vmap
+    (small), groups of 2, and one task at a time (chunked within the task)."""
+    tasks, chunk = 4, 16384
+    shapes = [(9,), (120, 100), (300, 130)]  # 9 x 4, 12000 x 4 -> groups of 2, 39000 -> 1 at a time
+    assert [tb._group_size(tasks, int(np.prod(s)), chunk) for s in shapes] == [4, 2, 1]
+    lopt = AdafacMLPLOpt(hidden_size=8, exp_mult=0.3, step_mult=0.01)
+    key = jax.random.key(int(np.random.default_rng().integers(1 << 30)))
+    thetas = jax.vmap(lambda k: random_theta(lopt, k))(jax.random.split(key, tasks))
+    params = _per_task_trees(tasks, shapes, jax.random.fold_in(key, 1))
+    grads = [_per_task_trees(tasks, shapes, jax.random.fold_in(key, 2 + s)) for s in range(3)]
+
+    def run(update_fn):
+        states = jax.vmap(lambda p: lopt.opt_fn(lopt.init(key)).init(p, num_steps=10))(params)
+        for g in grads:
+            states = update_fn(states, g)
+        return states
+
+    def one_task(th, s, g):
+        return lopt.opt_fn(th, backend="reference").update(s, g)
+
+    grouped = run(jax.jit(lambda s, g: jax.vmap(one_task)(thetas, s, g)))
+    alone = run(lambda s, g: jax.tree.map(lambda *xs: jnp.stack(xs), *[
+        jax.jit(one_task)(jax.tree.map(lambda x: x[i], thetas), jax.tree.map(lambda x: x[i], s),
+                          jax.tree.map(lambda x: x[i], g)) for i in range(tasks)]))
+    for a, b in zip(jax.tree.leaves(grouped), jax.tree.leaves(alone), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
+
+
+def test_gradients_through_the_grouped_vmap_equal_plain_vmap():
+    """custom_vmap has no reverse mode of its own: the custom_vjp's backward pass
+    differentiates the plain update, so d(loss)/d(theta, params) is unchanged."""
+    tasks, shape = 3, (200, 170)  # 34000 entries: one task at a time
+    lopt = AdafacMLPLOpt(hidden_size=4, exp_mult=0.3, step_mult=0.01)
+    key = jax.random.key(5)
+    theta = random_theta(lopt, key)
+    decays = am.decays_from_theta(theta, lopt.initial_decays)
+    nn = theta["nn"]["~"]
+    p = jax.random.normal(jax.random.fold_in(key, 1), (tasks,) + shape)
+    g = jax.random.normal(jax.random.fold_in(key, 2), (tasks,) + shape)
+    acc = jax.vmap(lambda x: am.update_accumulators(am.init_leaf(shape), x, decays))(g)
+
+    def loss(leaf_update, nn, p):
+        new_p, new_acc = jax.vmap(lambda p, g, acc: leaf_update(p, g, acc, nn, decays, 3, 0.3, 0.01))(
+            p, g, acc)
+        return jnp.sum(jnp.sin(new_p)) + jnp.sum(new_acc.mom ** 2)
+
+    got = jax.jit(jax.grad(lambda nn, p: loss(tb.leaf_update, nn, p), argnums=(0, 1)))(nn, p)
+    want = jax.jit(jax.grad(lambda nn, p: loss(am.leaf_update, nn, p), argnums=(0, 1)))(nn, p)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
