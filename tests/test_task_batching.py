@@ -11,15 +11,15 @@ from lopt_fast.learned import task_batching as tb
 from tests.helpers import random_theta
 
 
-@pytest.mark.parametrize(("axis_size", "elements", "chunk", "group"), [
-    (8, 100, 1000, 8),      # the whole batch fits: plain vmap
-    (8, 600, 1000, 2),      # 3 tasks would fit, the largest divisor of 8 that does is 2
-    (6, 600, 1000, 3),
-    (8, 5000, 1000, 1),     # one task is more than a chunk: one task at a time
-    (7, 300, 1000, 1),      # 7 is prime and 7 tasks do not fit
+@pytest.mark.parametrize(("axis_size", "elements", "budget", "group"), [
+    (8, 100, 2000, 8),      # the whole batch fits: plain vmap
+    (8, 600, 2000, 2),      # 3 tasks would fit, the largest divisor of 8 that does is 2
+    (6, 600, 2000, 3),
+    (8, 5000, 2000, 1),     # one task is more than the budget: one task at a time
+    (7, 300, 2000, 1),      # 7 is prime and 7 tasks do not fit
 ])
-def test_group_size(axis_size, elements, chunk, group):
-    assert tb._group_size(axis_size, elements, chunk) == group
+def test_group_size(axis_size, elements, budget, group):
+    assert tb._group_size(axis_size, elements, budget) == group
 
 
 def _per_task_trees(tasks, shapes, key):
@@ -32,9 +32,9 @@ def _per_task_trees(tasks, shapes, key):
 def test_grouped_vmap_equals_each_task_alone_and_plain_vmap():
     """4 tasks, each with its own theta, on tensors that take each path: plain vmap
     (small), groups of 2, and one task at a time (chunked within the task)."""
-    tasks, chunk = 4, 16384
-    shapes = [(9,), (120, 100), (300, 130)]  # 9 x 4, 12000 x 4 -> groups of 2, 39000 -> 1 at a time
-    assert [tb._group_size(tasks, int(np.prod(s)), chunk) for s in shapes] == [4, 2, 1]
+    tasks = 4
+    shapes = [(9,), (220, 100), (520, 130)]  # 4 tasks at once, groups of 2, one at a time
+    assert [tb._group_size(tasks, int(np.prod(s)), tb.GROUP_ELEMENTS) for s in shapes] == [4, 2, 1]
     lopt = AdafacMLPLOpt(hidden_size=8, exp_mult=0.3, step_mult=0.01)
     key = jax.random.key(int(np.random.default_rng().integers(1 << 30)))
     thetas = jax.vmap(lambda k: random_theta(lopt, k))(jax.random.split(key, tasks))
@@ -61,7 +61,8 @@ def test_grouped_vmap_equals_each_task_alone_and_plain_vmap():
 def test_gradients_through_the_grouped_vmap_equal_plain_vmap():
     """custom_vmap has no reverse mode of its own: the custom_vjp's backward pass
     differentiates the plain update, so d(loss)/d(theta, params) is unchanged."""
-    tasks, shape = 3, (200, 170)  # 34000 entries: one task at a time
+    tasks, shape = 3, (300, 230)  # 69000 entries: one task at a time
+    assert tb._group_size(tasks, 300 * 230, tb.GROUP_ELEMENTS) == 1
     lopt = AdafacMLPLOpt(hidden_size=4, exp_mult=0.3, step_mult=0.01)
     key = jax.random.key(5)
     theta = random_theta(lopt, key)
