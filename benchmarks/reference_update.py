@@ -6,7 +6,8 @@ Trees: 1M parameters (a 1024x1024 matrix plus its bias) and 5M (2048x2560 plus b
 Also times a literal port of learned_optimization's update (tile + concatenate the
 39 features, normalise, one [N, 39] -> [N, H] -> [N, H] -> [N, 2] matmul chain), the
 way learned_optimization computes it, so the restructuring's gain shows in the same run.
-Median of repeats, compile and warm-up excluded, `block_until_ready` on every call.
+Median of repeats, compile and warm-up excluded, `block_until_ready` on every call;
+Adam and the learned optimizer are timed in alternation (one call each per round).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import platform
 import jax
 import jax.numpy as jnp
 import optax
-from timing import median_and_iqr  # benchmarks/timing.py (these run as scripts)
+from timing import interleaved_median_and_iqr, median_and_iqr  # benchmarks/timing.py (run as scripts)
 
 from lopt_fast.learned import AdafacMLPLOpt
 from lopt_fast.learned import adafac_math as am
@@ -112,9 +113,10 @@ def main(argv=None):
         params = {k: jax.random.normal(next(keys), s) for k, s in TREES[name].items()}
         grad = {k: jax.random.normal(next(keys), s) for k, s in TREES[name].items()}
         n = sum(x.size for x in jax.tree.leaves(params))
-        adam_s, adam_iqr = median_and_iqr(adam_step, params, adam.init(params), grad, repeats=args.repeats)
         state = opt.init(params, num_steps=1000)
-        lopt_s, lopt_iqr = median_and_iqr(lopt_step, state, grad, repeats=args.repeats)
+        timed = interleaved_median_and_iqr({"adam": (adam_step, (params, adam.init(params), grad)),
+                                            "lopt": (lopt_step, (state, grad))}, repeats=args.repeats)
+        (adam_s, adam_iqr), (lopt_s, lopt_iqr) = timed["adam"], timed["lopt"]
         row = {"tree": name, "params": n, "adam_ms": adam_s * 1e3, "adam_iqr_ms": adam_iqr * 1e3,
                "lopt_ms": lopt_s * 1e3, "lopt_iqr_ms": lopt_iqr * 1e3, "lopt_over_adam": lopt_s / adam_s}
         line = (f"{name:>5} {n:>10,} {adam_s * 1e3:>9.2f} {lopt_s * 1e3:>9.2f} "

@@ -21,5 +21,25 @@ def median_and_iqr(fn, *args, repeats: int) -> tuple[float, float]:
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
+    return _median_and_iqr(times)
+
+
+def _median_and_iqr(times: list[float]) -> tuple[float, float]:
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     return statistics.median(times), q[2] - q[0]
+
+
+def interleaved_median_and_iqr(calls: dict, repeats: int) -> dict[str, tuple[float, float]]:
+    """`median_and_iqr` for several `name: (fn, args)` calls timed in turn, one call of
+    each per round, so a slow spell of a shared machine hits all of them alike and
+    their ratios stay meaningful."""
+    for fn, args in calls.values():
+        jax.block_until_ready(fn(*args))  # compile
+        jax.block_until_ready(fn(*args))  # warm-up
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, (fn, args) in calls.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - t0)
+    return {name: _median_and_iqr(ts) for name, ts in times.items()}
