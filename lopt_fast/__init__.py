@@ -17,7 +17,7 @@ from lopt_fast.learned import (
     load_theta,
     save_theta,
 )
-from lopt_fast.optimizers import SGD, SGDM, Adam, AdamW, Optimizer, OptaxOptimizer
+from lopt_fast.optimizers import SGD, SGDM, Adam, AdamW, OptaxOptimizer, Optimizer
 
 __version__ = "0.1.0"
 

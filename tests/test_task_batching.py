@@ -50,10 +50,13 @@ def test_grouped_vmap_equals_each_task_alone_and_plain_vmap():
     def one_task(th, s, g):
         return lopt.opt_fn(th, backend="reference").update(s, g)
 
+    def each_alone(states, grad):
+        task = lambda tree, i: jax.tree.map(lambda x: x[i], tree)  # noqa: E731
+        outs = [jax.jit(one_task)(task(thetas, i), task(states, i), task(grad, i)) for i in range(tasks)]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
     grouped = run(jax.jit(lambda s, g: jax.vmap(one_task)(thetas, s, g)))
-    alone = run(lambda s, g: jax.tree.map(lambda *xs: jnp.stack(xs), *[
-        jax.jit(one_task)(jax.tree.map(lambda x: x[i], thetas), jax.tree.map(lambda x: x[i], s),
-                          jax.tree.map(lambda x: x[i], g)) for i in range(tasks)]))
+    alone = run(each_alone)
     for a, b in zip(jax.tree.leaves(grouped), jax.tree.leaves(alone), strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
 
