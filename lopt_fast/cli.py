@@ -307,11 +307,12 @@ def _cmd_meta_train(args) -> int:
                                 "outer_lr", "std", "schedule", "min_length", "meta_loss_split",
                                 "seed", "hidden_size", "init_theta"])
     os.makedirs(args.out, exist_ok=True)
-    log_path = os.path.join(args.out, "metrics.jsonl")
-    log = open(log_path, "a")
+    # Several processes (multi-host) share --out: process 0 writes, as checkpoints do.
+    writer = jax.process_index() == 0
+    log = open(os.path.join(args.out, "metrics.jsonl"), "a") if writer else None
 
     def on_step(step, metrics):
-        if step % args.log_every == 0 or step == args.outer_steps:
+        if writer and (step % args.log_every == 0 or step == args.outer_steps):
             log.write(json.dumps({"step": step, **metrics}) + "\n")
             log.flush()
 
@@ -324,14 +325,16 @@ def _cmd_meta_train(args) -> int:
     except meta.ConfigMismatchError as e:
         raise UsageError(str(e)) from None
     finally:
-        log.close()
+        if log is not None:
+            log.close()
     if result.resumed_from:
         print(f"resumed from checkpoint at outer step {result.resumed_from}")
     if result.timed_steps:
         print(_throughput_line(result))
-    save_theta(os.path.join(args.out, "theta.npz"), jax.device_get(result.state.theta))
-    print(f"wrote {args.out}/theta.npz (load with lopt_fast.load_theta), checkpoint.npz, "
-          f"metrics.jsonl")
+    if writer:
+        save_theta(os.path.join(args.out, "theta.npz"), jax.device_get(result.state.theta))
+        print(f"wrote {args.out}/theta.npz (load with lopt_fast.load_theta), checkpoint.npz, "
+              f"metrics.jsonl")
     return 0
 
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lopt_fast._atomic import atomic_savez
+from lopt_fast.meta import sharding as sharding_lib
 
 _CONFIG = "__config__"
 _KEY_SUFFIX = "#prng_key"
@@ -102,7 +103,7 @@ def load_checkpoint(path: str | os.PathLike, template: Any) -> Any:
             if is_key:
                 arr = jax.random.wrap_key_data(arr, impl=jax.random.key_impl(leaf))
             sharding = getattr(leaf, "sharding", None)
-            new_leaves.append(jax.device_put(arr, sharding) if sharding is not None else arr)
+            new_leaves.append(sharding_lib.put(arr, sharding) if sharding is not None else arr)
         extra = set(data.files) - expected - {_CONFIG}
         if extra:
             raise ValueError(f"checkpoint {path!r} has entries the current state lacks: "

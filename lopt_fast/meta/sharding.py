@@ -65,5 +65,24 @@ def check_divisible(mesh: Mesh, tree: Any, axes: Any, what: str) -> None:
 
 
 def put(tree: Any, shardings: Any) -> Any:
-    """`jax.device_put` a host or device tree onto its shardings."""
-    return jax.device_put(tree, shardings)
+    """Place a host or device tree onto its shardings.
+
+    With one process this is `jax.device_put`. With several, `device_put` cannot
+    target devices of other processes; but every process runs the same program from
+    the same seed and so holds the same global value, from which each builds its own
+    shards (`jax.make_array_from_callback`). Arrays that are already global pass as is.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    return jax.tree.map(_global_from_same_value, tree, shardings)
+
+
+def _global_from_same_value(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return x
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        impl = jax.random.key_impl(x)
+        data = _global_from_same_value(jax.random.key_data(x), sharding)
+        return jax.random.wrap_key_data(data, impl=impl)
+    host = np.asarray(jax.device_get(x))
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
