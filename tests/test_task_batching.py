@@ -61,9 +61,9 @@ def test_grouped_vmap_equals_each_task_alone_and_plain_vmap():
         np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
 
 
-def test_gradients_through_the_grouped_vmap_equal_plain_vmap():
-    """custom_vmap has no reverse mode of its own: the custom_vjp's backward pass
-    differentiates the plain update, so d(loss)/d(theta, params) is unchanged."""
+def test_derivatives_through_the_grouped_vmap_equal_plain_vmap():
+    """custom_vmap has no autodiff of its own: the custom_jvp differentiates the plain
+    update, so reverse- and forward-mode derivatives are unchanged."""
     tasks, shape = 3, (300, 230)  # 69000 entries: one task at a time
     assert tb._group_size(tasks, 300 * 230, tb.GROUP_ELEMENTS) == 1
     lopt = AdafacMLPLOpt(hidden_size=4, exp_mult=0.3, step_mult=0.01)
@@ -84,3 +84,7 @@ def test_gradients_through_the_grouped_vmap_equal_plain_vmap():
     want = jax.jit(jax.grad(lambda nn, p: loss(am.leaf_update, nn, p), argnums=(0, 1)))(nn, p)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    tangents = jax.tree.map(lambda x: jax.random.normal(jax.random.fold_in(key, 3), x.shape), (nn, p))
+    got = jax.jit(lambda: jax.jvp(lambda nn, p: loss(tb.leaf_update, nn, p), (nn, p), tangents))()
+    want = jax.jit(lambda: jax.jvp(lambda nn, p: loss(am.leaf_update, nn, p), (nn, p), tangents))()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
