@@ -28,15 +28,15 @@ from jax import lax
 
 from lopt_fast.learned import adafac_math as am
 
+# Most entries updated at once across a group of tasks (see the module docstring).
+GROUP_ELEMENTS = 4 * am.CHUNK_ELEMENTS
+
 
 def _broadcast_unbatched(axis_size, in_batched, args):
     def one(x, batched):
         return x if batched else jnp.broadcast_to(x, (axis_size,) + jnp.shape(x))
 
     return tuple(jax.tree.map(one, a, b) for a, b in zip(args, in_batched, strict=True))
-
-
-GROUP_ELEMENTS = 4 * am.CHUNK_ELEMENTS
 
 
 def _group_size(axis_size: int, elements_per_task: int, group_elements: int) -> int:
