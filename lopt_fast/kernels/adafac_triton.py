@@ -41,6 +41,22 @@ def _l1(pre, x, w_ptr, f: tl.constexpr, HP: tl.constexpr):
 
 
 @triton.jit
+def _l1_shared(pre, g, p, m0, m1, m2, rms, r, w_ptr, HP: tl.constexpr):
+    """Layer 1 for the 10 features both kinds of tensor share (rows 0-9 of w):
+    g, p, m, rms, m * r, r with r = rsqrt(rms + 1e-6)."""
+    pre = _l1(pre, g, w_ptr, 0, HP)
+    pre = _l1(pre, p, w_ptr, 1, HP)
+    pre = _l1(pre, m0, w_ptr, 2, HP)
+    pre = _l1(pre, m1, w_ptr, 3, HP)
+    pre = _l1(pre, m2, w_ptr, 4, HP)
+    pre = _l1(pre, rms, w_ptr, 5, HP)
+    pre = _l1(pre, m0 * r, w_ptr, 6, HP)
+    pre = _l1(pre, m1 * r, w_ptr, 7, HP)
+    pre = _l1(pre, m2 * r, w_ptr, 8, HP)
+    return _l1(pre, r, w_ptr, 9, HP)
+
+
+@triton.jit
 def _lane(vec, f: tl.constexpr, x, mask):
     """vec [32]: lane f = sum over the tile of x^2 (masked)."""
     s = tl.sum(tl.sum(tl.where(mask, x * x, 0.0), axis=1), axis=0)
@@ -160,16 +176,7 @@ def _factored_apply_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr
     tu = tl.load(tu_ptr + (b * U + u[:, None]) * HP + h[None, :], mask=(u < U)[:, None], other=0.0)
     tv = tl.load(tv_ptr + (b * V + v[:, None]) * HP + h[None, :], mask=(v < V)[:, None], other=0.0)
     pre = tu[:, None, :] + tv[None, :, :]
-    pre = _l1(pre, g, w_ptr, 0, HP)
-    pre = _l1(pre, p, w_ptr, 1, HP)
-    pre = _l1(pre, m0, w_ptr, 2, HP)
-    pre = _l1(pre, m1, w_ptr, 3, HP)
-    pre = _l1(pre, m2, w_ptr, 4, HP)
-    pre = _l1(pre, rms, w_ptr, 5, HP)
-    pre = _l1(pre, m0 * r, w_ptr, 6, HP)
-    pre = _l1(pre, m1 * r, w_ptr, 7, HP)
-    pre = _l1(pre, m2 * r, w_ptr, 8, HP)
-    pre = _l1(pre, r, w_ptr, 9, HP)
+    pre = _l1_shared(pre, g, p, m0, m1, m2, rms, r, w_ptr, HP)
     pre = _l1(pre, g * f0, w_ptr, 10, HP)
     pre = _l1(pre, g * f1, w_ptr, 11, HP)
     pre = _l1(pre, g * f2, w_ptr, 12, HP)
@@ -250,16 +257,7 @@ def _packed_apply_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, seg_ptr,
     r = tl.rsqrt(rms + 1e-6)
     b0 = tl.load(b0_ptr + tl.arange(0, HP))
     pre = tl.zeros((R, C, HP), tl.float32) + b0[None, None, :]
-    pre = _l1(pre, g, w_ptr, 0, HP)
-    pre = _l1(pre, p, w_ptr, 1, HP)
-    pre = _l1(pre, m0, w_ptr, 2, HP)
-    pre = _l1(pre, m1, w_ptr, 3, HP)
-    pre = _l1(pre, m2, w_ptr, 4, HP)
-    pre = _l1(pre, rms, w_ptr, 5, HP)
-    pre = _l1(pre, m0 * r, w_ptr, 6, HP)
-    pre = _l1(pre, m1 * r, w_ptr, 7, HP)
-    pre = _l1(pre, m2 * r, w_ptr, 8, HP)
-    pre = _l1(pre, r, w_ptr, 9, HP)
+    pre = _l1_shared(pre, g, p, m0, m1, m2, rms, r, w_ptr, HP)
     pre = _l1(pre, g * tl.rsqrt(tl.maximum(v0 + 1e-9, 1e-9)), w_ptr, 10, HP)
     pre = _l1(pre, g * tl.rsqrt(tl.maximum(v1 + 1e-9, 1e-9)), w_ptr, 11, HP)
     pre = _l1(pre, g * tl.rsqrt(tl.maximum(v2 + 1e-9, 1e-9)), w_ptr, 12, HP)
