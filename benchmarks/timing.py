@@ -14,14 +14,7 @@ def median_and_iqr(fn, *args, repeats: int) -> tuple[float, float]:
     The first call (compile) and a second (warm-up) are excluded; every call is
     waited for with `block_until_ready`.
     """
-    jax.block_until_ready(fn(*args))  # compile
-    jax.block_until_ready(fn(*args))  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return _median_and_iqr(times)
+    return interleaved_median_and_iqr({"": (fn, args)}, repeats)[""]
 
 
 def _median_and_iqr(times: list[float]) -> tuple[float, float]:
