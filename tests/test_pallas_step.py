@@ -1,4 +1,5 @@
-"""The fused Pallas step (interpret mode on CPU) against the reference `reference_update`.
+"""The fused Pallas step against the reference `reference_update`: in Pallas' interpreter on
+CPU, as compiled kernels on a GPU (`pallas_update`'s default), so the same tests check both.
 
 One table of tolerances per dtype; fresh random params, gradients and theta every run
 (never zeros); several steps with independent trajectories; every shape class
@@ -129,7 +130,7 @@ def test_tree_of_shape_classes_multi_tile(lopt, ref_fn):
     rng = np.random.default_rng(seed)
     theta = random_theta(lopt, jax.random.key(seed))
     params = random_tree(rng, TREE_SHAPES)
-    kernel = jax.jit(lambda t, s, g: pallas_update(lopt, t, s, g, interpret=True, mlp_precision="ieee",
+    kernel = jax.jit(lambda t, s, g: pallas_update(lopt, t, s, g, mlp_precision="ieee",
                                                    blocks=SMALL_TILES, packed_blocks=SMALL_PACKED))
     run_trajectories(lopt, theta, params, TREE_SHAPES, rng, kernel, ref_fn)
 
@@ -151,8 +152,7 @@ def test_vmapped_tasks_per_task_theta_bf16(lopt, ref_fn):
     theta = jax.tree.map(lambda *xs: jnp.stack(xs), *thetas)
     params = {k: jnp.asarray(rng.normal(size=(tasks,) + s), VMAP_DTYPES.get(k, jnp.float32))
               for k, s in VMAP_SHAPES.items()}
-    kernel = jax.jit(jax.vmap(lambda t, s, g: pallas_update(lopt, t, s, g, interpret=True,
-                                                            mlp_precision="ieee")))
+    kernel = jax.jit(jax.vmap(lambda t, s, g: pallas_update(lopt, t, s, g, mlp_precision="ieee")))
     run_trajectories(lopt, theta, params, VMAP_SHAPES, rng, kernel, jax.jit(jax.vmap(ref_fn)),
                      vmapped=True)
 
@@ -163,7 +163,7 @@ def test_vmap_batches_into_the_grid(lopt):
     params = {"w": jnp.ones((2, 6, 10)) * 0.3, "b": jnp.ones((2, 4)) * 0.2}
     opt = lopt.opt_fn(jax.tree.map(lambda x: x[0], theta), backend="reference")
     state = jax.vmap(lambda p: opt.init(p, num_steps=10))(params)
-    fn = jax.vmap(lambda t, s, g: pallas_update(lopt, t, s, g, interpret=True))
+    fn = jax.vmap(lambda t, s, g: pallas_update(lopt, t, s, g))
     jaxpr = jax.make_jaxpr(fn)(theta, state, params)
     calls = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "custom_vjp_call"]
     assert calls, "expected the custom_vjp wrapper"
@@ -206,7 +206,7 @@ def test_gradients_through_custom_vjp_equal_reference(lopt):
             s = _advance(s, p, acc)
         return sum(jnp.sum(jnp.sin(3.0 * x)) for x in jax.tree.leaves(s.params))
 
-    kernel = lambda t, s, g: pallas_update(lopt, t, s, g, interpret=True)  # noqa: E731
+    kernel = lambda t, s, g: pallas_update(lopt, t, s, g)  # noqa: E731
     reference = lambda t, s, g: reference_update(lopt, t, s, g)  # noqa: E731
     gk = jax.jit(jax.grad(lambda t: loss(t, kernel)))(theta)
     gr = jax.jit(jax.grad(lambda t: loss(t, reference)))(theta)

@@ -3,7 +3,9 @@
 * Without a GPU: every kernel compiles to sm_90 machine code with `triton.compile`
   (needs the `triton` wheel, which bundles ptxas; no driver); skipped without triton.
 * With an NVIDIA GPU, `jax-triton` and `triton`: the backend against the reference,
-  several steps, fresh random inputs, TF32 tolerance. Skipped otherwise, with the reason.
+  several steps, fresh random inputs: with float32 dots ("ieee") on every shape class and
+  bf16 params at the Pallas tests' tolerances, and with the default TF32 dots at the
+  TF32 tolerance. Skipped otherwise, with the reason.
 """
 
 import importlib.util
@@ -55,9 +57,31 @@ def test_kernels_compile_for_sm90(hidden_layers):
             assert "mma" in ptx, f"{kernel.__name__}: expected tensor-core MMA for tl.dot"
 
 
-@pytest.mark.skipif(not (ON_CUDA and HAVE_TRITON and HAVE_JAX_TRITON),
-                    reason="needs an NVIDIA GPU with jax[cuda], jax-triton and triton")
-def test_triton_matches_reference():
+NEEDS_GPU = pytest.mark.skipif(not (ON_CUDA and HAVE_TRITON and HAVE_JAX_TRITON),
+                               reason="needs an NVIDIA GPU with jax[cuda], jax-triton and triton")
+
+
+@NEEDS_GPU
+def test_triton_ieee_matches_reference_every_shape_class_and_bf16():
+    from lopt_fast.kernels import triton_update
+    from lopt_fast.learned import AdafacMLPLOpt, reference_update
+    from tests.test_pallas_step import SMALL_PACKED, SMALL_TILES, TREE_SHAPES, random_theta, run_trajectories
+
+    lopt = AdafacMLPLOpt(hidden_size=8, exp_mult=0.3, step_mult=0.01)
+    seed = int(np.random.default_rng().integers(1 << 30))
+    rng = np.random.default_rng(seed)
+    theta = random_theta(lopt, jax.random.key(seed))
+    shapes = dict(TREE_SHAPES, matrix_bf16=(9, 12), bias_bf16=(5,))
+    params = {k: jnp.asarray(rng.normal(size=s), jnp.bfloat16 if k.endswith("bf16") else jnp.float32)
+              for k, s in shapes.items()}
+    kernel = jax.jit(lambda t, s, g: triton_update(lopt, t, s, g, mlp_precision="ieee",
+                                                   blocks=SMALL_TILES, packed_blocks=SMALL_PACKED))
+    ref = jax.jit(lambda t, s, g: reference_update(lopt, t, s, g))
+    run_trajectories(lopt, theta, params, shapes, rng, kernel, ref)
+
+
+@NEEDS_GPU
+def test_triton_tf32_matches_reference():
     from lopt_fast.kernels import triton_update
     from lopt_fast.learned import AdafacMLPLOpt, reference_update
     from tests.test_pallas_step import random_theta
