@@ -71,13 +71,17 @@ def _float_list(text: str) -> list[float]:
 # -- shared helpers ----------------------------------------------------------------------
 
 
-def _load_task(name: str):
+def _load_task(name: str, synthetic_data: bool = False):
     from lopt_fast.tasks import registry
 
     if name not in registry.TASKS:
         raise UsageError(f"unknown task {name!r}; choose one of {', '.join(sorted(registry.TASKS))}")
+    if synthetic_data and not registry.task_class(name).supports_synthetic_data:
+        with_synthetic = [t for t in registry.TASKS if registry.task_class(t).supports_synthetic_data]
+        raise UsageError(f"--synthetic-data is for tasks that read external data "
+                         f"({', '.join(with_synthetic)}); {name!r} ships its data")
     try:
-        task = registry.get_task(name)
+        task = registry.get_task(name, **({"synthetic": True} if synthetic_data else {}))
         _ = task.datasets  # data loads lazily: surface a missing data set here, as one line
         return task
     except (FileNotFoundError, ImportError, OSError, RuntimeError, ValueError) as e:
@@ -380,12 +384,13 @@ def _cmd_bench(args) -> int:
 
     from lopt_fast import meta
 
-    task = _load_task(args.task)
+    task = _load_task(args.task, synthetic_data=args.synthetic_data)
     _check_backend(args.backend)
     trainer = _make_trainer(args, task, _make_lopt(args.hidden_size), estimator=args.estimator)
     result = meta.meta_train(trainer, jax.random.key(0), args.steps + 1, progress=False)
     dev = jax.devices()[0]
-    print(f"task={args.task} estimator={args.estimator} num_tasks={args.num_tasks} "
+    data = " data=synthetic" if args.synthetic_data else ""
+    print(f"task={args.task}{data} estimator={args.estimator} num_tasks={args.num_tasks} "
           f"trunc_length={args.trunc_length} devices={jax.device_count()}x{dev.platform} "
           f"({getattr(dev, 'device_kind', '')}) jax={jax.__version__}")
     print(_throughput_line(result))
@@ -470,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--estimator", choices=("pes", "es", "tbptt"), default="pes")
     bench.add_argument("--steps", type=_positive_int, default=20, help="timed outer steps")
     bench.add_argument("--outer-lr", type=_positive_float, default=3e-3)
+    bench.add_argument("--synthetic-data", action="store_true",
+                       help="random data of the task's shapes (time cifar10_conv without CIFAR-10)")
     bench.set_defaults(func=_cmd_bench)
     return parser
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -61,6 +62,16 @@ def test_meta_train_resume_then_eval(tmp_path, capsys):
     assert "mean train loss" in out and (tmp_path / "ev" / "curves.json").exists()
 
 
+def test_bench_cifar10_on_synthetic_data(capsys):
+    """The GPU throughput target's command runs without CIFAR-10 (or tfds)."""
+    rc, out, err = _run(["bench", "--task", "cifar10_conv", "--synthetic-data", "--num-tasks", "1",
+                         "--trunc-length", "2", "--inner-steps", "4", "--steps", "1"], capsys)
+    assert rc == 0, err
+    assert "task=cifar10_conv data=synthetic" in out
+    match = re.search(r"throughput: ([\d,.]+) inner steps x tasks/s, ([\d.]+) outer steps/s", out)
+    assert match and float(match.group(2)) > 0, out
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["demo", "--task", "no-such-task"], "unknown task 'no-such-task'"),
     (["demo", "--num-tasks", "0"], "expected a positive integer"),
@@ -71,6 +82,7 @@ def test_meta_train_resume_then_eval(tmp_path, capsys):
     (["eval"], "exactly one of --theta"),
     (["meta-train"], "--out"),
     (["frobnicate"], "invalid choice"),
+    (["bench", "--task", "digits_mlp", "--synthetic-data"], "--synthetic-data is for tasks"),
 ])
 def test_bad_arguments_give_one_line_and_exit_2(argv, needle, capsys, tmp_path):
     rc, out, err = _run(argv + (["--out", str(tmp_path)] if argv[0] == "demo" else []), capsys)

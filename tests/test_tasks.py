@@ -220,6 +220,25 @@ def test_cifar10_with_mock_data():
     assert np.isfinite(loss) and abs(float(loss) - math.log(10)) < 1.0
 
 
+def test_cifar10_synthetic_data_needs_no_tfds(monkeypatch):
+    from lopt_fast.tasks import cifar10
+
+    def no_tfds():
+        raise AssertionError("synthetic data must not read CIFAR-10")
+
+    monkeypatch.setattr(cifar10, "_import_tfds", no_tfds)
+    task = tasks.get_task("cifar10_conv", synthetic=True, batch_size=32)
+    for split in ("train", "inner_valid", "outer_valid", "test"):
+        batch = next(task.datasets.split(split))
+        assert batch["image"].shape == (32, 16, 16, 3) and batch["image"].dtype == np.float32
+        assert batch["label"].shape == (32,) and batch["label"].dtype == np.int32
+        assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+        assert set(np.unique(batch["label"])) <= set(range(10))
+    assert np.isfinite(task.loss(task.init(jax.random.key(0)), jax.random.key(1), batch))
+    with pytest.raises(ValueError, match="not both"):
+        tasks.Conv_Cifar10_16_32x64x64(data_dir="/data", synthetic=True)
+
+
 def test_cifar10_resize_is_the_2x2_mean():
     from lopt_fast.tasks.cifar10 import _to_16x16
 

@@ -47,10 +47,13 @@ class Task:
     Attributes:
       datasets: the task's data splits, or None for data-free tasks (e.g. quadratics).
       name: short identifier used by the CLI and in results.
+      supports_synthetic_data: the constructor takes `synthetic=True` (random data of
+        the real shapes, for timing where the real data cannot be fetched).
     """
 
     datasets: Datasets | None = None
     name: str = "Task"
+    supports_synthetic_data: bool = False
 
     def init(self, key: jax.Array) -> Params:
         raise NotImplementedError

@@ -17,6 +17,10 @@ Loading goes through `tfds.data_source` (ArrayRecord files, random access, no
 TensorFlow needed to read). It is lazy: nothing is read until `.datasets` is first
 used, then each split is read into memory once per task instance. tensorflow-datasets
 is an optional dependency (`pip install lopt-fast[tfds]`), imported only then.
+
+`synthetic=True` replaces the data with random images and labels of the same shapes
+and dtypes, for timing where CIFAR-10 cannot be fetched (a step costs the same
+whatever the pixels): `lopt-fast bench --task cifar10_conv --synthetic-data`.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ NUM_CLASSES = 10
 _CHANNELS = (32, 64, 64)
 _STRIDES = (2, 1, 1)
 _CONV_NAMES = ("conv2_d", "conv2_d_1", "conv2_d_2")
+SYNTHETIC_EXAMPLES = 4096  # per split of the synthetic stand-in
 
 
 class DatasetNotFoundError(RuntimeError):
@@ -127,6 +132,21 @@ def load_cifar10_split(split: str, data_dir: str | None = None) -> dict[str, np.
     return {"image": _to_16x16(images), "label": labels}
 
 
+def synthetic_cifar10_datasets(batch_size: int = 128, seed: int = 0,
+                               num_examples: int = SYNTHETIC_EXAMPLES) -> Datasets:
+    """Random stand-ins for the four splits: float32 [n, 16, 16, 3] images in [0, 1] and
+    int32 labels in [0, 10). For timing only: nothing in them can be learned."""
+    rng = np.random.default_rng(seed)
+    n = max(int(num_examples), batch_size)
+
+    def split(i):
+        arrays = {"image": rng.random((n, 16, 16, 3), dtype=np.float32),
+                  "label": rng.integers(0, NUM_CLASSES, n, dtype=np.int32)}
+        return BatchIterator(arrays, batch_size, seed=4 * seed + i)
+
+    return Datasets(*[split(i) for i in range(len(SPLITS))])
+
+
 def cifar10_datasets(batch_size: int = 128, seed: int = 0,
                      data_dir: str | None = None) -> Datasets:
     """Reads the four CIFAR-10 splits (16x16) into `BatchIterator`s, distinct seeds."""
@@ -148,20 +168,28 @@ class Conv_Cifar10_16_32x64x64(Task):  # learned_optimization's name, hence not 
       seed: seeds the batch order of the splits.
       data_dir: tensorflow-datasets data directory; None uses tfds' default
         ($TFDS_DATA_DIR, else ~/tensorflow_datasets).
+      synthetic: random data of CIFAR-10's shapes instead of CIFAR-10 (for timing).
     """
 
     name = "cifar10_conv"
+    supports_synthetic_data = True
 
-    def __init__(self, batch_size: int = 128, seed: int = 0, data_dir: str | None = None):
+    def __init__(self, batch_size: int = 128, seed: int = 0, data_dir: str | None = None,
+                 synthetic: bool = False):
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.data_dir = None if data_dir is None else str(data_dir)
+        self.synthetic = bool(synthetic)
+        if self.synthetic and self.data_dir is not None:
+            raise ValueError("pass data_dir or synthetic=True, not both")
         self._datasets: Datasets | None = None
 
     @property
     def datasets(self) -> Datasets:
         if self._datasets is None:
-            self._datasets = cifar10_datasets(self.batch_size, self.seed, self.data_dir)
+            self._datasets = (synthetic_cifar10_datasets(self.batch_size, self.seed)
+                              if self.synthetic else
+                              cifar10_datasets(self.batch_size, self.seed, self.data_dir))
         return self._datasets
 
     def init(self, key: jax.Array) -> dict[str, Any]:
