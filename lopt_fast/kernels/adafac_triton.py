@@ -32,6 +32,9 @@ NUM_SUMS = tl.constexpr(plan.NUM_SUMS)
 
 
 # ----------------------------------------------------------------------------- kernel bodies
+# Kernel parameters follow `jax_triton.triton_call`'s order: the call's arguments as given
+# (input arrays, then the Python-int sizes), then one pointer per output, then the
+# constexpr metaparameters (passed by name).
 
 @triton.jit
 def _l1(pre, x, w_ptr, f: tl.constexpr, HP: tl.constexpr):
@@ -106,7 +109,7 @@ def _tile(B, U, V, R: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
-def _row_col_sums_kernel(g_ptr, su_ptr, sv_ptr, B, U, V, R: tl.constexpr, C: tl.constexpr):
+def _row_col_sums_kernel(g_ptr, B, U, V, su_ptr, sv_ptr, R: tl.constexpr, C: tl.constexpr):
     b, u, v, mask, off = _tile(B, U, V, R, C)
     g = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
     sq = tl.where(mask, g * g + 1e-30, 0.0)
@@ -138,8 +141,8 @@ def _factors(fu_ptr, fv_ptr, B, U, V, b, u, v, k: tl.constexpr):
 
 
 @triton.jit
-def _factored_moments_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, s_ptr,
-                             B, U, V, R: tl.constexpr, C: tl.constexpr):
+def _factored_moments_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, B, U, V,
+                             s_ptr, R: tl.constexpr, C: tl.constexpr):
     b, u, v, mask, off = _tile(B, U, V, R, C)
     g, p, m0, m1, m2, rms = _factored_planes(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, B, U, V, off,
                                              mask)
@@ -161,7 +164,7 @@ def _factored_moments_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_p
 
 @triton.jit
 def _factored_apply_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, tu_ptr, tv_ptr,
-                           w_ptr, wh_ptr, bh_ptr, wo_ptr, po_ptr, mo_ptr, ro_ptr, B, U, V,
+                           w_ptr, wh_ptr, bh_ptr, wo_ptr, B, U, V, po_ptr, mo_ptr, ro_ptr,
                            R: tl.constexpr, C: tl.constexpr, HP: tl.constexpr,
                            NHID: tl.constexpr, EXP_MULT: tl.constexpr, STEP_MULT: tl.constexpr,
                            PREC: tl.constexpr):
@@ -222,7 +225,7 @@ def _packed_common(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, ROWS, R: tl.co
 
 
 @triton.jit
-def _packed_moments_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, cnt_ptr, s_ptr, ROWS,
+def _packed_moments_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, cnt_ptr, ROWS, s_ptr,
                            R: tl.constexpr, C: tl.constexpr):
     t, off, n, g, p, m0, m1, m2, rms, v0, v1, v2 = _packed_common(
         c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, ROWS, R, C)
@@ -247,7 +250,7 @@ def _packed_moments_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, cnt_pt
 
 @triton.jit
 def _packed_apply_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, seg_ptr, w_ptr, b0_ptr,
-                         wh_ptr, bh_ptr, wo_ptr, po_ptr, mo_ptr, ro_ptr, vo_ptr, ROWS,
+                         wh_ptr, bh_ptr, wo_ptr, ROWS, po_ptr, mo_ptr, ro_ptr, vo_ptr,
                          R: tl.constexpr, C: tl.constexpr, HP: tl.constexpr,
                          NHID: tl.constexpr, EXP_MULT: tl.constexpr, STEP_MULT: tl.constexpr,
                          PREC: tl.constexpr):
@@ -369,9 +372,7 @@ class TritonKernels:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
 def _fused(lopt, theta, state, grad, config):
     mlp_precision, blocks, packed_blocks = config
-    k = TritonKernels(mlp_precision)
-    kernels = plan.Kernels(k.row_col_sums, k.factored_moments, k.factored_apply, k.packed_moments,
-                           k.packed_apply)
+    kernels = plan.Kernels.of(TritonKernels(mlp_precision))
     return plan.fused_update(kernels, lopt, theta, state, grad, blocks=blocks,
                              packed_blocks=packed_blocks)
 

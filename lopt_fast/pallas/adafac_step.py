@@ -343,17 +343,12 @@ class PallasKernels:
         )(consts, p, g, mom, rms, vd, w_seg, b0, *mlp_args)
 
 
-def _as_kernels(k: PallasKernels) -> plan.Kernels:
-    return plan.Kernels(k.row_col_sums, k.factored_moments, k.factored_apply, k.packed_moments,
-                        k.packed_apply)
-
-
 # ----------------------------------------------------------------------------- public op
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
 def _fused(lopt, theta, state, grad, config):
     interpret, mlp_precision, blocks, packed_blocks = config
-    kernels = _as_kernels(PallasKernels(interpret, mlp_precision))
+    kernels = plan.Kernels.of(PallasKernels(interpret, mlp_precision))
     return plan.fused_update(kernels, lopt, theta, state, grad, blocks=blocks,
                              packed_blocks=packed_blocks)
 

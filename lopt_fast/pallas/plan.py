@@ -147,6 +147,11 @@ class Kernels(NamedTuple):
     packed_moments: Any
     packed_apply: Any
 
+    @classmethod
+    def of(cls, launchers) -> Kernels:
+        """The launchers of an object that has one method per field."""
+        return cls(*(getattr(launchers, name) for name in cls._fields))
+
 
 def _ms(x):
     """Mean square over all but the leading (decay) axis."""
