@@ -2,6 +2,10 @@
 
 * Without a GPU: every kernel compiles to sm_90 machine code with `triton.compile`
   (needs the `triton` wheel, which bundles ptxas; no driver); skipped without triton.
+* Without a GPU, with `triton` and `torch` (CPU builds): the whole backend against the
+  reference with its kernels in Triton's interpreter, launched in jax-triton's argument
+  order (`tests/triton_interpret.py`), on every shape class and bf16, ragged and default
+  tiles, both MLP precisions (the interpreter's dots are float32). Skipped without them.
 * With an NVIDIA GPU, `jax-triton` and `triton`: the backend against the reference,
   several steps, fresh random inputs: with float32 dots ("ieee") on every shape class and
   bf16 params at the Pallas tests' tolerances, and with the default TF32 dots at the
@@ -9,6 +13,9 @@
 """
 
 import importlib.util
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +35,21 @@ from tests.test_pallas_step import (
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 HAVE_JAX_TRITON = importlib.util.find_spec("jax_triton") is not None
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
 ON_CUDA = jax.default_backend() == "gpu"
+
+
+def every_shape_class(lopt, seed, large=True):
+    """(theta, params, shapes, rng): TREE_SHAPES and bf16 params, and unless `large` is
+    False, shapes of several default tiles (a 3x3x32x64 conv kernel among them)."""
+    rng = np.random.default_rng(seed)
+    theta = random_theta(lopt, jax.random.key(seed))
+    shapes = dict(TREE_SHAPES, matrix_bf16=(9, 12), bias_bf16=(5,))
+    if large:
+        shapes.update(big=(130, 257), conv=(3, 3, 32, 64), tall=(1000, 7))
+    params = {k: jnp.asarray(rng.normal(size=s), jnp.bfloat16 if k.endswith("bf16") else jnp.float32)
+              for k, s in shapes.items()}
+    return theta, params, shapes, rng
 
 
 # TF32 hidden-layer dots (the default): operands keep a 10-bit mantissa.
@@ -80,14 +101,24 @@ def test_triton_matches_reference_every_shape_class_and_bf16(mlp_precision, tol,
     from lopt_fast.kernels import triton_update
 
     lopt = AdafacMLPLOpt(hidden_size=32, exp_mult=0.3, step_mult=0.01)
-    seed = int(np.random.default_rng().integers(1 << 30))
-    rng = np.random.default_rng(seed)
-    theta = random_theta(lopt, jax.random.key(seed))
-    shapes = dict(TREE_SHAPES, matrix_bf16=(9, 12), bias_bf16=(5,), big=(130, 257),
-                  conv=(3, 3, 32, 64), tall=(1000, 7))
-    params = {k: jnp.asarray(rng.normal(size=s), jnp.bfloat16 if k.endswith("bf16") else jnp.float32)
-              for k, s in shapes.items()}
+    theta, params, shapes, rng = every_shape_class(lopt, int(np.random.default_rng().integers(1 << 30)))
     kernel = jax.jit(lambda t, s, g: triton_update(lopt, t, s, g, mlp_precision=mlp_precision,
                                                    blocks=blocks, packed_blocks=packed_blocks))
     ref = jax.jit(lambda t, s, g: reference_update(lopt, t, s, g))
     run_trajectories(lopt, theta, params, shapes, rng, kernel, ref, tol=tol)
+
+
+@pytest.mark.skipif(not (HAVE_TRITON and HAVE_TORCH),
+                    reason="Triton's interpreter needs triton and torch (CPU builds are enough)")
+@pytest.mark.parametrize("precision, small_tiles", [("ieee", True), ("tf32", False)])
+def test_triton_kernels_interpreted_match_reference(precision, small_tiles):
+    """Small ragged tiles with float32 dots, and the default tiles and code path (TF32 dots
+    on a GPU, float32 in the interpreter); in a fresh process because Triton must start
+    interpreted. About 20 s and 70 s on a 2-core CPU."""
+    seed = int(np.random.default_rng().integers(1 << 30))
+    cmd = [sys.executable, "-m", "tests.triton_interpret", "--precision", precision,
+           "--seed", str(seed)] + (["--small-tiles"] if small_tiles else [])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(cmd, cwd=root, env=dict(os.environ, TRITON_INTERPRET="1"),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, f"seed {seed}:\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}"

@@ -1,0 +1,141 @@
+"""Run the Triton backend on CPU: its kernels in Triton's interpreter, launched as jax-triton would.
+
+jax-triton only runs on a CUDA jaxlib, so CPU tests cannot call `triton_call`. This module
+stands in for it: `interpreted_triton_update` is `triton_update`'s forward pass with each
+`triton_call` replaced by `_interpreted_call`, which launches the same `@triton.jit` kernel
+with the arguments in jax-triton's order (the call's arguments as given, Python ints in
+place, then one pointer per output; metaparameters as constexpr keywords) inside
+`jax.pure_callback`. The plan, launchers, grids and kernel bodies are the real ones.
+Outputs start as NaN, so an element that no program writes fails the comparison.
+
+Triton must be imported with TRITON_INTERPRET=1 already set (its own `@triton.jit`
+library functions, `tl.sum` among them, are interpreted only then), so this runs in a
+fresh process:
+
+    TRITON_INTERPRET=1 python -m tests.triton_interpret --precision ieee --small-tiles
+
+Needs `triton` and `torch` (the interpreter moves pointer arguments as torch tensors); CPU
+builds of both are enough.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lopt_fast.pallas import plan
+
+# XLA may run independent callbacks on several threads; the interpreter's state is global.
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def _to_torch(x):
+    import torch
+
+    x = np.ascontiguousarray(x)
+    if x.dtype == jnp.bfloat16:
+        return torch.from_numpy(x.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(x.copy())
+
+
+def _from_torch(t):
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(jnp.bfloat16)
+    return t.numpy()
+
+
+def _nan_torch(shape_dtype):
+    import torch
+
+    dtypes = {jnp.dtype(jnp.float32): torch.float32, jnp.dtype(jnp.bfloat16): torch.bfloat16}
+    return torch.full(shape_dtype.shape, float("nan"), dtype=dtypes[jnp.dtype(shape_dtype.dtype)])
+
+
+def _interpreted_call(*args, kernel, out_shape, grid, name="", num_warps=None, num_stages=None,
+                      **metaparams):
+    """`jax_triton.triton_call`'s contract, run by Triton's interpreter on the host."""
+    del name, num_warps, num_stages  # launch options with no meaning in the interpreter
+    outs = list(out_shape) if isinstance(out_shape, (list, tuple)) else [out_shape]
+    is_scalar = [isinstance(a, (bool, int, float)) for a in args]
+    arrays = [a for a, s in zip(args, is_scalar, strict=True) if not s]
+
+    def host(*host_arrays):
+        tensors = iter([_to_torch(a) for a in host_arrays])
+        kernel_args = [a if s else next(tensors) for a, s in zip(args, is_scalar, strict=True)]
+        out_tensors = [_nan_torch(o) for o in outs]
+        with _INTERPRETER_LOCK:
+            kernel[grid](*kernel_args, *out_tensors, **metaparams)
+        return [_from_torch(t) for t in out_tensors]
+
+    results = jax.pure_callback(host, [jax.ShapeDtypeStruct(o.shape, o.dtype) for o in outs],
+                                *arrays)
+    return results if isinstance(out_shape, (list, tuple)) else results[0]
+
+
+def _round_bf16_stores_to_nearest_even():
+    """Make the interpreter's float32 -> bf16 casts round to nearest even, as on a GPU.
+
+    Triton 3.6's interpreter truncates them toward zero (`cast_impl` passes no rounding
+    mode), so interpreted bf16 params drift by an ulp per step from the reference; CUDA's
+    `fptrunc` (what `.to(tl.bfloat16)` lowers to) rounds to nearest even.
+    """
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+
+    truncate = InterpreterBuilder.create_fp_trunc
+
+    def create_fp_trunc(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return TensorHandle(src.data.astype(jnp.bfloat16).view(np.uint16), dst_type.scalar)
+        return truncate(self, src, dst_type)
+
+    InterpreterBuilder.create_fp_trunc = create_fp_trunc
+
+
+def interpreted_triton_update(lopt, theta, state, grad, *, mlp_precision="tf32", blocks=None,
+                              packed_blocks=None):
+    """`triton_update`'s forward pass with interpreted kernels (needs TRITON_INTERPRET=1)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("set TRITON_INTERPRET=1 before Python starts (see the module docstring)")
+    from lopt_fast.kernels import adafac_triton
+
+    class InterpretedKernels(adafac_triton.TritonKernels):
+        _call = staticmethod(_interpreted_call)
+
+    return plan.fused_update(plan.Kernels.of(InterpretedKernels(mlp_precision)), lopt, theta,
+                             state, grad, blocks=blocks, packed_blocks=packed_blocks)
+
+
+def check_against_reference(mlp_precision: str, small_tiles: bool, seed: int):
+    """The backend on every shape class and bf16 params, several steps, against the reference."""
+    from lopt_fast.learned import AdafacMLPLOpt, reference_update
+    from tests.test_pallas_step import SMALL_PACKED, SMALL_TILES, TOLERANCE, run_trajectories
+    from tests.test_triton_step import every_shape_class
+
+    lopt = AdafacMLPLOpt(hidden_size=32, exp_mult=0.3, step_mult=0.01)
+    # Small tiles on large shapes mean thousands of interpreted programs: small shapes there.
+    theta, params, shapes, rng = every_shape_class(lopt, seed, large=not small_tiles)
+    blocks, packed_blocks = (SMALL_TILES, SMALL_PACKED) if small_tiles else (None, None)
+    kernel = jax.jit(lambda t, s, g: interpreted_triton_update(
+        lopt, t, s, g, mlp_precision=mlp_precision, blocks=blocks, packed_blocks=packed_blocks))
+    ref = jax.jit(lambda t, s, g: reference_update(lopt, t, s, g))
+    # The interpreter's dots are float32 whatever the precision: the float32 tolerances.
+    run_trajectories(lopt, theta, params, shapes, rng, kernel, ref, tol=TOLERANCE)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--precision", choices=("tf32", "ieee"), default="tf32")
+    ap.add_argument("--small-tiles", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    _round_bf16_stores_to_nearest_even()
+    check_against_reference(args.precision, args.small_tiles, args.seed)
+    print("interpreted Triton kernels match the reference")
