@@ -6,6 +6,9 @@
   reference with its kernels in Triton's interpreter, launched in jax-triton's argument
   order (`tests/triton_interpret.py`), on every shape class and bf16, ragged and default
   tiles, both MLP precisions (the interpreter's dots are float32). Skipped without them.
+* Without a GPU, with `triton` and, in a folder named by LOPT_FAST_CUDA_LOWERING_PATH,
+  jax-triton and the jax CUDA plugin (no PJRT): the step lowers for CUDA through the real
+  jax-triton, which compiles every kernel for sm_90 (`tests/triton_cuda_lowering.py`).
 * With an NVIDIA GPU, `jax-triton` and `triton`: the backend against the reference,
   several steps, fresh random inputs: with float32 dots ("ieee") on every shape class and
   bf16 params at the Pallas tests' tolerances, and with the default TF32 dots at the
@@ -37,6 +40,8 @@ HAVE_TRITON = importlib.util.find_spec("triton") is not None
 HAVE_JAX_TRITON = importlib.util.find_spec("jax_triton") is not None
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 ON_CUDA = jax.default_backend() == "gpu"
+CUDA_LOWERING_PATH = os.environ.get("LOPT_FAST_CUDA_LOWERING_PATH")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def every_shape_class(lopt, seed, large=True):
@@ -118,7 +123,18 @@ def test_triton_kernels_interpreted_match_reference(precision, small_tiles):
     seed = int(np.random.default_rng().integers(1 << 30))
     cmd = [sys.executable, "-m", "tests.triton_interpret", "--precision", precision,
            "--seed", str(seed)] + (["--small-tiles"] if small_tiles else [])
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run(cmd, cwd=root, env=dict(os.environ, TRITON_INTERPRET="1"),
+    out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, TRITON_INTERPRET="1"),
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, f"seed {seed}:\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
+
+
+@pytest.mark.skipif(not (HAVE_TRITON and CUDA_LOWERING_PATH),
+                    reason="set LOPT_FAST_CUDA_LOWERING_PATH to a `pip install --no-deps --target` "
+                           "of jax-triton and jax-cuda12-plugin==<jaxlib version> (.ci/run does)")
+def test_triton_lowers_for_cuda_through_jax_triton():
+    """Each kernel's signature as jax-triton builds it from the call, compiled for sm_90."""
+    pythonpath = os.pathsep.join(p for p in (CUDA_LOWERING_PATH, os.environ.get("PYTHONPATH")) if p)
+    out = subprocess.run([sys.executable, "-m", "tests.triton_cuda_lowering"], cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=pythonpath), capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, f"{out.stdout[-3000:]}\n{out.stderr[-6000:]}"

@@ -293,16 +293,16 @@ def _f32(shape):
 class TritonKernels:
     """Launchers (`plan.Kernels` interface) through `jax_triton.triton_call`."""
 
-    def __init__(self, mlp_precision: str = "tf32"):
+    def __init__(self, mlp_precision: str = "tf32", compute_capability: int | None = None):
         if mlp_precision not in ("tf32", "ieee"):
             raise ValueError(f"mlp_precision must be 'tf32' or 'ieee', got {mlp_precision!r}")
         self.prec = mlp_precision
+        self.compute_capability = compute_capability
 
-    @staticmethod
-    def _call(*args, **kw):
+    def _call(self, *args, **kw):
         import jax_triton as jt
 
-        return jt.triton_call(*args, **kw)
+        return jt.triton_call(*args, compute_capability=self.compute_capability, **kw)
 
     @staticmethod
     def _hidden(mlp, hp):
@@ -371,8 +371,8 @@ class TritonKernels:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
 def _fused(lopt, theta, state, grad, config):
-    mlp_precision, blocks, packed_blocks = config
-    kernels = plan.Kernels.of(TritonKernels(mlp_precision))
+    mlp_precision, blocks, packed_blocks, compute_capability = config
+    kernels = plan.Kernels.of(TritonKernels(mlp_precision, compute_capability))
     return plan.fused_update(kernels, lopt, theta, state, grad, blocks=blocks,
                              packed_blocks=packed_blocks)
 
@@ -392,13 +392,18 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def triton_update(lopt, theta, state, grad, *, mlp_precision: str = "tf32",
-                  blocks: BlockSizes | None = None, packed_blocks: BlockSizes | None = None):
+                  blocks: BlockSizes | None = None, packed_blocks: BlockSizes | None = None,
+                  compute_capability: int | None = None):
     """Fused Triton `AdafacMLPLOpt` update (jax-triton): the signature of `reference_update`.
 
     Forward runs the Triton kernels, backward differentiates the reference
-    (`jax.custom_vjp`). Needs an NVIDIA GPU, `jax-triton` and `triton`.
+    (`jax.custom_vjp`). Needs an NVIDIA GPU, `jax-triton` and `triton` to run.
+    `compute_capability` (e.g. 90 for an H100) compiles the kernels for that GPU when
+    lowering without one (`.lower(lowering_platforms=("cuda",))`); by default jax-triton
+    asks the local GPU.
 
     Example:
         new_params, acc = triton_update(lopt, theta, opt_state, grads)
     """
-    return _fused(lopt, theta, state, grad, (mlp_precision, blocks, packed_blocks))
+    return _fused(lopt, theta, state, grad,
+                  (mlp_precision, blocks, packed_blocks, compute_capability))

@@ -1,0 +1,49 @@
+"""Lower the Triton backend for CUDA through the real jax-triton, on a machine with no GPU.
+
+While lowering, jax-triton builds each kernel's signature from the call's arguments (in
+its own order) and compiles the kernel with triton for the given compute capability, as
+it will on a GPU: a kernel whose parameters do not match its call fails here. It needs
+jax-triton and the jax CUDA plugin's `_triton` extension (`jax-cuda12-plugin` of the
+installed jax's version, installed without its PJRT package, so jax stays on the CPU).
+Importing that plugin logs "Could not find cuda drivers" on every `import jax`, so it is
+kept in its own directory and this runs in its own process:
+
+    PYTHONPATH=DIR python -m tests.triton_cuda_lowering    # DIR: jax-cuda12-plugin, jax-triton
+
+Exits non-zero unless each MLP precision's lowered step holds one Triton launch per kernel.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from lopt_fast.kernels import triton_update
+from lopt_fast.learned import AdafacMLPLOpt
+
+# Factored tensors (3 kernels each: row/col sums, moments, apply) and small ones packed
+# together (2 kernels: moments, apply); bf16 params among them.
+SHAPES = {"matrix": (130, 290), "conv": (3, 3, 16, 32), "bf16": (20, 6), "vector": (7,),
+          "scalar": ()}
+NUM_FACTORED = 3
+H100 = 90
+
+
+def lowered_launches(mlp_precision: str) -> int:
+    lopt = AdafacMLPLOpt(hidden_size=32)
+    theta = lopt.init(jax.random.key(0))
+    params = {k: jnp.full(s, 0.5, jnp.bfloat16 if k == "bf16" else jnp.float32)
+              for k, s in SHAPES.items()}
+    state = lopt.opt_fn(theta, backend="reference").init(params, num_steps=50)
+    step = jax.jit(lambda t, s, g: triton_update(lopt, t, s, g, mlp_precision=mlp_precision,
+                                                 compute_capability=H100))
+    lowered = step.trace(theta, state, params).lower(lowering_platforms=("cuda",))
+    return lowered.as_text().count("custom_call @triton_kernel_call")
+
+
+if __name__ == "__main__":
+    expected = 3 * NUM_FACTORED + 2
+    for precision in ("tf32", "ieee"):
+        launches = lowered_launches(precision)
+        print(f"{precision}: {launches} Triton launches lowered for sm_{H100} (expected {expected})")
+        assert launches == expected, f"{precision}: {launches} launches, expected {expected}"
