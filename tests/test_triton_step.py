@@ -5,7 +5,8 @@
 * Without a GPU, with `triton` and `torch` (CPU builds): the whole backend against the
   reference with its kernels in Triton's interpreter, launched in jax-triton's argument
   order (`tests/triton_interpret.py`), on every shape class and bf16, ragged and default
-  tiles, both MLP precisions (the interpreter's dots are float32). Skipped without them.
+  tiles, both MLP precisions (the interpreter's dots are float32), and vmapped tasks
+  with per-task theta. Skipped without them.
 * Without a GPU, with `triton` and, in a folder named by LOPT_FAST_CUDA_LOWERING_PATH,
   jax-triton and the jax CUDA plugin (no PJRT): the step lowers for CUDA through the real
   jax-triton, which compiles every kernel for sm_90 (`tests/triton_cuda_lowering.py`).
@@ -115,14 +116,15 @@ def test_triton_matches_reference_every_shape_class_and_bf16(mlp_precision, tol,
 
 @pytest.mark.skipif(not (HAVE_TRITON and HAVE_TORCH),
                     reason="Triton's interpreter needs triton and torch (CPU builds are enough)")
-@pytest.mark.parametrize("precision, small_tiles", [("ieee", True), ("tf32", False)])
-def test_triton_kernels_interpreted_match_reference(precision, small_tiles):
-    """Small ragged tiles with float32 dots, and the default tiles and code path (TF32 dots
-    on a GPU, float32 in the interpreter); in a fresh process because Triton must start
-    interpreted. About 20 s and 70 s on a 2-core CPU."""
+@pytest.mark.parametrize("case", [["--precision", "ieee", "--small-tiles"],
+                                  ["--precision", "tf32"], ["--vmapped"]],
+                         ids=["ieee-small-tiles", "tf32-default-tiles", "vmapped-tasks"])
+def test_triton_kernels_interpreted_match_reference(case):
+    """Small ragged tiles with float32 dots; the default tiles and code path (TF32 dots on
+    a GPU, float32 in the interpreter); 3 vmapped tasks with their own theta. In a fresh
+    process because Triton must start interpreted. About 20, 70 and 55 s on 2 cores."""
     seed = int(np.random.default_rng().integers(1 << 30))
-    cmd = [sys.executable, "-m", "tests.triton_interpret", "--precision", precision,
-           "--seed", str(seed)] + (["--small-tiles"] if small_tiles else [])
+    cmd = [sys.executable, "-m", "tests.triton_interpret", *case, "--seed", str(seed)]
     out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, TRITON_INTERPRET="1"),
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, f"seed {seed}:\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}"

@@ -10,7 +10,8 @@ kept in its own directory and this runs in its own process:
 
     PYTHONPATH=DIR python -m tests.triton_cuda_lowering    # DIR: jax-cuda12-plugin, jax-triton
 
-Exits non-zero unless each MLP precision's lowered step holds one Triton launch per kernel.
+Exits non-zero unless the lowered step holds one Triton launch per kernel, for each MLP
+precision and for 3 vmapped tasks with their own theta (folded into the grid, not a loop).
 """
 
 from __future__ import annotations
@@ -29,21 +30,26 @@ NUM_FACTORED = 3
 H100 = 90
 
 
-def lowered_launches(mlp_precision: str) -> int:
+def lowered_launches(mlp_precision: str, tasks: int | None = None) -> int:
     lopt = AdafacMLPLOpt(hidden_size=32)
     theta = lopt.init(jax.random.key(0))
     params = {k: jnp.full(s, 0.5, jnp.bfloat16 if k == "bf16" else jnp.float32)
               for k, s in SHAPES.items()}
     state = lopt.opt_fn(theta, backend="reference").init(params, num_steps=50)
-    step = jax.jit(lambda t, s, g: triton_update(lopt, t, s, g, mlp_precision=mlp_precision,
-                                                 compute_capability=H100))
-    lowered = step.trace(theta, state, params).lower(lowering_platforms=("cuda",))
+    step = lambda t, s, g: triton_update(lopt, t, s, g, mlp_precision=mlp_precision,  # noqa: E731
+                                         compute_capability=H100)
+    if tasks:
+        step = jax.vmap(step)
+        theta, state, params = jax.tree.map(
+            lambda x: jnp.stack([x] * tasks), (theta, state, params))
+    lowered = jax.jit(step).trace(theta, state, params).lower(lowering_platforms=("cuda",))
     return lowered.as_text().count("custom_call @triton_kernel_call")
 
 
 if __name__ == "__main__":
     expected = 3 * NUM_FACTORED + 2
-    for precision in ("tf32", "ieee"):
-        launches = lowered_launches(precision)
-        print(f"{precision}: {launches} Triton launches lowered for sm_{H100} (expected {expected})")
-        assert launches == expected, f"{precision}: {launches} launches, expected {expected}"
+    for precision, tasks in (("tf32", None), ("ieee", None), ("tf32", 3)):
+        launches = lowered_launches(precision, tasks)
+        case = f"{precision}, {tasks or 1} task(s)"
+        print(f"{case}: {launches} Triton launches lowered for sm_{H100} (expected {expected})")
+        assert launches == expected, f"{case}: {launches} launches, expected {expected}"

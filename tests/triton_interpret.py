@@ -130,12 +130,45 @@ def check_against_reference(mlp_precision: str, small_tiles: bool, seed: int):
     run_trajectories(lopt, theta, params, shapes, rng, kernel, ref, tol=TOLERANCE)
 
 
+def check_vmapped_against_reference(seed: int, tasks: int = 3):
+    """`jax.vmap` over tasks with per-task theta (folded into the kernels' grids), bf16
+    params and ragged tiles, against the vmapped reference."""
+    from lopt_fast.learned import AdafacMLPLOpt, reference_update
+    from tests.helpers import random_theta
+    from tests.test_pallas_step import (
+        SMALL_PACKED,
+        SMALL_TILES,
+        TOLERANCE,
+        TREE_SHAPES,
+        VMAP_DTYPES,
+        VMAP_SHAPES,
+        run_trajectories,
+    )
+
+    lopt = AdafacMLPLOpt(hidden_size=32, exp_mult=0.3, step_mult=0.01)
+    rng = np.random.default_rng(seed)
+    thetas = [random_theta(lopt, jax.random.key(seed + t)) for t in range(tasks)]
+    theta = jax.tree.map(lambda *xs: jnp.stack(xs), *thetas)
+    shapes = {**TREE_SHAPES, **VMAP_SHAPES}
+    params = {k: jnp.asarray(rng.normal(size=(tasks,) + s), VMAP_DTYPES.get(k, jnp.float32))
+              for k, s in shapes.items()}
+    kernel = jax.jit(jax.vmap(lambda t, s, g: interpreted_triton_update(
+        lopt, t, s, g, mlp_precision="ieee", blocks=SMALL_TILES, packed_blocks=SMALL_PACKED)))
+    ref = jax.jit(jax.vmap(lambda t, s, g: reference_update(lopt, t, s, g)))
+    run_trajectories(lopt, theta, params, shapes, rng, kernel, ref, vmapped=True, tol=TOLERANCE)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--precision", choices=("tf32", "ieee"), default="tf32")
     ap.add_argument("--small-tiles", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vmapped", action="store_true",
+                    help="3 tasks with their own theta under jax.vmap (ieee, small tiles)")
     args = ap.parse_args()
     _round_bf16_stores_to_nearest_even()
-    check_against_reference(args.precision, args.small_tiles, args.seed)
+    if args.vmapped:
+        check_vmapped_against_reference(args.seed)
+    else:
+        check_against_reference(args.precision, args.small_tiles, args.seed)
     print("interpreted Triton kernels match the reference")

@@ -12,8 +12,10 @@ MLP: layer 1 (16 or 22 inputs) as FMAs on the vector units; the H x H layers wit
 relative error ~3e-4 (operands rounded to a 10-bit mantissa), params within
 atol 1e-5 + rtol 1e-4 after a step of size ~1e-3; "ieee": as the Pallas kernels.
 
-Only on NVIDIA GPUs with the `gpu` extra (jax-triton needs a CUDA jaxlib). jax-triton
-has no vmap rule: use the "pallas" backend for vmapped tasks (documented gap).
+Only on NVIDIA GPUs with the `gpu` extra (jax-triton needs a CUDA jaxlib). jax-triton has
+no vmap rule of its own; `_over_tasks` gives each launch one: `jax.vmap` over tasks (each
+with its own theta) folds the task axis into grid axis 0, and the kernels move every
+pointer to their task (one level of vmap).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from lopt_fast.pallas import plan
 from lopt_fast.pallas.blocks import BlockSizes
 
 NUM_SUMS = tl.constexpr(plan.NUM_SUMS)
+NUM_CONSTS = tl.constexpr(plan.NUM_CONSTS)
+NUM_EW_FACTORED = tl.constexpr(plan.NUM_EW_FACTORED)
 
 
 # ----------------------------------------------------------------------------- kernel bodies
@@ -99,19 +103,38 @@ def _mlp_rest(pre, c_ptr, wh_ptr, bh_ptr, wo_ptr, R: tl.constexpr, C: tl.constex
 
 
 @triton.jit
+def _task_mlp(t, wh_ptr, bh_ptr, wo_ptr, HP: tl.constexpr, NHID: tl.constexpr):
+    """The MLP weight pointers moved to task t ([tasks, NHID, HP, HP], [tasks, NHID, HP],
+    [tasks, 2, HP])."""
+    return wh_ptr + t * NHID * HP * HP, bh_ptr + t * NHID * HP, wo_ptr + t * 2 * HP
+
+
+@triton.jit
 def _tile(B, U, V, R: tl.constexpr, C: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
+    """Grid axis 0 runs over tasks x B: task t, tensor b of B, and offsets within the task."""
+    tb = tl.program_id(0).to(tl.int64)
+    t = tb // B
+    b = tb % B
     u = tl.program_id(1).to(tl.int64) * R + tl.arange(0, R)
     v = tl.program_id(2).to(tl.int64) * C + tl.arange(0, C)
     mask = (u[:, None] < U) & (v[None, :] < V)
     off = b * U * V + u[:, None] * V + v[None, :]
-    return b, u, v, mask, off
+    return t, b, u, v, mask, off
+
+
+@triton.jit
+def _task_inputs(t, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, B, U, V):
+    """The factored kernels' input pointers moved to task t (every operand is [tasks, ...])."""
+    n = B * U * V
+    return (c_ptr + t * NUM_CONSTS, p_ptr + t * n, g_ptr + t * n, mom_ptr + t * 3 * n,
+            rms_ptr + t * n, fu_ptr + t * 3 * B * U, fv_ptr + t * 3 * B * V)
 
 
 @triton.jit
 def _row_col_sums_kernel(g_ptr, B, U, V, su_ptr, sv_ptr, R: tl.constexpr, C: tl.constexpr):
-    b, u, v, mask, off = _tile(B, U, V, R, C)
-    g = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    t, b, u, v, mask, off = _tile(B, U, V, R, C)
+    b = t * B + b  # su, sv: [tasks * B, tiles, U or V]
+    g = tl.load(g_ptr + t * B * U * V + off, mask=mask, other=0.0).to(tl.float32)
     sq = tl.where(mask, g * g + 1e-30, 0.0)
     n_v = tl.num_programs(2)
     n_u = tl.num_programs(1)
@@ -143,7 +166,9 @@ def _factors(fu_ptr, fv_ptr, B, U, V, b, u, v, k: tl.constexpr):
 @triton.jit
 def _factored_moments_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, B, U, V,
                              s_ptr, R: tl.constexpr, C: tl.constexpr):
-    b, u, v, mask, off = _tile(B, U, V, R, C)
+    t, b, u, v, mask, off = _tile(B, U, V, R, C)
+    c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr = _task_inputs(
+        t, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, B, U, V)
     g, p, m0, m1, m2, rms = _factored_planes(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, B, U, V, off,
                                              mask)
     r = tl.rsqrt(rms + 1e-6)
@@ -158,7 +183,7 @@ def _factored_moments_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_p
     s = _lane(s, 14, m1 * f1, mask)
     s = _lane(s, 15, m2 * f2, mask)
     tile = tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)
-    base = (b * tl.num_programs(1) * tl.num_programs(2) + tile) * NUM_SUMS
+    base = ((t * B + b) * tl.num_programs(1) * tl.num_programs(2) + tile) * NUM_SUMS
     tl.store(s_ptr + base + tl.arange(0, NUM_SUMS), s)
 
 
@@ -168,7 +193,13 @@ def _factored_apply_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr
                            R: tl.constexpr, C: tl.constexpr, HP: tl.constexpr,
                            NHID: tl.constexpr, EXP_MULT: tl.constexpr, STEP_MULT: tl.constexpr,
                            PREC: tl.constexpr):
-    b, u, v, mask, off = _tile(B, U, V, R, C)
+    t, b, u, v, mask, off = _tile(B, U, V, R, C)
+    c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr = _task_inputs(
+        t, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, B, U, V)
+    w_ptr = w_ptr + t * NUM_EW_FACTORED * HP
+    wh_ptr, bh_ptr, wo_ptr = _task_mlp(t, wh_ptr, bh_ptr, wo_ptr, HP, NHID)
+    tu_ptr = tu_ptr + t * B * U * HP
+    tv_ptr = tv_ptr + t * B * V * HP
     g, p, m0, m1, m2, rms = _factored_planes(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, B, U, V, off,
                                              mask)
     r = tl.rsqrt(rms + 1e-6)
@@ -188,6 +219,7 @@ def _factored_apply_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr
     pre = _l1(pre, m2 * f2, w_ptr, 15, HP)
     step = _mlp_rest(pre, c_ptr, wh_ptr, bh_ptr, wo_ptr, R, C, HP, NHID, EXP_MULT, STEP_MULT, PREC)
     n = B * U * V
+    po_ptr, mo_ptr, ro_ptr = po_ptr + t * n, mo_ptr + t * 3 * n, ro_ptr + t * n
     tl.store(po_ptr + off, (p - step).to(po_ptr.dtype.element_ty), mask=mask)
     tl.store(mo_ptr + off, m0, mask=mask)
     tl.store(mo_ptr + n + off, m1, mask=mask)
@@ -206,12 +238,21 @@ def _packed_planes(c_ptr, vd_ptr, g, m0, m1, m2, n, off):
 
 
 @triton.jit
-def _packed_common(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, ROWS, R: tl.constexpr,
-                   C: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
+def _packed_tile(ROWS, R: tl.constexpr):
+    """Grid axis 0 runs over tasks x tiles: (task, tile within the task's [ROWS, C])."""
+    pid = tl.program_id(0).to(tl.int64)
+    return pid // (ROWS // R), pid % (ROWS // R)
+
+
+@triton.jit
+def _packed_common(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, task, t, ROWS,
+                   R: tl.constexpr, C: tl.constexpr):
     rr = t * R + tl.arange(0, R)
     off = rr[:, None] * C + tl.arange(0, C)[None, :]
     n = ROWS * C
+    c_ptr = c_ptr + task * NUM_CONSTS
+    p_ptr, g_ptr, rms_ptr = p_ptr + task * n, g_ptr + task * n, rms_ptr + task * n
+    mom_ptr, vd_ptr = mom_ptr + task * 3 * n, vd_ptr + task * 3 * n
     g = tl.load(g_ptr + off)
     p = tl.load(p_ptr + off)
     b0, b1, b2 = tl.load(c_ptr + 0), tl.load(c_ptr + 1), tl.load(c_ptr + 2)
@@ -221,14 +262,15 @@ def _packed_common(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, ROWS, R: tl.co
     cr = tl.load(c_ptr + 3)
     rms = cr * tl.load(rms_ptr + off) + (1 - cr) * g * g
     v0, v1, v2 = _packed_planes(c_ptr, vd_ptr, g, m0, m1, m2, n, off)
-    return t, off, n, g, p, m0, m1, m2, rms, v0, v1, v2
+    return off, n, g, p, m0, m1, m2, rms, v0, v1, v2
 
 
 @triton.jit
 def _packed_moments_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, cnt_ptr, ROWS, s_ptr,
                            R: tl.constexpr, C: tl.constexpr):
-    t, off, n, g, p, m0, m1, m2, rms, v0, v1, v2 = _packed_common(
-        c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, ROWS, R, C)
+    task, t = _packed_tile(ROWS, R)
+    off, n, g, p, m0, m1, m2, rms, v0, v1, v2 = _packed_common(
+        c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, task, t, ROWS, R, C)
     local = tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
     mask = local < tl.load(cnt_ptr + t)
     r = tl.rsqrt(rms + 1e-6)
@@ -245,18 +287,23 @@ def _packed_moments_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, cnt_pt
     s = _lane(s, 19, tl.rsqrt(v0 + 1e-8), mask)
     s = _lane(s, 20, tl.rsqrt(v1 + 1e-8), mask)
     s = _lane(s, 21, tl.rsqrt(v2 + 1e-8), mask)
-    tl.store(s_ptr + t * NUM_SUMS + tl.arange(0, NUM_SUMS), s)
+    tl.store(s_ptr + tl.program_id(0).to(tl.int64) * NUM_SUMS + tl.arange(0, NUM_SUMS), s)
 
 
 @triton.jit
 def _packed_apply_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, seg_ptr, w_ptr, b0_ptr,
-                         wh_ptr, bh_ptr, wo_ptr, ROWS, po_ptr, mo_ptr, ro_ptr, vo_ptr,
+                         wh_ptr, bh_ptr, wo_ptr, ROWS, SEGS, po_ptr, mo_ptr, ro_ptr, vo_ptr,
                          R: tl.constexpr, C: tl.constexpr, HP: tl.constexpr,
                          NHID: tl.constexpr, EXP_MULT: tl.constexpr, STEP_MULT: tl.constexpr,
                          PREC: tl.constexpr):
-    t, off, n, g, p, m0, m1, m2, rms, v0, v1, v2 = _packed_common(
-        c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, ROWS, R, C)
-    w_ptr = w_ptr + tl.load(seg_ptr + t).to(tl.int64) * NUM_SUMS * HP
+    task, t = _packed_tile(ROWS, R)
+    off, n, g, p, m0, m1, m2, rms, v0, v1, v2 = _packed_common(
+        c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, task, t, ROWS, R, C)
+    c_ptr = c_ptr + task * NUM_CONSTS  # the MLP's output bias
+    seg = task * SEGS + tl.load(seg_ptr + t).to(tl.int64)
+    w_ptr = w_ptr + seg * NUM_SUMS * HP
+    b0_ptr = b0_ptr + task * HP
+    wh_ptr, bh_ptr, wo_ptr = _task_mlp(task, wh_ptr, bh_ptr, wo_ptr, HP, NHID)
     r = tl.rsqrt(rms + 1e-6)
     b0 = tl.load(b0_ptr + tl.arange(0, HP))
     pre = tl.zeros((R, C, HP), tl.float32) + b0[None, None, :]
@@ -274,6 +321,8 @@ def _packed_apply_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, seg_ptr,
     pre = _l1(pre, tl.rsqrt(v1 + 1e-8), w_ptr, 20, HP)
     pre = _l1(pre, tl.rsqrt(v2 + 1e-8), w_ptr, 21, HP)
     step = _mlp_rest(pre, c_ptr, wh_ptr, bh_ptr, wo_ptr, R, C, HP, NHID, EXP_MULT, STEP_MULT, PREC)
+    po_ptr, mo_ptr = po_ptr + task * n, mo_ptr + task * 3 * n
+    ro_ptr, vo_ptr = ro_ptr + task * n, vo_ptr + task * 3 * n
     tl.store(po_ptr + off, p - step)
     tl.store(mo_ptr + off, m0)
     tl.store(mo_ptr + n + off, m1)
@@ -288,6 +337,28 @@ def _packed_apply_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, seg_ptr,
 
 def _f32(shape):
     return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def _over_tasks(launch, *arrays):
+    """launch(tasks, *arrays with a leading task axis) on one task's `arrays`, such that
+    `jax.vmap` over tasks folds the task axis into the launch (grid axis 0), not a loop.
+
+    Under vmap every array gets the task axis (an unbatched one, e.g. a shared theta, is
+    broadcast); the kernels move each pointer to their task. One level of vmap.
+    """
+
+    @jax.custom_batching.custom_vmap
+    def one_task(*xs):
+        return jax.tree.map(lambda o: o[0], launch(1, *(x[None] for x in xs)))
+
+    @one_task.def_vmap
+    def tasks(axis_size, in_batched, *xs):
+        xs = [x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+              for x, batched in zip(xs, in_batched, strict=True)]
+        out = launch(axis_size, *xs)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return one_task(*arrays)
 
 
 class TritonKernels:
@@ -313,19 +384,30 @@ class TritonKernels:
     def row_col_sums(self, g, blocks: BlockSizes):
         b, u, v = g.shape
         nu, nv = -(-u // blocks.rows), -(-v // blocks.cols)
-        su, sv = self._call(g, b, u, v, kernel=_row_col_sums_kernel,
-                            out_shape=[_f32((b, nv, u)), _f32((b, nu, v))], grid=(b, nu, nv),
-                            num_warps=blocks.num_warps, num_stages=blocks.num_stages,
-                            R=blocks.rows, C=blocks.cols, name="adafac_row_col_sums")
-        return jnp.sum(su, axis=1), jnp.sum(sv, axis=1)
+
+        def launch(tasks, g):
+            su, sv = self._call(g, b, u, v, kernel=_row_col_sums_kernel,
+                                out_shape=[_f32((tasks, b, nv, u)), _f32((tasks, b, nu, v))],
+                                grid=(tasks * b, nu, nv), num_warps=blocks.num_warps,
+                                num_stages=blocks.num_stages, R=blocks.rows, C=blocks.cols,
+                                name="adafac_row_col_sums")
+            return jnp.sum(su, axis=2), jnp.sum(sv, axis=2)
+
+        return _over_tasks(launch, g)
 
     def factored_moments(self, p, g, mom, rms, fu, fv, consts, blocks: BlockSizes):
         b, u, v = p.shape
         nu, nv = -(-u // blocks.rows), -(-v // blocks.cols)
-        return self._call(consts, p, g, mom, rms, fu, fv, b, u, v, kernel=_factored_moments_kernel,
-                          out_shape=_f32((b, nu * nv, plan.NUM_SUMS)), grid=(b, nu, nv),
-                          num_warps=blocks.num_warps, num_stages=blocks.num_stages,
-                          R=blocks.rows, C=blocks.cols, name="adafac_moments")
+
+        def launch(tasks, consts, p, g, mom, rms, fu, fv):
+            return self._call(consts, p, g, mom, rms, fu, fv, b, u, v,
+                              kernel=_factored_moments_kernel,
+                              out_shape=_f32((tasks, b, nu * nv, plan.NUM_SUMS)),
+                              grid=(tasks * b, nu, nv), num_warps=blocks.num_warps,
+                              num_stages=blocks.num_stages, R=blocks.rows, C=blocks.cols,
+                              name="adafac_moments")
+
+        return _over_tasks(launch, consts, p, g, mom, rms, fu, fv)
 
     def factored_apply(self, p, g, mom, rms, fu, fv, consts, tu, tv, w_ew, mlp, mults,
                        blocks: BlockSizes):
@@ -333,21 +415,32 @@ class TritonKernels:
         hp = tu.shape[-1]
         nu, nv = -(-u // blocks.rows), -(-v // blocks.cols)
         nhid, wh, bh = self._hidden(mlp, hp)
-        return self._call(
-            consts, p, g, mom, rms, fu, fv, tu, tv, w_ew, wh, bh, mlp.w_out_t, b, u, v,
-            kernel=_factored_apply_kernel,
-            out_shape=[jax.ShapeDtypeStruct(p.shape, p.dtype), _f32(mom.shape), _f32(rms.shape)],
-            grid=(b, nu, nv), num_warps=blocks.num_warps, num_stages=blocks.num_stages,
-            R=blocks.rows, C=blocks.cols, HP=hp, NHID=nhid, EXP_MULT=mults[0],
-            STEP_MULT=mults[1], PREC=self.prec, name="adafac_apply")
+
+        def launch(tasks, *arrays):
+            lead = lambda x: jax.ShapeDtypeStruct((tasks, *x.shape), x.dtype)  # noqa: E731
+            return self._call(
+                *arrays, b, u, v, kernel=_factored_apply_kernel,
+                out_shape=[lead(p), lead(mom), lead(rms)], grid=(tasks * b, nu, nv),
+                num_warps=blocks.num_warps, num_stages=blocks.num_stages, R=blocks.rows,
+                C=blocks.cols, HP=hp, NHID=nhid, EXP_MULT=mults[0], STEP_MULT=mults[1],
+                PREC=self.prec, name="adafac_apply")
+
+        return _over_tasks(launch, consts, p, g, mom, rms, fu, fv, tu, tv, w_ew, wh, bh,
+                           mlp.w_out_t)
 
     def packed_moments(self, p, g, mom, rms, vd, counts, consts, blocks: BlockSizes):
         rows = p.shape[0]
         n = rows // blocks.rows
-        return self._call(consts, p, g, mom, rms, vd, counts.reshape(-1), rows,
-                          kernel=_packed_moments_kernel, out_shape=_f32((n, plan.NUM_SUMS)),
-                          grid=(n,), num_warps=blocks.num_warps, num_stages=blocks.num_stages,
-                          R=blocks.rows, C=blocks.cols, name="adafac_packed_moments")
+
+        def launch(tasks, consts, p, g, mom, rms, vd, counts):
+            # counts are the same for every task: the kernel reads the first task's.
+            return self._call(consts, p, g, mom, rms, vd, counts.reshape(-1), rows,
+                              kernel=_packed_moments_kernel,
+                              out_shape=_f32((tasks, n, plan.NUM_SUMS)), grid=(tasks * n,),
+                              num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+                              R=blocks.rows, C=blocks.cols, name="adafac_packed_moments")
+
+        return _over_tasks(launch, consts, p, g, mom, rms, vd, counts)
 
     def packed_apply(self, p, g, mom, rms, vd, consts, w_seg, b0, seg_starts, mlp, mults,
                      blocks: BlockSizes):
@@ -358,13 +451,19 @@ class TritonKernels:
         seg = jnp.asarray(sum(([s] * (starts[s + 1] - starts[s]) for s in range(len(seg_starts))),
                               []), jnp.int32)
         nhid, wh, bh = self._hidden(mlp, hp)
-        return self._call(
-            consts, p, g, mom, rms, vd, seg, w_seg, b0, wh, bh, mlp.w_out_t, rows,
-            kernel=_packed_apply_kernel,
-            out_shape=[_f32(p.shape), _f32(mom.shape), _f32(rms.shape), _f32(vd.shape)],
-            grid=(n,), num_warps=blocks.num_warps, num_stages=blocks.num_stages,
-            R=blocks.rows, C=blocks.cols, HP=hp, NHID=nhid, EXP_MULT=mults[0],
-            STEP_MULT=mults[1], PREC=self.prec, name="adafac_packed_apply")
+
+        def launch(tasks, *arrays):
+            lead = lambda x: _f32((tasks, *x.shape))  # noqa: E731
+            return self._call(
+                *arrays, rows, w_seg.shape[0], kernel=_packed_apply_kernel,
+                out_shape=[lead(p), lead(mom), lead(rms), lead(vd)], grid=(tasks * n,),
+                num_warps=blocks.num_warps, num_stages=blocks.num_stages, R=blocks.rows,
+                C=blocks.cols, HP=hp, NHID=nhid, EXP_MULT=mults[0], STEP_MULT=mults[1],
+                PREC=self.prec, name="adafac_packed_apply")
+
+        # The segment map is the same for every task (the kernel reads the first task's).
+        return _over_tasks(launch, consts, p, g, mom, rms, vd, seg, w_seg, b0, wh, bh,
+                           mlp.w_out_t)
 
 
 # ----------------------------------------------------------------------------- public op
