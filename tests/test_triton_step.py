@@ -6,7 +6,7 @@
   reference with its kernels in Triton's interpreter, launched in jax-triton's argument
   order (`tests/triton_interpret.py`), on every shape class and bf16, ragged and default
   tiles, both MLP precisions (the interpreter's dots are float32), and vmapped tasks
-  with per-task theta. Skipped without them.
+  with per-task theta and their meta-gradients. Skipped without them.
 * Without a GPU, with `triton` and, in a folder named by LOPT_FAST_CUDA_LOWERING_PATH,
   jax-triton and the jax CUDA plugin (no PJRT): the step lowers for CUDA through the real
   jax-triton, which compiles every kernel for sm_90 (`tests/triton_cuda_lowering.py`).
@@ -121,8 +121,10 @@ def test_triton_matches_reference_every_shape_class_and_bf16(mlp_precision, tol,
                          ids=["ieee-small-tiles", "tf32-default-tiles", "vmapped-tasks"])
 def test_triton_kernels_interpreted_match_reference(case):
     """Small ragged tiles with float32 dots; the default tiles and code path (TF32 dots on
-    a GPU, float32 in the interpreter); 3 vmapped tasks with their own theta. In a fresh
-    process because Triton must start interpreted. About 20, 70 and 55 s on 2 cores."""
+    a GPU, float32 in the interpreter); 3 vmapped tasks with their own theta, and
+    meta-gradients through the custom_vjp under vmap. The public `triton_update` with
+    interpreted launches, in a fresh process because Triton must start interpreted.
+    About 20, 70 and 70 s on 2 cores."""
     seed = int(np.random.default_rng().integers(1 << 30))
     cmd = [sys.executable, "-m", "tests.triton_interpret", *case, "--seed", str(seed)]
     out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, TRITON_INTERPRET="1"),

@@ -1,11 +1,11 @@
 """Run the Triton backend on CPU: its kernels in Triton's interpreter, launched as jax-triton would.
 
 jax-triton only runs on a CUDA jaxlib, so CPU tests cannot call `triton_call`. This module
-stands in for it: `interpreted_triton_update` is `triton_update`'s forward pass with each
-`triton_call` replaced by `_interpreted_call`, which launches the same `@triton.jit` kernel
-with the arguments in jax-triton's order (the call's arguments as given, Python ints in
-place, then one pointer per output; metaparameters as constexpr keywords) inside
-`jax.pure_callback`. The plan, launchers, grids and kernel bodies are the real ones.
+stands in for it: `interpreted_triton_update` is the public `triton_update` (custom_vjp,
+vmap rule, plan, launchers, grids and kernel bodies all real) with each `triton_call`
+replaced by `_interpreted_call`, which launches the same `@triton.jit` kernel with the
+arguments in jax-triton's order (the call's arguments as given, Python ints in place, then
+one pointer per output; metaparameters as constexpr keywords) inside `jax.pure_callback`.
 Outputs start as NaN, so an element that no program writes fails the comparison.
 
 Triton must be imported with TRITON_INTERPRET=1 already set (its own `@triton.jit`
@@ -27,8 +27,6 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from lopt_fast.pallas import plan
 
 # XLA may run independent callbacks on several threads; the interpreter's state is global.
 _INTERPRETER_LOCK = threading.Lock()
@@ -99,18 +97,14 @@ def _round_bf16_stores_to_nearest_even():
     InterpreterBuilder.create_fp_trunc = create_fp_trunc
 
 
-def interpreted_triton_update(lopt, theta, state, grad, *, mlp_precision="tf32", blocks=None,
-                              packed_blocks=None):
-    """`triton_update`'s forward pass with interpreted kernels (needs TRITON_INTERPRET=1)."""
+def interpreted_triton_update(*args, **kwargs):
+    """`triton_update` with interpreted launches (needs TRITON_INTERPRET=1)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("set TRITON_INTERPRET=1 before Python starts (see the module docstring)")
     from lopt_fast.kernels import adafac_triton
 
-    class InterpretedKernels(adafac_triton.TritonKernels):
-        _call = staticmethod(_interpreted_call)
-
-    return plan.fused_update(plan.Kernels.of(InterpretedKernels(mlp_precision)), lopt, theta,
-                             state, grad, blocks=blocks, packed_blocks=packed_blocks)
+    adafac_triton.TritonKernels._call = staticmethod(_interpreted_call)  # this process only
+    return adafac_triton.triton_update(*args, **kwargs)
 
 
 def check_against_reference(mlp_precision: str, small_tiles: bool, seed: int):
@@ -132,7 +126,8 @@ def check_against_reference(mlp_precision: str, small_tiles: bool, seed: int):
 
 def check_vmapped_against_reference(seed: int, tasks: int = 3):
     """`jax.vmap` over tasks with per-task theta (folded into the kernels' grids), bf16
-    params and ragged tiles, against the vmapped reference."""
+    params and ragged tiles, against the vmapped reference; then meta-gradients of a loss
+    after two vmapped steps (kernel forward, reference backward) against the reference's."""
     from lopt_fast.learned import AdafacMLPLOpt, reference_update
     from tests.helpers import random_theta
     from tests.test_pallas_step import (
@@ -156,6 +151,29 @@ def check_vmapped_against_reference(seed: int, tasks: int = 3):
         lopt, t, s, g, mlp_precision="ieee", blocks=SMALL_TILES, packed_blocks=SMALL_PACKED)))
     ref = jax.jit(jax.vmap(lambda t, s, g: reference_update(lopt, t, s, g)))
     run_trajectories(lopt, theta, params, shapes, rng, kernel, ref, vmapped=True, tol=TOLERANCE)
+
+    grad_shapes = {"w": (6, 10), "b": (4,)}
+    state = jax.vmap(lambda p: lopt.opt_fn(thetas[0], backend="reference").init(
+        p, num_steps=100))({k: jnp.asarray(rng.normal(size=(tasks,) + s), jnp.float32)
+                            for k, s in grad_shapes.items()})
+    grads = [{k: jnp.asarray(rng.normal(size=(tasks,) + s), jnp.float32)
+              for k, s in grad_shapes.items()} for _ in range(2)]
+
+    def loss(theta, update):
+        s = state
+        for g in grads:
+            p, acc = update(theta, s, g)
+            s = s.replace(params=p, mom=acc.mom, rms=acc.rms, v_row=acc.v_row,
+                          v_col=acc.v_col, v_diag=acc.v_diag, iteration=s.iteration + 1)
+        return sum(jnp.sum(jnp.sin(3.0 * x)) for x in jax.tree.leaves(s.params))
+
+    got = jax.jit(jax.grad(lambda t: loss(t, kernel)))(theta)
+    want = jax.jit(jax.grad(lambda t: loss(t, ref)))(theta)
+    for (path, w), g in zip(jax.tree.leaves_with_path(want), jax.tree.leaves(got), strict=True):
+        scale = np.abs(np.asarray(w)).max()
+        err = np.abs(np.asarray(g) - np.asarray(w)).max()
+        assert scale > 0 and err <= 1e-4 * scale, \
+            f"meta-gradient {jax.tree_util.keystr(path)}: err {err:.2e}, scale {scale:.2e}"
 
 
 if __name__ == "__main__":
