@@ -126,10 +126,8 @@ def test_triton_kernels_interpreted_match_reference(case):
     interpreted launches, in a fresh process because Triton must start interpreted.
     About 20, 70 and 70 s on 2 cores."""
     seed = int(np.random.default_rng().integers(1 << 30))
-    cmd = [sys.executable, "-m", "tests.triton_interpret", *case, "--seed", str(seed)]
-    out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, TRITON_INTERPRET="1"),
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, f"seed {seed}:\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
+    _run_module("tests.triton_interpret", [*case, "--seed", str(seed)], f"seed {seed}",
+                TRITON_INTERPRET="1")
 
 
 @pytest.mark.skipif(not (HAVE_TRITON and CUDA_LOWERING_PATH),
@@ -138,7 +136,13 @@ def test_triton_kernels_interpreted_match_reference(case):
 def test_triton_lowers_for_cuda_through_jax_triton():
     """Each kernel's signature as jax-triton builds it from the call, compiled for sm_90."""
     pythonpath = os.pathsep.join(p for p in (CUDA_LOWERING_PATH, os.environ.get("PYTHONPATH")) if p)
-    out = subprocess.run([sys.executable, "-m", "tests.triton_cuda_lowering"], cwd=ROOT,
-                         env=dict(os.environ, PYTHONPATH=pythonpath), capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, f"{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
+    _run_module("tests.triton_cuda_lowering", [], "CUDA lowering", PYTHONPATH=pythonpath)
+
+
+def _run_module(module, args, label, **env):
+    """`python -m module *args` from the repository root with `env` added; asserts it
+    exits 0 and shows the end of its output if not."""
+    out = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT,
+                         env=dict(os.environ, **env), capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, f"{label}:\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}"

@@ -245,14 +245,20 @@ def _packed_tile(ROWS, R: tl.constexpr):
 
 
 @triton.jit
-def _packed_common(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, task, t, ROWS,
-                   R: tl.constexpr, C: tl.constexpr):
+def _packed_task_inputs(task, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, ROWS,
+                        C: tl.constexpr):
+    """The packed kernels' input pointers moved to `task` (every operand is [tasks, ...])."""
+    n = ROWS * C
+    return (c_ptr + task * NUM_CONSTS, p_ptr + task * n, g_ptr + task * n,
+            mom_ptr + task * 3 * n, rms_ptr + task * n, vd_ptr + task * 3 * n)
+
+
+@triton.jit
+def _packed_common(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, t, ROWS, R: tl.constexpr,
+                   C: tl.constexpr):
     rr = t * R + tl.arange(0, R)
     off = rr[:, None] * C + tl.arange(0, C)[None, :]
     n = ROWS * C
-    c_ptr = c_ptr + task * NUM_CONSTS
-    p_ptr, g_ptr, rms_ptr = p_ptr + task * n, g_ptr + task * n, rms_ptr + task * n
-    mom_ptr, vd_ptr = mom_ptr + task * 3 * n, vd_ptr + task * 3 * n
     g = tl.load(g_ptr + off)
     p = tl.load(p_ptr + off)
     b0, b1, b2 = tl.load(c_ptr + 0), tl.load(c_ptr + 1), tl.load(c_ptr + 2)
@@ -269,8 +275,10 @@ def _packed_common(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, task, t, ROWS,
 def _packed_moments_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, cnt_ptr, ROWS, s_ptr,
                            R: tl.constexpr, C: tl.constexpr):
     task, t = _packed_tile(ROWS, R)
+    c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr = _packed_task_inputs(
+        task, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, ROWS, C)
     off, n, g, p, m0, m1, m2, rms, v0, v1, v2 = _packed_common(
-        c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, task, t, ROWS, R, C)
+        c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, t, ROWS, R, C)
     local = tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
     mask = local < tl.load(cnt_ptr + t)
     r = tl.rsqrt(rms + 1e-6)
@@ -297,9 +305,10 @@ def _packed_apply_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, seg_ptr,
                          NHID: tl.constexpr, EXP_MULT: tl.constexpr, STEP_MULT: tl.constexpr,
                          PREC: tl.constexpr):
     task, t = _packed_tile(ROWS, R)
+    c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr = _packed_task_inputs(
+        task, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, ROWS, C)
     off, n, g, p, m0, m1, m2, rms, v0, v1, v2 = _packed_common(
-        c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, task, t, ROWS, R, C)
-    c_ptr = c_ptr + task * NUM_CONSTS  # the MLP's output bias
+        c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, t, ROWS, R, C)
     seg = task * SEGS + tl.load(seg_ptr + t).to(tl.int64)
     w_ptr = w_ptr + seg * NUM_SUMS * HP
     b0_ptr = b0_ptr + task * HP
