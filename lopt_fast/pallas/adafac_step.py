@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from lopt_fast.pallas import plan
 from lopt_fast.pallas.blocks import BlockSizes
@@ -51,19 +52,51 @@ C_MOM, C_RMS, C_FAC, C_BOUT = plan.C_MOM, plan.C_RMS, plan.C_FAC, plan.C_BOUT
 
 # ----------------------------------------------------------------------------- kernel bodies
 
-def _accumulators(c_ref, g, mom_ref, rms_ref):
+# Pallas' Triton lowering neither masks nor clips the blocks at the ragged edge of a grid
+# (a tile past the last row or column reads, and writes, other elements of the array, or
+# past its end), while the interpreter pads them: every access of a factored tile is
+# masked explicitly (`mask` [rows, cols], or None for the packed buffer, whose tiles are
+# whole). The kernels therefore lower through Triton only.
+
+def _load(ref, mask, plane=None):
+    """This program's block of `ref` (or plane `plane` of it) as float32, zeros outside."""
+    if mask is None:
+        x = ref[...] if plane is None else ref[plane]
+    elif plane is None:
+        x = pltriton.load(ref, mask=jnp.broadcast_to(mask, ref.shape), other=0)
+    else:
+        block = ref.shape[1:]
+        x = pltriton.load(ref.at[pl.ds(plane, 1)], mask=jnp.broadcast_to(mask, block)[None],
+                          other=0)[0]
+    return x.astype(jnp.float32)
+
+
+def _store(ref, value, mask, plane=None):
+    """Write `value` into this program's block of `ref` (or plane `plane`) where `mask`."""
+    value = value.astype(ref.dtype)
+    if mask is None:
+        ref[...] = value
+    elif plane is None:
+        pltriton.store(ref, value, mask=jnp.broadcast_to(mask, value.shape))
+    else:
+        pltriton.store(ref.at[pl.ds(plane, 1)], value[None],
+                       mask=jnp.broadcast_to(mask, value.shape)[None])
+
+
+def _accumulators(c_ref, g, mom_ref, rms_ref, mask=None):
     """New momenta (3 planes) and rms from the gradient tile g [rows, cols]."""
-    m = [c_ref[C_MOM + k] * mom_ref[k].astype(jnp.float32) + (1 - c_ref[C_MOM + k]) * g
+    m = [c_ref[C_MOM + k] * _load(mom_ref, mask, k) + (1 - c_ref[C_MOM + k]) * g
          for k in range(3)]
     c_r = c_ref[C_RMS]
-    rms = c_r * rms_ref[0].astype(jnp.float32) + (1 - c_r) * (g * g)
+    rms = c_r * _load(rms_ref, mask, 0) + (1 - c_r) * (g * g)
     return m, rms
 
 
-def _features_factored(g, p, m, rms, fu_ref, fv_ref):
+def _features_factored(g, p, m, rms, fu_ref, fv_ref, row_ok, col_ok):
     """16 per-element feature planes of a factored tile (order of `adafac_math._PER_ELEMENT`)."""
     r = lax.rsqrt(rms + 1e-6)
-    fac = [fu_ref[k][:, None] * fv_ref[k][None, :] for k in range(3)]
+    fac = [_load(fu_ref, row_ok, k)[:, None] * _load(fv_ref, col_ok, k)[None, :]
+           for k in range(3)]
     return ([g, p, *m, rms, *(mk * r for mk in m), r]
             + [g * f for f in fac] + [mk * f for mk, f in zip(m, fac, strict=True)])
 
@@ -106,47 +139,55 @@ def _mlp_step(pre0, feats, w_ref, mlp_refs, c_ref, mults, precision):
     return (direction * jnp.exp(magnitude * exp_mult) * step_mult).reshape(rows, cols)
 
 
-def _tile_mask(shape, u_size, v_size):
+def _tile_masks(shape, u_size, v_size):
+    """Which rows [rows], columns [cols] and elements [rows, cols] of this tile exist."""
     rows, cols = shape
-    u = pl.program_id(1) * rows + lax.broadcasted_iota(jnp.int32, shape, 0)
-    v = pl.program_id(2) * cols + lax.broadcasted_iota(jnp.int32, shape, 1)
-    return (u < u_size) & (v < v_size)
+    u = pl.program_id(1) * rows + lax.broadcasted_iota(jnp.int32, (rows,), 0)
+    v = pl.program_id(2) * cols + lax.broadcasted_iota(jnp.int32, (cols,), 0)
+    row_ok, col_ok = u < u_size, v < v_size
+    return row_ok, col_ok, row_ok[:, None] & col_ok[None, :]
 
 
 def _row_col_sums_kernel(g_ref, su_ref, sv_ref, *, u_size, v_size):
     # g_ref [rows, cols]; su_ref [rows] (sum over this tile's cols); sv_ref [cols]
-    g = g_ref[...].astype(jnp.float32)
-    sq = jnp.where(_tile_mask(g.shape, u_size, v_size), g * g + 1e-30, 0.0)
-    su_ref[...] = jnp.sum(sq, axis=1)
-    sv_ref[...] = jnp.sum(sq, axis=0)
+    row_ok, col_ok, mask = _tile_masks(g_ref.shape, u_size, v_size)
+    g = _load(g_ref, mask)
+    sq = jnp.where(mask, g * g + 1e-30, 0.0)
+    _store(su_ref, jnp.sum(sq, axis=1), row_ok)
+    _store(sv_ref, jnp.sum(sq, axis=0), col_ok)
+
+
+def _factored_tile(c_ref, p_ref, g_ref, mom_ref, rms_ref, fu_ref, fv_ref, u_size, v_size):
+    """Masks, p, new accumulators and the 16 feature planes of this factored tile."""
+    row_ok, col_ok, mask = _tile_masks(g_ref.shape, u_size, v_size)
+    g, p = _load(g_ref, mask), _load(p_ref, mask)
+    m, rms = _accumulators(c_ref, g, mom_ref, rms_ref, mask)
+    feats = _features_factored(g, p, m, rms, fu_ref, fv_ref, row_ok, col_ok)
+    return (row_ok, col_ok, mask), p, m, rms, feats
 
 
 def _factored_moments_kernel(c_ref, p_ref, g_ref, mom_ref, rms_ref, fu_ref, fv_ref, s_ref, *,
                              u_size, v_size):
     # p, g [rows, cols]; mom [3, rows, cols]; rms [1, rows, cols]; fu [3, rows]; fv [3, cols]
     # s_ref [1, 32]: this tile's sums of squared features
-    g = g_ref[...].astype(jnp.float32)
-    p = p_ref[...].astype(jnp.float32)
-    m, rms = _accumulators(c_ref, g, mom_ref, rms_ref)
-    feats = _features_factored(g, p, m, rms, fu_ref, fv_ref)
-    s_ref[...] = _sums_vector(feats, _tile_mask(g.shape, u_size, v_size))
+    (_, _, mask), _, _, _, feats = _factored_tile(c_ref, p_ref, g_ref, mom_ref, rms_ref,
+                                                  fu_ref, fv_ref, u_size, v_size)
+    s_ref[...] = _sums_vector(feats, mask)
 
 
 def _factored_apply_kernel(c_ref, p_ref, g_ref, mom_ref, rms_ref, fu_ref, fv_ref, tu_ref, tv_ref,
-                           w_ref, *rest, mults, precision, hidden):
+                           w_ref, *rest, mults, precision, hidden, u_size, v_size):
     # tu [rows, Hp] (row table + b0), tv [cols, Hp], w [16, Hp]; outputs p [rows, cols]
     # in p's dtype, mom [3, rows, cols], rms [1, rows, cols]
     mlp_refs, (po_ref, mo_ref, ro_ref) = _split_mlp(rest, hidden)
-    g = g_ref[...].astype(jnp.float32)
-    p = p_ref[...].astype(jnp.float32)
-    m, rms = _accumulators(c_ref, g, mom_ref, rms_ref)
-    feats = _features_factored(g, p, m, rms, fu_ref, fv_ref)
-    pre0 = tu_ref[...][:, None, :] + tv_ref[...][None, :, :]
+    (row_ok, col_ok, mask), p, m, rms, feats = _factored_tile(
+        c_ref, p_ref, g_ref, mom_ref, rms_ref, fu_ref, fv_ref, u_size, v_size)
+    pre0 = _load(tu_ref, row_ok[:, None])[:, None, :] + _load(tv_ref, col_ok[:, None])[None, :, :]
     step = _mlp_step(pre0, feats, w_ref, mlp_refs, c_ref, mults, precision)
-    po_ref[...] = (p - step).astype(po_ref.dtype)
+    _store(po_ref, p - step, mask)
     for k in range(3):
-        mo_ref[k] = m[k]
-    ro_ref[0] = rms
+        _store(mo_ref, m[k], mask, k)
+    _store(ro_ref, rms, mask, 0)
 
 
 def _packed_moments_kernel(c_ref, p_ref, g_ref, mom_ref, rms_ref, vd_ref, n_ref, s_ref):
@@ -203,8 +244,6 @@ class PallasKernels:
     def _call(self, kernel, name, blocks: BlockSizes, **kw):
         if self.interpret:
             return pl.pallas_call(kernel, name=name, interpret=True, **kw)
-        from jax.experimental.pallas import triton as pltriton
-
         params = pltriton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
         return pl.pallas_call(kernel, name=name, compiler_params=params, **kw)
 
@@ -277,7 +316,7 @@ class PallasKernels:
             pl.BlockSpec(w_ew.shape, lambda i, j, k: (0, 0)),  # w_ew
         ] + mlp_specs
         kernel = functools.partial(_factored_apply_kernel, mults=mults, precision=self.precision,
-                                   hidden=mlp.w_hidden is not None)
+                                   hidden=mlp.w_hidden is not None, u_size=u, v_size=v)
         return self._call(
             kernel, "adafac_apply", blocks, grid=self._grid(p.shape, blocks), in_specs=in_specs,
             out_specs=[pl.BlockSpec((None, r, c), lambda i, j, k: (i, j, k)),
