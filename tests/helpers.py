@@ -16,3 +16,25 @@ def random_theta(lopt, key):
         if k.startswith("b"):
             nn[k] = 0.1 * jax.random.normal(next(keys), nn[k].shape)
     return theta
+
+
+
+def precise_reference(lopt, vmapped: bool = False):
+    """`reference_update` (vmapped over tasks if asked), jitted and run on the CPU with
+    float32 dots: the truth kernels are held to. On a GPU the reference itself would
+    round differently (TF32 dots by default, other exp / rsqrt / reduction order), and
+    that would enter every comparison. Inputs may live on any device; outputs are on
+    the CPU."""
+    import functools
+
+    from lopt_fast.learned import reference_update
+
+    fn = functools.partial(reference_update, lopt)
+    fn = jax.jit(jax.vmap(fn) if vmapped else fn)
+    cpu = jax.devices("cpu")[0]
+
+    def reference(theta, state, grad):
+        with jax.default_matmul_precision("highest"):
+            return fn(*jax.device_put((theta, state, grad), cpu))
+
+    return reference

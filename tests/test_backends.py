@@ -23,6 +23,19 @@ def test_auto_is_reference_on_cpu():
     assert backends.auto_backend_name() == "reference"
 
 
+def test_auto_on_nvidia_gpu_prefers_triton_then_pallas(monkeypatch):
+    """The GPU choice, decided on this machine by pretending the platform is CUDA."""
+    monkeypatch.setattr(backends, "_platform", lambda: "cuda")
+    real_find_spec = backends.importlib.util.find_spec
+    monkeypatch.setattr(backends.importlib.util, "find_spec",
+                        lambda name: object() if name in ("triton", "jax_triton")
+                        else real_find_spec(name))
+    assert backends.auto_backend_name() == "triton"
+    monkeypatch.setattr(backends.importlib.util, "find_spec",
+                        lambda name: None if name == "jax_triton" else real_find_spec(name))
+    assert backends.auto_backend_name() == "pallas"
+
+
 @pytest.mark.skipif(not ON_CPU, reason="checks the CPU choice")
 def test_explicit_pallas_on_cpu_runs_interpreted():
     b = resolve_backend("pallas")

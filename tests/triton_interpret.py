@@ -109,7 +109,8 @@ def interpreted_triton_update(*args, **kwargs):
 
 def check_against_reference(mlp_precision: str, small_tiles: bool, seed: int):
     """The backend on every shape class and bf16 params, several steps, against the reference."""
-    from lopt_fast.learned import AdafacMLPLOpt, reference_update
+    from lopt_fast.learned import AdafacMLPLOpt
+    from tests.helpers import precise_reference
     from tests.test_pallas_step import SMALL_PACKED, SMALL_TILES, TOLERANCE, run_trajectories
     from tests.test_triton_step import every_shape_class
 
@@ -119,7 +120,7 @@ def check_against_reference(mlp_precision: str, small_tiles: bool, seed: int):
     blocks, packed_blocks = (SMALL_TILES, SMALL_PACKED) if small_tiles else (None, None)
     kernel = jax.jit(lambda t, s, g: interpreted_triton_update(
         lopt, t, s, g, mlp_precision=mlp_precision, blocks=blocks, packed_blocks=packed_blocks))
-    ref = jax.jit(lambda t, s, g: reference_update(lopt, t, s, g))
+    ref = precise_reference(lopt)
     # The interpreter's dots are float32 whatever the precision: the float32 tolerances.
     run_trajectories(lopt, theta, params, shapes, rng, kernel, ref, tol=TOLERANCE)
 
@@ -129,7 +130,7 @@ def check_vmapped_against_reference(seed: int, tasks: int = 3):
     params and ragged tiles, against the vmapped reference; then meta-gradients of a loss
     after two vmapped steps (kernel forward, reference backward) against the reference's."""
     from lopt_fast.learned import AdafacMLPLOpt, reference_update
-    from tests.helpers import random_theta
+    from tests.helpers import precise_reference, random_theta
     from tests.test_pallas_step import (
         SMALL_PACKED,
         SMALL_TILES,
@@ -149,7 +150,7 @@ def check_vmapped_against_reference(seed: int, tasks: int = 3):
               for k, s in shapes.items()}
     kernel = jax.jit(jax.vmap(lambda t, s, g: interpreted_triton_update(
         lopt, t, s, g, mlp_precision="ieee", blocks=SMALL_TILES, packed_blocks=SMALL_PACKED)))
-    ref = jax.jit(jax.vmap(lambda t, s, g: reference_update(lopt, t, s, g)))
+    ref = precise_reference(lopt, vmapped=True)
     run_trajectories(lopt, theta, params, shapes, rng, kernel, ref, vmapped=True, tol=TOLERANCE)
 
     grad_shapes = {"w": (6, 10), "b": (4,)}
@@ -167,8 +168,10 @@ def check_vmapped_against_reference(seed: int, tasks: int = 3):
                           v_col=acc.v_col, v_diag=acc.v_diag, iteration=s.iteration + 1)
         return sum(jnp.sum(jnp.sin(3.0 * x)) for x in jax.tree.leaves(s.params))
 
-    got = jax.jit(jax.grad(lambda t: loss(t, kernel)))(theta)
-    want = jax.jit(jax.grad(lambda t: loss(t, ref)))(theta)
+    vmapped_reference = jax.vmap(lambda t, s, g: reference_update(lopt, t, s, g))
+    with jax.default_matmul_precision("highest"):  # float32 dots on a GPU too
+        got = jax.jit(jax.grad(lambda t: loss(t, kernel)))(theta)
+        want = jax.jit(jax.grad(lambda t: loss(t, vmapped_reference)))(theta)
     for (path, w), g in zip(jax.tree.leaves_with_path(want), jax.tree.leaves(got), strict=True):
         scale = np.abs(np.asarray(w)).max()
         err = np.abs(np.asarray(g) - np.asarray(w)).max()
