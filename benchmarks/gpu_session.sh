@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Everything a lent GPU machine should run, in one call (the machine keeps nothing):
+#
+#   bash benchmarks/gpu_session.sh [SECTION ...]     # default: all sections, in order
+#
+# Sections: env, tests, compare, step, profile, meta. Each writes $OUT/<section>.log (OUT defaults
+# to ./out) and runs under its own time limit, so one failure or hang does not cost the
+# rest. jax-triton is not in the device image: carry its wheel in .whl/ (docs/KERNELS.md).
+set -u
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || echo "wheel install failed"
+fi
+export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1
+SECTIONS=("$@")
+[ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=(env tests step profile meta)
+
+run() {  # run SECONDS SECTION CMD...: time-limited, logged, never stops the script
+  local limit=$1 name=$2
+  shift 2
+  echo "=== $name: $* (limit ${limit}s)" | tee -a "$OUT/$name.log"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee -a "$OUT/$name.log"
+  echo "=== $name: rc=${PIPESTATUS[0]} in $((SECONDS - t0))s" | tee -a "$OUT/$name.log"
+}
+
+for s in "${SECTIONS[@]}"; do
+  case $s in
+    env)
+      run 60 env nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm \
+        --format=csv
+      run 60 env python3 -c "import jax, jaxlib, triton, jax_triton; print('jax', jax.__version__, \
+'jaxlib', jaxlib.__version__, 'triton', triton.__version__, 'jax_triton', \
+jax_triton.__version__); print(jax.devices())" ;;
+    tests)
+      # The kernels compiled for this GPU; the interpreted Triton tests are CI's (CPU) job.
+      run "${TESTS_LIMIT:-300}" tests python3 -m pytest -q -rs --tb=line -p no:cacheprovider \
+        -k "not interpreted" tests/test_pallas_step.py tests/test_triton_step.py \
+        tests/test_backends.py ;;
+    compare)
+      run 120 compare python3 profiling/compare_pallas_kernels.py ;;
+    step)
+      # shellcheck disable=SC2086
+      run "${STEP_LIMIT:-240}" step python3 benchmarks/step.py --json "$OUT/step.json" \
+        ${STEP_ARGS:-} ;;
+    profile)
+      for b in ${PROFILE_BACKENDS:-pallas triton}; do
+        run 90 profile python3 profiling/trace_step.py --backend "$b" --params 1e7 \
+          --logdir "/tmp/trace_$b"
+      done ;;
+    meta)
+      for b in ${META_BACKENDS:-auto reference}; do
+        run 150 meta python3 -m lopt_fast.cli bench --task cifar10_conv --synthetic-data \
+          --num-tasks 32 --trunc-length 10 --steps 50 --backend "$b"
+      done ;;
+    *) echo "unknown section $s (env tests compare step profile meta)" ;;
+  esac
+done
