@@ -68,30 +68,23 @@ TF32_TOLERANCE = Tolerance({jnp.dtype(jnp.float32): (1e-4, 1e-4),
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed (pip install 'lopt-fast[gpu]')")
 @pytest.mark.parametrize("hidden_layers", [1, 2])
 def test_kernels_compile_for_sm90(hidden_layers):
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     from lopt_fast.kernels import adafac_triton as at
+
+    sys.path.insert(0, os.path.join(ROOT, "profiling"))
+    from triton_resources import compile_kernel  # builds the signature, compiles for sm_90
 
     mlp = dict(HP=32, NHID=hidden_layers - 1, EXP_MULT=0.001, STEP_MULT=0.001, PREC="tf32")
     cases = [
         (at._row_col_sums_kernel, {}, dict(R=16, C=32)),
         (at._factored_moments_kernel, {"p_ptr": "*bf16"}, dict(R=16, C=32)),
-        (at._factored_apply_kernel, {"p_ptr": "*bf16", "po_ptr": "*bf16"}, dict(R=8, C=32, **mlp)),
+        (at._factored_apply_kernel, {"p_ptr": "*bf16", "po_ptr": "*bf16"},
+         dict(R=8, C=32, L1_DOT=False, **mlp)),
+        (at._factored_apply_kernel, {}, dict(R=1, C=256, L1_DOT=True, **mlp)),
         (at._packed_moments_kernel, {"cnt_ptr": "*i32"}, dict(R=2, C=128)),
         (at._packed_apply_kernel, {"seg_ptr": "*i32"}, dict(R=2, C=128, **mlp)),
     ]
     for kernel, dtypes, constexprs in cases:
-        sig = {}
-        for name in kernel.arg_names:
-            if name in constexprs:
-                sig[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                sig[name] = dtypes.get(name, "*fp32")
-            else:
-                sig[name] = "i32"
-        src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+        compiled = compile_kernel(kernel, constexprs, dtypes, num_warps=4)
         ptx = compiled.asm["ptx"]
         assert "cubin" in compiled.asm, kernel.__name__
         if "apply" in kernel.__name__ and hidden_layers > 1:
@@ -100,18 +93,20 @@ def test_kernels_compile_for_sm90(hidden_layers):
 
 @pytest.mark.skipif(not (ON_CUDA and HAVE_TRITON and HAVE_JAX_TRITON),
                     reason="needs an NVIDIA GPU with jax[cuda], jax-triton and triton")
-@pytest.mark.parametrize("mlp_precision, tol, blocks, packed_blocks", [
-    ("ieee", KERNEL_TOLERANCE, SMALL_TILES, SMALL_PACKED),  # many ragged tiles per tensor
-    ("tf32", TF32_TOLERANCE, None, None),  # the defaults users run
+@pytest.mark.parametrize("mlp_precision, tol, blocks, packed_blocks, layer1", [
+    ("ieee", KERNEL_TOLERANCE, SMALL_TILES, SMALL_PACKED, "fma"),  # many ragged tiles per tensor
+    ("tf32", TF32_TOLERANCE, None, None, "fma"),  # the defaults users run
+    ("tf32", TF32_TOLERANCE, None, None, "dot"),  # layer 1 on tensor cores too
 ])
 def test_triton_matches_reference_every_shape_class_and_bf16(mlp_precision, tol, blocks,
-                                                             packed_blocks):
+                                                             packed_blocks, layer1):
     from lopt_fast.kernels import triton_update
 
     lopt = AdafacMLPLOpt(hidden_size=32, exp_mult=0.3, step_mult=0.01)
     theta, params, shapes, rng = every_shape_class(lopt, int(np.random.default_rng().integers(1 << 30)))
     kernel = jax.jit(lambda t, s, g: triton_update(lopt, t, s, g, mlp_precision=mlp_precision,
-                                                   blocks=blocks, packed_blocks=packed_blocks))
+                                                   blocks=blocks, packed_blocks=packed_blocks,
+                                                   layer1=layer1))
     ref = precise_reference(lopt)
     run_trajectories(lopt, theta, params, shapes, rng, kernel, ref, tol=tol)
 
@@ -119,14 +114,16 @@ def test_triton_matches_reference_every_shape_class_and_bf16(mlp_precision, tol,
 @pytest.mark.skipif(not (HAVE_TRITON and HAVE_TORCH),
                     reason="Triton's interpreter needs triton and torch (CPU builds are enough)")
 @pytest.mark.parametrize("case", [["--precision", "ieee", "--small-tiles"],
+                                  ["--precision", "ieee", "--small-tiles", "--layer1", "dot"],
                                   ["--precision", "tf32"], ["--vmapped"]],
-                         ids=["ieee-small-tiles", "tf32-default-tiles", "vmapped-tasks"])
+                         ids=["ieee-small-tiles", "layer1-dot", "tf32-default-tiles",
+                              "vmapped-tasks"])
 def test_triton_kernels_interpreted_match_reference(case):
     """Small ragged tiles with float32 dots; the default tiles and code path (TF32 dots on
-    a GPU, float32 in the interpreter); 3 vmapped tasks with their own theta, and
-    meta-gradients through the custom_vjp under vmap. The public `triton_update` with
-    interpreted launches, in a fresh process because Triton must start interpreted.
-    About 20, 70 and 70 s on 2 cores."""
+    a GPU, float32 in the interpreter); layer 1 as a dot; 3 vmapped tasks with their own
+    theta, and meta-gradients through the custom_vjp under vmap. The public
+    `triton_update` with interpreted launches, in a fresh process because Triton must
+    start interpreted. About 20, 20, 70 and 70 s on 2 cores."""
     seed = int(np.random.default_rng().integers(1 << 30))
     _run_module("tests.triton_interpret", [*case, "--seed", str(seed)], f"seed {seed}",
                 TRITON_INTERPRET="1")

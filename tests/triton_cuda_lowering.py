@@ -30,14 +30,14 @@ NUM_FACTORED = 3
 H100 = 90
 
 
-def lowered_launches(mlp_precision: str, tasks: int | None = None) -> int:
+def lowered_launches(mlp_precision: str, tasks: int | None = None, layer1: str = "fma") -> int:
     lopt = AdafacMLPLOpt(hidden_size=32)
     theta = lopt.init(jax.random.key(0))
     params = {k: jnp.full(s, 0.5, jnp.bfloat16 if k == "bf16" else jnp.float32)
               for k, s in SHAPES.items()}
     state = lopt.opt_fn(theta, backend="reference").init(params, num_steps=50)
     step = lambda t, s, g: triton_update(lopt, t, s, g, mlp_precision=mlp_precision,  # noqa: E731
-                                         compute_capability=H100)
+                                         compute_capability=H100, layer1=layer1)
     if tasks:
         step = jax.vmap(step)
         theta, state, params = jax.tree.map(
@@ -48,8 +48,9 @@ def lowered_launches(mlp_precision: str, tasks: int | None = None) -> int:
 
 if __name__ == "__main__":
     expected = 3 * NUM_FACTORED + 2
-    for precision, tasks in (("tf32", None), ("ieee", None), ("tf32", 3)):
-        launches = lowered_launches(precision, tasks)
-        case = f"{precision}, {tasks or 1} task(s)"
+    for precision, tasks, layer1 in (("tf32", None, "fma"), ("ieee", None, "fma"),
+                                     ("tf32", 3, "fma"), ("tf32", None, "dot")):
+        launches = lowered_launches(precision, tasks, layer1)
+        case = f"{precision}, {tasks or 1} task(s), layer 1 as {layer1}"
         print(f"{case}: {launches} Triton launches lowered for sm_{H100} (expected {expected})")
         assert launches == expected, f"{case}: {launches} launches, expected {expected}"

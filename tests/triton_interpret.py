@@ -107,7 +107,8 @@ def interpreted_triton_update(*args, **kwargs):
     return adafac_triton.triton_update(*args, **kwargs)
 
 
-def check_against_reference(mlp_precision: str, small_tiles: bool, seed: int):
+def check_against_reference(mlp_precision: str, small_tiles: bool, seed: int,
+                            layer1: str = "fma"):
     """The backend on every shape class and bf16 params, several steps, against the reference."""
     from lopt_fast.learned import AdafacMLPLOpt
     from tests.helpers import precise_reference
@@ -119,7 +120,8 @@ def check_against_reference(mlp_precision: str, small_tiles: bool, seed: int):
     theta, params, shapes, rng = every_shape_class(lopt, seed, large=not small_tiles)
     blocks, packed_blocks = (SMALL_TILES, SMALL_PACKED) if small_tiles else (None, None)
     kernel = jax.jit(lambda t, s, g: interpreted_triton_update(
-        lopt, t, s, g, mlp_precision=mlp_precision, blocks=blocks, packed_blocks=packed_blocks))
+        lopt, t, s, g, mlp_precision=mlp_precision, blocks=blocks, packed_blocks=packed_blocks,
+        layer1=layer1))
     ref = precise_reference(lopt)
     # The interpreter's dots are float32 whatever the precision: the float32 tolerances.
     run_trajectories(lopt, theta, params, shapes, rng, kernel, ref, tol=TOLERANCE)
@@ -183,6 +185,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--precision", choices=("tf32", "ieee"), default="tf32")
     ap.add_argument("--small-tiles", action="store_true")
+    ap.add_argument("--layer1", choices=("fma", "dot"), default="fma")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vmapped", action="store_true",
                     help="3 tasks with their own theta under jax.vmap (ieee, small tiles)")
@@ -191,5 +194,5 @@ if __name__ == "__main__":
     if args.vmapped:
         check_vmapped_against_reference(args.seed)
     else:
-        check_against_reference(args.precision, args.small_tiles, args.seed)
+        check_against_reference(args.precision, args.small_tiles, args.seed, args.layer1)
     print("interpreted Triton kernels match the reference")

@@ -6,11 +6,16 @@ against raw pointers: every operand is a contiguous canonical array
 (p, g [B, U, V]; mom [3, B, U, V]; rms [1, B, U, V]; fu [3, B, U]; fv [3, B, V];
 packed tensors [rows, 128]); offsets are int64.
 
-MLP: layer 1 (16 or 22 inputs) as FMAs on the vector units; the H x H layers with
-`tl.dot` on tensor cores, TF32 operands and float32 accumulation (`input_precision=
-"tf32"`, the default) or "ieee". Tolerance against the float32 reference, TF32: step
-relative error ~3e-4 (operands rounded to a 10-bit mantissa), params within
-atol 1e-5 + rtol 1e-4 after a step of size ~1e-3; "ieee": as the Pallas kernels.
+MLP: layer 1 (16 or 22 inputs) as FMAs on the vector units, or for factored tensors
+(`layer1="dot"`) as a [tile, 16] x [16, Hp] `tl.dot`; the H x H layers with `tl.dot` on
+tensor cores, TF32 operands and float32 accumulation (`input_precision="tf32"`, the
+default) or "ieee". Compiled for sm_90 (`profiling/triton_resources.py`, H = 32, a
+256-element tile at 4 warps), the FMA form of the apply kernel needs 255 registers and
+spills, 1,152 FFMA per thread; the dot form 230 registers, no spills, 128 FFMA (131
+registers at 128 elements or 8 warps). Which is faster is for a GPU to say
+(`benchmarks/tile_sweep.py`); "fma" stays the default until then. Tolerances against
+the float32 reference: docs/KERNELS.md (on an H100 with TF32 dots, params up to 3.1e-5
+off after 3 steps).
 
 Only on NVIDIA GPUs with the `gpu` extra (jax-triton needs a CUDA jaxlib). jax-triton has
 no vmap rule of its own; `_over_tasks` gives each launch one: `jax.vmap` over tasks (each
@@ -188,11 +193,32 @@ def _factored_moments_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_p
 
 
 @triton.jit
+def _features16(x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15,
+                N: tl.constexpr):
+    """[N, 16] from 16 feature planes [R, C] (N = R C) by nested `tl.join`s: column k
+    holds plane `_bitrev4(k)` (each join adds a minor axis of 2)."""
+    a0 = tl.join(tl.join(tl.reshape(x0, (N,)), tl.reshape(x1, (N,))),
+                 tl.join(tl.reshape(x2, (N,)), tl.reshape(x3, (N,))))
+    a1 = tl.join(tl.join(tl.reshape(x4, (N,)), tl.reshape(x5, (N,))),
+                 tl.join(tl.reshape(x6, (N,)), tl.reshape(x7, (N,))))
+    a2 = tl.join(tl.join(tl.reshape(x8, (N,)), tl.reshape(x9, (N,))),
+                 tl.join(tl.reshape(x10, (N,)), tl.reshape(x11, (N,))))
+    a3 = tl.join(tl.join(tl.reshape(x12, (N,)), tl.reshape(x13, (N,))),
+                 tl.join(tl.reshape(x14, (N,)), tl.reshape(x15, (N,))))
+    return tl.reshape(tl.join(tl.join(a0, a1), tl.join(a2, a3)), (N, 16))
+
+
+@triton.jit
+def _bitrev4(k):
+    return ((k & 1) << 3) | ((k & 2) << 1) | ((k & 4) >> 1) | ((k & 8) >> 3)
+
+
+@triton.jit
 def _factored_apply_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, tu_ptr, tv_ptr,
                            w_ptr, wh_ptr, bh_ptr, wo_ptr, B, U, V, po_ptr, mo_ptr, ro_ptr,
                            R: tl.constexpr, C: tl.constexpr, HP: tl.constexpr,
                            NHID: tl.constexpr, EXP_MULT: tl.constexpr, STEP_MULT: tl.constexpr,
-                           PREC: tl.constexpr):
+                           PREC: tl.constexpr, L1_DOT: tl.constexpr):
     t, b, u, v, mask, off = _tile(B, U, V, R, C)
     c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr = _task_inputs(
         t, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, B, U, V)
@@ -210,13 +236,19 @@ def _factored_apply_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr
     tu = tl.load(tu_ptr + (b * U + u[:, None]) * HP + h[None, :], mask=(u < U)[:, None], other=0.0)
     tv = tl.load(tv_ptr + (b * V + v[:, None]) * HP + h[None, :], mask=(v < V)[:, None], other=0.0)
     pre = tu[:, None, :] + tv[None, :, :]
-    pre = _l1_shared(pre, g, p, m0, m1, m2, rms, r, w_ptr, HP)
-    pre = _l1(pre, g * f0, w_ptr, 10, HP)
-    pre = _l1(pre, g * f1, w_ptr, 11, HP)
-    pre = _l1(pre, g * f2, w_ptr, 12, HP)
-    pre = _l1(pre, m0 * f0, w_ptr, 13, HP)
-    pre = _l1(pre, m1 * f1, w_ptr, 14, HP)
-    pre = _l1(pre, m2 * f2, w_ptr, 15, HP)
+    if L1_DOT:  # [R C, 16] x [16, HP] on tensor cores; w's rows in the features' order
+        x = _features16(g, p, m0, m1, m2, rms, m0 * r, m1 * r, m2 * r, r, g * f0, g * f1,
+                        g * f2, m0 * f0, m1 * f1, m2 * f2, R * C)
+        w1 = tl.load(w_ptr + _bitrev4(tl.arange(0, 16))[:, None] * HP + h[None, :])
+        pre += tl.reshape(tl.dot(x, w1, input_precision=PREC), (R, C, HP))
+    else:
+        pre = _l1_shared(pre, g, p, m0, m1, m2, rms, r, w_ptr, HP)
+        pre = _l1(pre, g * f0, w_ptr, 10, HP)
+        pre = _l1(pre, g * f1, w_ptr, 11, HP)
+        pre = _l1(pre, g * f2, w_ptr, 12, HP)
+        pre = _l1(pre, m0 * f0, w_ptr, 13, HP)
+        pre = _l1(pre, m1 * f1, w_ptr, 14, HP)
+        pre = _l1(pre, m2 * f2, w_ptr, 15, HP)
     step = _mlp_rest(pre, c_ptr, wh_ptr, bh_ptr, wo_ptr, R, C, HP, NHID, EXP_MULT, STEP_MULT, PREC)
     n = B * U * V
     po_ptr, mo_ptr, ro_ptr = po_ptr + t * n, mo_ptr + t * 3 * n, ro_ptr + t * n
@@ -373,11 +405,15 @@ def _over_tasks(launch, *arrays):
 class TritonKernels:
     """Launchers (`plan.Kernels` interface) through `jax_triton.triton_call`."""
 
-    def __init__(self, mlp_precision: str = "tf32", compute_capability: int | None = None):
+    def __init__(self, mlp_precision: str = "tf32", compute_capability: int | None = None,
+                 layer1: str = "fma"):
         if mlp_precision not in ("tf32", "ieee"):
             raise ValueError(f"mlp_precision must be 'tf32' or 'ieee', got {mlp_precision!r}")
+        if layer1 not in ("fma", "dot"):
+            raise ValueError(f"layer1 must be 'fma' or 'dot', got {layer1!r}")
         self.prec = mlp_precision
         self.compute_capability = compute_capability
+        self.layer1_dot = layer1 == "dot"
 
     def _call(self, *args, **kw):
         import jax_triton as jt
@@ -432,7 +468,7 @@ class TritonKernels:
                 out_shape=[lead(p), lead(mom), lead(rms)], grid=(tasks * b, nu, nv),
                 num_warps=blocks.num_warps, num_stages=blocks.num_stages, R=blocks.rows,
                 C=blocks.cols, HP=hp, NHID=nhid, EXP_MULT=mults[0], STEP_MULT=mults[1],
-                PREC=self.prec, name="adafac_apply")
+                PREC=self.prec, L1_DOT=self.layer1_dot, name="adafac_apply")
 
         return _over_tasks(launch, consts, p, g, mom, rms, fu, fv, tu, tv, w_ew, wh, bh,
                            mlp.w_out_t)
@@ -479,8 +515,8 @@ class TritonKernels:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
 def _fused(lopt, theta, state, grad, config):
-    mlp_precision, blocks, packed_blocks, compute_capability = config
-    kernels = plan.Kernels.of(TritonKernels(mlp_precision, compute_capability))
+    mlp_precision, blocks, packed_blocks, compute_capability, layer1 = config
+    kernels = plan.Kernels.of(TritonKernels(mlp_precision, compute_capability, layer1))
     return plan.fused_update(kernels, lopt, theta, state, grad, blocks=blocks,
                              packed_blocks=packed_blocks)
 
@@ -501,17 +537,18 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 def triton_update(lopt, theta, state, grad, *, mlp_precision: str = "tf32",
                   blocks: BlockSizes | None = None, packed_blocks: BlockSizes | None = None,
-                  compute_capability: int | None = None):
+                  compute_capability: int | None = None, layer1: str = "fma"):
     """Fused Triton `AdafacMLPLOpt` update (jax-triton): the signature of `reference_update`.
 
     Forward runs the Triton kernels, backward differentiates the reference
     (`jax.custom_vjp`). Needs an NVIDIA GPU, `jax-triton` and `triton` to run.
     `compute_capability` (e.g. 90 for an H100) compiles the kernels for that GPU when
     lowering without one (`.lower(lowering_platforms=("cuda",))`); by default jax-triton
-    asks the local GPU.
+    asks the local GPU. `layer1`: the factored tensors' first MLP layer as FMAs ("fma")
+    or as a `tl.dot` at `mlp_precision` ("dot"); see the module docstring.
 
     Example:
         new_params, acc = triton_update(lopt, theta, opt_state, grads)
     """
     return _fused(lopt, theta, state, grad,
-                  (mlp_precision, blocks, packed_blocks, compute_capability))
+                  (mlp_precision, blocks, packed_blocks, compute_capability, layer1))

@@ -1,0 +1,107 @@
+"""Registers, spills and shared memory of the Triton kernels compiled for sm_90, no GPU needed.
+
+    python profiling/triton_resources.py                       # default tile of a large matrix
+    python profiling/triton_resources.py --tiles 8x32 16x32 --warps 4 8 --hidden 32
+
+Compiles each kernel with `triton.compile` for an sm_90 target (as `tests/test_triton_step.py`
+does) and reads ptxas' resource report (`ptxas -v`, the ptxas that ships with triton) and
+the SASS instruction mix (`nvdisasm` of the cubin): how many registers a thread uses, how
+many bytes spill to local memory, and how many FFMA / HGMMA (wgmma) instructions the
+kernel has. A kernel that spills, or uses so many registers that few warps fit on an SM,
+is latency bound: the first things to read before timing a tile or warp change on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+from lopt_fast.kernels import adafac_triton as at
+from lopt_fast.pallas.blocks import block_sizes, padded_hidden
+
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+REGS_PER_SM = 65536
+MAX_WARPS_PER_SM = 64
+
+
+def compile_kernel(kernel, constexprs, dtypes, num_warps, num_stages=2):
+    """`kernel` compiled for sm_90: constexprs by name, pointer dtypes by name ("*fp32"
+    otherwise), every other parameter an i32 size."""
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = dtypes.get(name, "*fp32")
+        else:
+            sig[name] = "i32"
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def resources(compiled):
+    """ptxas' registers / spill bytes and the SASS opcode counts of a compiled kernel."""
+    with tempfile.TemporaryDirectory() as d:
+        ptx = os.path.join(d, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        rep = subprocess.run([os.path.join(_BIN, "ptxas"), "-arch=sm_90a", "-v", ptx, "-o",
+                              os.path.join(d, "k.cubin")], capture_output=True, text=True)
+        cubin = os.path.join(d, "c.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        sass = subprocess.run([os.path.join(_BIN, "nvdisasm"), cubin], capture_output=True,
+                              text=True).stdout
+    text = rep.stderr + rep.stdout
+    regs = int(re.search(r"Used (\d+) registers", text).group(1))
+    spill_st = int(re.search(r"(\d+) bytes spill stores", text).group(1))
+    spill_ld = int(re.search(r"(\d+) bytes spill loads", text).group(1))
+    ops = collections.Counter(m.group(1) for m in re.finditer(
+        r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9]+)", sass, re.M))
+    return regs, spill_st, spill_ld, ops
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=32)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--tiles", nargs="*", default=None,
+                    help="RxC tiles of the factored kernels (default: the chosen one)")
+    ap.add_argument("--warps", nargs="*", type=int, default=[4])
+    args = ap.parse_args(argv)
+
+    hp = padded_hidden(args.hidden)
+    default = block_sizes(4096, 4096, args.hidden)
+    tiles = args.tiles or [f"{default.rows}x{default.cols}"]
+    mlp = dict(HP=hp, NHID=args.layers - 1, EXP_MULT=0.001, STEP_MULT=0.001, PREC="tf32")
+    print(f"sm_90, triton {triton.__version__}, H={args.hidden} (padded {hp}), "
+          f"{args.layers} layers; default tile for a large matrix {default.rows}x{default.cols}")
+    print(f"{'kernel':26s} {'tile':7s} {'warps':>5s} {'regs':>5s} {'spill st/ld B':>14s} "
+          f"{'warps/SM':>8s} {'FFMA':>6s} {'HGMMA':>5s} {'MUFU':>5s} {'LDG':>4s} {'STG':>4s}")
+    for tile in tiles:
+        r, c = (int(x) for x in tile.split("x"))
+        for warps in args.warps:
+            cases = [("apply, layer 1 fma", at._factored_apply_kernel,
+                      dict(R=r, C=c, L1_DOT=False, **mlp)),
+                     ("apply, layer 1 dot", at._factored_apply_kernel,
+                      dict(R=r, C=c, L1_DOT=True, **mlp)),
+                     ("moments", at._factored_moments_kernel, dict(R=r, C=c))]
+            for label, kernel, constexprs in cases:
+                regs, st, ld, ops = resources(compile_kernel(kernel, constexprs, {}, warps))
+                # Registers are allocated per warp; occupancy also caps at 64 warps per SM.
+                per_sm = min(MAX_WARPS_PER_SM, REGS_PER_SM // (regs * 32) // warps * warps)
+                print(f"{label:26s} {tile:7s} {warps:5d} {regs:5d} "
+                      f"{f'{st}/{ld}':>14s} {per_sm:8d} {ops['FFMA']:6d} "
+                      f"{ops['HGMMA']:5d} {ops['MUFU']:5d} {ops['LDG']:4d} {ops['STG']:4d}")
+
+
+if __name__ == "__main__":
+    main()
