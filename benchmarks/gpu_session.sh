@@ -3,9 +3,9 @@
 #
 #   bash benchmarks/gpu_session.sh [SECTION ...]     # default: all sections, in order
 #
-# Sections: env, tests, compare, step, profile, meta. Each writes $OUT/<section>.log (OUT defaults
-# to ./out) and runs under its own time limit, so one failure or hang does not cost the
-# rest. jax-triton is not in the device image: carry its wheel in .whl/ (docs/KERNELS.md).
+# Sections: env, tests, compare, step, sweep, profile, meta. Each writes
+# $OUT/<section>.log (OUT defaults to ./out) and runs under its own time limit, so one
+# failure or hang does not cost the rest; the default list leaves out the slow sweep. jax-triton is not in the device image: carry its wheel in .whl/ (docs/KERNELS.md).
 set -u
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -45,6 +45,9 @@ jax_triton.__version__); print(jax.devices())" ;;
       # shellcheck disable=SC2086
       run "${STEP_LIMIT:-240}" step python3 benchmarks/step.py --json "$OUT/step.json" \
         ${STEP_ARGS:-} ;;
+    sweep)
+      # shellcheck disable=SC2086
+      run "${SWEEP_LIMIT:-240}" sweep python3 benchmarks/tile_sweep.py ${SWEEP_ARGS:-} ;;
     profile)
       for b in ${PROFILE_BACKENDS:-pallas triton}; do
         run 90 profile python3 profiling/trace_step.py --backend "$b" --params 1e7 \
@@ -55,6 +58,6 @@ jax_triton.__version__); print(jax.devices())" ;;
         run 150 meta python3 -m lopt_fast.cli bench --task cifar10_conv --synthetic-data \
           --num-tasks 32 --trunc-length 10 --steps 50 --backend "$b"
       done ;;
-    *) echo "unknown section $s (env tests compare step profile meta)" ;;
+    *) echo "unknown section $s (env tests compare step sweep profile meta)" ;;
   esac
 done

@@ -1,0 +1,84 @@
+"""Time the fused step over factored-tile shapes and warps per program (GPU).
+
+    python benchmarks/tile_sweep.py                                  # triton, 1e7 and 1e8
+    python benchmarks/tile_sweep.py --backend pallas --tiles 1x128 1x256 --warps 4 8
+
+Each configuration overrides the tile of every factored tensor (`blocks=BlockSizes(rows,
+cols, num_warps)`) of a square matrix plus its bias, and for triton how the apply kernel
+runs the first MLP layer (`layer1`: FMAs or a tensor-core dot); "default" is the
+library's choice (`blocks.block_sizes`, FMAs). All configurations of a size are timed
+in alternation (one call of each per round: `timing.interleaved_median_and_iqr`),
+compile and warm-up excluded, so their ratios hold on a noisy machine.
+`profiling/triton_resources.py` gives each tile's registers and spills without a GPU;
+this gives the times.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+from timing import interleaved_median_and_iqr  # benchmarks/timing.py (these run as scripts)
+
+from lopt_fast.learned import AdafacMLPLOpt
+from lopt_fast.pallas.blocks import BlockSizes
+
+
+def _update_fn(backend):
+    if backend == "triton":
+        from lopt_fast.kernels import triton_update
+
+        return triton_update
+    from lopt_fast.pallas import pallas_update
+
+    return pallas_update
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--backend", choices=("triton", "pallas"), default="triton")
+    ap.add_argument("--sizes", nargs="*", type=float, default=[1e7, 1e8])
+    ap.add_argument("--tiles", nargs="*", default=["1x128", "1x256", "1x512"])
+    ap.add_argument("--warps", nargs="*", type=int, default=[4, 8])
+    ap.add_argument("--layer1", nargs="*", choices=("fma", "dot"), default=["fma", "dot"],
+                    help="triton only: first layer as FMAs or as a tl.dot")
+    ap.add_argument("--hidden-size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=10)
+    args = ap.parse_args(argv)
+
+    lopt = AdafacMLPLOpt(hidden_size=args.hidden_size)
+    theta = lopt.init(jax.random.key(0))
+    update = _update_fn(args.backend)
+    layer1s = args.layer1 if args.backend == "triton" else [None]
+    configs = {"default": {}}
+    for tile in args.tiles:
+        rows, cols = (int(x) for x in tile.split("x"))
+        for warps in args.warps:
+            for layer1 in layer1s:
+                name = f"{tile} w{warps}" + (f" {layer1}" if layer1 else "")
+                configs[name] = {"blocks": BlockSizes(rows, cols, num_warps=warps),
+                                 **({"layer1": layer1} if layer1 else {})}
+
+    print(f"{args.backend} on {jax.devices()[0].device_kind}, jax {jax.__version__}, "
+          f"H={args.hidden_size}")
+    print("| params | tile | ms | iqr ms | x default |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for n in args.sizes:
+        side = int(round(n ** 0.5))
+        params = {"w": 0.1 * jax.random.normal(jax.random.key(1), (side, side)),
+                  "b": 0.1 * jax.random.normal(jax.random.key(2), (side,))}
+        grad = jax.tree.map(lambda x: jax.numpy.cos(7.0 * x), params)
+        state = lopt.opt_fn(theta, backend="reference").init(params, num_steps=1000)
+        calls = {}
+        for name, options in configs.items():
+            fn = jax.jit(lambda s, g, options=options: update(lopt, theta, s, g, **options))
+            calls[name] = (fn, (state, grad))
+        times = interleaved_median_and_iqr(calls, args.repeats)
+        base = times["default"][0]
+        for name, (t, iqr) in sorted(times.items(), key=lambda kv: kv[1][0]):
+            print(f"| {side * side + side:,} | {name} | {t * 1e3:.3f} | {iqr * 1e3:.3f} | "
+                  f"{t / base:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
