@@ -6,7 +6,7 @@
 Each configuration overrides the tile of every factored tensor (`blocks=BlockSizes(rows,
 cols, num_warps)`) of a square matrix plus its bias, and for triton how the apply kernel
 runs the first MLP layer (`layer1`: FMAs or a tensor-core dot); "default" is the
-library's choice (`blocks.block_sizes`, FMAs). All configurations of a size are timed
+library's choice (`blocks.block_sizes`; for triton layer 1 as a dot). All configurations of a size are timed
 in alternation (one call of each per round: `timing.interleaved_median_and_iqr`),
 compile and warm-up excluded, so their ratios hold on a noisy machine.
 `profiling/triton_resources.py` gives each tile's registers and spills without a GPU;

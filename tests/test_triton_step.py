@@ -94,9 +94,9 @@ def test_kernels_compile_for_sm90(hidden_layers):
 @pytest.mark.skipif(not (ON_CUDA and HAVE_TRITON and HAVE_JAX_TRITON),
                     reason="needs an NVIDIA GPU with jax[cuda], jax-triton and triton")
 @pytest.mark.parametrize("mlp_precision, tol, blocks, packed_blocks, layer1", [
-    ("ieee", KERNEL_TOLERANCE, SMALL_TILES, SMALL_PACKED, "fma"),  # many ragged tiles per tensor
-    ("tf32", TF32_TOLERANCE, None, None, "fma"),  # the defaults users run
-    ("tf32", TF32_TOLERANCE, None, None, "dot"),  # layer 1 on tensor cores too
+    ("ieee", KERNEL_TOLERANCE, SMALL_TILES, SMALL_PACKED, "dot"),  # many ragged tiles per tensor
+    ("tf32", TF32_TOLERANCE, None, None, "dot"),  # the defaults users run
+    ("tf32", TF32_TOLERANCE, None, None, "fma"),  # layer 1 as FMAs
 ])
 def test_triton_matches_reference_every_shape_class_and_bf16(mlp_precision, tol, blocks,
                                                              packed_blocks, layer1):
@@ -114,13 +114,13 @@ def test_triton_matches_reference_every_shape_class_and_bf16(mlp_precision, tol,
 @pytest.mark.skipif(not (HAVE_TRITON and HAVE_TORCH),
                     reason="Triton's interpreter needs triton and torch (CPU builds are enough)")
 @pytest.mark.parametrize("case", [["--precision", "ieee", "--small-tiles"],
-                                  ["--precision", "ieee", "--small-tiles", "--layer1", "dot"],
+                                  ["--precision", "ieee", "--small-tiles", "--layer1", "fma"],
                                   ["--precision", "tf32"], ["--vmapped"]],
-                         ids=["ieee-small-tiles", "layer1-dot", "tf32-default-tiles",
+                         ids=["ieee-small-tiles", "layer1-fma", "tf32-default-tiles",
                               "vmapped-tasks"])
 def test_triton_kernels_interpreted_match_reference(case):
     """Small ragged tiles with float32 dots; the default tiles and code path (TF32 dots on
-    a GPU, float32 in the interpreter); layer 1 as a dot; 3 vmapped tasks with their own
+    a GPU, float32 in the interpreter); layer 1 as FMAs; 3 vmapped tasks with their own
     theta, and meta-gradients through the custom_vjp under vmap. The public
     `triton_update` with interpreted launches, in a fresh process because Triton must
     start interpreted. About 20, 20, 70 and 70 s on 2 cores."""

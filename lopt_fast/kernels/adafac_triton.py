@@ -6,16 +6,16 @@ against raw pointers: every operand is a contiguous canonical array
 (p, g [B, U, V]; mom [3, B, U, V]; rms [1, B, U, V]; fu [3, B, U]; fv [3, B, V];
 packed tensors [rows, 128]); offsets are int64.
 
-MLP: layer 1 (16 or 22 inputs) as FMAs on the vector units, or for factored tensors
-(`layer1="dot"`) as a [tile, 16] x [16, Hp] `tl.dot`; the H x H layers with `tl.dot` on
-tensor cores, TF32 operands and float32 accumulation (`input_precision="tf32"`, the
-default) or "ieee". Compiled for sm_90 (`profiling/triton_resources.py`, H = 32, a
-256-element tile at 4 warps), the FMA form of the apply kernel needs 255 registers and
-spills, 1,152 FFMA per thread; the dot form 230 registers, no spills, 128 FFMA (131
-registers at 128 elements or 8 warps). Which is faster is for a GPU to say
-(`benchmarks/tile_sweep.py`); "fma" stays the default until then. Tolerances against
-the float32 reference: docs/KERNELS.md (on an H100 with TF32 dots, params up to 3.1e-5
-off after 3 steps).
+MLP: layer 1 of factored tensors as a [tile, 16] x [16, Hp] `tl.dot` (`layer1="dot"`,
+the default) or as FMAs on the vector units ("fma"; the packed tensors' 22 inputs always
+are); the H x H layers with `tl.dot`; tensor cores with TF32 operands and float32
+accumulation (`input_precision="tf32"`, the default) or "ieee". Compiled for sm_90
+(`profiling/triton_resources.py`, H = 32, a 256-element tile at 4 warps) the FMA form of
+the apply kernel needs 255 registers and spills, the dot form 228 and does not; on an
+H100 the dot form made the whole step 1.2x / 1.3x faster at 1e7 / 1e8 parameters
+(`benchmarks/tile_sweep.py`, benchmarks/RESULTS.md). Tolerances against the float32
+reference: docs/KERNELS.md (on an H100 with TF32 dots, params up to 3.1e-5 off after 3
+steps).
 
 Only on NVIDIA GPUs with the `gpu` extra (jax-triton needs a CUDA jaxlib). jax-triton has
 no vmap rule of its own; `_over_tasks` gives each launch one: `jax.vmap` over tasks (each
@@ -406,7 +406,7 @@ class TritonKernels:
     """Launchers (`plan.Kernels` interface) through `jax_triton.triton_call`."""
 
     def __init__(self, mlp_precision: str = "tf32", compute_capability: int | None = None,
-                 layer1: str = "fma"):
+                 layer1: str = "dot"):
         if mlp_precision not in ("tf32", "ieee"):
             raise ValueError(f"mlp_precision must be 'tf32' or 'ieee', got {mlp_precision!r}")
         if layer1 not in ("fma", "dot"):
@@ -537,15 +537,15 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 def triton_update(lopt, theta, state, grad, *, mlp_precision: str = "tf32",
                   blocks: BlockSizes | None = None, packed_blocks: BlockSizes | None = None,
-                  compute_capability: int | None = None, layer1: str = "fma"):
+                  compute_capability: int | None = None, layer1: str = "dot"):
     """Fused Triton `AdafacMLPLOpt` update (jax-triton): the signature of `reference_update`.
 
     Forward runs the Triton kernels, backward differentiates the reference
     (`jax.custom_vjp`). Needs an NVIDIA GPU, `jax-triton` and `triton` to run.
     `compute_capability` (e.g. 90 for an H100) compiles the kernels for that GPU when
     lowering without one (`.lower(lowering_platforms=("cuda",))`); by default jax-triton
-    asks the local GPU. `layer1`: the factored tensors' first MLP layer as FMAs ("fma")
-    or as a `tl.dot` at `mlp_precision` ("dot"); see the module docstring.
+    asks the local GPU. `layer1`: the factored tensors' first MLP layer as a `tl.dot` at
+    `mlp_precision` ("dot", faster on an H100) or as FMAs ("fma"); see the module docstring.
 
     Example:
         new_params, acc = triton_update(lopt, theta, opt_state, grads)
