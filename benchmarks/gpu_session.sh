@@ -42,12 +42,15 @@ jax_triton.__version__); print(jax.devices())" ;;
     compare)
       run 120 compare python3 profiling/compare_pallas_kernels.py ;;
     step)
+      # The default sizes fit the limit (all of step.py's GPU defaults at 20 repeats took
+      # over 200 s on an H100; 1e7 + 1e8 + 64 tasks at 10 repeats took 95 s).
       # shellcheck disable=SC2086
       run "${STEP_LIMIT:-240}" step python3 benchmarks/step.py --json "$OUT/step.json" \
-        ${STEP_ARGS:-} ;;
+        ${STEP_ARGS:---sizes 1e6 1e7 1e8 --tasks 8 64 --repeats 10} ;;
     sweep)
       # shellcheck disable=SC2086
-      run "${SWEEP_LIMIT:-240}" sweep python3 benchmarks/tile_sweep.py ${SWEEP_ARGS:-} ;;
+      run "${SWEEP_LIMIT:-240}" sweep python3 benchmarks/tile_sweep.py \
+        ${SWEEP_ARGS:---tiles 1x256 2x128 4x64 --warps 4 --layer1 dot} ;;
     profile)
       for b in ${PROFILE_BACKENDS:-pallas triton}; do
         run 90 profile python3 profiling/trace_step.py --backend "$b" --params 1e7 \
