@@ -70,8 +70,19 @@ def _unavailable_reason(name: str) -> str | None:
         if missing:
             return (f"module(s) {', '.join(missing)} not installed: "
                     f"pip install 'lopt-fast[gpu]' (jax-triton, triton)")
-        return None
+        return _import_error("jax_triton")
     raise ValueError(f"unknown backend {name!r}")
+
+
+def _import_error(module: str) -> str | None:
+    """None if `module` imports, else why not: an installed jax-triton built against
+    another jax can fail at import (it reaches into jax internals), and `auto` should then
+    fall back to the Pallas kernels instead of failing."""
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 -- any failure means the backend cannot run
+        return f"{module} is installed but does not import with jax {jax.__version__}: {e!r}"
+    return None
 
 
 def _make(name: str) -> Backend:

@@ -25,12 +25,21 @@ def test_auto_is_reference_on_cpu():
 
 def test_auto_on_nvidia_gpu_prefers_triton_then_pallas(monkeypatch):
     """The GPU choice, decided on this machine by pretending the platform is CUDA."""
+    assert backends._import_error("json") is None
+    assert "does not import" in backends._import_error("lopt_fast.no_such_module")
     monkeypatch.setattr(backends, "_platform", lambda: "cuda")
     real_find_spec = backends.importlib.util.find_spec
     monkeypatch.setattr(backends.importlib.util, "find_spec",
                         lambda name: object() if name in ("triton", "jax_triton")
                         else real_find_spec(name))
+    monkeypatch.setattr(backends, "_import_error", lambda module: None)
     assert backends.auto_backend_name() == "triton"
+    # Installed but broken (e.g. built against another jax): auto falls back, an explicit
+    # choice says why.
+    monkeypatch.setattr(backends, "_import_error", lambda module: f"{module}: ImportError")
+    assert backends.auto_backend_name() == "pallas"
+    with pytest.raises(BackendUnavailableError, match="jax_triton: ImportError"):
+        resolve_backend("triton")
     monkeypatch.setattr(backends.importlib.util, "find_spec",
                         lambda name: None if name == "jax_triton" else real_find_spec(name))
     assert backends.auto_backend_name() == "pallas"
