@@ -169,8 +169,10 @@ def _factors(fu_ptr, fv_ptr, B, U, V, b, u, v, k: tl.constexpr):
 
 
 @triton.jit
-def _factored_moments_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, B, U, V,
-                             s_ptr, R: tl.constexpr, C: tl.constexpr):
+def _factored_tile(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, B, U, V,
+                   R: tl.constexpr, C: tl.constexpr):
+    """This program's tile of a factored tensor: where it is, its task's consts pointer,
+    the new accumulators, r = rsqrt(rms + 1e-6) and the three Adafactor factors."""
     t, b, u, v, mask, off = _tile(B, U, V, R, C)
     c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr = _task_inputs(
         t, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, B, U, V)
@@ -180,6 +182,14 @@ def _factored_moments_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_p
     f0 = _factors(fu_ptr, fv_ptr, B, U, V, b, u, v, 0)
     f1 = _factors(fu_ptr, fv_ptr, B, U, V, b, u, v, 1)
     f2 = _factors(fu_ptr, fv_ptr, B, U, V, b, u, v, 2)
+    return t, b, u, v, mask, off, c_ptr, g, p, m0, m1, m2, rms, r, f0, f1, f2
+
+
+@triton.jit
+def _factored_moments_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, B, U, V,
+                             s_ptr, R: tl.constexpr, C: tl.constexpr):
+    t, b, u, v, mask, off, c_ptr, g, p, m0, m1, m2, rms, r, f0, f1, f2 = _factored_tile(
+        c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, B, U, V, R, C)
     s = _shared_lanes(g, p, m0, m1, m2, rms, r, mask)
     s = _lane(s, 10, g * f0, mask)
     s = _lane(s, 11, g * f1, mask)
@@ -219,19 +229,12 @@ def _factored_apply_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr
                            R: tl.constexpr, C: tl.constexpr, HP: tl.constexpr,
                            NHID: tl.constexpr, EXP_MULT: tl.constexpr, STEP_MULT: tl.constexpr,
                            PREC: tl.constexpr, L1_DOT: tl.constexpr):
-    t, b, u, v, mask, off = _tile(B, U, V, R, C)
-    c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr = _task_inputs(
-        t, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, B, U, V)
+    t, b, u, v, mask, off, c_ptr, g, p, m0, m1, m2, rms, r, f0, f1, f2 = _factored_tile(
+        c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, B, U, V, R, C)
     w_ptr = w_ptr + t * NUM_EW_FACTORED * HP
     wh_ptr, bh_ptr, wo_ptr = _task_mlp(t, wh_ptr, bh_ptr, wo_ptr, HP, NHID)
     tu_ptr = tu_ptr + t * B * U * HP
     tv_ptr = tv_ptr + t * B * V * HP
-    g, p, m0, m1, m2, rms = _factored_planes(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, B, U, V, off,
-                                             mask)
-    r = tl.rsqrt(rms + 1e-6)
-    f0 = _factors(fu_ptr, fv_ptr, B, U, V, b, u, v, 0)
-    f1 = _factors(fu_ptr, fv_ptr, B, U, V, b, u, v, 1)
-    f2 = _factors(fu_ptr, fv_ptr, B, U, V, b, u, v, 2)
     h = tl.arange(0, HP)
     tu = tl.load(tu_ptr + (b * U + u[:, None]) * HP + h[None, :], mask=(u < U)[:, None], other=0.0)
     tv = tl.load(tv_ptr + (b * V + v[:, None]) * HP + h[None, :], mask=(v < V)[:, None], other=0.0)
