@@ -47,6 +47,26 @@ def _is_kernel_event(e, pids):
     return "hlo_op" in args or "long_name" in args or name.startswith(("adafac", "fusion"))
 
 
+# On a GPU a jax-triton launch shows up under its kernel function's name, not the `name=`
+# it was launched with (a pallas_call shows up under its name).
+TRITON_KERNELS = {
+    "_row_col_sums_kernel": "adafac_row_col_sums",
+    "_factored_moments_kernel": "adafac_moments",
+    "_factored_apply_kernel": "adafac_apply",
+    "_packed_moments_kernel": "adafac_packed_moments",
+    "_packed_apply_kernel": "adafac_packed_apply",
+}
+
+
+def scope_of(name: str, scopes: dict[str, str]) -> str:
+    """The named scope or launch an event belongs to."""
+    if name in scopes:
+        return scopes[name]
+    if name.startswith("adafac"):
+        return name
+    return TRITON_KERNELS.get(name, "(other)")
+
+
 def scope_of_ops(compiled_text: str) -> dict[str, str]:
     """HLO instruction name -> its `adafac*` named scope (from op_name metadata)."""
     out = {}
@@ -98,7 +118,7 @@ def main(argv=None):
             counts[e["name"]] += 1
     by_scope = collections.defaultdict(float)
     for name, us in totals.items():
-        by_scope[scopes.get(name, name if name.startswith("adafac") else "(other)")] += us
+        by_scope[scope_of(name, scopes)] += us
     print(f"trace: {path}")
     print(f"backend {opt.backend.name}, {side * side + side:,} params, "
           f"{args.steps} steps on {jax.devices()[0].device_kind}")
