@@ -69,7 +69,7 @@ def model_shapes(n: int):
     return {"w": (side, side), "b": (side,)}
 
 
-def _tree(shapes, key, lead=()):
+def random_tree(shapes, key, lead=()):
     leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
     keys = jax.random.split(key, len(leaves))
     return jax.tree.unflatten(treedef, [0.1 * jax.random.normal(k, lead + s)
@@ -80,14 +80,14 @@ def lopt_step(lopt, backend, shapes, tasks):
     theta = lopt.init(jax.random.key(0))
     opt = lopt.opt_fn(theta, backend=backend)
     if tasks is None:
-        params = _tree(shapes, jax.random.key(1))
+        params = random_tree(shapes, jax.random.key(1))
         state = opt.init(params, num_steps=1000)
-        grad = _tree(shapes, jax.random.key(2))
+        grad = random_tree(shapes, jax.random.key(2))
         return jax.jit(opt.update), (state, grad)
     thetas = jax.tree.map(lambda x: jnp.stack([x + 0.01 * i for i in range(tasks)]), theta)
-    params = _tree(shapes, jax.random.key(1), (tasks,))
+    params = random_tree(shapes, jax.random.key(1), (tasks,))
     state = jax.vmap(lambda p: opt.init(p, num_steps=1000))(params)
-    grad = _tree(shapes, jax.random.key(2), (tasks,))
+    grad = random_tree(shapes, jax.random.key(2), (tasks,))
 
     def update(th, s, g):  # per-task theta, as PES perturbs it
         return lopt.opt_fn(th, backend=backend).update(s, g)
@@ -99,8 +99,8 @@ def lopt_step(lopt, backend, shapes, tasks):
 def adam_step(shapes, tasks):
     tx = optax.adam(1e-3)
     lead = () if tasks is None else (tasks,)
-    params = _tree(shapes, jax.random.key(1), lead)
-    grad = _tree(shapes, jax.random.key(2), lead)
+    params = random_tree(shapes, jax.random.key(1), lead)
+    grad = random_tree(shapes, jax.random.key(2), lead)
     init = tx.init if tasks is None else jax.vmap(tx.init)
 
     def step(p, s, g):

@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 
 import jax
-from timing import interleaved_median_and_iqr  # benchmarks/timing.py (these run as scripts)
+import numpy as np
+from step import model_shapes, random_tree  # benchmarks/step.py (these run as scripts)
+from timing import interleaved_median_and_iqr  # benchmarks/timing.py
 
 from lopt_fast.learned import AdafacMLPLOpt
 from lopt_fast.pallas.blocks import BlockSizes
@@ -64,10 +66,10 @@ def main(argv=None):
     print("| params | tile | ms | iqr ms | x default |")
     print("| --- | --- | ---: | ---: | ---: |")
     for n in args.sizes:
-        side = int(round(n ** 0.5))
-        params = {"w": 0.1 * jax.random.normal(jax.random.key(1), (side, side)),
-                  "b": 0.1 * jax.random.normal(jax.random.key(2), (side,))}
-        grad = jax.tree.map(lambda x: jax.numpy.cos(7.0 * x), params)
+        shapes = model_shapes(int(n))  # the same square matrix plus bias as step.py
+        nparams = sum(int(np.prod(s)) for s in shapes.values())
+        params = random_tree(shapes, jax.random.key(1))
+        grad = random_tree(shapes, jax.random.key(2))
         state = lopt.opt_fn(theta, backend="reference").init(params, num_steps=1000)
         calls = {}
         for name, options in configs.items():
@@ -76,7 +78,7 @@ def main(argv=None):
         times = interleaved_median_and_iqr(calls, args.repeats)
         base = times["default"][0]
         for name, (t, iqr) in sorted(times.items(), key=lambda kv: kv[1][0]):
-            print(f"| {side * side + side:,} | {name} | {t * 1e3:.3f} | {iqr * 1e3:.3f} | "
+            print(f"| {nparams:,} | {name} | {t * 1e3:.3f} | {iqr * 1e3:.3f} | "
                   f"{t / base:.2f} |")
 
 

@@ -18,7 +18,6 @@ def random_theta(lopt, key):
     return theta
 
 
-
 def precise_reference(lopt, vmapped: bool = False):
     """`reference_update` (vmapped over tasks if asked), jitted and run on the CPU with
     float32 dots: the truth kernels are held to. On a GPU the reference itself would
