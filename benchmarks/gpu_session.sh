@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine should run, in one call (the machine keeps nothing):
 #
-#   bash benchmarks/gpu_session.sh [SECTION ...]     # default: all sections, in order
+#   bash benchmarks/gpu_session.sh [SECTION ...]   # default: env tests step profile meta
 #
 # Sections: env, tests, compare, step, sweep, profile, meta. Each writes
 # $OUT/<section>.log (OUT defaults to ./out) and runs under its own time limit, so one
-# failure or hang does not cost the rest; the default list leaves out the slow sweep. jax-triton is not in the device image: carry its wheel in .whl/ (docs/KERNELS.md).
+# failure or hang does not cost the rest; the default list leaves out the diagnostic
+# compare and the slow sweep. jax-triton is not in the device image: carry its wheel in
+# .whl/ (docs/KERNELS.md).
 set -u
 OUT=${OUT:-out}
 mkdir -p "$OUT"
