@@ -49,7 +49,8 @@ def lowered_launches(mlp_precision: str, tasks: int | None = None, layer1: str =
 if __name__ == "__main__":
     expected = 3 * NUM_FACTORED + 2
     for precision, tasks, layer1 in (("tf32", None, "dot"), ("ieee", None, "dot"),
-                                     ("tf32", 3, "dot"), ("tf32", None, "fma")):
+                                     ("tf32", 3, "dot"), ("tf32", None, "fma"),
+                                     ("tf32", 3, "dot_all"), ("bf16", None, "dot")):
         launches = lowered_launches(precision, tasks, layer1)
         case = f"{precision}, {tasks or 1} task(s), layer 1 as {layer1}"
         print(f"{case}: {launches} Triton launches lowered for sm_{H100} (expected {expected})")

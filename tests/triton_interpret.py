@@ -97,6 +97,29 @@ def _round_bf16_stores_to_nearest_even():
     InterpreterBuilder.create_fp_trunc = create_fp_trunc
 
 
+def _bf16_dots_from_bf16_values():
+    """Make the interpreter's `tl.dot` of bfloat16 operands multiply their values.
+
+    Triton 3.6's interpreter keeps bfloat16 tensors as their uint16 bit patterns, and its
+    `create_dot` multiplies those integers. The values widened to float32 (exact), with
+    a float32 product and accumulator, are what a GPU's bf16 MMA computes.
+    """
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+
+    dot = InterpreterBuilder.create_dot
+
+    def widen(x):
+        if x.dtype.scalar != tl.bfloat16:
+            return x
+        return TensorHandle((x.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    InterpreterBuilder.create_dot = create_dot
+
+
 def interpreted_triton_update(*args, **kwargs):
     """`triton_update` with interpreted launches (needs TRITON_INTERPRET=1)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
@@ -113,7 +136,7 @@ def check_against_reference(mlp_precision: str, small_tiles: bool, seed: int,
     from lopt_fast.learned import AdafacMLPLOpt
     from tests.helpers import precise_reference
     from tests.test_pallas_step import SMALL_PACKED, SMALL_TILES, TOLERANCE, run_trajectories
-    from tests.test_triton_step import every_shape_class
+    from tests.test_triton_step import BF16_DOTS_TOLERANCE, every_shape_class
 
     lopt = AdafacMLPLOpt(hidden_size=32, exp_mult=0.3, step_mult=0.01)
     # Small tiles on large shapes mean thousands of interpreted programs: small shapes there.
@@ -123,8 +146,10 @@ def check_against_reference(mlp_precision: str, small_tiles: bool, seed: int,
         lopt, t, s, g, mlp_precision=mlp_precision, blocks=blocks, packed_blocks=packed_blocks,
         layer1=layer1))
     ref = precise_reference(lopt)
-    # The interpreter's dots are float32 whatever the precision: the float32 tolerances.
-    run_trajectories(lopt, theta, params, shapes, rng, kernel, ref, tol=TOLERANCE)
+    # The interpreter ignores `input_precision` (float32 dots, so "tf32" gets the float32
+    # tolerances); bf16 operands are rounded in the kernel, so they get their own.
+    tol = BF16_DOTS_TOLERANCE if mlp_precision == "bf16" else TOLERANCE
+    run_trajectories(lopt, theta, params, shapes, rng, kernel, ref, tol=tol)
 
 
 def check_vmapped_against_reference(seed: int, tasks: int = 3):
@@ -183,14 +208,15 @@ def check_vmapped_against_reference(seed: int, tasks: int = 3):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--precision", choices=("tf32", "ieee"), default="tf32")
+    ap.add_argument("--precision", choices=("tf32", "ieee", "bf16"), default="tf32")
     ap.add_argument("--small-tiles", action="store_true")
-    ap.add_argument("--layer1", choices=("fma", "dot"), default="dot")
+    ap.add_argument("--layer1", choices=("fma", "dot", "dot_all"), default="dot")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vmapped", action="store_true",
                     help="3 tasks with their own theta under jax.vmap (ieee, small tiles)")
     args = ap.parse_args()
     _round_bf16_stores_to_nearest_even()
+    _bf16_dots_from_bf16_values()
     if args.vmapped:
         check_vmapped_against_reference(args.seed)
     else:

@@ -6,16 +6,24 @@ against raw pointers: every operand is a contiguous canonical array
 (p, g [B, U, V]; mom [3, B, U, V]; rms [1, B, U, V]; fu [3, B, U]; fv [3, B, V];
 packed tensors [rows, 128]); offsets are int64.
 
-MLP: layer 1 of factored tensors as a [tile, 16] x [16, Hp] `tl.dot` (`layer1="dot"`,
-the default) or as FMAs on the vector units ("fma"; the packed tensors' 22 inputs always
-are); the H x H layers with `tl.dot`; tensor cores with TF32 operands and float32
-accumulation (`input_precision="tf32"`, the default) or "ieee". Compiled for sm_90
-(`profiling/triton_resources.py`, H = 32, a 256-element tile at 4 warps) the FMA form of
-the apply kernel needs 255 registers and spills, the dot form 228 and does not; on an
-H100 the dot form made the whole step 1.2x / 1.3x faster at 1e7 / 1e8 parameters
-(`benchmarks/tile_sweep.py`, benchmarks/RESULTS.md). Tolerances against the float32
-reference: docs/KERNELS.md (on an H100 with TF32 dots, params up to 3.1e-5 off after 3
-steps).
+MLP, layer 1 of factored tensors (`layer1`; the packed tensors' 22 inputs always go
+through FMAs):
+  * "dot" (the default): the 16 per-element features as a [tile, 16] x [16, Hp] `tl.dot`,
+    plus the per-row / per-column tables tu [U, Hp] and tv [V, Hp] (their 12 features'
+    layer-1 products, b0 in tu), loaded per tile;
+  * "dot_all": a second [tile, 16] x [16, Hp] dot of the 12 row / column features
+    themselves (and a 1 for b0), from tu [U, 8] / tv [V, 8]: 8 floats per column
+    instead of Hp;
+  * "fma": 16 outer-product FMAs on the vector units, plus the tables.
+The H x H layers always use `tl.dot`. Tensor cores accumulate in float32; the operands
+(`mlp_precision`) are TF32 ("tf32", the default), float32 ("ieee") or bf16 ("bf16").
+Compiled for sm_90 (`profiling/triton_resources.py`, H = 32, a 256-element tile at 4
+warps) the apply kernel needs 255 registers and spills with "fma", 228 with "dot", 174
+with "dot_all" (also 84 global-load instructions against 135); on an H100 "dot" made the
+whole step 1.2x / 1.3x faster than "fma" at 1e7 / 1e8 parameters
+(`benchmarks/tile_sweep.py`, benchmarks/RESULTS.md); "dot_all" and bf16 operands are not
+yet timed on a GPU. Tolerances against the float32 reference: docs/KERNELS.md (TF32 on
+an H100: params up to 3.1e-5 off after 3 steps; bf16 in Triton's interpreter: 1.2e-4).
 
 Only on NVIDIA GPUs with the `gpu` extra (jax-triton needs a CUDA jaxlib). jax-triton has
 no vmap rule of its own; `_over_tasks` gives each launch one: `jax.vmap` over tasks (each
@@ -37,7 +45,8 @@ from lopt_fast.pallas.blocks import BlockSizes
 
 NUM_SUMS = tl.constexpr(plan.NUM_SUMS)
 NUM_CONSTS = tl.constexpr(plan.NUM_CONSTS)
-NUM_EW_FACTORED = tl.constexpr(plan.NUM_EW_FACTORED)
+LAYER1_FORMS = ("fma", "dot", "dot_all")  # see the module docstring
+MLP_PRECISIONS = ("tf32", "ieee", "bf16")  # the dots' operands
 
 
 # ----------------------------------------------------------------------------- kernel bodies
@@ -93,6 +102,16 @@ def _shared_lanes(g, p, m0, m1, m2, rms, r, mask):
 
 
 @triton.jit
+def _dot(a, b, acc, PREC: tl.constexpr):
+    """a @ b (+ acc) on tensor cores, float32 accumulation; PREC "bf16" rounds both operands
+    to bfloat16, "tf32" / "ieee" is the float32 operands' `input_precision`."""
+    if PREC == "bf16":
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    else:
+        return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
 def _mlp_rest(pre, c_ptr, wh_ptr, bh_ptr, wo_ptr, R: tl.constexpr, C: tl.constexpr,
               HP: tl.constexpr, NHID: tl.constexpr, EXP_MULT: tl.constexpr,
               STEP_MULT: tl.constexpr, PREC: tl.constexpr):
@@ -100,7 +119,7 @@ def _mlp_rest(pre, c_ptr, wh_ptr, bh_ptr, wo_ptr, R: tl.constexpr, C: tl.constex
     k = tl.arange(0, HP)
     for layer in tl.static_range(NHID):
         w = tl.load(wh_ptr + layer * HP * HP + k[:, None] * HP + k[None, :])
-        h = tl.dot(h, w, input_precision=PREC)
+        h = _dot(h, w, None, PREC)
         h = tl.maximum(h + tl.load(bh_ptr + layer * HP + k)[None, :], 0.0)
     d = tl.sum(h * tl.load(wo_ptr + k)[None, :], axis=1) + tl.load(c_ptr + 7)
     mag = tl.sum(h * tl.load(wo_ptr + HP + k)[None, :], axis=1) + tl.load(c_ptr + 8)
@@ -224,27 +243,43 @@ def _bitrev4(k):
 
 
 @triton.jit
+def _uv_row(k):
+    """w's row for column k of `_row_col_features16`: U side rows 16-23, V side 24-31."""
+    return 16 + (k & 1) * 8 + (k >> 1)
+
+
+@triton.jit
+def _row_col_features16(fu, fv, R: tl.constexpr, C: tl.constexpr):
+    """[R C, 16] from the per-row fu [R, 8] and per-column fv [C, 8] features:
+    column 2i holds fu[:, i], column 2i + 1 holds fv[:, i]."""
+    xu = tl.reshape(tl.broadcast_to(fu[:, None, :], (R, C, 8)), (R * C, 8))
+    xv = tl.reshape(tl.broadcast_to(fv[None, :, :], (R, C, 8)), (R * C, 8))
+    return tl.reshape(tl.join(xu, xv), (R * C, 16))
+
+
+@triton.jit
 def _factored_apply_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, tu_ptr, tv_ptr,
                            w_ptr, wh_ptr, bh_ptr, wo_ptr, B, U, V, po_ptr, mo_ptr, ro_ptr,
                            R: tl.constexpr, C: tl.constexpr, HP: tl.constexpr,
                            NHID: tl.constexpr, EXP_MULT: tl.constexpr, STEP_MULT: tl.constexpr,
-                           PREC: tl.constexpr, L1_DOT: tl.constexpr):
+                           PREC: tl.constexpr, L1: tl.constexpr, TW: tl.constexpr,
+                           WR: tl.constexpr):
+    """L1: layer 1 as "fma", "dot" (both add the tables tu [U, HP], tv [V, HP]) or "dot_all"
+    (tu [U, 8], tv [V, 8] hold the row / column features). TW: the tables' width, WR: w's
+    rows (16, or 32 for "dot_all"; see `plan.Kernels`)."""
     t, b, u, v, mask, off, c_ptr, g, p, m0, m1, m2, rms, r, f0, f1, f2 = _factored_tile(
         c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, B, U, V, R, C)
-    w_ptr = w_ptr + t * NUM_EW_FACTORED * HP
+    w_ptr = w_ptr + t * WR * HP
     wh_ptr, bh_ptr, wo_ptr = _task_mlp(t, wh_ptr, bh_ptr, wo_ptr, HP, NHID)
-    tu_ptr = tu_ptr + t * B * U * HP
-    tv_ptr = tv_ptr + t * B * V * HP
+    tu_ptr = tu_ptr + t * B * U * TW
+    tv_ptr = tv_ptr + t * B * V * TW
     h = tl.arange(0, HP)
-    tu = tl.load(tu_ptr + (b * U + u[:, None]) * HP + h[None, :], mask=(u < U)[:, None], other=0.0)
-    tv = tl.load(tv_ptr + (b * V + v[:, None]) * HP + h[None, :], mask=(v < V)[:, None], other=0.0)
-    pre = tu[:, None, :] + tv[None, :, :]
-    if L1_DOT:  # [R C, 16] x [16, HP] on tensor cores; w's rows in the features' order
-        x = _features16(g, p, m0, m1, m2, rms, m0 * r, m1 * r, m2 * r, r, g * f0, g * f1,
-                        g * f2, m0 * f0, m1 * f1, m2 * f2, R * C)
-        w1 = tl.load(w_ptr + _bitrev4(tl.arange(0, 16))[:, None] * HP + h[None, :])
-        pre += tl.reshape(tl.dot(x, w1, input_precision=PREC), (R, C, HP))
-    else:
+    k = tl.arange(0, TW)
+    tu = tl.load(tu_ptr + (b * U + u[:, None]) * TW + k[None, :], mask=(u < U)[:, None], other=0.0)
+    tv = tl.load(tv_ptr + (b * V + v[:, None]) * TW + k[None, :], mask=(v < V)[:, None], other=0.0)
+    if L1 != "dot_all":
+        pre = tu[:, None, :] + tv[None, :, :]
+    if L1 == "fma":
         pre = _l1_shared(pre, g, p, m0, m1, m2, rms, r, w_ptr, HP)
         pre = _l1(pre, g * f0, w_ptr, 10, HP)
         pre = _l1(pre, g * f1, w_ptr, 11, HP)
@@ -252,6 +287,16 @@ def _factored_apply_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr
         pre = _l1(pre, m0 * f0, w_ptr, 13, HP)
         pre = _l1(pre, m1 * f1, w_ptr, 14, HP)
         pre = _l1(pre, m2 * f2, w_ptr, 15, HP)
+    else:  # [R C, 16] x [16, HP] on tensor cores; w's rows in the features' order
+        x = _features16(g, p, m0, m1, m2, rms, m0 * r, m1 * r, m2 * r, r, g * f0, g * f1,
+                        g * f2, m0 * f0, m1 * f1, m2 * f2, R * C)
+        w1 = tl.load(w_ptr + _bitrev4(tl.arange(0, 16))[:, None] * HP + h[None, :])
+        acc = _dot(x, w1, None, PREC)
+        if L1 == "dot_all":  # and [R C, 16] x [16, HP] for the row / column features and b0
+            w_uv = tl.load(w_ptr + _uv_row(tl.arange(0, 16))[:, None] * HP + h[None, :])
+            pre = tl.reshape(_dot(_row_col_features16(tu, tv, R, C), w_uv, acc, PREC), (R, C, HP))
+        else:
+            pre += tl.reshape(acc, (R, C, HP))
     step = _mlp_rest(pre, c_ptr, wh_ptr, bh_ptr, wo_ptr, R, C, HP, NHID, EXP_MULT, STEP_MULT, PREC)
     n = B * U * V
     po_ptr, mo_ptr, ro_ptr = po_ptr + t * n, mo_ptr + t * 3 * n, ro_ptr + t * n
@@ -410,13 +455,14 @@ class TritonKernels:
 
     def __init__(self, mlp_precision: str = "tf32", compute_capability: int | None = None,
                  layer1: str = "dot"):
-        if mlp_precision not in ("tf32", "ieee"):
-            raise ValueError(f"mlp_precision must be 'tf32' or 'ieee', got {mlp_precision!r}")
-        if layer1 not in ("fma", "dot"):
-            raise ValueError(f"layer1 must be 'fma' or 'dot', got {layer1!r}")
+        if mlp_precision not in MLP_PRECISIONS:
+            raise ValueError(f"mlp_precision must be one of {MLP_PRECISIONS}, got {mlp_precision!r}")
+        if layer1 not in LAYER1_FORMS:
+            raise ValueError(f"layer1 must be one of {LAYER1_FORMS}, got {layer1!r}")
         self.prec = mlp_precision
         self.compute_capability = compute_capability
-        self.layer1_dot = layer1 == "dot"
+        self.layer1 = layer1
+        self.row_col_in_dot = layer1 == "dot_all"  # what plan hands factored_apply
 
     def _call(self, *args, **kw):
         import jax_triton as jt
@@ -460,7 +506,7 @@ class TritonKernels:
     def factored_apply(self, p, g, mom, rms, fu, fv, consts, tu, tv, w_ew, mlp, mults,
                        blocks: BlockSizes):
         b, u, v = p.shape
-        hp = tu.shape[-1]
+        hp = w_ew.shape[-1]
         nu, nv = -(-u // blocks.rows), -(-v // blocks.cols)
         nhid, wh, bh = self._hidden(mlp, hp)
 
@@ -471,7 +517,8 @@ class TritonKernels:
                 out_shape=[lead(p), lead(mom), lead(rms)], grid=(tasks * b, nu, nv),
                 num_warps=blocks.num_warps, num_stages=blocks.num_stages, R=blocks.rows,
                 C=blocks.cols, HP=hp, NHID=nhid, EXP_MULT=mults[0], STEP_MULT=mults[1],
-                PREC=self.prec, L1_DOT=self.layer1_dot, name="adafac_apply")
+                PREC=self.prec, L1=self.layer1, TW=tu.shape[-1], WR=w_ew.shape[-2],
+                name="adafac_apply")
 
         return _over_tasks(launch, consts, p, g, mom, rms, fu, fv, tu, tv, w_ew, wh, bh,
                            mlp.w_out_t)
@@ -547,8 +594,9 @@ def triton_update(lopt, theta, state, grad, *, mlp_precision: str = "tf32",
     (`jax.custom_vjp`). Needs an NVIDIA GPU, `jax-triton` and `triton` to run.
     `compute_capability` (e.g. 90 for an H100) compiles the kernels for that GPU when
     lowering without one (`.lower(lowering_platforms=("cuda",))`); by default jax-triton
-    asks the local GPU. `layer1`: the factored tensors' first MLP layer as a `tl.dot` at
-    `mlp_precision` ("dot", faster on an H100) or as FMAs ("fma"); see the module docstring.
+    asks the local GPU. `layer1`: the factored tensors' first MLP layer as "dot" (faster
+    than "fma" on an H100), "dot_all" or "fma"; `mlp_precision`: the dots' operands,
+    "tf32", "ieee" or "bf16"; see the module docstring.
 
     Example:
         new_params, acc = triton_update(lopt, theta, opt_state, grads)

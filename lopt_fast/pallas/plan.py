@@ -139,6 +139,11 @@ class Kernels(NamedTuple):
     packed_apply(p, g, mom, rms, vd, consts, w_seg, b0, seg_starts, mlp, mults, blocks)
         -> (new_p, new_mom, new_rms, new_vd), all float32, packed
     `mults` is the static (exp_mult, step_mult) pair.
+
+    `row_col_in_dot` picks what `factored_apply` gets for the 12 per-row / per-column
+    features: False, their layer-1 products as tables tu [B, U, Hp] (b0 included) and
+    tv [B, V, Hp] with w_ew [16, Hp]; True, the features themselves, tu [B, U, 8] and
+    tv [B, V, 8], with w_ew [32, Hp] (`_row_col_feature_operands`).
     """
 
     row_col_sums: Any
@@ -146,16 +151,35 @@ class Kernels(NamedTuple):
     factored_apply: Any
     packed_moments: Any
     packed_apply: Any
+    row_col_in_dot: bool = False
 
     @classmethod
     def of(cls, launchers) -> Kernels:
-        """The launchers of an object that has one method per field."""
-        return cls(*(getattr(launchers, name) for name in cls._fields))
+        """The launchers (and options) of an object that has one attribute per field."""
+        return cls(**{name: getattr(launchers, name) for name in cls._fields
+                      if hasattr(launchers, name)})
 
 
 def _ms(x):
     """Mean square over all but the leading (decay) axis."""
     return jnp.mean(jnp.square(x), axis=tuple(range(1, x.ndim)))
+
+
+def _row_col_feature_operands(f_u, f_v, w_ew, w_u, w_v, b0):
+    """`factored_apply`'s operands when the kernel runs the row / column features through
+    its layer-1 dot (`Kernels.row_col_in_dot`).
+
+    f_u [6, B, U], f_v [6, B, V]: the features on U's and V's side; w_u, w_v their w0 rows.
+    Returns tu [B, U, 8] (the 6 features, then 1 so that b0 rides in the dot, then 0),
+    tv [B, V, 8] (the 6 features, 0, 0) and w [32, H]: rows 0-15 w_ew, 16-23 the U side
+    (w_u, b0, 0), 24-31 the V side (w_v, 0, 0), matching the tables' columns.
+    """
+    tu = jnp.moveaxis(f_u, 0, -1)
+    tu = jnp.concatenate([tu, jnp.ones_like(tu[..., :1]), jnp.zeros_like(tu[..., :1])], -1)
+    tv = _pad_last(jnp.moveaxis(f_v, 0, -1), 8)
+    zero = jnp.zeros_like(b0)[None]
+    w = jnp.concatenate([w_ew, w_u, b0[None], zero, w_v, zero, zero])
+    return tu, tv, w
 
 
 def _factored_leaf(kernels, p, g, acc: am.LeafAccumulators, consts, c_fac, nn, iteration, mlp,
@@ -193,12 +217,16 @@ def _factored_leaf(kernels, p, g, acc: am.LeafAccumulators, consts, c_fac, nn, i
     moments = jnp.concatenate([ew[:13], _ms(new_row), _ms(new_col), _ms(row_f[3:]),
                                _ms(col_f[3:]), ew[13:16]])
     w0_feat, b0 = am.first_layer(nn, moments, iteration)
-    w_ew = _pad_axis(_pad_last(w0_feat[np.asarray(am._PER_ELEMENT)], hp), 0, NUM_EW_FACTORED)
-    row_tab = jnp.tensordot(row_f, w0_feat[np.asarray(am._PER_ROW)], axes=(0, 0))  # [B, |d1|, H]
-    col_tab = jnp.tensordot(col_f, w0_feat[np.asarray(am._PER_COL)], axes=(0, 0))
-    tu, tv = (row_tab, col_tab) if lay.u_is_row else (col_tab, row_tab)
-    tu = _pad_last(tu + b0, hp)
-    tv = _pad_last(tv, hp)
+    w_ew = w0_feat[np.asarray(am._PER_ELEMENT)]  # [16, H]
+    w_row, w_col = w0_feat[np.asarray(am._PER_ROW)], w0_feat[np.asarray(am._PER_COL)]
+    (f_u, w_u), (f_v, w_v) = (((row_f, w_row), (col_f, w_col)) if lay.u_is_row
+                              else ((col_f, w_col), (row_f, w_row)))
+    if kernels.row_col_in_dot:
+        tu, tv, w_ew = _row_col_feature_operands(f_u, f_v, w_ew, w_u, w_v, b0)
+    else:
+        tu = _pad_last(jnp.tensordot(f_u, w_u, axes=(0, 0)) + b0, hp)  # [B, U, Hp]
+        tv = _pad_last(jnp.tensordot(f_v, w_v, axes=(0, 0)), hp)
+    w_ew = _pad_last(w_ew, hp)
 
     with jax.named_scope("adafac_apply"):
         new_p3, new_mom3, new_rms3 = kernels.factored_apply(
