@@ -52,7 +52,7 @@ jax_triton.__version__); print(jax.devices())" ;;
     sweep)
       # shellcheck disable=SC2086
       run "${SWEEP_LIMIT:-240}" sweep python3 benchmarks/tile_sweep.py \
-        ${SWEEP_ARGS:---tiles 1x256 2x128 4x64 --warps 4 --layer1 dot} ;;
+        ${SWEEP_ARGS:---tiles 1x256 2x128 4x64 --warps 4 --layer1 dot dot_all --precision tf32 bf16} ;;
     profile)
       for b in ${PROFILE_BACKENDS:-pallas triton}; do
         run 90 profile python3 profiling/trace_step.py --backend "$b" --params 1e7 \

@@ -1,12 +1,14 @@
 """Time the fused step over factored-tile shapes and warps per program (GPU).
 
     python benchmarks/tile_sweep.py                                  # triton, 1e7 and 1e8
+    python benchmarks/tile_sweep.py --tiles 1x256 2x128 --layer1 dot dot_all --precision tf32 bf16
     python benchmarks/tile_sweep.py --backend pallas --tiles 1x128 1x256 --warps 4 8
 
 Each configuration overrides the tile of every factored tensor (`blocks=BlockSizes(rows,
 cols, num_warps)`) of a square matrix plus its bias, and for triton how the apply kernel
-runs the first MLP layer (`layer1`: FMAs or a tensor-core dot); "default" is the
-library's choice (`blocks.block_sizes`; for triton layer 1 as a dot). All configurations of a size are timed
+runs the first MLP layer (`layer1`) and the dots' operands (`mlp_precision`); "default" is
+the library's choice (`blocks.block_sizes`; for triton layer 1 as "dot", TF32). All
+configurations of a size are timed
 in alternation (one call of each per round: `timing.interleaved_median_and_iqr`),
 compile and warm-up excluded, so their ratios hold on a noisy machine.
 `profiling/triton_resources.py` gives each tile's registers and spills without a GPU;
@@ -42,8 +44,11 @@ def main(argv=None):
     ap.add_argument("--sizes", nargs="*", type=float, default=[1e7, 1e8])
     ap.add_argument("--tiles", nargs="*", default=["1x128", "1x256", "1x512"])
     ap.add_argument("--warps", nargs="*", type=int, default=[4, 8])
-    ap.add_argument("--layer1", nargs="*", choices=("fma", "dot"), default=["fma", "dot"],
-                    help="triton only: first layer as FMAs or as a tl.dot")
+    ap.add_argument("--layer1", nargs="*", choices=("fma", "dot", "dot_all"), default=["dot"],
+                    help="triton only: first layer as FMAs, as a tl.dot of the 16 per-element "
+                         "features, or of all 28 (see lopt_fast/kernels/adafac_triton.py)")
+    ap.add_argument("--precision", nargs="*", choices=("tf32", "bf16", "ieee"), default=["tf32"],
+                    help="triton only: the dots' operands (mlp_precision)")
     ap.add_argument("--hidden-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args(argv)
@@ -51,15 +56,16 @@ def main(argv=None):
     lopt = AdafacMLPLOpt(hidden_size=args.hidden_size)
     theta = lopt.init(jax.random.key(0))
     update = _update_fn(args.backend)
-    layer1s = args.layer1 if args.backend == "triton" else [None]
+    triton = args.backend == "triton"
+    kernel_forms = ([{"layer1": l1, "mlp_precision": prec} for l1 in args.layer1
+                     for prec in args.precision] if triton else [{}])
     configs = {"default": {}}
     for tile in args.tiles:
         rows, cols = (int(x) for x in tile.split("x"))
         for warps in args.warps:
-            for layer1 in layer1s:
-                name = f"{tile} w{warps}" + (f" {layer1}" if layer1 else "")
-                configs[name] = {"blocks": BlockSizes(rows, cols, num_warps=warps),
-                                 **({"layer1": layer1} if layer1 else {})}
+            for form in kernel_forms:
+                name = " ".join([f"{tile} w{warps}", *form.values()])
+                configs[name] = {"blocks": BlockSizes(rows, cols, num_warps=warps), **form}
 
     print(f"{args.backend} on {jax.devices()[0].device_kind}, jax {jax.__version__}, "
           f"H={args.hidden_size}")

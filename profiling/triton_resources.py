@@ -47,6 +47,12 @@ def compile_kernel(kernel, constexprs, dtypes, num_warps, num_stages=2):
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
+def apply_constexprs(layer1: str, hp: int) -> dict:
+    """The apply kernel's layer-1 constexprs as `TritonKernels.factored_apply` passes them."""
+    row_col_in_dot = layer1 == "dot_all"
+    return dict(L1=layer1, TW=8 if row_col_in_dot else hp, WR=32 if row_col_in_dot else 16)
+
+
 def resources(compiled):
     """ptxas' registers / spill bytes and the SASS opcode counts of a compiled kernel."""
     with tempfile.TemporaryDirectory() as d:
@@ -76,12 +82,15 @@ def main(argv=None):
     ap.add_argument("--tiles", nargs="*", default=None,
                     help="RxC tiles of the factored kernels (default: the chosen one)")
     ap.add_argument("--warps", nargs="*", type=int, default=[4])
+    ap.add_argument("--layer1", nargs="*", choices=at.LAYER1_FORMS, default=list(at.LAYER1_FORMS))
+    ap.add_argument("--precision", nargs="*", choices=at.MLP_PRECISIONS, default=["tf32"],
+                    help="the dots' operands (mlp_precision)")
     args = ap.parse_args(argv)
 
     hp = padded_hidden(args.hidden)
     default = block_sizes(4096, 4096, args.hidden)
     tiles = args.tiles or [f"{default.rows}x{default.cols}"]
-    mlp = dict(HP=hp, NHID=args.layers - 1, EXP_MULT=0.001, STEP_MULT=0.001, PREC="tf32")
+    mlp = dict(HP=hp, NHID=args.layers - 1, EXP_MULT=0.001, STEP_MULT=0.001)
     print(f"sm_90, triton {triton.__version__}, H={args.hidden} (padded {hp}), "
           f"{args.layers} layers; default tile for a large matrix {default.rows}x{default.cols}")
     print(f"{'kernel':26s} {'tile':7s} {'warps':>5s} {'regs':>5s} {'spill st/ld B':>14s} "
@@ -89,11 +98,10 @@ def main(argv=None):
     for tile in tiles:
         r, c = (int(x) for x in tile.split("x"))
         for warps in args.warps:
-            cases = [("apply, layer 1 fma", at._factored_apply_kernel,
-                      dict(R=r, C=c, L1_DOT=False, **mlp)),
-                     ("apply, layer 1 dot", at._factored_apply_kernel,
-                      dict(R=r, C=c, L1_DOT=True, **mlp)),
-                     ("moments", at._factored_moments_kernel, dict(R=r, C=c))]
+            cases = [(f"apply, {l1}, {prec}", at._factored_apply_kernel,
+                      dict(R=r, C=c, **apply_constexprs(l1, hp), PREC=prec, **mlp))
+                     for l1 in args.layer1 for prec in args.precision]
+            cases.append(("moments", at._factored_moments_kernel, dict(R=r, C=c)))
             for label, kernel, constexprs in cases:
                 regs, st, ld, ops = resources(compile_kernel(kernel, constexprs, {}, warps))
                 # Registers are allocated per warp; occupancy also caps at 64 warps per SM.
