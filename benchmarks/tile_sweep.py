@@ -8,7 +8,7 @@ Each configuration overrides the tile of every factored tensor (`blocks=BlockSiz
 cols, num_warps)`) of a square matrix plus its bias, and for triton how the apply kernel
 runs the first MLP layer (`layer1`) and the dots' operands (`mlp_precision`); "default" is
 the library's choice (`blocks.block_sizes`; for triton layer 1 as "dot", TF32). All
-configurations of a size are timed
+configurations of a size, and `optax.adam` on the same tree (the issue's <= 3x target), are timed
 in alternation (one call of each per round: `timing.interleaved_median_and_iqr`),
 compile and warm-up excluded, so their ratios hold on a noisy machine.
 `profiling/triton_resources.py` gives each tile's registers and spills without a GPU;
@@ -21,7 +21,7 @@ import argparse
 
 import jax
 import numpy as np
-from step import model_shapes, random_tree  # benchmarks/step.py (these run as scripts)
+from step import adam_step, model_shapes, random_tree  # benchmarks/step.py (run as scripts)
 from timing import interleaved_median_and_iqr  # benchmarks/timing.py
 
 from lopt_fast.learned import AdafacMLPLOpt
@@ -69,23 +69,23 @@ def main(argv=None):
 
     print(f"{args.backend} on {jax.devices()[0].device_kind}, jax {jax.__version__}, "
           f"H={args.hidden_size}")
-    print("| params | tile | ms | iqr ms | x default |")
-    print("| --- | --- | ---: | ---: | ---: |")
+    print("| params | tile | ms | iqr ms | x default | x adam |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
     for n in args.sizes:
         shapes = model_shapes(int(n))  # the same square matrix plus bias as step.py
         nparams = sum(int(np.prod(s)) for s in shapes.values())
         params = random_tree(shapes, jax.random.key(1))
         grad = random_tree(shapes, jax.random.key(2))
         state = lopt.opt_fn(theta, backend="reference").init(params, num_steps=1000)
-        calls = {}
+        calls = {"optax.adam": adam_step(shapes, None)}
         for name, options in configs.items():
             fn = jax.jit(lambda s, g, options=options: update(lopt, theta, s, g, **options))
             calls[name] = (fn, (state, grad))
         times = interleaved_median_and_iqr(calls, args.repeats)
-        base = times["default"][0]
+        base, adam = times["default"][0], times["optax.adam"][0]
         for name, (t, iqr) in sorted(times.items(), key=lambda kv: kv[1][0]):
             print(f"| {nparams:,} | {name} | {t * 1e3:.3f} | {iqr * 1e3:.3f} | "
-                  f"{t / base:.2f} |")
+                  f"{t / base:.2f} | {t / adam:.2f} |")
 
 
 if __name__ == "__main__":
