@@ -24,6 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from lopt_fast.kernels import adafac_triton as at
+from lopt_fast.pallas import plan
 from lopt_fast.pallas.blocks import block_sizes, padded_hidden
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -49,8 +50,11 @@ def compile_kernel(kernel, constexprs, dtypes, num_warps, num_stages=2):
 
 def apply_constexprs(layer1: str, hp: int) -> dict:
     """The apply kernel's layer-1 constexprs as `TritonKernels.factored_apply` passes them."""
-    row_col_in_dot = layer1 == "dot_all"
-    return dict(L1=layer1, TW=8 if row_col_in_dot else hp, WR=32 if row_col_in_dot else 16)
+    if layer1 == "dot_all":  # plan._row_col_feature_operands' shapes
+        tw, w_rows = plan.ROW_COL_TABLE_WIDTH, plan.NUM_EW_FACTORED + 2 * plan.ROW_COL_TABLE_WIDTH
+    else:
+        tw, w_rows = hp, plan.NUM_EW_FACTORED
+    return dict(L1=layer1, TW=tw, WR=w_rows)
 
 
 def resources(compiled):

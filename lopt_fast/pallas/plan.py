@@ -45,6 +45,9 @@ from lopt_fast.pallas.blocks import BlockSizes, block_sizes, packed_block_sizes,
 
 NUM_SUMS = 32  # per-tile partial sums: 16 (factored) or 22 (packed) features, padded to 2^k
 NUM_EW_FACTORED = 16
+# Width of the per-row / per-column feature tables when a kernel runs those features
+# through its layer-1 dot (`Kernels.row_col_in_dot`): 6 features, a 1 for b0, padding.
+ROW_COL_TABLE_WIDTH = 8
 NUM_EW_PACKED = 22
 # Layout of the `consts` vector every kernel reads (float32, length 16).
 C_MOM, C_RMS, C_FAC, C_BOUT = 0, 3, 4, 7
@@ -175,8 +178,8 @@ def _row_col_feature_operands(f_u, f_v, w_ew, w_u, w_v, b0):
     (w_u, b0, 0), 24-31 the V side (w_v, 0, 0), matching the tables' columns.
     """
     tu = jnp.moveaxis(f_u, 0, -1)
-    tu = jnp.concatenate([tu, jnp.ones_like(tu[..., :1]), jnp.zeros_like(tu[..., :1])], -1)
-    tv = _pad_last(jnp.moveaxis(f_v, 0, -1), 8)
+    tu = _pad_last(jnp.concatenate([tu, jnp.ones_like(tu[..., :1])], -1), ROW_COL_TABLE_WIDTH)
+    tv = _pad_last(jnp.moveaxis(f_v, 0, -1), ROW_COL_TABLE_WIDTH)
     zero = jnp.zeros_like(b0)[None]
     w = jnp.concatenate([w_ew, w_u, b0[None], zero, w_v, zero, zero])
     return tu, tv, w
