@@ -207,10 +207,12 @@ def check_vmapped_against_reference(seed: int, tasks: int = 3):
 
 
 if __name__ == "__main__":
+    from lopt_fast.kernels.adafac_triton import LAYER1_FORMS, MLP_PRECISIONS
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--precision", choices=("tf32", "ieee", "bf16"), default="tf32")
+    ap.add_argument("--precision", choices=MLP_PRECISIONS, default="tf32")
     ap.add_argument("--small-tiles", action="store_true")
-    ap.add_argument("--layer1", choices=("fma", "dot", "dot_all"), default="dot")
+    ap.add_argument("--layer1", choices=LAYER1_FORMS, default="dot")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vmapped", action="store_true",
                     help="3 tasks with their own theta under jax.vmap (ieee, small tiles)")
