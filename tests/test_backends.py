@@ -96,3 +96,21 @@ def test_opt_fn_and_optax_bridge_route_to_pallas():
                                    err_msg=f"opt_fn {k} shape={params[k].shape}")
         np.testing.assert_allclose(params[k] + upd[k], outs["reference"][k], rtol=1e-5, atol=1e-6,
                                    err_msg=f"as_optax {k} shape={params[k].shape}")
+
+
+@pytest.mark.skipif(ON_CPU, reason="the compiled in-place kernels need a GPU")
+@pytest.mark.parametrize("backend", ["pallas", "triton"])
+def test_donated_state_is_updated_in_place(backend):
+    """With the state donated, the fused step writes p, mom and rms into the donated
+    buffers (the apply kernels alias them to their outputs): the outputs reuse the state's
+    memory and no temporary copy of it is made."""
+    if backend not in backends.available_backends():
+        pytest.skip(f"{backend} is not available here")
+    lopt = AdafacMLPLOpt(hidden_size=32)
+    opt = lopt.opt_fn(lopt.init(jax.random.key(0)), backend=backend)
+    params = {"w": jnp.ones((1024, 1536)), "b": jnp.ones((1536,))}
+    state = opt.init(params, num_steps=10)
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    memory = jax.jit(opt.update, donate_argnums=0).lower(state, params).compile().memory_analysis()
+    assert memory.alias_size_in_bytes >= 0.9 * state_bytes, memory
+    assert memory.temp_size_in_bytes < 0.25 * state_bytes, memory

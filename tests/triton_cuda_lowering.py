@@ -11,7 +11,9 @@ kept in its own directory and this runs in its own process:
     PYTHONPATH=DIR python -m tests.triton_cuda_lowering    # DIR: jax-cuda12-plugin, jax-triton
 
 Exits non-zero unless the lowered step holds one Triton launch per kernel, for each MLP
-precision and for 3 vmapped tasks with their own theta (folded into the grid, not a loop).
+precision and for 3 vmapped tasks with their own theta (folded into the grid, not a loop),
+and the apply launches update the state in place: each aliases its p, mom, rms (and the
+packed v) operands to its outputs.
 """
 
 from __future__ import annotations
@@ -28,9 +30,13 @@ SHAPES = {"matrix": (130, 290), "conv": (3, 3, 16, 32), "bf16": (20, 6), "vector
           "scalar": ()}
 NUM_FACTORED = 3
 H100 = 90
+EXPECTED_LAUNCHES = 3 * NUM_FACTORED + 2
+EXPECTED_ALIASES = 3 * NUM_FACTORED + 4  # p, mom, rms per factored apply; + v_diag packed
 
 
-def lowered_launches(mlp_precision: str, tasks: int | None = None, layer1: str = "dot") -> int:
+def lowered_launches(mlp_precision: str, tasks: int | None = None,
+                     layer1: str = "dot") -> tuple[int, int]:
+    """(Triton launches, input -> output aliases) in the step lowered for CUDA."""
     lopt = AdafacMLPLOpt(hidden_size=32)
     theta = lopt.init(jax.random.key(0))
     params = {k: jnp.full(s, 0.5, jnp.bfloat16 if k == "bf16" else jnp.float32)
@@ -42,16 +48,18 @@ def lowered_launches(mlp_precision: str, tasks: int | None = None, layer1: str =
         step = jax.vmap(step)
         theta, state, params = jax.tree.map(
             lambda x: jnp.stack([x] * tasks), (theta, state, params))
-    lowered = jax.jit(step).trace(theta, state, params).lower(lowering_platforms=("cuda",))
-    return lowered.as_text().count("custom_call @triton_kernel_call")
+    text = jax.jit(step).trace(theta, state, params).lower(lowering_platforms=("cuda",)).as_text()
+    launches = [line for line in text.splitlines() if "custom_call @triton_kernel_call" in line]
+    return len(launches), sum(line.count("stablehlo.output_operand_alias<") for line in launches)
 
 
 if __name__ == "__main__":
-    expected = 3 * NUM_FACTORED + 2
     for precision, tasks, layer1 in (("tf32", None, "dot"), ("ieee", None, "dot"),
                                      ("tf32", 3, "dot"), ("tf32", None, "fma"),
                                      ("tf32", 3, "dot_all"), ("bf16", None, "dot")):
-        launches = lowered_launches(precision, tasks, layer1)
+        launches, aliases = lowered_launches(precision, tasks, layer1)
         case = f"{precision}, {tasks or 1} task(s), layer 1 as {layer1}"
-        print(f"{case}: {launches} Triton launches lowered for sm_{H100} (expected {expected})")
-        assert launches == expected, f"{case}: {launches} launches, expected {expected}"
+        print(f"{case}: {launches} Triton launches lowered for sm_{H100} (expected "
+              f"{EXPECTED_LAUNCHES}), {aliases} in-place operands (expected {EXPECTED_ALIASES})")
+        assert launches == EXPECTED_LAUNCHES, f"{case}: {launches} launches"
+        assert aliases == EXPECTED_ALIASES, f"{case}: {aliases} aliased operands"

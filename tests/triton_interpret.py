@@ -6,7 +6,8 @@ vmap rule, plan, launchers, grids and kernel bodies all real) with each `triton_
 replaced by `_interpreted_call`, which launches the same `@triton.jit` kernel with the
 arguments in jax-triton's order (the call's arguments as given, Python ints in place, then
 one pointer per output; metaparameters as constexpr keywords) inside `jax.pure_callback`.
-Outputs start as NaN, so an element that no program writes fails the comparison.
+Outputs start as NaN, so an element that no program writes fails the comparison; an
+aliased output is its input's buffer, updated in place as on a GPU.
 
 Triton must be imported with TRITON_INTERPRET=1 already set (its own `@triton.jit`
 library functions, `tl.sum` among them, are interpreted only then), so this runs in a
@@ -57,17 +58,25 @@ def _nan_torch(shape_dtype):
 
 
 def _interpreted_call(*args, kernel, out_shape, grid, name="", num_warps=None, num_stages=None,
-                      **metaparams):
-    """`jax_triton.triton_call`'s contract, run by Triton's interpreter on the host."""
+                      input_output_aliases=None, **metaparams):
+    """`jax_triton.triton_call`'s contract, run by Triton's interpreter on the host.
+
+    An aliased output (`input_output_aliases`: array-argument index -> output index) is
+    its input's buffer, as on a GPU, so the kernel updates it in place."""
     del name, num_warps, num_stages  # launch options with no meaning in the interpreter
     outs = list(out_shape) if isinstance(out_shape, (list, tuple)) else [out_shape]
     is_scalar = [isinstance(a, (bool, int, float)) for a in args]
     arrays = [a for a, s in zip(args, is_scalar, strict=True) if not s]
+    aliased = {o: i for i, o in (input_output_aliases or {}).items()}
+    for o, i in aliased.items():
+        assert (arrays[i].shape, arrays[i].dtype) == (outs[o].shape, outs[o].dtype), (i, o)
 
     def host(*host_arrays):
-        tensors = iter([_to_torch(a) for a in host_arrays])
-        kernel_args = [a if s else next(tensors) for a, s in zip(args, is_scalar, strict=True)]
-        out_tensors = [_nan_torch(o) for o in outs]
+        tensors = [_to_torch(a) for a in host_arrays]
+        next_tensor = iter(tensors)
+        kernel_args = [a if s else next(next_tensor) for a, s in zip(args, is_scalar, strict=True)]
+        out_tensors = [tensors[aliased[o]] if o in aliased else _nan_torch(out)
+                       for o, out in enumerate(outs)]
         with _INTERPRETER_LOCK:
             kernel[grid](*kernel_args, *out_tensors, **metaparams)
         return [_from_torch(t) for t in out_tensors]

@@ -518,7 +518,7 @@ class TritonKernels:
                 num_warps=blocks.num_warps, num_stages=blocks.num_stages, R=blocks.rows,
                 C=blocks.cols, HP=hp, NHID=nhid, EXP_MULT=mults[0], STEP_MULT=mults[1],
                 PREC=self.prec, L1=self.layer1, TW=tu.shape[-1], WR=w_ew.shape[-2],
-                name="adafac_apply")
+                input_output_aliases=plan.FACTORED_APPLY_ALIASES, name="adafac_apply")
 
         return _over_tasks(launch, consts, p, g, mom, rms, fu, fv, tu, tv, w_ew, wh, bh,
                            mlp.w_out_t)
@@ -554,7 +554,8 @@ class TritonKernels:
                 out_shape=[lead(p), lead(mom), lead(rms), lead(vd)], grid=(tasks * n,),
                 num_warps=blocks.num_warps, num_stages=blocks.num_stages, R=blocks.rows,
                 C=blocks.cols, HP=hp, NHID=nhid, EXP_MULT=mults[0], STEP_MULT=mults[1],
-                PREC=self.prec, name="adafac_packed_apply")
+                PREC=self.prec, input_output_aliases=plan.PACKED_APPLY_ALIASES,
+                name="adafac_packed_apply")
 
         # The segment map is the same for every task (the kernel reads the first task's).
         return _over_tasks(launch, consts, p, g, mom, rms, vd, seg, w_seg, b0, wh, bh,

@@ -325,8 +325,7 @@ class PallasKernels:
             out_shape=[jax.ShapeDtypeStruct(p.shape, p.dtype),
                        jax.ShapeDtypeStruct(mom.shape, jnp.float32),
                        jax.ShapeDtypeStruct(rms.shape, jnp.float32)],
-            # Each tile reads and then writes only its own p, m, rms: update them in place.
-            input_output_aliases={1: 0, 3: 1, 4: 2},
+            input_output_aliases=plan.FACTORED_APPLY_ALIASES,
         )(consts, p, g, mom, rms, fu, fv, tu, tv, w_ew, *mlp_args)
 
     # Packed non-factored tensors: grid (tiles,).
@@ -378,7 +377,7 @@ class PallasKernels:
                        jax.ShapeDtypeStruct(mom.shape, jnp.float32),
                        jax.ShapeDtypeStruct(rms.shape, jnp.float32),
                        jax.ShapeDtypeStruct(vd.shape, jnp.float32)],
-            input_output_aliases={1: 0, 3: 1, 4: 2, 5: 3},  # in place, as in factored_apply
+            input_output_aliases=plan.PACKED_APPLY_ALIASES,
         )(consts, p, g, mom, rms, vd, w_seg, b0, *mlp_args)
 
 

@@ -52,6 +52,12 @@ NUM_EW_PACKED = 22
 # Layout of the `consts` vector every kernel reads (float32, length 16).
 C_MOM, C_RMS, C_FAC, C_BOUT = 0, 3, 4, 7
 NUM_CONSTS = 16
+# The apply kernels update the state in place: operand -> output index, in the operand
+# order both backends launch them with (consts, p, g, mom, rms[, vd], ...). Each tile
+# reads, then writes, only its own elements of these, so aliasing is safe; with the state
+# donated the step needs no second copy of it, and without donation XLA copies first.
+FACTORED_APPLY_ALIASES = {1: 0, 3: 1, 4: 2}  # p, mom, rms
+PACKED_APPLY_ALIASES = {1: 0, 3: 1, 4: 2, 5: 3}  # p, mom, rms, v_diag
 
 
 class FactoredLayout(NamedTuple):
