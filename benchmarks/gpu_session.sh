@@ -3,10 +3,11 @@
 #
 #   bash benchmarks/gpu_session.sh [SECTION ...]   # default: env tests step profile meta
 #
-# Sections: env, tests, compare, step, sweep, profile, meta. Each writes
+# Sections: env, tests, compare, step, donated, sweep, profile, meta. Each writes
 # $OUT/<section>.log (OUT defaults to ./out) and runs under its own time limit, so one
 # failure or hang does not cost the rest; the default list leaves out the diagnostic
-# compare and the slow sweep. jax-triton is not in the device image: carry its wheel in
+# compare, the slow sweep and the donated-state step (step.py --donate: state updated in
+# place, as in a training loop). jax-triton is not in the device image: carry its wheel in
 # .whl/ (docs/KERNELS.md).
 set -u
 OUT=${OUT:-out}
@@ -49,6 +50,10 @@ jax_triton.__version__); print(jax.devices())" ;;
       # shellcheck disable=SC2086
       run "${STEP_LIMIT:-240}" step python3 benchmarks/step.py --json "$OUT/step.json" \
         ${STEP_ARGS:---sizes 1e6 1e7 1e8 --tasks 8 64 --repeats 10} ;;
+    donated)
+      # shellcheck disable=SC2086
+      run "${STEP_LIMIT:-240}" donated python3 benchmarks/step.py --donate \
+        --json "$OUT/step_donated.json" ${DONATED_ARGS:---sizes 1e7 1e8 --tasks 64 --repeats 10} ;;
     sweep)
       # shellcheck disable=SC2086
       run "${SWEEP_LIMIT:-240}" sweep python3 benchmarks/tile_sweep.py \
@@ -63,6 +68,6 @@ jax_triton.__version__); print(jax.devices())" ;;
         run 150 meta python3 -m lopt_fast.cli bench --task cifar10_conv --synthetic-data \
           --num-tasks 32 --trunc-length 10 --steps 50 --backend "$b"
       done ;;
-    *) echo "unknown section $s (env tests compare step sweep profile meta)" ;;
+    *) echo "unknown section $s (env tests compare step donated sweep profile meta)" ;;
   esac
 done

@@ -3,6 +3,7 @@
     python benchmarks/step.py                       # CPU defaults: 1e5, 1e6; tasks 8
     python benchmarks/step.py --sizes 1e7 1e8 --tasks 8 16 32 64 --backends reference pallas triton
     python benchmarks/step.py --json out.json --repeats 20 --hidden-size 32
+    python benchmarks/step.py --donate               # state updated in place, as in training
 
 Workloads:
   * one model of N parameters: a square matrix plus its bias (N = 1e5 ... 1e8);
@@ -15,6 +16,9 @@ achieved GB/s and GFLOP/s against the floor counts per parameter (AdafacMLP: 72 
 float32 traffic and 2 (39 H + H^2 + 2 H) FLOP; Adam: 28 B, ~12 FLOP), the floor time
 max(bytes / copy rate, FLOP / matmul rate) and time / adam in the same run.
 Unavailable backends are skipped with a note; pallas on CPU (interpreter) only when asked.
+With --donate every step (Adam's too) donates its state and is called on its previous
+output, as a training loop does: the fused kernels then update it in place, without the
+copies XLA makes first when the state is not donated.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from timing import median_and_iqr  # benchmarks/timing.py (these run as scripts)
+from timing import median_and_iqr, threaded_median_and_iqr  # benchmarks/timing.py (scripts)
 
 from lopt_fast.backends import BackendUnavailableError, _platform, resolve_backend
 from lopt_fast.learned import AdafacMLPLOpt
@@ -76,27 +80,31 @@ def random_tree(shapes, key, lead=()):
                                         for k, s in zip(keys, leaves, strict=True)])
 
 
-def lopt_step(lopt, backend, shapes, tasks):
+# Each step builder returns (jitted fn, carry, rest): fn(*carry, *rest) -> the next carry
+# (a tuple), with the carry donated when asked.
+
+def lopt_step(lopt, backend, shapes, tasks, donate=False):
     theta = lopt.init(jax.random.key(0))
     opt = lopt.opt_fn(theta, backend=backend)
+    lead = () if tasks is None else (tasks,)
+    params = random_tree(shapes, jax.random.key(1), lead)
+    grad = random_tree(shapes, jax.random.key(2), lead)
     if tasks is None:
-        params = random_tree(shapes, jax.random.key(1))
         state = opt.init(params, num_steps=1000)
-        grad = random_tree(shapes, jax.random.key(2))
-        return jax.jit(opt.update), (state, grad)
-    thetas = jax.tree.map(lambda x: jnp.stack([x + 0.01 * i for i in range(tasks)]), theta)
-    params = random_tree(shapes, jax.random.key(1), (tasks,))
-    state = jax.vmap(lambda p: opt.init(p, num_steps=1000))(params)
-    grad = random_tree(shapes, jax.random.key(2), (tasks,))
+        update = opt.update
+    else:
+        thetas = jax.tree.map(lambda x: jnp.stack([x + 0.01 * i for i in range(tasks)]), theta)
+        state = jax.vmap(lambda p: opt.init(p, num_steps=1000))(params)
 
-    def update(th, s, g):  # per-task theta, as PES perturbs it
-        return lopt.opt_fn(th, backend=backend).update(s, g)
+        def task_update(th, s, g):  # per-task theta, as PES perturbs it
+            return lopt.opt_fn(th, backend=backend).update(s, g)
 
-    fn = jax.jit(jax.vmap(update))
-    return (lambda s, g: fn(thetas, s, g)), (state, grad)
+        update = lambda s, g: jax.vmap(task_update)(thetas, s, g)  # noqa: E731
+    fn = jax.jit(lambda s, g: (update(s, g),), donate_argnums=0 if donate else ())
+    return fn, (state,), (grad,)
 
 
-def adam_step(shapes, tasks):
+def adam_step(shapes, tasks, donate=False):
     tx = optax.adam(1e-3)
     lead = () if tasks is None else (tasks,)
     params = random_tree(shapes, jax.random.key(1), lead)
@@ -107,8 +115,15 @@ def adam_step(shapes, tasks):
         u, s = tx.update(g, s, p)
         return optax.apply_updates(p, u), s
 
-    fn = jax.jit(step if tasks is None else jax.vmap(step))
-    return fn, (params, init(params), grad)
+    fn = jax.jit(step if tasks is None else jax.vmap(step), donate_argnums=(0, 1) if donate else ())
+    return fn, (params, init(params)), (grad,)
+
+
+def time_step(built, repeats: int, donate: bool):
+    fn, carry, rest = built
+    if donate:
+        return threaded_median_and_iqr(fn, carry, rest, repeats=repeats)
+    return median_and_iqr(fn, *carry, *rest, repeats=repeats)
 
 
 def main(argv=None):
@@ -121,6 +136,8 @@ def main(argv=None):
     ap.add_argument("--hidden-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=10 if on_cpu else 30)
     ap.add_argument("--json", default="step_benchmark.json")
+    ap.add_argument("--donate", action="store_true",
+                    help="donate the state and call each step on its output (in place)")
     args = ap.parse_args(argv)
 
     notes = []
@@ -139,7 +156,8 @@ def main(argv=None):
     info = {"device": str(jax.devices()[0].device_kind), "platform": _platform(),
             "host": platform.processor() or platform.machine(), "jax": jax.__version__,
             "optax": optax.__version__, "numpy": np.__version__,
-            "date": datetime.date.today().isoformat(), "hidden_size": args.hidden_size}
+            "date": datetime.date.today().isoformat(), "hidden_size": args.hidden_size,
+            "donate": args.donate}
     ceil = ceilings(on_cpu, args.repeats)
     h = args.hidden_size
     flop_lopt, flop_adam = 2 * (39 * h + h * h + 2 * h), 12
@@ -151,12 +169,11 @@ def main(argv=None):
     for label, shapes, tasks in workloads:
         nparams = sum(int(np.prod(s)) for s in jax.tree.leaves(
             shapes, is_leaf=lambda x: isinstance(x, tuple))) * (tasks or 1)
-        fn, a = adam_step(shapes, tasks)
-        t_adam, iqr = median_and_iqr(fn, *a, repeats=args.repeats)
+        t_adam, iqr = time_step(adam_step(shapes, tasks, args.donate), args.repeats, args.donate)
         entries = [("optax.adam", t_adam, iqr, 28, flop_adam)]
         for b in backends:
-            fn, a = lopt_step(lopt, b, shapes, tasks)
-            t, iqr = median_and_iqr(fn, *a, repeats=args.repeats)
+            t, iqr = time_step(lopt_step(lopt, b, shapes, tasks, args.donate), args.repeats,
+                               args.donate)
             entries.append((b, t, iqr, 72, flop_lopt))
         for name, t, iqr, bpp, fpp in entries:
             floor = max(bpp * nparams / (ceil["copy_GBps"] * 1e9),
@@ -167,7 +184,7 @@ def main(argv=None):
                          "x_adam": t / t_adam})
 
     print(f"device: {info['device']} ({info['platform']}), jax {info['jax']}, optax "
-          f"{info['optax']}, {info['date']}, H={h}")
+          f"{info['optax']}, {info['date']}, H={h}, state {'donated' if args.donate else 'not donated'}")
     print(f"ceilings: copy {ceil['copy_GBps']:.1f} GB/s, matmul {ceil['matmul_GFLOPs']:.1f} GFLOP/s")
     for n in notes:
         print("note:", n)

@@ -36,3 +36,16 @@ def interleaved_median_and_iqr(calls: dict, repeats: int) -> dict[str, tuple[flo
             jax.block_until_ready(fn(*args))
             times[name].append(time.perf_counter() - t0)
     return {name: _median_and_iqr(ts) for name, ts in times.items()}
+
+
+def threaded_median_and_iqr(fn, carry: tuple, rest: tuple, repeats: int) -> tuple[float, float]:
+    """`median_and_iqr` for a step `fn(*carry, *rest) -> new carry (a tuple)` that is called
+    on its own output, so it may donate (update in place) its carry: a donated buffer cannot
+    be passed twice. Two calls (compile, warm-up) are excluded, as above."""
+    times = []
+    for i in range(repeats + 2):
+        t0 = time.perf_counter()
+        carry = jax.block_until_ready(fn(*carry, *rest))
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return _median_and_iqr(times)
