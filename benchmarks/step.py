@@ -91,17 +91,17 @@ def lopt_step(lopt, backend, shapes, tasks, donate=False):
     grad = random_tree(shapes, jax.random.key(2), lead)
     if tasks is None:
         state = opt.init(params, num_steps=1000)
-        update = opt.update
+        update, extra = opt.update, ()
     else:
-        thetas = jax.tree.map(lambda x: jnp.stack([x + 0.01 * i for i in range(tasks)]), theta)
         state = jax.vmap(lambda p: opt.init(p, num_steps=1000))(params)
 
-        def task_update(th, s, g):  # per-task theta, as PES perturbs it
-            return lopt.opt_fn(th, backend=backend).update(s, g)
+        def update(s, g, thetas):  # per-task theta, as PES perturbs it
+            return jax.vmap(lambda th, s, g: lopt.opt_fn(th, backend=backend).update(s, g))(
+                thetas, s, g)
 
-        update = lambda s, g: jax.vmap(task_update)(thetas, s, g)  # noqa: E731
-    fn = jax.jit(lambda s, g: (update(s, g),), donate_argnums=0 if donate else ())
-    return fn, (state,), (grad,)
+        extra = (jax.tree.map(lambda x: jnp.stack([x + 0.01 * i for i in range(tasks)]), theta),)
+    fn = jax.jit(lambda s, g, *x: (update(s, g, *x),), donate_argnums=0 if donate else ())
+    return fn, (state,), (grad, *extra)
 
 
 def adam_step(shapes, tasks, donate=False):
