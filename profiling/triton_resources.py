@@ -6,9 +6,11 @@
 Compiles each kernel with `triton.compile` for an sm_90 target (as `tests/test_triton_step.py`
 does) and reads ptxas' resource report (`ptxas -v`, the ptxas that ships with triton) and
 the SASS instruction mix (`nvdisasm` of the cubin): how many registers a thread uses, how
-many bytes spill to local memory, and how many FFMA / HGMMA (wgmma) instructions the
-kernel has. A kernel that spills, or uses so many registers that few warps fit on an SM,
-is latency bound: the first things to read before timing a tile or warp change on a GPU.
+many bytes spill to local memory, how many instructions a thread runs in all (the kernels
+have no loops, so this is what each thread issues per tile: with 4 schedulers per SM it
+bounds an issue-limited kernel's time) and how many of them are FFMA / HGMMA (wgmma). A
+kernel that spills, or uses so many registers that few warps fit on an SM, is latency
+bound: the first things to read before timing a tile or warp change on a GPU.
 """
 
 from __future__ import annotations
@@ -98,7 +100,8 @@ def main(argv=None):
     print(f"sm_90, triton {triton.__version__}, H={args.hidden} (padded {hp}), "
           f"{args.layers} layers; default tile for a large matrix {default.rows}x{default.cols}")
     print(f"{'kernel':26s} {'tile':7s} {'warps':>5s} {'regs':>5s} {'spill st/ld B':>14s} "
-          f"{'warps/SM':>8s} {'FFMA':>6s} {'HGMMA':>5s} {'MUFU':>5s} {'LDG':>4s} {'STG':>4s}")
+          f"{'warps/SM':>8s} {'SASS':>5s} {'FFMA':>6s} {'HGMMA':>5s} {'MUFU':>5s} {'LDG':>4s} "
+          f"{'STG':>4s}")
     for tile in tiles:
         r, c = (int(x) for x in tile.split("x"))
         for warps in args.warps:
@@ -111,7 +114,7 @@ def main(argv=None):
                 # Registers are allocated per warp; occupancy also caps at 64 warps per SM.
                 per_sm = min(MAX_WARPS_PER_SM, REGS_PER_SM // (regs * 32) // warps * warps)
                 print(f"{label:26s} {tile:7s} {warps:5d} {regs:5d} "
-                      f"{f'{st}/{ld}':>14s} {per_sm:8d} {ops['FFMA']:6d} "
+                      f"{f'{st}/{ld}':>14s} {per_sm:8d} {sum(ops.values()):5d} {ops['FFMA']:6d} "
                       f"{ops['HGMMA']:5d} {ops['MUFU']:5d} {ops['LDG']:4d} {ops['STG']:4d}")
 
 

@@ -115,7 +115,8 @@ def _dot(a, b, acc, PREC: tl.constexpr):
 def _mlp_rest(pre, c_ptr, wh_ptr, bh_ptr, wo_ptr, R: tl.constexpr, C: tl.constexpr,
               HP: tl.constexpr, NHID: tl.constexpr, EXP_MULT: tl.constexpr,
               STEP_MULT: tl.constexpr, PREC: tl.constexpr):
-    h = tl.reshape(tl.maximum(pre, 0.0), (R * C, HP))
+    """pre: the layer-1 pre-activations [R C, HP] -> the step [R, C]."""
+    h = tl.maximum(pre, 0.0)
     k = tl.arange(0, HP)
     for layer in tl.static_range(NHID):
         w = tl.load(wh_ptr + layer * HP * HP + k[:, None] * HP + k[None, :])
@@ -286,7 +287,7 @@ def _factored_apply_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr
         pre = _l1(pre, g * f2, w_ptr, 12, HP)
         pre = _l1(pre, m0 * f0, w_ptr, 13, HP)
         pre = _l1(pre, m1 * f1, w_ptr, 14, HP)
-        pre = _l1(pre, m2 * f2, w_ptr, 15, HP)
+        pre = tl.reshape(_l1(pre, m2 * f2, w_ptr, 15, HP), (R * C, HP))
     else:  # [R C, 16] x [16, HP] on tensor cores; w's rows in the features' order
         x = _features16(g, p, m0, m1, m2, rms, m0 * r, m1 * r, m2 * r, r, g * f0, g * f1,
                         g * f2, m0 * f0, m1 * f1, m2 * f2, R * C)
@@ -294,9 +295,9 @@ def _factored_apply_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr
         acc = _dot(x, w1, None, PREC)
         if L1 == "dot_all":  # and [R C, 16] x [16, HP] for the row / column features and b0
             w_uv = tl.load(w_ptr + _uv_row(tl.arange(0, 16))[:, None] * HP + h[None, :])
-            pre = tl.reshape(_dot(_row_col_features16(tu, tv, R, C), w_uv, acc, PREC), (R, C, HP))
-        else:
-            pre += tl.reshape(acc, (R, C, HP))
+            pre = _dot(_row_col_features16(tu, tv, R, C), w_uv, acc, PREC)
+        else:  # the tables' sum reshaped, not the dot's result (sm_90, 1x256: 188 registers, not 228)
+            pre = tl.reshape(pre, (R * C, HP)) + acc
     step = _mlp_rest(pre, c_ptr, wh_ptr, bh_ptr, wo_ptr, R, C, HP, NHID, EXP_MULT, STEP_MULT, PREC)
     n = B * U * V
     po_ptr, mo_ptr, ro_ptr = po_ptr + t * n, mo_ptr + t * 3 * n, ro_ptr + t * n
@@ -409,7 +410,8 @@ def _packed_apply_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, seg_ptr,
     pre = _l1(pre, tl.rsqrt(v0 + 1e-8), w_ptr, 19, HP)
     pre = _l1(pre, tl.rsqrt(v1 + 1e-8), w_ptr, 20, HP)
     pre = _l1(pre, tl.rsqrt(v2 + 1e-8), w_ptr, 21, HP)
-    step = _mlp_rest(pre, c_ptr, wh_ptr, bh_ptr, wo_ptr, R, C, HP, NHID, EXP_MULT, STEP_MULT, PREC)
+    step = _mlp_rest(tl.reshape(pre, (R * C, HP)), c_ptr, wh_ptr, bh_ptr, wo_ptr, R, C, HP, NHID,
+                     EXP_MULT, STEP_MULT, PREC)
     po_ptr, mo_ptr = po_ptr + task * n, mo_ptr + task * 3 * n
     ro_ptr, vo_ptr = ro_ptr + task * n, vo_ptr + task * 3 * n
     tl.store(po_ptr + off, p - step)
