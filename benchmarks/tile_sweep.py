@@ -77,7 +77,8 @@ def main(argv=None):
         params = random_tree(shapes, jax.random.key(1))
         grad = random_tree(shapes, jax.random.key(2))
         state = lopt.opt_fn(theta, backend="reference").init(params, num_steps=1000)
-        calls = {"optax.adam": adam_step(shapes, None)}
+        adam_fn, adam_carry, adam_rest = adam_step(shapes, None)
+        calls = {"optax.adam": (adam_fn, (*adam_carry, *adam_rest))}
         for name, options in configs.items():
             fn = jax.jit(lambda s, g, options=options: update(lopt, theta, s, g, **options))
             calls[name] = (fn, (state, grad))
