@@ -18,7 +18,7 @@ through FMAs):
 The H x H layers always use `tl.dot`. Tensor cores accumulate in float32; the operands
 (`mlp_precision`) are TF32 ("tf32", the default), float32 ("ieee") or bf16 ("bf16").
 Compiled for sm_90 (`profiling/triton_resources.py`, H = 32, a 256-element tile at 4
-warps) the apply kernel needs 255 registers and spills with "fma", 228 with "dot", 174
+warps) the apply kernel needs 255 registers and spills with "fma", 188 with "dot", 174
 with "dot_all" (also 84 global-load instructions against 135); on an H100 "dot" made the
 whole step 1.2x / 1.3x faster than "fma" at 1e7 / 1e8 parameters
 (`benchmarks/tile_sweep.py`, benchmarks/RESULTS.md); "dot_all" and bf16 operands are not
