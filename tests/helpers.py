@@ -1,6 +1,21 @@
-"""Shared test inputs."""
+"""Shared test inputs, and running repository scripts in a fresh process."""
+
+import os
+import subprocess
+import sys
 
 import jax
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_python(args, label, timeout=600, **env):
+    """`python *args` from the repository root with `env` added; asserts it exits 0 and
+    shows the end of its output if not. Returns its stdout."""
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=dict(os.environ, **env),
+                         capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{label}:\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
+    return out.stdout
 
 
 def random_theta(lopt, key):

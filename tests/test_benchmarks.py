@@ -3,17 +3,12 @@ are not lost to a broken script (`benchmarks/gpu_session.sh` runs them there).""
 
 import json
 import os
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import run_python
 
 
 def _run(script, *args):
-    out = subprocess.run([sys.executable, os.path.join("benchmarks", script), *args], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, f"{script}:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
-    return out.stdout
+    return run_python([os.path.join("benchmarks", script), *args], script)
 
 
 def test_step_benchmark_with_and_without_donation(tmp_path):

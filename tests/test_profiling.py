@@ -3,10 +3,9 @@ GPU kernel events (pallas_call names, jax-triton kernel functions) map to their 
 
 import importlib.util
 import os
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT, run_python
+
 SCRIPT = os.path.join(ROOT, "profiling", "trace_step.py")
 
 
@@ -27,8 +26,6 @@ def test_kernel_events_map_to_their_launch():
 
 
 def test_trace_of_a_reference_step_on_cpu(tmp_path):
-    out = subprocess.run([sys.executable, SCRIPT, "--params", "1e4", "--steps", "1",
-                          "--logdir", str(tmp_path)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "adafac_leaf_" in out.stdout, out.stdout[-3000:]
+    stdout = run_python([SCRIPT, "--params", "1e4", "--steps", "1", "--logdir", str(tmp_path)],
+                        "trace_step.py", timeout=300)
+    assert "adafac_leaf_" in stdout, stdout[-3000:]

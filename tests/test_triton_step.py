@@ -18,7 +18,6 @@
 
 import importlib.util
 import os
-import subprocess
 import sys
 
 import jax
@@ -27,7 +26,7 @@ import numpy as np
 import pytest
 
 from lopt_fast.learned import AdafacMLPLOpt
-from tests.helpers import precise_reference, random_theta
+from tests.helpers import ROOT, precise_reference, random_theta, run_python
 from tests.test_pallas_step import (
     KERNEL_TOLERANCE,
     SMALL_PACKED,
@@ -42,7 +41,6 @@ HAVE_JAX_TRITON = importlib.util.find_spec("jax_triton") is not None
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 ON_CUDA = jax.default_backend() == "gpu"
 CUDA_LOWERING_PATH = os.environ.get("LOPT_FAST_CUDA_LOWERING_PATH")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def every_shape_class(lopt, seed, large=True):
@@ -143,8 +141,8 @@ def test_triton_kernels_interpreted_match_reference(case):
     Triton must start interpreted. About 20 s each with small tiles, 70 s otherwise, on 2
     cores."""
     seed = int(np.random.default_rng().integers(1 << 30))
-    _run_module("tests.triton_interpret", [*case, "--seed", str(seed)], f"seed {seed}",
-                TRITON_INTERPRET="1")
+    run_python(["-m", "tests.triton_interpret", *case, "--seed", str(seed)], f"seed {seed}",
+               TRITON_INTERPRET="1")
 
 
 @pytest.mark.skipif(not (HAVE_TRITON and CUDA_LOWERING_PATH),
@@ -153,13 +151,4 @@ def test_triton_kernels_interpreted_match_reference(case):
 def test_triton_lowers_for_cuda_through_jax_triton():
     """Each kernel's signature as jax-triton builds it from the call, compiled for sm_90."""
     pythonpath = os.pathsep.join(p for p in (CUDA_LOWERING_PATH, os.environ.get("PYTHONPATH")) if p)
-    _run_module("tests.triton_cuda_lowering", [], "CUDA lowering", PYTHONPATH=pythonpath)
-
-
-def _run_module(module, args, label, **env):
-    """`python -m module *args` from the repository root with `env` added; asserts it
-    exits 0 and shows the end of its output if not."""
-    out = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT,
-                         env=dict(os.environ, **env), capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, f"{label}:\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}"
+    run_python(["-m", "tests.triton_cuda_lowering"], "CUDA lowering", PYTHONPATH=pythonpath)
