@@ -13,13 +13,11 @@ from tests.numpy_adafac import NumpyAdafac
 SHAPES = [(), (7,), (13, 29), (3, 3, 5, 11), (4, 6, 5), (300, 130)]
 NUM_STEPS = 6
 REL_TOL = 2e-3
-MIN_PATH = 1e-4  # reference's summed step norms below this: draw again
+MIN_UPDATE = 1e-4  # cumulative reference update norm at or below this: draw again
 MAX_DRAWS = 10
 
 
 def run_both(shape, hidden_size, seed, exp_mult=0.3, step_mult=0.01):
-    """Six steps of both implementations from the same inputs. Returns the start, both
-    end points and the reference's path length (the sum of its step norms)."""
     lopt = AdafacMLPLOpt(hidden_size=hidden_size, exp_mult=exp_mult, step_mult=step_mult)
     key = jax.random.key(seed)
     theta = random_theta(lopt, key)
@@ -32,32 +30,28 @@ def run_both(shape, hidden_size, seed, exp_mult=0.3, step_mult=0.01):
     update = jax.jit(opt.update)
     ref = NumpyAdafac(jax.tree.map(np.asarray, theta), shape, exp_mult, step_mult)
     p_ref = p0.astype(np.float64)
-    path = 0.0
     for g in grads:
         state = update(state, {"p": jnp.asarray(g)})
-        p_next = ref.step(p_ref, g)
-        path += np.linalg.norm(p_next - p_ref)
-        p_ref = p_next
-    return p0, np.asarray(opt.get_params(state)["p"], np.float64), p_ref, path
+        p_ref = ref.step(p_ref, g)
+    return p0, np.asarray(opt.get_params(state)["p"], np.float64), p_ref
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("hidden_size", [4, 32])
 def test_matches_float64_numpy(shape, hidden_size):
     # Fresh inputs every run. A random theta can make the MLP's output, and so every
-    # step, tiny (about 1% of scalar draws move less than 1e-4 in six steps); those draws
-    # test nothing, so draw again. The error is measured against the path length, which
-    # steps of opposite sign cannot cancel the way they cancel in the net update.
+    # step, tiny (0.4-0.7% of 3,000 scalar draws moved less than 1e-4 in six steps); the
+    # relative error of such an update tests nothing, so draw again.
     rng = np.random.default_rng()
     for _ in range(MAX_DRAWS):
         seed = int(rng.integers(1 << 30))
-        p0, p_jax, p_ref, path = run_both(shape, hidden_size, seed)
-        if path > MIN_PATH:
+        p0, p_jax, p_ref = run_both(shape, hidden_size, seed)
+        delta_ref, delta_jax = p_ref - p0, p_jax - p0
+        if np.linalg.norm(delta_ref) > MIN_UPDATE:
             break
-    assert path > MIN_PATH, f"{MAX_DRAWS} draws all moved less than {MIN_PATH}"
-    err = p_jax - p_ref
-    rel = np.linalg.norm(err) / path
-    worst = np.unravel_index(np.argmax(np.abs(err)), np.shape(err))
+    assert np.linalg.norm(delta_ref) > MIN_UPDATE, f"{MAX_DRAWS} draws all moved <= {MIN_UPDATE}"
+    rel = np.linalg.norm(delta_jax - delta_ref) / np.linalg.norm(delta_ref)
+    worst = np.unravel_index(np.argmax(np.abs(delta_jax - delta_ref)), np.shape(delta_ref))
     assert rel <= REL_TOL, f"{shape=} {hidden_size=} {seed=} {rel=:.2e} worst index {worst}"
 
 
