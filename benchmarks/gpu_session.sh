@@ -56,8 +56,15 @@ jax_triton.__version__); print(jax.devices())" ;;
         --json "$OUT/step_donated.json" ${DONATED_ARGS:---sizes 1e7 1e8 --tasks 64 --repeats 10} ;;
     sweep)
       # shellcheck disable=SC2086
+      # triton: 16 configurations (+ default + adam) at 1e7 and 1e8; pallas: layer 1 as
+      # FMAs (its default) against a dot (profiling/pallas_resources.py: 1376 SASS
+      # instructions per thread against 2352 on sm_90).
       run "${SWEEP_LIMIT:-240}" sweep python3 benchmarks/tile_sweep.py \
-        ${SWEEP_ARGS:---tiles 1x256 2x128 4x64 --warps 4 --layer1 dot dot_all --precision tf32 bf16} ;;
+        ${SWEEP_ARGS:---tiles 1x256 4x64 --warps 4 --layer1 dot dot_all --precision tf32 bf16 \
+          --persistent off on}
+      # shellcheck disable=SC2086
+      run 120 sweep python3 benchmarks/tile_sweep.py --backend pallas \
+        ${PALLAS_SWEEP_ARGS:---tiles 1x256 --warps 4 --layer1 fma dot} ;;
     profile)
       for b in ${PROFILE_BACKENDS:-pallas triton}; do
         run 90 profile python3 profiling/trace_step.py --backend "$b" --params 1e7 \

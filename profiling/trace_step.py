@@ -53,6 +53,7 @@ TRITON_KERNELS = {
     "_row_col_sums_kernel": "adafac_row_col_sums",
     "_factored_moments_kernel": "adafac_moments",
     "_factored_apply_kernel": "adafac_apply",
+    "_factored_apply_persistent_kernel": "adafac_apply",
     "_packed_moments_kernel": "adafac_packed_moments",
     "_packed_apply_kernel": "adafac_packed_apply",
 }

@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget
 
 from lopt_fast.kernels import adafac_triton as at
 from lopt_fast.pallas import plan
-from lopt_fast.pallas.blocks import block_sizes, padded_hidden
+from lopt_fast.pallas.blocks import LAYER1_FORMS, MLP_PRECISIONS, block_sizes, padded_hidden
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 REGS_PER_SM = 65536
@@ -36,16 +36,19 @@ MAX_WARPS_PER_SM = 64
 
 def compile_kernel(kernel, constexprs, dtypes, num_warps, num_stages=2):
     """`kernel` compiled for sm_90: constexprs by name, pointer dtypes by name ("*fp32"
-    otherwise), every other parameter an i32 size."""
-    sig = {}
-    for name in kernel.arg_names:
+    otherwise), every other parameter an i32 size. Pointers are 16-byte aligned, as
+    jax-triton declares every array argument (`tt.divisibility = 16`); sizes carry no
+    divisibility, as jax-triton passes them."""
+    sig, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
             sig[name] = dtypes.get(name, "*fp32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[name] = "i32"
-    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
@@ -56,7 +59,7 @@ def apply_constexprs(layer1: str, hp: int) -> dict:
         tw, w_rows = plan.ROW_COL_TABLE_WIDTH, plan.NUM_EW_FACTORED + 2 * plan.ROW_COL_TABLE_WIDTH
     else:
         tw, w_rows = hp, plan.NUM_EW_FACTORED
-    return dict(L1=layer1, TW=tw, WR=w_rows)
+    return dict(L1=layer1, TW=tw, WR=w_rows, VA=16)  # rows of a multiple of 16 elements
 
 
 def resources(compiled):
@@ -88,9 +91,12 @@ def main(argv=None):
     ap.add_argument("--tiles", nargs="*", default=None,
                     help="RxC tiles of the factored kernels (default: the chosen one)")
     ap.add_argument("--warps", nargs="*", type=int, default=[4])
-    ap.add_argument("--layer1", nargs="*", choices=at.LAYER1_FORMS, default=list(at.LAYER1_FORMS))
-    ap.add_argument("--precision", nargs="*", choices=at.MLP_PRECISIONS, default=["tf32"],
+    ap.add_argument("--layer1", nargs="*", choices=LAYER1_FORMS, default=list(LAYER1_FORMS))
+    ap.add_argument("--precision", nargs="*", choices=MLP_PRECISIONS, default=["tf32"],
                     help="the dots' operands (mlp_precision)")
+    ap.add_argument("--persistent", nargs="*", type=int, default=[],
+                    help="also the persistent apply kernel with these num_stages (its tile "
+                         "loop's depth; 1 = not pipelined)")
     args = ap.parse_args(argv)
 
     hp = padded_hidden(args.hidden)
@@ -99,23 +105,30 @@ def main(argv=None):
     mlp = dict(HP=hp, NHID=args.layers - 1, EXP_MULT=0.001, STEP_MULT=0.001)
     print(f"sm_90, triton {triton.__version__}, H={args.hidden} (padded {hp}), "
           f"{args.layers} layers; default tile for a large matrix {default.rows}x{default.cols}")
-    print(f"{'kernel':26s} {'tile':7s} {'warps':>5s} {'regs':>5s} {'spill st/ld B':>14s} "
-          f"{'warps/SM':>8s} {'SASS':>5s} {'FFMA':>6s} {'HGMMA':>5s} {'MUFU':>5s} {'LDG':>4s} "
-          f"{'STG':>4s}")
+    print(f"{'kernel':30s} {'tile':7s} {'warps':>5s} {'regs':>5s} {'spill st/ld B':>14s} "
+          f"{'warps/SM':>8s} {'smem KB':>7s} {'SASS':>5s} {'FFMA':>6s} {'HGMMA':>5s} "
+          f"{'MUFU':>5s} {'LDG':>4s} {'LDGSTS':>6s} {'STG':>4s}")
     for tile in tiles:
         r, c = (int(x) for x in tile.split("x"))
         for warps in args.warps:
-            cases = [(f"apply, {l1}, {prec}", at._factored_apply_kernel,
-                      dict(R=r, C=c, **apply_constexprs(l1, hp), PREC=prec, **mlp))
-                     for l1 in args.layer1 for prec in args.precision]
-            cases.append(("moments", at._factored_moments_kernel, dict(R=r, C=c)))
-            for label, kernel, constexprs in cases:
-                regs, st, ld, ops = resources(compile_kernel(kernel, constexprs, {}, warps))
+            cases = []
+            for l1 in args.layer1:
+                for prec in args.precision:
+                    apply = dict(R=r, C=c, **apply_constexprs(l1, hp), PREC=prec, **mlp)
+                    cases.append((f"apply, {l1}, {prec}", at._factored_apply_kernel, apply, 2))
+                    cases += [(f"persistent s{st}, {l1}, {prec}",
+                               at._factored_apply_persistent_kernel, dict(apply, STAGES=st), st)
+                              for st in args.persistent]
+            cases.append(("moments", at._factored_moments_kernel, dict(R=r, C=c, VA=16), 2))
+            for label, kernel, constexprs, stages in cases:
+                compiled = compile_kernel(kernel, constexprs, {}, warps, stages)
+                regs, st, ld, ops = resources(compiled)
                 # Registers are allocated per warp; occupancy also caps at 64 warps per SM.
                 per_sm = min(MAX_WARPS_PER_SM, REGS_PER_SM // (regs * 32) // warps * warps)
-                print(f"{label:26s} {tile:7s} {warps:5d} {regs:5d} "
-                      f"{f'{st}/{ld}':>14s} {per_sm:8d} {sum(ops.values()):5d} {ops['FFMA']:6d} "
-                      f"{ops['HGMMA']:5d} {ops['MUFU']:5d} {ops['LDG']:4d} {ops['STG']:4d}")
+                print(f"{label:30s} {tile:7s} {warps:5d} {regs:5d} "
+                      f"{f'{st}/{ld}':>14s} {per_sm:8d} {compiled.metadata.shared / 1024:7.1f} "
+                      f"{sum(ops.values()):5d} {ops['FFMA']:6d} {ops['HGMMA']:5d} "
+                      f"{ops['MUFU']:5d} {ops['LDG']:4d} {ops['LDGSTS']:6d} {ops['STG']:4d}")
 
 
 if __name__ == "__main__":

@@ -80,14 +80,17 @@ def test_kernels_compile_for_sm90(hidden_layers):
 
     mlp = dict(HP=32, NHID=hidden_layers - 1, EXP_MULT=0.001, STEP_MULT=0.001, PREC="tf32")
     cases = [
-        (at._row_col_sums_kernel, {}, dict(R=16, C=32)),
-        (at._factored_moments_kernel, {"p_ptr": "*bf16"}, dict(R=16, C=32)),
+        (at._row_col_sums_kernel, {}, dict(R=16, C=32, VA=1)),
+        (at._factored_moments_kernel, {"p_ptr": "*bf16"}, dict(R=16, C=32, VA=4)),
         (at._factored_apply_kernel, {"p_ptr": "*bf16", "po_ptr": "*bf16"},
          dict(R=8, C=32, **apply_constexprs("fma", 32), **mlp)),
         (at._factored_apply_kernel, {}, dict(R=1, C=256, **apply_constexprs("dot", 32), **mlp)),
         (at._factored_apply_kernel, {}, dict(R=2, C=128, **apply_constexprs("dot_all", 32), **mlp)),
         (at._factored_apply_kernel, {}, dict(R=1, C=256, **apply_constexprs("dot", 32),
                                              **dict(mlp, PREC="bf16"))),
+        (at._factored_apply_persistent_kernel, {},
+         dict(R=1, C=256, **apply_constexprs("dot_all", 32), **dict(mlp, PREC="bf16"),
+              STAGES=2)),
         (at._packed_moments_kernel, {"cnt_ptr": "*i32"}, dict(R=2, C=128)),
         (at._packed_apply_kernel, {"seg_ptr": "*i32"}, dict(R=2, C=128, **mlp)),
     ]
@@ -97,27 +100,31 @@ def test_kernels_compile_for_sm90(hidden_layers):
         assert "cubin" in compiled.asm, kernel.__name__
         if "apply" in kernel.__name__ and hidden_layers > 1:
             assert "mma" in ptx, f"{kernel.__name__}: expected tensor-core MMA for tl.dot"
+        if "persistent" in kernel.__name__:  # the next tiles' loads copied asynchronously
+            assert "cp.async" in ptx, f"{kernel.__name__}: the tile loop was not pipelined"
 
 
 @pytest.mark.skipif(not (ON_CUDA and HAVE_TRITON and HAVE_JAX_TRITON),
                     reason="needs an NVIDIA GPU with jax[cuda], jax-triton and triton")
-@pytest.mark.parametrize("mlp_precision, tol, blocks, packed_blocks, layer1", [
-    ("ieee", KERNEL_TOLERANCE, SMALL_TILES, SMALL_PACKED, "dot"),  # many ragged tiles per tensor
-    ("tf32", TF32_TOLERANCE, None, None, "dot"),  # the defaults users run
-    ("tf32", TF32_TOLERANCE, None, None, "fma"),  # layer 1 as FMAs
-    ("tf32", TF32_TOLERANCE, None, None, "dot_all"),  # row / column features in the dot
-    ("ieee", KERNEL_TOLERANCE, SMALL_TILES, SMALL_PACKED, "dot_all"),
-    ("bf16", BF16_DOTS_TOLERANCE, None, None, "dot"),  # bf16 operands
+@pytest.mark.parametrize("mlp_precision, tol, blocks, packed_blocks, layer1, persistent", [
+    ("ieee", KERNEL_TOLERANCE, SMALL_TILES, SMALL_PACKED, "dot", False),  # many ragged tiles
+    ("tf32", TF32_TOLERANCE, None, None, "dot", False),  # the defaults users run
+    ("tf32", TF32_TOLERANCE, None, None, "fma", False),  # layer 1 as FMAs
+    ("tf32", TF32_TOLERANCE, None, None, "dot_all", False),  # row / column features in the dot
+    ("ieee", KERNEL_TOLERANCE, SMALL_TILES, SMALL_PACKED, "dot_all", False),
+    ("bf16", BF16_DOTS_TOLERANCE, None, None, "dot", False),  # bf16 operands
+    ("bf16", BF16_DOTS_TOLERANCE, None, None, "dot_all", True),  # the persistent apply kernel
+    ("ieee", KERNEL_TOLERANCE, SMALL_TILES, SMALL_PACKED, "dot", True),
 ])
 def test_triton_matches_reference_every_shape_class_and_bf16(mlp_precision, tol, blocks,
-                                                             packed_blocks, layer1):
+                                                             packed_blocks, layer1, persistent):
     from lopt_fast.kernels import triton_update
 
     lopt = AdafacMLPLOpt(hidden_size=32, exp_mult=0.3, step_mult=0.01)
     theta, params, shapes, rng = every_shape_class(lopt, int(np.random.default_rng().integers(1 << 30)))
     kernel = jax.jit(lambda t, s, g: triton_update(lopt, t, s, g, mlp_precision=mlp_precision,
                                                    blocks=blocks, packed_blocks=packed_blocks,
-                                                   layer1=layer1))
+                                                   layer1=layer1, persistent=persistent))
     ref = precise_reference(lopt)
     run_trajectories(lopt, theta, params, shapes, rng, kernel, ref, tol=tol)
 
@@ -129,9 +136,12 @@ def test_triton_matches_reference_every_shape_class_and_bf16(mlp_precision, tol,
                                   ["--precision", "ieee", "--small-tiles", "--layer1", "dot_all"],
                                   ["--precision", "tf32"],
                                   ["--precision", "bf16", "--layer1", "dot_all"],
-                                  ["--vmapped"]],
+                                  ["--vmapped"],
+                                  ["--precision", "ieee", "--small-tiles", "--persistent"],
+                                  ["--vmapped", "--persistent"]],
                          ids=["ieee-small-tiles", "layer1-fma", "layer1-dot_all",
-                              "tf32-default-tiles", "bf16-dots-dot_all", "vmapped-tasks"])
+                              "tf32-default-tiles", "bf16-dots-dot_all", "vmapped-tasks",
+                              "persistent-small-tiles", "persistent-vmapped-tasks"])
 def test_triton_kernels_interpreted_match_reference(case):
     """Small ragged tiles with float32 dots, layer 1 in each form; the default tiles and
     code path (TF32 dots on a GPU, float32 in the interpreter); bf16 dot operands (the

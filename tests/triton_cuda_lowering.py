@@ -34,8 +34,8 @@ EXPECTED_LAUNCHES = 3 * NUM_FACTORED + 2
 EXPECTED_ALIASES = 3 * NUM_FACTORED + 4  # p, mom, rms per factored apply; + v_diag packed
 
 
-def lowered_launches(mlp_precision: str, tasks: int | None = None,
-                     layer1: str = "dot") -> tuple[int, int]:
+def lowered_launches(mlp_precision: str, tasks: int | None = None, layer1: str = "dot",
+                     persistent: bool = False) -> tuple[int, int]:
     """(Triton launches, input -> output aliases) in the step lowered for CUDA."""
     lopt = AdafacMLPLOpt(hidden_size=32)
     theta = lopt.init(jax.random.key(0))
@@ -43,7 +43,8 @@ def lowered_launches(mlp_precision: str, tasks: int | None = None,
               for k, s in SHAPES.items()}
     state = lopt.opt_fn(theta, backend="reference").init(params, num_steps=50)
     step = lambda t, s, g: triton_update(lopt, t, s, g, mlp_precision=mlp_precision,  # noqa: E731
-                                         compute_capability=H100, layer1=layer1)
+                                         compute_capability=H100, layer1=layer1,
+                                         persistent=persistent)
     if tasks:
         step = jax.vmap(step)
         theta, state, params = jax.tree.map(
@@ -54,11 +55,13 @@ def lowered_launches(mlp_precision: str, tasks: int | None = None,
 
 
 if __name__ == "__main__":
-    for precision, tasks, layer1 in (("tf32", None, "dot"), ("ieee", None, "dot"),
-                                     ("tf32", 3, "dot"), ("tf32", None, "fma"),
-                                     ("tf32", 3, "dot_all"), ("bf16", None, "dot")):
-        launches, aliases = lowered_launches(precision, tasks, layer1)
-        case = f"{precision}, {tasks or 1} task(s), layer 1 as {layer1}"
+    for precision, tasks, layer1, persistent in (
+            ("tf32", None, "dot", False), ("ieee", None, "dot", False), ("tf32", 3, "dot", False),
+            ("tf32", None, "fma", False), ("tf32", 3, "dot_all", False),
+            ("bf16", None, "dot", False), ("bf16", 3, "dot_all", True)):
+        launches, aliases = lowered_launches(precision, tasks, layer1, persistent)
+        case = (f"{precision}, {tasks or 1} task(s), layer 1 as {layer1}"
+                + (", persistent apply" if persistent else ""))
         print(f"{case}: {launches} Triton launches lowered for sm_{H100} (expected "
               f"{EXPECTED_LAUNCHES}), {aliases} in-place operands (expected {EXPECTED_ALIASES})")
         assert launches == EXPECTED_LAUNCHES, f"{case}: {launches} launches"

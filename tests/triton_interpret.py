@@ -129,6 +129,22 @@ def _bf16_dots_from_bf16_values():
     InterpreterBuilder.create_dot = create_dot
 
 
+def _scalar_tensors_index():
+    """Let a loop bound be a runtime scalar (`tl.range(tl.program_id(0), n, ...)`).
+
+    Triton 3.6's interpreter holds scalars as one-element arrays and converts them to
+    Python ints with `int(array)`, which NumPy >= 2.3 refuses for a 1-D array."""
+    from triton.runtime import interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+
+
 def interpreted_triton_update(*args, **kwargs):
     """`triton_update` with interpreted launches (needs TRITON_INTERPRET=1)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
@@ -140,7 +156,7 @@ def interpreted_triton_update(*args, **kwargs):
 
 
 def check_against_reference(mlp_precision: str, small_tiles: bool, seed: int,
-                            layer1: str = "dot"):
+                            layer1: str = "dot", persistent: bool = False):
     """The backend on every shape class and bf16 params, several steps, against the reference."""
     from lopt_fast.learned import AdafacMLPLOpt
     from tests.helpers import precise_reference
@@ -153,7 +169,7 @@ def check_against_reference(mlp_precision: str, small_tiles: bool, seed: int,
     blocks, packed_blocks = (SMALL_TILES, SMALL_PACKED) if small_tiles else (None, None)
     kernel = jax.jit(lambda t, s, g: interpreted_triton_update(
         lopt, t, s, g, mlp_precision=mlp_precision, blocks=blocks, packed_blocks=packed_blocks,
-        layer1=layer1))
+        layer1=layer1, persistent=persistent))
     ref = precise_reference(lopt)
     # The interpreter ignores `input_precision` (float32 dots, so "tf32" gets the float32
     # tolerances); bf16 operands are rounded in the kernel, so they get their own.
@@ -161,7 +177,7 @@ def check_against_reference(mlp_precision: str, small_tiles: bool, seed: int,
     run_trajectories(lopt, theta, params, shapes, rng, kernel, ref, tol=tol)
 
 
-def check_vmapped_against_reference(seed: int, tasks: int = 3):
+def check_vmapped_against_reference(seed: int, tasks: int = 3, persistent: bool = False):
     """`jax.vmap` over tasks with per-task theta (folded into the kernels' grids), bf16
     params and ragged tiles, against the vmapped reference; then meta-gradients of a loss
     after two vmapped steps (kernel forward, reference backward) against the reference's."""
@@ -185,7 +201,8 @@ def check_vmapped_against_reference(seed: int, tasks: int = 3):
     params = {k: jnp.asarray(rng.normal(size=(tasks,) + s), VMAP_DTYPES.get(k, jnp.float32))
               for k, s in shapes.items()}
     kernel = jax.jit(jax.vmap(lambda t, s, g: interpreted_triton_update(
-        lopt, t, s, g, mlp_precision="ieee", blocks=SMALL_TILES, packed_blocks=SMALL_PACKED)))
+        lopt, t, s, g, mlp_precision="ieee", blocks=SMALL_TILES, packed_blocks=SMALL_PACKED,
+        persistent=persistent)))
     ref = precise_reference(lopt, vmapped=True)
     run_trajectories(lopt, theta, params, shapes, rng, kernel, ref, vmapped=True, tol=TOLERANCE)
 
@@ -216,7 +233,7 @@ def check_vmapped_against_reference(seed: int, tasks: int = 3):
 
 
 if __name__ == "__main__":
-    from lopt_fast.kernels.adafac_triton import LAYER1_FORMS, MLP_PRECISIONS
+    from lopt_fast.pallas.blocks import LAYER1_FORMS, MLP_PRECISIONS
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--precision", choices=MLP_PRECISIONS, default="tf32")
@@ -225,11 +242,20 @@ if __name__ == "__main__":
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vmapped", action="store_true",
                     help="3 tasks with their own theta under jax.vmap (ieee, small tiles)")
+    ap.add_argument("--persistent", action="store_true",
+                    help="the persistent apply kernel, with 2 programs so each loops over "
+                         "many tiles")
     args = ap.parse_args()
     _round_bf16_stores_to_nearest_even()
     _bf16_dots_from_bf16_values()
+    _scalar_tensors_index()
+    if args.persistent:
+        from lopt_fast.kernels import adafac_triton
+
+        adafac_triton._num_sms = lambda: 1  # this process only
     if args.vmapped:
-        check_vmapped_against_reference(args.seed)
+        check_vmapped_against_reference(args.seed, persistent=args.persistent)
     else:
-        check_against_reference(args.precision, args.small_tiles, args.seed, args.layer1)
+        check_against_reference(args.precision, args.small_tiles, args.seed, args.layer1,
+                                args.persistent)
     print("interpreted Triton kernels match the reference")

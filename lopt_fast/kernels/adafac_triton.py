@@ -25,6 +25,15 @@ whole step 1.2x / 1.3x faster than "fma" at 1e7 / 1e8 parameters
 yet timed on a GPU. Tolerances against the float32 reference: docs/KERNELS.md (TF32 on
 an H100: params up to 3.1e-5 off after 3 steps; bf16 in Triton's interpreter: 1.2e-4).
 
+Apply launch (`persistent`): one program per tile (the default), or a persistent kernel,
+a grid of `PERSISTENT_PROGRAMS_PER_SM` programs per SM that loop over the tiles. Its
+loop is software-pipelined (`tl.range(..., num_stages)`): Triton issues the next tiles'
+loads as asynchronous copies into shared memory (cp.async, LDGSTS), so they are in flight
+while the program computes, without registers to hold them. One program per tile has
+its tile's bytes in flight only before it computes: two or three programs per SM keep
+far fewer bytes in flight than the memory's bandwidth x latency (docs/KERNELS.md). Not
+yet timed on a GPU.
+
 Only on NVIDIA GPUs with the `gpu` extra (jax-triton needs a CUDA jaxlib). jax-triton has
 no vmap rule of its own; `_over_tasks` gives each launch one: `jax.vmap` over tasks (each
 with its own theta) folds the task axis into grid axis 0, and the kernels move every
@@ -41,12 +50,15 @@ import triton
 import triton.language as tl
 
 from lopt_fast.pallas import plan
-from lopt_fast.pallas.blocks import BlockSizes
+from lopt_fast.pallas.blocks import (
+    LAYER1_FORMS,
+    MLP_PRECISIONS,
+    PERSISTENT_PROGRAMS_PER_SM,
+    BlockSizes,
+)
 
 NUM_SUMS = tl.constexpr(plan.NUM_SUMS)
 NUM_CONSTS = tl.constexpr(plan.NUM_CONSTS)
-LAYER1_FORMS = ("fma", "dot", "dot_all")  # see the module docstring
-MLP_PRECISIONS = ("tf32", "ieee", "bf16")  # the dots' operands
 
 
 # ----------------------------------------------------------------------------- kernel bodies
@@ -136,12 +148,19 @@ def _task_mlp(t, wh_ptr, bh_ptr, wo_ptr, HP: tl.constexpr, NHID: tl.constexpr):
 
 @triton.jit
 def _tile(B, U, V, R: tl.constexpr, C: tl.constexpr):
-    """Grid axis 0 runs over tasks x B: task t, tensor b of B, and offsets within the task."""
-    tb = tl.program_id(0).to(tl.int64)
+    """Grid axis 0 runs over tasks x B, axes 1 and 2 over row and column tiles."""
+    return _tile_at(tl.program_id(0), tl.program_id(1), tl.program_id(2), B, U, V, R, C)
+
+
+@triton.jit
+def _tile_at(tb, iu, iv, B, U, V, R: tl.constexpr, C: tl.constexpr):
+    """Tile (iu, iv) of tensor tb of tasks x B: task t, tensor b of B, and offsets within
+    the task."""
+    tb = tb.to(tl.int64)
     t = tb // B
     b = tb % B
-    u = tl.program_id(1).to(tl.int64) * R + tl.arange(0, R)
-    v = tl.program_id(2).to(tl.int64) * C + tl.arange(0, C)
+    u = iu.to(tl.int64) * R + tl.arange(0, R)
+    v = iv.to(tl.int64) * C + tl.arange(0, C)
     mask = (u[:, None] < U) & (v[None, :] < V)
     off = b * U * V + u[:, None] * V + v[None, :]
     return t, b, u, v, mask, off
@@ -156,7 +175,9 @@ def _task_inputs(t, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, B, U,
 
 
 @triton.jit
-def _row_col_sums_kernel(g_ptr, B, U, V, su_ptr, sv_ptr, R: tl.constexpr, C: tl.constexpr):
+def _row_col_sums_kernel(g_ptr, B, U, VQ, su_ptr, sv_ptr, R: tl.constexpr, C: tl.constexpr,
+                         VA: tl.constexpr):
+    V = VQ * VA
     t, b, u, v, mask, off = _tile(B, U, V, R, C)
     b = t * B + b  # su, sv: [tasks * B, tiles, U or V]
     g = tl.load(g_ptr + t * B * U * V + off, mask=mask, other=0.0).to(tl.float32)
@@ -189,11 +210,11 @@ def _factors(fu_ptr, fv_ptr, B, U, V, b, u, v, k: tl.constexpr):
 
 
 @triton.jit
-def _factored_tile(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, B, U, V,
+def _factored_tile(tb, iu, iv, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, B, U, V,
                    R: tl.constexpr, C: tl.constexpr):
-    """This program's tile of a factored tensor: where it is, its task's consts pointer,
-    the new accumulators, r = rsqrt(rms + 1e-6) and the three Adafactor factors."""
-    t, b, u, v, mask, off = _tile(B, U, V, R, C)
+    """Tile (iu, iv) of tensor tb of a factored tensor: where it is, its task's consts
+    pointer, the new accumulators, r = rsqrt(rms + 1e-6) and the three Adafactor factors."""
+    t, b, u, v, mask, off = _tile_at(tb, iu, iv, B, U, V, R, C)
     c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr = _task_inputs(
         t, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, B, U, V)
     g, p, m0, m1, m2, rms = _factored_planes(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, B, U, V, off,
@@ -206,10 +227,12 @@ def _factored_tile(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, B, U, 
 
 
 @triton.jit
-def _factored_moments_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, B, U, V,
-                             s_ptr, R: tl.constexpr, C: tl.constexpr):
+def _factored_moments_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, B, U, VQ,
+                             s_ptr, R: tl.constexpr, C: tl.constexpr, VA: tl.constexpr):
+    V = VQ * VA
     t, b, u, v, mask, off, c_ptr, g, p, m0, m1, m2, rms, r, f0, f1, f2 = _factored_tile(
-        c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, B, U, V, R, C)
+        tl.program_id(0), tl.program_id(1), tl.program_id(2), c_ptr, p_ptr, g_ptr, mom_ptr,
+        rms_ptr, fu_ptr, fv_ptr, B, U, V, R, C)
     s = _shared_lanes(g, p, m0, m1, m2, rms, r, mask)
     s = _lane(s, 10, g * f0, mask)
     s = _lane(s, 11, g * f1, mask)
@@ -260,16 +283,56 @@ def _row_col_features16(fu, fv, R: tl.constexpr, C: tl.constexpr):
 
 @triton.jit
 def _factored_apply_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, tu_ptr, tv_ptr,
-                           w_ptr, wh_ptr, bh_ptr, wo_ptr, B, U, V, po_ptr, mo_ptr, ro_ptr,
+                           w_ptr, wh_ptr, bh_ptr, wo_ptr, B, U, VQ, po_ptr, mo_ptr, ro_ptr,
                            R: tl.constexpr, C: tl.constexpr, HP: tl.constexpr,
                            NHID: tl.constexpr, EXP_MULT: tl.constexpr, STEP_MULT: tl.constexpr,
                            PREC: tl.constexpr, L1: tl.constexpr, TW: tl.constexpr,
-                           WR: tl.constexpr):
-    """L1: layer 1 as "fma", "dot" (both add the tables tu [U, HP], tv [V, HP]) or "dot_all"
-    (tu [U, 8], tv [V, 8] hold the row / column features). TW: the tables' width, WR: w's
-    rows (16, or 32 for "dot_all"; see `plan.Kernels`)."""
+                           WR: tl.constexpr, VA: tl.constexpr):
+    """One program per tile: grid (tasks x B, U / R, V / C)."""
+    V = VQ * VA
+    _apply_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), c_ptr, p_ptr, g_ptr,
+                mom_ptr, rms_ptr, fu_ptr, fv_ptr, tu_ptr, tv_ptr, w_ptr, wh_ptr, bh_ptr, wo_ptr,
+                B, U, V, po_ptr, mo_ptr, ro_ptr, R, C, HP, NHID, EXP_MULT, STEP_MULT, PREC, L1,
+                TW, WR)
+
+
+@triton.jit
+def _factored_apply_persistent_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr,
+                                      tu_ptr, tv_ptr, w_ptr, wh_ptr, bh_ptr, wo_ptr, B, U, VQ,
+                                      TB, po_ptr, mo_ptr, ro_ptr, R: tl.constexpr,
+                                      C: tl.constexpr, HP: tl.constexpr, NHID: tl.constexpr,
+                                      EXP_MULT: tl.constexpr, STEP_MULT: tl.constexpr,
+                                      PREC: tl.constexpr, L1: tl.constexpr, TW: tl.constexpr,
+                                      WR: tl.constexpr, VA: tl.constexpr, STAGES: tl.constexpr):
+    """A fixed grid of programs, each looping over tiles p, p + programs, ... of the TB
+    (tasks x B) tensors. Triton's software pipeliner turns the loop's loads into
+    asynchronous copies into shared memory STAGES - 1 tiles ahead (LDGSTS on sm_90), so
+    a program's next tiles are in flight while it computes this one, without holding
+    them in registers. Consecutive tile ids walk down the rows of one column block."""
+    V = VQ * VA
+    nu = tl.cdiv(U, R)
+    nv = tl.cdiv(V, C)
+    for tile in tl.range(tl.program_id(0), TB * nu * nv, tl.num_programs(0), num_stages=STAGES):
+        iu = tile % nu
+        iv = (tile // nu) % nv
+        tb = tile // (nu * nv)
+        _apply_tile(tb, iu, iv, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, tu_ptr,
+                    tv_ptr, w_ptr, wh_ptr, bh_ptr, wo_ptr, B, U, V, po_ptr, mo_ptr, ro_ptr, R, C,
+                    HP, NHID, EXP_MULT, STEP_MULT, PREC, L1, TW, WR)
+
+
+@triton.jit
+def _apply_tile(tb, iu, iv, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, tu_ptr, tv_ptr,
+                w_ptr, wh_ptr, bh_ptr, wo_ptr, B, U, V, po_ptr, mo_ptr, ro_ptr,
+                R: tl.constexpr, C: tl.constexpr, HP: tl.constexpr, NHID: tl.constexpr,
+                EXP_MULT: tl.constexpr, STEP_MULT: tl.constexpr, PREC: tl.constexpr,
+                L1: tl.constexpr, TW: tl.constexpr, WR: tl.constexpr):
+    """Pass 3 on tile (iu, iv) of tensor tb. L1: layer 1 as "fma", "dot" (both add the
+    tables tu [U, HP], tv [V, HP]) or "dot_all" (tu [U, 8], tv [V, 8] hold the row / column
+    features). TW: the tables' width, WR: w's rows (16, or 32 for "dot_all"; see
+    `plan.Kernels`)."""
     t, b, u, v, mask, off, c_ptr, g, p, m0, m1, m2, rms, r, f0, f1, f2 = _factored_tile(
-        c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, B, U, V, R, C)
+        tb, iu, iv, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, B, U, V, R, C)
     w_ptr = w_ptr + t * WR * HP
     wh_ptr, bh_ptr, wo_ptr = _task_mlp(t, wh_ptr, bh_ptr, wo_ptr, HP, NHID)
     tu_ptr = tu_ptr + t * B * U * TW
@@ -430,6 +493,22 @@ def _f32(shape):
     return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
+def _row_alignment(v: int) -> int:
+    """The largest power of two <= 16 that divides a row's length v.
+
+    jax-triton passes sizes as plain runtime integers (Triton's own launcher would mark
+    one divisible by 16), so a kernel cannot know that its rows start at aligned
+    addresses and loads one float per instruction. The factored kernels take V / VA
+    and a constexpr VA, and multiply them back: with VA = 4, say, each thread's
+    elements of a row load as 128-bit vectors."""
+    return min(16, v & -v)
+
+
+def _num_sms() -> int:
+    """Streaming multiprocessors of the GPU; an H100 / H200's 132 when lowering without one."""
+    return getattr(jax.devices()[0], "core_count", None) or 132
+
+
 def _over_tasks(launch, *arrays):
     """launch(tasks, *arrays with a leading task axis) on one task's `arrays`, such that
     `jax.vmap` over tasks folds the task axis into the launch (grid axis 0), not a loop.
@@ -456,7 +535,7 @@ class TritonKernels:
     """Launchers (`plan.Kernels` interface) through `jax_triton.triton_call`."""
 
     def __init__(self, mlp_precision: str = "tf32", compute_capability: int | None = None,
-                 layer1: str = "dot"):
+                 layer1: str = "dot", persistent: bool = False):
         if mlp_precision not in MLP_PRECISIONS:
             raise ValueError(f"mlp_precision must be one of {MLP_PRECISIONS}, got {mlp_precision!r}")
         if layer1 not in LAYER1_FORMS:
@@ -464,6 +543,7 @@ class TritonKernels:
         self.prec = mlp_precision
         self.compute_capability = compute_capability
         self.layer1 = layer1
+        self.persistent = persistent
         self.row_col_in_dot = layer1 == "dot_all"  # what plan hands factored_apply
 
     def _call(self, *args, **kw):
@@ -480,13 +560,14 @@ class TritonKernels:
     def row_col_sums(self, g, blocks: BlockSizes):
         b, u, v = g.shape
         nu, nv = -(-u // blocks.rows), -(-v // blocks.cols)
+        va = _row_alignment(v)
 
         def launch(tasks, g):
-            su, sv = self._call(g, b, u, v, kernel=_row_col_sums_kernel,
+            su, sv = self._call(g, b, u, v // va, kernel=_row_col_sums_kernel,
                                 out_shape=[_f32((tasks, b, nv, u)), _f32((tasks, b, nu, v))],
                                 grid=(tasks * b, nu, nv), num_warps=blocks.num_warps,
                                 num_stages=blocks.num_stages, R=blocks.rows, C=blocks.cols,
-                                name="adafac_row_col_sums")
+                                VA=va, name="adafac_row_col_sums")
             return jnp.sum(su, axis=2), jnp.sum(sv, axis=2)
 
         return _over_tasks(launch, g)
@@ -494,14 +575,15 @@ class TritonKernels:
     def factored_moments(self, p, g, mom, rms, fu, fv, consts, blocks: BlockSizes):
         b, u, v = p.shape
         nu, nv = -(-u // blocks.rows), -(-v // blocks.cols)
+        va = _row_alignment(v)
 
         def launch(tasks, consts, p, g, mom, rms, fu, fv):
-            return self._call(consts, p, g, mom, rms, fu, fv, b, u, v,
+            return self._call(consts, p, g, mom, rms, fu, fv, b, u, v // va,
                               kernel=_factored_moments_kernel,
                               out_shape=_f32((tasks, b, nu * nv, plan.NUM_SUMS)),
                               grid=(tasks * b, nu, nv), num_warps=blocks.num_warps,
                               num_stages=blocks.num_stages, R=blocks.rows, C=blocks.cols,
-                              name="adafac_moments")
+                              VA=va, name="adafac_moments")
 
         return _over_tasks(launch, consts, p, g, mom, rms, fu, fv)
 
@@ -510,17 +592,25 @@ class TritonKernels:
         b, u, v = p.shape
         hp = w_ew.shape[-1]
         nu, nv = -(-u // blocks.rows), -(-v // blocks.cols)
+        va = _row_alignment(v)
         nhid, wh, bh = self._hidden(mlp, hp)
 
         def launch(tasks, *arrays):
             lead = lambda x: jax.ShapeDtypeStruct((tasks, *x.shape), x.dtype)  # noqa: E731
+            if self.persistent:  # a fixed grid of programs looping over the tiles
+                sizes, kernel = (b, u, v // va, tasks * b), _factored_apply_persistent_kernel
+                grid = (min(tasks * b * nu * nv, _num_sms() * PERSISTENT_PROGRAMS_PER_SM),)
+                extra = dict(STAGES=blocks.num_stages)
+            else:
+                sizes, kernel = (b, u, v // va), _factored_apply_kernel
+                grid, extra = (tasks * b, nu, nv), {}
             return self._call(
-                *arrays, b, u, v, kernel=_factored_apply_kernel,
-                out_shape=[lead(p), lead(mom), lead(rms)], grid=(tasks * b, nu, nv),
-                num_warps=blocks.num_warps, num_stages=blocks.num_stages, R=blocks.rows,
-                C=blocks.cols, HP=hp, NHID=nhid, EXP_MULT=mults[0], STEP_MULT=mults[1],
-                PREC=self.prec, L1=self.layer1, TW=tu.shape[-1], WR=w_ew.shape[-2],
-                input_output_aliases=plan.FACTORED_APPLY_ALIASES, name="adafac_apply")
+                *arrays, *sizes, kernel=kernel, out_shape=[lead(p), lead(mom), lead(rms)],
+                grid=grid, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+                R=blocks.rows, C=blocks.cols, HP=hp, NHID=nhid, EXP_MULT=mults[0],
+                STEP_MULT=mults[1], PREC=self.prec, L1=self.layer1, TW=tu.shape[-1],
+                WR=w_ew.shape[-2], VA=va, input_output_aliases=plan.FACTORED_APPLY_ALIASES,
+                name="adafac_apply", **extra)
 
         return _over_tasks(launch, consts, p, g, mom, rms, fu, fv, tu, tv, w_ew, wh, bh,
                            mlp.w_out_t)
@@ -568,8 +658,9 @@ class TritonKernels:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
 def _fused(lopt, theta, state, grad, config):
-    mlp_precision, blocks, packed_blocks, compute_capability, layer1 = config
-    kernels = plan.Kernels.of(TritonKernels(mlp_precision, compute_capability, layer1))
+    mlp_precision, blocks, packed_blocks, compute_capability, layer1, persistent = config
+    kernels = plan.Kernels.of(TritonKernels(mlp_precision, compute_capability, layer1,
+                                            persistent))
     return plan.fused_update(kernels, lopt, theta, state, grad, blocks=blocks,
                              packed_blocks=packed_blocks)
 
@@ -590,7 +681,8 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 def triton_update(lopt, theta, state, grad, *, mlp_precision: str = "tf32",
                   blocks: BlockSizes | None = None, packed_blocks: BlockSizes | None = None,
-                  compute_capability: int | None = None, layer1: str = "dot"):
+                  compute_capability: int | None = None, layer1: str = "dot",
+                  persistent: bool = False):
     """Fused Triton `AdafacMLPLOpt` update (jax-triton): the signature of `reference_update`.
 
     Forward runs the Triton kernels, backward differentiates the reference
@@ -599,10 +691,13 @@ def triton_update(lopt, theta, state, grad, *, mlp_precision: str = "tf32",
     lowering without one (`.lower(lowering_platforms=("cuda",))`); by default jax-triton
     asks the local GPU. `layer1`: the factored tensors' first MLP layer as "dot" (faster
     than "fma" on an H100), "dot_all" or "fma"; `mlp_precision`: the dots' operands,
-    "tf32", "ieee" or "bf16"; see the module docstring.
+    "tf32", "ieee" or "bf16"; `persistent`: run the apply pass of factored tensors as
+    a fixed grid of programs that loop over tiles with their next tiles' loads in flight
+    (`blocks.num_stages` - 1 ahead); see the module docstring.
 
     Example:
         new_params, acc = triton_update(lopt, theta, opt_state, grads)
     """
     return _fused(lopt, theta, state, grad,
-                  (mlp_precision, blocks, packed_blocks, compute_capability, layer1))
+                  (mlp_precision, blocks, packed_blocks, compute_capability, layer1,
+                   bool(persistent)))

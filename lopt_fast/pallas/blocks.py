@@ -22,6 +22,16 @@ import dataclasses
 TILE_VALUES = 8192  # float32 activations per program in pass 3
 MAX_TILE = 1024
 PACKED_COLS = 128  # lane width of the packed buffer for non-factored tensors
+# How the Triton apply kernel runs layer 1 and the dots' operands (`triton_update`'s
+# `layer1` / `mlp_precision`; lopt_fast/kernels/adafac_triton.py says what each does).
+# Here, not there, so tools can offer them without importing triton.
+LAYER1_FORMS = ("fma", "dot", "dot_all")
+MLP_PRECISIONS = ("tf32", "ieee", "bf16")
+PALLAS_LAYER1_FORMS = ("fma", "dot")  # `pallas_update`'s `layer1`
+# Triton's persistent apply kernel (`triton_update(..., persistent=True)`): programs per SM.
+# Compiled for sm_90 (H = 32, 1x256 tiles, 4 warps, 2-3 stages) it needs 186-255
+# registers, so two programs of 4 warps fit on an SM.
+PERSISTENT_PROGRAMS_PER_SM = 2
 
 
 def next_pow2(n: int) -> int:
