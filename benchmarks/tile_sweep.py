@@ -2,17 +2,20 @@
 
     python benchmarks/tile_sweep.py                                  # triton, 1e7 and 1e8
     python benchmarks/tile_sweep.py --tiles 1x256 2x128 --layer1 dot dot_all --precision tf32 bf16
-    python benchmarks/tile_sweep.py --backend pallas --tiles 1x128 1x256 --warps 4 8
+    python benchmarks/tile_sweep.py --backend pallas --tiles 1x128 1x256 --warps 4 8 --layer1 fma dot
+    python benchmarks/tile_sweep.py --layer1 dot_all --precision bf16 --persistent off on --stages 2 3
 
 Each configuration overrides the tile of every factored tensor (`blocks=BlockSizes(rows,
-cols, num_warps)`) of a square matrix plus its bias, and for triton how the apply kernel
-runs the first MLP layer (`layer1`) and the dots' operands (`mlp_precision`); "default" is
-the library's choice (`blocks.block_sizes`; for triton layer 1 as "dot", TF32). All
-configurations of a size, and `optax.adam` on the same tree (the issue's <= 3x target), are timed
-in alternation (one call of each per round: `timing.interleaved_median_and_iqr`),
-compile and warm-up excluded, so their ratios hold on a noisy machine.
-`profiling/triton_resources.py` gives each tile's registers and spills without a GPU;
-this gives the times.
+cols, num_warps, num_stages)`) of a square matrix plus its bias, how the apply kernel runs
+the first MLP layer (`layer1`) and, for triton, the dots' operands (`mlp_precision`) and
+whether it is the persistent kernel (`persistent`, its tile loop pipelined `num_stages`
+deep). "default" is the library's choice (`blocks.block_sizes`; triton: layer 1 as "dot",
+TF32, one program per tile; pallas: layer 1 as "fma"). All configurations of a size, and
+`optax.adam` on the same tree (the issue's <= 3x target), are timed in alternation (one
+call of each per round: `timing.interleaved_median_and_iqr`), compile and warm-up
+excluded, so their ratios hold on a noisy machine. `profiling/triton_resources.py` and
+`profiling/pallas_resources.py` give each kernel's registers and instruction mix without
+a GPU; this gives the times.
 """
 
 from __future__ import annotations
@@ -25,7 +28,12 @@ from step import adam_step, model_shapes, random_tree  # benchmarks/step.py (run
 from timing import interleaved_median_and_iqr  # benchmarks/timing.py
 
 from lopt_fast.learned import AdafacMLPLOpt
-from lopt_fast.pallas.blocks import BlockSizes
+from lopt_fast.pallas.blocks import (
+    LAYER1_FORMS,
+    MLP_PRECISIONS,
+    PALLAS_LAYER1_FORMS,
+    BlockSizes,
+)
 
 
 def _update_fn(backend):
@@ -44,11 +52,17 @@ def main(argv=None):
     ap.add_argument("--sizes", nargs="*", type=float, default=[1e7, 1e8])
     ap.add_argument("--tiles", nargs="*", default=["1x128", "1x256", "1x512"])
     ap.add_argument("--warps", nargs="*", type=int, default=[4, 8])
-    ap.add_argument("--layer1", nargs="*", choices=("fma", "dot", "dot_all"), default=["dot"],
-                    help="triton only: first layer as FMAs, as a tl.dot of the 16 per-element "
-                         "features, or of all 28 (see lopt_fast/kernels/adafac_triton.py)")
-    ap.add_argument("--precision", nargs="*", choices=("tf32", "bf16", "ieee"), default=["tf32"],
+    ap.add_argument("--layer1", nargs="*", choices=LAYER1_FORMS, default=None,
+                    help="first layer as FMAs, as a dot of the per-element features, or "
+                         "(triton only) of all 28 (lopt_fast/kernels/adafac_triton.py); "
+                         "default: the backend's default")
+    ap.add_argument("--precision", nargs="*", choices=MLP_PRECISIONS, default=["tf32"],
                     help="triton only: the dots' operands (mlp_precision)")
+    ap.add_argument("--stages", nargs="*", type=int, default=[2],
+                    help="num_stages of the launches (and of the persistent kernel's tile loop)")
+    ap.add_argument("--persistent", nargs="*", choices=("off", "on"), default=["off"],
+                    help="triton only: the apply pass as a persistent kernel (triton_update's "
+                         "`persistent`)")
     ap.add_argument("--hidden-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args(argv)
@@ -57,15 +71,26 @@ def main(argv=None):
     theta = lopt.init(jax.random.key(0))
     update = _update_fn(args.backend)
     triton = args.backend == "triton"
-    kernel_forms = ([{"layer1": l1, "mlp_precision": prec} for l1 in args.layer1
-                     for prec in args.precision] if triton else [{}])
+    if triton:
+        kernel_forms = [{"layer1": l1, "mlp_precision": prec, "persistent": pers == "on"}
+                        for l1 in args.layer1 or ["dot"] for prec in args.precision
+                        for pers in args.persistent]
+    else:
+        bad = set(args.layer1 or []) - set(PALLAS_LAYER1_FORMS)
+        if bad:
+            ap.error(f"--backend pallas has layer 1 as {PALLAS_LAYER1_FORMS}, not {sorted(bad)}")
+        kernel_forms = [{"layer1": l1} for l1 in args.layer1 or ["fma"]]
     configs = {"default": {}}
     for tile in args.tiles:
         rows, cols = (int(x) for x in tile.split("x"))
         for warps in args.warps:
-            for form in kernel_forms:
-                name = " ".join([f"{tile} w{warps}", *form.values()])
-                configs[name] = {"blocks": BlockSizes(rows, cols, num_warps=warps), **form}
+            for stages in args.stages:
+                for form in kernel_forms:
+                    name = " ".join([f"{tile} w{warps} s{stages}", form["layer1"],
+                                     form.get("mlp_precision", ""),
+                                     "persistent" if form.get("persistent") else ""]).strip()
+                    configs[name] = {"blocks": BlockSizes(rows, cols, num_warps=warps,
+                                                          num_stages=stages), **form}
 
     print(f"{args.backend} on {jax.devices()[0].device_kind}, jax {jax.__version__}, "
           f"H={args.hidden_size}")

@@ -9,6 +9,9 @@ theta; bf16 params; gradients through the custom_vjp. Compiled functions are sha
 across steps (interpret mode compiles slowly on a small CPU).
 """
 
+import importlib.util
+import os
+import sys
 from typing import NamedTuple
 
 import jax
@@ -19,7 +22,7 @@ import pytest
 from lopt_fast.learned import AdafacMLPLOpt, reference_update
 from lopt_fast.pallas import BlockSizes, pallas_update
 from lopt_fast.pallas import plan as pallas_plan
-from tests.helpers import precise_reference, random_theta
+from tests.helpers import ROOT, precise_reference, random_theta
 
 
 class Tolerance(NamedTuple):
@@ -140,13 +143,15 @@ def ref_fn(lopt):
     return precise_reference(lopt)
 
 
-def test_tree_of_shape_classes_multi_tile(lopt, ref_fn):
+@pytest.mark.parametrize("layer1", ["fma", "dot"])
+def test_tree_of_shape_classes_multi_tile(lopt, ref_fn, layer1):
     seed = _seed()
     rng = np.random.default_rng(seed)
     theta = random_theta(lopt, jax.random.key(seed))
     params = random_tree(rng, TREE_SHAPES)
     kernel = jax.jit(lambda t, s, g: pallas_update(lopt, t, s, g, mlp_precision="ieee",
-                                                   blocks=SMALL_TILES, packed_blocks=SMALL_PACKED))
+                                                   blocks=SMALL_TILES, packed_blocks=SMALL_PACKED,
+                                                   layer1=layer1))
     run_trajectories(lopt, theta, params, TREE_SHAPES, rng, kernel, ref_fn)
 
 
@@ -160,14 +165,16 @@ VMAP_DTYPES = {"bias_bf16": jnp.bfloat16, "matrix_bf16": jnp.bfloat16}
 
 
 def test_vmapped_tasks_per_task_theta_bf16(lopt):
-    """Default tiles (each tensor smaller than one tile), 3 tasks with their own theta."""
+    """Default tiles (each tensor smaller than one tile), 3 tasks with their own theta;
+    layer 1 as a dot."""
     seed, tasks = _seed(), 3
     rng = np.random.default_rng(seed)
     thetas = [random_theta(lopt, jax.random.key(seed + t)) for t in range(tasks)]
     theta = jax.tree.map(lambda *xs: jnp.stack(xs), *thetas)
     params = {k: jnp.asarray(rng.normal(size=(tasks,) + s), VMAP_DTYPES.get(k, jnp.float32))
               for k, s in VMAP_SHAPES.items()}
-    kernel = jax.jit(jax.vmap(lambda t, s, g: pallas_update(lopt, t, s, g, mlp_precision="ieee")))
+    kernel = jax.jit(jax.vmap(lambda t, s, g: pallas_update(lopt, t, s, g, mlp_precision="ieee",
+                                                            layer1="dot")))
     run_trajectories(lopt, theta, params, VMAP_SHAPES, rng, kernel,
                      precise_reference(lopt, vmapped=True), vmapped=True)
 
@@ -257,3 +264,28 @@ def test_lowers_for_cuda_through_triton(lopt):
     lowered = jax.jit(fn).trace(theta, *batched).lower(lowering_platforms=("cuda",))
     text = lowered.as_text()
     assert text.count("__gpu$xla.gpu.triton") == 3 * 3 + 2, "one Triton launch per kernel"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                    reason="triton not installed (pip install 'lopt-fast[gpu]')")
+def test_kernels_compile_for_sm90():
+    """Each pallas_call's Triton module, as Pallas' Triton lowering emits it for CUDA,
+    compiles to sm_90 machine code with triton (`profiling/pallas_resources.py`): what XLA
+    does on a GPU, so a kernel that lowers but does not compile fails here, on CPU. Layer 1
+    as a dot adds its own tensor-core MMAs to the hidden layer's."""
+    sys.path.insert(0, os.path.join(ROOT, "profiling"))
+    from pallas_resources import compile_module, step_modules
+
+    shapes = {"m": (130, 290), "conv": (3, 3, 16, 32), "bias": (290,)}
+    mma = {}
+    for layer1 in ("fma", "dot"):
+        modules = dict(step_modules(shapes, hidden=32, layer1=layer1))
+        assert set(modules) == {"adafac_row_col_sums", "adafac_moments", "adafac_apply",
+                                "adafac_packed_moments", "adafac_packed_apply"}, set(modules)
+        for name, ir_text in modules.items():
+            compiled = compile_module(ir_text)
+            assert compiled.asm.get("cubin"), f"{layer1} {name}: no machine code"
+            mma[layer1, name] = compiled.asm["ptx"].count("wgmma.mma_async")
+    for name in ("adafac_apply", "adafac_packed_apply"):
+        assert mma["fma", name] > 0, f"{name}: the hidden layer's dot is not on tensor cores"
+        assert mma["dot", name] > mma["fma", name], f"{name}: layer 1 as a dot has no MMA"

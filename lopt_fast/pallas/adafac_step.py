@@ -45,7 +45,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from lopt_fast.pallas import plan
-from lopt_fast.pallas.blocks import BlockSizes
+from lopt_fast.pallas.blocks import PALLAS_LAYER1_FORMS, BlockSizes
 
 C_MOM, C_RMS, C_FAC, C_BOUT = plan.C_MOM, plan.C_RMS, plan.C_FAC, plan.C_BOUT
 
@@ -122,12 +122,36 @@ def _sums_vector(feats, mask):
     return out
 
 
-def _mlp_step(pre0, feats, w_ref, mlp_refs, c_ref, mults, precision):
-    """pre0 [rows, cols, Hp] (tables and bias) + layer 1 -> step [rows, cols]."""
+def _columns(planes):
+    """[N, len(planes)] with column k = planes[k] (each [N]; a power of two of them).
+
+    Pallas' Triton lowering only stacks two arrays along a new minor axis (`tt.join`):
+    stacking the even- and odd-numbered halves puts plane 2 j + i at [j, i], so column
+    2 j + i once the result is flattened."""
+    if len(planes) == 2:
+        return jnp.stack(planes, axis=-1)
+    even, odd = _columns(planes[0::2]), _columns(planes[1::2])
+    return jnp.stack([even, odd], axis=-1).reshape(even.shape[0], len(planes))
+
+
+def _mlp_step(pre0, feats, w_ref, mlp_refs, c_ref, mults, precision, layer1):
+    """pre0 [rows, cols, Hp] (tables and bias) + layer 1 -> step [rows, cols].
+
+    layer1 "fma": one multiply-add per feature on the vector units; "dot": the features
+    as [rows cols, K] x w [K, Hp] (K = 16 factored, 32 packed: the 22 features padded
+    with zero planes, whose rows of w are zero too)."""
     rows, cols, hp = pre0.shape
-    for f, x in enumerate(feats):
-        pre0 = pre0 + x[:, :, None] * w_ref[f, :][None, None, :]
-    h = jnp.maximum(pre0, 0.0).reshape(rows * cols, hp)
+    if layer1 == "dot":
+        k = w_ref.shape[0]
+        planes = [x.reshape(rows * cols) for x in feats]
+        planes += [jnp.zeros_like(planes[0])] * (k - len(planes))
+        pre = jnp.dot(_columns(planes), w_ref[...], precision=precision,
+                      preferred_element_type=jnp.float32)
+        h = jnp.maximum(pre0.reshape(rows * cols, hp) + pre, 0.0)
+    else:
+        for f, x in enumerate(feats):
+            pre0 = pre0 + x[:, :, None] * w_ref[f, :][None, None, :]
+        h = jnp.maximum(pre0, 0.0).reshape(rows * cols, hp)
     wh_ref, bh_ref, wo_ref = mlp_refs
     if wh_ref is not None:
         for layer in range(wh_ref.shape[0]):
@@ -176,14 +200,14 @@ def _factored_moments_kernel(c_ref, p_ref, g_ref, mom_ref, rms_ref, fu_ref, fv_r
 
 
 def _factored_apply_kernel(c_ref, p_ref, g_ref, mom_ref, rms_ref, fu_ref, fv_ref, tu_ref, tv_ref,
-                           w_ref, *rest, mults, precision, hidden, u_size, v_size):
+                           w_ref, *rest, mults, precision, layer1, hidden, u_size, v_size):
     # tu [rows, Hp] (row table + b0), tv [cols, Hp], w [16, Hp]; outputs p [rows, cols]
     # in p's dtype, mom [3, rows, cols], rms [1, rows, cols]
     mlp_refs, (po_ref, mo_ref, ro_ref) = _split_mlp(rest, hidden)
     (row_ok, col_ok, mask), p, m, rms, feats = _factored_tile(
         c_ref, p_ref, g_ref, mom_ref, rms_ref, fu_ref, fv_ref, u_size, v_size)
     pre0 = _load(tu_ref, row_ok[:, None])[:, None, :] + _load(tv_ref, col_ok[:, None])[None, :, :]
-    step = _mlp_step(pre0, feats, w_ref, mlp_refs, c_ref, mults, precision)
+    step = _mlp_step(pre0, feats, w_ref, mlp_refs, c_ref, mults, precision, layer1)
     _store(po_ref, p - step, mask)
     for k in range(3):
         _store(mo_ref, m[k], mask, k)
@@ -202,7 +226,7 @@ def _packed_moments_kernel(c_ref, p_ref, g_ref, mom_ref, rms_ref, vd_ref, n_ref,
 
 
 def _packed_apply_kernel(c_ref, p_ref, g_ref, mom_ref, rms_ref, vd_ref, w_ref, b0_ref, *rest,
-                         mults, precision, hidden):
+                         mults, precision, layer1, hidden):
     # w [32, Hp]: this tile's tensor's first-layer rows; b0 [1, Hp]
     mlp_refs, (po_ref, mo_ref, ro_ref, vo_ref) = _split_mlp(rest, hidden)
     g, p = g_ref[...], p_ref[...]
@@ -210,7 +234,7 @@ def _packed_apply_kernel(c_ref, p_ref, g_ref, mom_ref, rms_ref, vd_ref, w_ref, b
     feats, v = _features_packed(c_ref, g, p, m, rms, vd_ref)
     rows, cols = g.shape
     pre0 = jnp.broadcast_to(b0_ref[...][None, :, :], (rows, cols, b0_ref.shape[-1]))
-    step = _mlp_step(pre0, feats, w_ref, mlp_refs, c_ref, mults, precision)
+    step = _mlp_step(pre0, feats, w_ref, mlp_refs, c_ref, mults, precision, layer1)
     po_ref[...] = p - step
     for k in range(3):
         mo_ref[k] = m[k]
@@ -232,14 +256,19 @@ class PallasKernels:
     Args:
       interpret: run the kernels in Pallas' interpreter (CPU).
       mlp_precision: "tf32" (`lax.Precision.DEFAULT`) or "ieee" (`HIGHEST`) for the
-        hidden-layer dots.
+        MLP's dots.
+      layer1: the first MLP layer as "fma" (a multiply-add per feature) or "dot" (the
+        features as one [tile, K] x [K, Hp] dot).
     """
 
-    def __init__(self, interpret: bool, mlp_precision: str = "tf32"):
+    def __init__(self, interpret: bool, mlp_precision: str = "tf32", layer1: str = "fma"):
         if mlp_precision not in ("tf32", "ieee"):
             raise ValueError(f"mlp_precision must be 'tf32' or 'ieee', got {mlp_precision!r}")
+        if layer1 not in PALLAS_LAYER1_FORMS:
+            raise ValueError(f"layer1 must be one of {PALLAS_LAYER1_FORMS}, got {layer1!r}")
         self.interpret = interpret
         self.precision = lax.Precision.DEFAULT if mlp_precision == "tf32" else lax.Precision.HIGHEST
+        self.layer1 = layer1
 
     def _call(self, kernel, name, blocks: BlockSizes, **kw):
         if self.interpret:
@@ -316,7 +345,8 @@ class PallasKernels:
             pl.BlockSpec(w_ew.shape, lambda i, j, k: (0, 0)),  # w_ew
         ] + mlp_specs
         kernel = functools.partial(_factored_apply_kernel, mults=mults, precision=self.precision,
-                                   hidden=mlp.w_hidden is not None, u_size=u, v_size=v)
+                                   layer1=self.layer1, hidden=mlp.w_hidden is not None,
+                                   u_size=u, v_size=v)
         return self._call(
             kernel, "adafac_apply", blocks, grid=self._grid(p.shape, blocks), in_specs=in_specs,
             out_specs=[pl.BlockSpec((None, r, c), lambda i, j, k: (i, j, k)),
@@ -366,7 +396,7 @@ class PallasKernels:
             pl.BlockSpec(b0.shape, lambda i: (0, 0)),
         ] + mlp_specs
         kernel = functools.partial(_packed_apply_kernel, mults=mults, precision=self.precision,
-                                   hidden=mlp.w_hidden is not None)
+                                   layer1=self.layer1, hidden=mlp.w_hidden is not None)
         return self._call(
             kernel, "adafac_packed_apply", blocks, grid=(n,), in_specs=in_specs,
             out_specs=[pl.BlockSpec((r, c), lambda i: (i, 0)),
@@ -385,8 +415,8 @@ class PallasKernels:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
 def _fused(lopt, theta, state, grad, config):
-    interpret, mlp_precision, blocks, packed_blocks = config
-    kernels = plan.Kernels.of(PallasKernels(interpret, mlp_precision))
+    interpret, mlp_precision, blocks, packed_blocks, layer1 = config
+    kernels = plan.Kernels.of(PallasKernels(interpret, mlp_precision, layer1))
     return plan.fused_update(kernels, lopt, theta, state, grad, blocks=blocks,
                              packed_blocks=packed_blocks)
 
@@ -408,7 +438,7 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 def pallas_update(lopt, theta, state, grad, *, interpret: bool | None = None,
                   mlp_precision: str = "tf32", blocks: BlockSizes | None = None,
-                  packed_blocks: BlockSizes | None = None):
+                  packed_blocks: BlockSizes | None = None, layer1: str = "fma"):
     """Fused Pallas `AdafacMLPLOpt` update: the signature of `reference_update`.
 
     Forward runs the kernels; the backward pass (`jax.custom_vjp`) differentiates the
@@ -417,8 +447,10 @@ def pallas_update(lopt, theta, state, grad, *, interpret: bool | None = None,
     Args:
       lopt, theta, state, grad: as `lopt_fast.learned.adafac_mlp.reference_update`.
       interpret: run in Pallas' interpreter; default: when the default backend is CPU.
-      mlp_precision: "tf32" or "ieee" dots for the H x H layers on GPU.
+      mlp_precision: "tf32" or "ieee" dots for the H x H layers (and layer 1 as "dot")
+        on GPU.
       blocks, packed_blocks: override `blocks.block_sizes` / `packed_block_sizes` tiles.
+      layer1: the first MLP layer as "fma" or "dot" (see `PallasKernels`).
 
     Returns:
       (new params tree, `LeafAccumulators` of accumulator trees).
@@ -428,4 +460,5 @@ def pallas_update(lopt, theta, state, grad, *, interpret: bool | None = None,
     """
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    return _fused(lopt, theta, state, grad, (bool(interpret), mlp_precision, blocks, packed_blocks))
+    return _fused(lopt, theta, state, grad,
+                  (bool(interpret), mlp_precision, blocks, packed_blocks, layer1))

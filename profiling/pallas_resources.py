@@ -1,0 +1,116 @@
+"""Registers, spills and instruction mix of the Pallas kernels compiled for sm_90, no GPU needed.
+
+    python profiling/pallas_resources.py                          # a 4096 x 4096 matrix + bias
+    python profiling/pallas_resources.py --layer1 fma dot --shape 1024 1000 --warps 4 8
+
+Lowers one `pallas_update` step for CUDA (`lowering_platforms=("cuda",)`, no GPU or CUDA
+plugin needed), keeps the Triton module that Pallas' Triton lowering emits for each
+`pallas_call`, and compiles it with the installed triton's `triton.compile` for sm_90 with
+the launch's num_warps / num_stages: the step XLA would take on a GPU. Then the same
+report as `triton_resources.py` (ptxas' registers and spills, the SASS instruction mix).
+On CPU this is also the only check that the Pallas kernels compile to machine code, not
+just lower (`tests/test_pallas_step.py` runs it).
+
+Needs triton; reads Pallas' Triton modules through a private JAX function
+(`jax._src.pallas.triton.pallas_call_registration.lowering.lower_jaxpr_to_triton_module`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import triton
+from triton.backends.compiler import GPUTarget
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from triton_resources import MAX_WARPS_PER_SM, REGS_PER_SM, resources  # noqa: E402
+
+from lopt_fast.learned import AdafacMLPLOpt  # noqa: E402
+from lopt_fast.pallas import BlockSizes, block_sizes, pallas_update  # noqa: E402
+from lopt_fast.pallas.blocks import PALLAS_LAYER1_FORMS  # noqa: E402
+
+
+@contextlib.contextmanager
+def _triton_modules():
+    """Collects (name, Triton IR text) of every pallas_call lowered for a GPU inside."""
+    from jax._src.pallas.triton import pallas_call_registration as registration
+
+    lowering = registration.lowering
+    lower = lowering.lower_jaxpr_to_triton_module
+    modules = []
+
+    def capture(*args, **kwargs):
+        result = lower(*args, **kwargs)
+        op = result.module.operation
+        modules.append((op.attributes["sym_name"].value, op.get_asm()))
+        return result
+
+    lowering.lower_jaxpr_to_triton_module = capture
+    try:
+        yield modules
+    finally:
+        lowering.lower_jaxpr_to_triton_module = lower
+
+
+def step_modules(shapes: dict, hidden: int = 32, layer1: str = "fma",
+                 blocks: BlockSizes | None = None) -> list[tuple[str, str]]:
+    """(pallas_call name, Triton IR) of each launch of one step on float32 params `shapes`."""
+    lopt = AdafacMLPLOpt(hidden_size=hidden)
+    theta = lopt.init(jax.random.key(0))
+    params = {k: jnp.full(s, 0.5, jnp.float32) for k, s in shapes.items()}
+    state = lopt.opt_fn(theta, backend="reference").init(params, num_steps=50)
+    step = jax.jit(lambda t, s, g: pallas_update(lopt, t, s, g, interpret=False, layer1=layer1,
+                                                 blocks=blocks))
+    with _triton_modules() as modules:
+        step.trace(theta, state, params).lower(lowering_platforms=("cuda",))
+    return modules
+
+
+def compile_module(ir_text: str, num_warps: int = 4, num_stages: int = 2):
+    """A Pallas Triton module compiled for sm_90 (`triton.compile` of its IR text)."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "kernel.ttir")
+        with open(path, "w") as f:
+            f.write(ir_text)
+        return triton.compile(path, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", nargs=2, type=int, default=[4096, 4096],
+                    help="the matrix (a bias of its last size comes with it)")
+    ap.add_argument("--hidden", type=int, default=32)
+    ap.add_argument("--layer1", nargs="*", choices=PALLAS_LAYER1_FORMS,
+                    default=list(PALLAS_LAYER1_FORMS))
+    ap.add_argument("--warps", nargs="*", type=int, default=[4])
+    args = ap.parse_args(argv)
+
+    shapes = {"w": tuple(args.shape), "b": (args.shape[1],)}
+    tile = block_sizes(*args.shape, args.hidden)
+    print(f"sm_90, triton {triton.__version__}, jax {jax.__version__}, H={args.hidden}, "
+          f"params {shapes}, factored tile {tile.rows}x{tile.cols}")
+    print(f"{'kernel':24s} {'layer 1':7s} {'warps':>5s} {'regs':>5s} {'spill st/ld B':>14s} "
+          f"{'warps/SM':>8s} {'SASS':>5s} {'FFMA':>6s} {'HGMMA':>5s} {'MUFU':>5s} {'LDG':>4s} "
+          f"{'STG':>4s}")
+    for layer1 in args.layer1:
+        for warps in args.warps:
+            blocks = BlockSizes(tile.rows, tile.cols, num_warps=warps)
+            for name, ir_text in step_modules(shapes, args.hidden, layer1, blocks):
+                # packed kernels launch with their own blocks' warps (the default, 4)
+                w = warps if "packed" not in name else 4
+                regs, st, ld, ops = resources(compile_module(ir_text, w))
+                per_sm = min(MAX_WARPS_PER_SM, REGS_PER_SM // (regs * 32) // w * w)
+                print(f"{name:24s} {layer1:7s} {w:5d} {regs:5d} {f'{st}/{ld}':>14s} "
+                      f"{per_sm:8d} {sum(ops.values()):5d} {ops['FFMA']:6d} {ops['HGMMA']:5d} "
+                      f"{ops['MUFU']:5d} {ops['LDG']:4d} {ops['STG']:4d}")
+
+
+if __name__ == "__main__":
+    main()
