@@ -56,12 +56,13 @@ jax_triton.__version__); print(jax.devices())" ;;
         --json "$OUT/step_donated.json" ${DONATED_ARGS:---sizes 1e7 1e8 --tasks 64 --repeats 10} ;;
     sweep)
       # shellcheck disable=SC2086
-      # triton: 16 configurations (+ default + adam) at 1e7 and 1e8; pallas: layer 1 as
-      # FMAs (its default) against a dot (profiling/pallas_resources.py: 1376 SASS
-      # instructions per thread against 2352 on sm_90).
+      # triton: 8 one-program-per-tile configurations and 16 persistent ones (2 and 3
+      # stages), + default + adam, at 1e7 and 1e8; pallas: layer 1 as FMAs (its default)
+      # against a dot (profiling/pallas_resources.py: 1376 SASS instructions per thread
+      # against 2352 on sm_90).
       run "${SWEEP_LIMIT:-240}" sweep python3 benchmarks/tile_sweep.py \
         ${SWEEP_ARGS:---tiles 1x256 4x64 --warps 4 --layer1 dot dot_all --precision tf32 bf16 \
-          --persistent off on}
+          --persistent off on --stages 2 3}
       # shellcheck disable=SC2086
       run 120 sweep python3 benchmarks/tile_sweep.py --backend pallas \
         ${PALLAS_SWEEP_ARGS:---tiles 1x256 --warps 4 --layer1 fma dot} ;;

@@ -59,7 +59,8 @@ def main(argv=None):
     ap.add_argument("--precision", nargs="*", choices=MLP_PRECISIONS, default=["tf32"],
                     help="triton only: the dots' operands (mlp_precision)")
     ap.add_argument("--stages", nargs="*", type=int, default=[2],
-                    help="num_stages of the launches (and of the persistent kernel's tile loop)")
+                    help="num_stages of the persistent kernel's tile loop (the other kernels "
+                         "have no loop)")
     ap.add_argument("--persistent", nargs="*", choices=("off", "on"), default=["off"],
                     help="triton only: the apply pass as a persistent kernel (triton_update's "
                          "`persistent`)")
@@ -84,13 +85,14 @@ def main(argv=None):
     for tile in args.tiles:
         rows, cols = (int(x) for x in tile.split("x"))
         for warps in args.warps:
-            for stages in args.stages:
-                for form in kernel_forms:
-                    name = " ".join([f"{tile} w{warps} s{stages}", form["layer1"],
+            for form in kernel_forms:
+                # Only the persistent kernel has a loop for num_stages to pipeline.
+                for stages in args.stages if form.get("persistent") else [None]:
+                    name = " ".join([f"{tile} w{warps}", form["layer1"],
                                      form.get("mlp_precision", ""),
-                                     "persistent" if form.get("persistent") else ""]).strip()
-                    configs[name] = {"blocks": BlockSizes(rows, cols, num_warps=warps,
-                                                          num_stages=stages), **form}
+                                     f"persistent s{stages}" if stages else ""]).strip()
+                    blocks = BlockSizes(rows, cols, num_warps=warps, num_stages=stages or 2)
+                    configs[name] = {"blocks": blocks, **form}
 
     print(f"{args.backend} on {jax.devices()[0].device_kind}, jax {jax.__version__}, "
           f"H={args.hidden_size}")
