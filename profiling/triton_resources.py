@@ -27,7 +27,13 @@ from triton.backends.compiler import GPUTarget
 
 from lopt_fast.kernels import adafac_triton as at
 from lopt_fast.pallas import plan
-from lopt_fast.pallas.blocks import LAYER1_FORMS, MLP_PRECISIONS, block_sizes, padded_hidden
+from lopt_fast.pallas.blocks import (
+    LAYER1_FORMS,
+    MLP_PRECISIONS,
+    block_sizes,
+    packed_block_sizes,
+    padded_hidden,
+)
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 REGS_PER_SM = 65536
@@ -101,6 +107,7 @@ def main(argv=None):
 
     hp = padded_hidden(args.hidden)
     default = block_sizes(4096, 4096, args.hidden)
+    packed = packed_block_sizes(args.hidden)
     tiles = args.tiles or [f"{default.rows}x{default.cols}"]
     mlp = dict(HP=hp, NHID=args.layers - 1, EXP_MULT=0.001, STEP_MULT=0.001)
     print(f"sm_90, triton {triton.__version__}, H={args.hidden} (padded {hp}), "
@@ -115,17 +122,24 @@ def main(argv=None):
             for l1 in args.layer1:
                 for prec in args.precision:
                     apply = dict(R=r, C=c, **apply_constexprs(l1, hp), PREC=prec, **mlp)
-                    cases.append((f"apply, {l1}, {prec}", at._factored_apply_kernel, apply, 2))
-                    cases += [(f"persistent s{st}, {l1}, {prec}",
+                    cases.append((f"apply, {l1}, {prec}", tile, at._factored_apply_kernel,
+                                  apply, 2))
+                    cases += [(f"persistent s{st}, {l1}, {prec}", tile,
                                at._factored_apply_persistent_kernel, dict(apply, STAGES=st), st)
                               for st in args.persistent]
-            cases.append(("moments", at._factored_moments_kernel, dict(R=r, C=c, VA=16), 2))
-            for label, kernel, constexprs, stages in cases:
+            cases.append(("moments", tile, at._factored_moments_kernel,
+                          dict(R=r, C=c, VA=16), 2))
+            # The packed buffer's kernel, on its own tile, layer 1 as FMAs or a dot.
+            pr, pc = packed.rows, packed.cols
+            cases += [(f"packed apply, {l1}, {prec}", f"{pr}x{pc}", at._packed_apply_kernel,
+                       dict(R=pr, C=pc, L1=l1, PREC=prec, **mlp), 2)
+                      for l1 in ("fma", "dot") for prec in args.precision]
+            for label, shown_tile, kernel, constexprs, stages in cases:
                 compiled = compile_kernel(kernel, constexprs, {}, warps, stages)
                 regs, st, ld, ops = resources(compiled)
                 # Registers are allocated per warp; occupancy also caps at 64 warps per SM.
                 per_sm = min(MAX_WARPS_PER_SM, REGS_PER_SM // (regs * 32) // warps * warps)
-                print(f"{label:30s} {tile:7s} {warps:5d} {regs:5d} "
+                print(f"{label:30s} {shown_tile:7s} {warps:5d} {regs:5d} "
                       f"{f'{st}/{ld}':>14s} {per_sm:8d} {compiled.metadata.shared / 1024:7.1f} "
                       f"{sum(ops.values()):5d} {ops['FFMA']:6d} {ops['HGMMA']:5d} "
                       f"{ops['MUFU']:5d} {ops['LDG']:4d} {ops['LDGSTS']:6d} {ops['STG']:4d}")

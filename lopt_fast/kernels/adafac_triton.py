@@ -6,8 +6,8 @@ against raw pointers: every operand is a contiguous canonical array
 (p, g [B, U, V]; mom [3, B, U, V]; rms [1, B, U, V]; fu [3, B, U]; fv [3, B, V];
 packed tensors [rows, 128]); offsets are int64.
 
-MLP, layer 1 of factored tensors (`layer1`; the packed tensors' 22 inputs always go
-through FMAs):
+MLP, layer 1 of factored tensors (`layer1`; the packed tensors' 22 inputs go through a
+[tile, 32] x [32, Hp] dot, padded with zero planes, unless `layer1` is "fma"):
   * "dot" (the default): the 16 per-element features as a [tile, 16] x [16, Hp] `tl.dot`,
     plus the per-row / per-column tables tu [U, Hp] and tv [V, Hp] (their 12 features'
     layer-1 products, b0 in tu), loaded per tile;
@@ -447,7 +447,9 @@ def _packed_apply_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, seg_ptr,
                          wh_ptr, bh_ptr, wo_ptr, ROWS, SEGS, po_ptr, mo_ptr, ro_ptr, vo_ptr,
                          R: tl.constexpr, C: tl.constexpr, HP: tl.constexpr,
                          NHID: tl.constexpr, EXP_MULT: tl.constexpr, STEP_MULT: tl.constexpr,
-                         PREC: tl.constexpr):
+                         PREC: tl.constexpr, L1: tl.constexpr):
+    """L1 "fma": layer 1 as 22 outer-product FMAs; otherwise one [tile, 32] x [32, HP] dot
+    of the 22 features and 10 zero planes (w's rows 22-31 are zero)."""
     task, t = _packed_tile(ROWS, R)
     c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr = _packed_task_inputs(
         task, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, ROWS, C)
@@ -459,22 +461,39 @@ def _packed_apply_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, seg_ptr,
     wh_ptr, bh_ptr, wo_ptr = _task_mlp(task, wh_ptr, bh_ptr, wo_ptr, HP, NHID)
     r = tl.rsqrt(rms + 1e-6)
     b0 = tl.load(b0_ptr + tl.arange(0, HP))
-    pre = tl.zeros((R, C, HP), tl.float32) + b0[None, None, :]
-    pre = _l1_shared(pre, g, p, m0, m1, m2, rms, r, w_ptr, HP)
-    pre = _l1(pre, g * tl.rsqrt(tl.maximum(v0 + 1e-9, 1e-9)), w_ptr, 10, HP)
-    pre = _l1(pre, g * tl.rsqrt(tl.maximum(v1 + 1e-9, 1e-9)), w_ptr, 11, HP)
-    pre = _l1(pre, g * tl.rsqrt(tl.maximum(v2 + 1e-9, 1e-9)), w_ptr, 12, HP)
-    pre = _l1(pre, m0 * tl.rsqrt(v0 + 1e-6), w_ptr, 13, HP)
-    pre = _l1(pre, m1 * tl.rsqrt(v1 + 1e-6), w_ptr, 14, HP)
-    pre = _l1(pre, m2 * tl.rsqrt(v2 + 1e-6), w_ptr, 15, HP)
-    pre = _l1(pre, v0, w_ptr, 16, HP)
-    pre = _l1(pre, v1, w_ptr, 17, HP)
-    pre = _l1(pre, v2, w_ptr, 18, HP)
-    pre = _l1(pre, tl.rsqrt(v0 + 1e-8), w_ptr, 19, HP)
-    pre = _l1(pre, tl.rsqrt(v1 + 1e-8), w_ptr, 20, HP)
-    pre = _l1(pre, tl.rsqrt(v2 + 1e-8), w_ptr, 21, HP)
-    step = _mlp_rest(tl.reshape(pre, (R * C, HP)), c_ptr, wh_ptr, bh_ptr, wo_ptr, R, C, HP, NHID,
-                     EXP_MULT, STEP_MULT, PREC)
+    fg0 = g * tl.rsqrt(tl.maximum(v0 + 1e-9, 1e-9))
+    fg1 = g * tl.rsqrt(tl.maximum(v1 + 1e-9, 1e-9))
+    fg2 = g * tl.rsqrt(tl.maximum(v2 + 1e-9, 1e-9))
+    fm0, fm1, fm2 = m0 * tl.rsqrt(v0 + 1e-6), m1 * tl.rsqrt(v1 + 1e-6), m2 * tl.rsqrt(v2 + 1e-6)
+    s0, s1, s2 = tl.rsqrt(v0 + 1e-8), tl.rsqrt(v1 + 1e-8), tl.rsqrt(v2 + 1e-8)
+    if L1 == "fma":
+        pre = tl.zeros((R, C, HP), tl.float32) + b0[None, None, :]
+        pre = _l1_shared(pre, g, p, m0, m1, m2, rms, r, w_ptr, HP)
+        pre = _l1(pre, fg0, w_ptr, 10, HP)
+        pre = _l1(pre, fg1, w_ptr, 11, HP)
+        pre = _l1(pre, fg2, w_ptr, 12, HP)
+        pre = _l1(pre, fm0, w_ptr, 13, HP)
+        pre = _l1(pre, fm1, w_ptr, 14, HP)
+        pre = _l1(pre, fm2, w_ptr, 15, HP)
+        pre = _l1(pre, v0, w_ptr, 16, HP)
+        pre = _l1(pre, v1, w_ptr, 17, HP)
+        pre = _l1(pre, v2, w_ptr, 18, HP)
+        pre = _l1(pre, s0, w_ptr, 19, HP)
+        pre = _l1(pre, s1, w_ptr, 20, HP)
+        pre = tl.reshape(_l1(pre, s2, w_ptr, 21, HP), (R * C, HP))
+    else:  # [R C, 32] x [32, HP]: column 2 j + i holds feature 16 i + _bitrev4(j)
+        z = tl.zeros((R, C), tl.float32)
+        x = tl.reshape(tl.join(
+            _features16(g, p, m0, m1, m2, rms, m0 * r, m1 * r, m2 * r, r, fg0, fg1, fg2, fm0,
+                        fm1, fm2, R * C),
+            _features16(v0, v1, v2, s0, s1, s2, z, z, z, z, z, z, z, z, z, z, R * C)),
+            (R * C, 32))
+        col = tl.arange(0, 32)
+        w1 = tl.load(w_ptr + ((col & 1) * 16 + _bitrev4(col >> 1))[:, None] * HP
+                     + tl.arange(0, HP)[None, :])
+        pre = _dot(x, w1, tl.zeros((R * C, HP), tl.float32) + b0[None, :], PREC)
+    step = _mlp_rest(pre, c_ptr, wh_ptr, bh_ptr, wo_ptr, R, C, HP, NHID, EXP_MULT, STEP_MULT,
+                     PREC)
     po_ptr, mo_ptr = po_ptr + task * n, mo_ptr + task * 3 * n
     ro_ptr, vo_ptr = ro_ptr + task * n, vo_ptr + task * 3 * n
     tl.store(po_ptr + off, p - step)
@@ -646,8 +665,8 @@ class TritonKernels:
                 out_shape=[lead(p), lead(mom), lead(rms), lead(vd)], grid=(tasks * n,),
                 num_warps=blocks.num_warps, num_stages=blocks.num_stages, R=blocks.rows,
                 C=blocks.cols, HP=hp, NHID=nhid, EXP_MULT=mults[0], STEP_MULT=mults[1],
-                PREC=self.prec, input_output_aliases=plan.PACKED_APPLY_ALIASES,
-                name="adafac_packed_apply")
+                PREC=self.prec, L1="fma" if self.layer1 == "fma" else "dot",
+                input_output_aliases=plan.PACKED_APPLY_ALIASES, name="adafac_packed_apply")
 
         # The segment map is the same for every task (the kernel reads the first task's).
         return _over_tasks(launch, consts, p, g, mom, rms, vd, seg, w_seg, b0, wh, bh,
