@@ -518,8 +518,8 @@ def _row_alignment(v: int) -> int:
     jax-triton passes sizes as plain runtime integers (Triton's own launcher would mark
     one divisible by 16), so a kernel cannot know that its rows start at aligned
     addresses and loads one float per instruction. The factored kernels take V / VA
-    and a constexpr VA, and multiply them back: with VA = 4, say, each thread's
-    elements of a row load as 128-bit vectors."""
+    and a constexpr VA, and multiply them back: with VA >= 2 each thread's two elements
+    of a 256-element tile row load and store as one 64-bit access."""
     return min(16, v & -v)
 
 
@@ -709,7 +709,8 @@ def triton_update(lopt, theta, state, grad, *, mlp_precision: str = "tf32",
     `compute_capability` (e.g. 90 for an H100) compiles the kernels for that GPU when
     lowering without one (`.lower(lowering_platforms=("cuda",))`); by default jax-triton
     asks the local GPU. `layer1`: the factored tensors' first MLP layer as "dot" (faster
-    than "fma" on an H100), "dot_all" or "fma"; `mlp_precision`: the dots' operands,
+    than "fma" on an H100), "dot_all" or "fma" (the packed small tensors': a dot unless
+    "fma"); `mlp_precision`: the dots' operands,
     "tf32", "ieee" or "bf16"; `persistent`: run the apply pass of factored tensors as
     a fixed grid of programs that loop over tiles with their next tiles' loads in flight
     (`blocks.num_stages` - 1 ahead); see the module docstring.

@@ -26,8 +26,9 @@ task axis when vmapped):
   = 72 B / param of float32 traffic for a factored tensor (the issue's floor), plus
     O(rows + cols) for the tables.
 FLOPs per parameter: pass 1 ~3, pass 2 ~60, pass 3 ~40 + 2 (16 H) + 2 H^2 (L - 1) + 4 H + 5
-  (H = 32, 2 layers: ~3.2 kFLOP; layer 1 runs as FMAs on the vector units, the H x H
-  layers through `jnp.dot` -> tensor cores on GPU).
+  (H = 32, 2 layers: ~3.2 kFLOP; layer 1 runs as FMAs on the vector units, or with
+  `layer1="dot"` as one `jnp.dot` of the stacked features, the H x H layers through
+  `jnp.dot` -> tensor cores on GPU).
 
 GPU: lowered through Pallas' Triton backend (`pltriton.CompilerParams`); see
 docs/KERNELS.md for why not Mosaic GPU. Dots run at `mlp_precision` ("tf32" default on

@@ -29,7 +29,7 @@ LAYER1_FORMS = ("fma", "dot", "dot_all")
 MLP_PRECISIONS = ("tf32", "ieee", "bf16")
 PALLAS_LAYER1_FORMS = ("fma", "dot")  # `pallas_update`'s `layer1`
 # Triton's persistent apply kernel (`triton_update(..., persistent=True)`): programs per SM.
-# Compiled for sm_90 (H = 32, 1x256 tiles, 4 warps, 2-3 stages) it needs 186-255
+# Compiled for sm_90 (H = 32, 1x256 or 4x64 tiles, 4 warps, 2-3 stages) it needs 178-255
 # registers, so two programs of 4 warps fit on an SM.
 PERSISTENT_PROGRAMS_PER_SM = 2
 
