@@ -9,13 +9,14 @@ Each configuration overrides the tile of every factored tensor (`blocks=BlockSiz
 cols, num_warps, num_stages)`) of a square matrix plus its bias, how the apply kernel runs
 the first MLP layer (`layer1`) and, for triton, the dots' operands (`mlp_precision`) and
 whether it is the persistent kernel (`persistent`, its tile loop pipelined `num_stages`
-deep). "default" is the library's choice (`blocks.block_sizes`; triton: layer 1 as "dot",
-TF32, one program per tile; pallas: layer 1 as "fma"). All configurations of a size, and
-`optax.adam` on the same tree (the issue's <= 3x target), are timed in alternation (one
-call of each per round: `timing.interleaved_median_and_iqr`), compile and warm-up
-excluded, so their ratios hold on a noisy machine. `profiling/triton_resources.py` and
-`profiling/pallas_resources.py` give each kernel's registers and instruction mix without
-a GPU; this gives the times.
+deep); an explicit tile is the tile of all three passes. "default" is the library's
+choice: `blocks.block_sizes` for the apply pass and `reduction_block_sizes`, 4x bigger,
+for the two reduction passes; triton: layer 1 as "dot", TF32, one program per tile;
+pallas: layer 1 as "fma". All configurations of a size, and `optax.adam` on the same
+tree (the issue's <= 3x target), are timed in alternation (one call of each per round:
+`timing.interleaved_median_and_iqr`), compile and warm-up excluded, so their ratios hold
+on a noisy machine. `profiling/triton_resources.py` and `profiling/pallas_resources.py`
+give each kernel's registers and instruction mix without a GPU; this gives the times.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from triton_resources import MAX_WARPS_PER_SM, REGS_PER_SM, resources  # noqa: E
 
 from lopt_fast.learned import AdafacMLPLOpt  # noqa: E402
 from lopt_fast.pallas import BlockSizes, block_sizes, pallas_update  # noqa: E402
-from lopt_fast.pallas.blocks import PALLAS_LAYER1_FORMS  # noqa: E402
+from lopt_fast.pallas.blocks import PALLAS_LAYER1_FORMS, reduction_block_sizes  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -93,15 +93,17 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     shapes = {"w": tuple(args.shape), "b": (args.shape[1],)}
-    tile = block_sizes(*args.shape, args.hidden)
+    tile, reduction = block_sizes(*args.shape, args.hidden), reduction_block_sizes(*args.shape)
     print(f"sm_90, triton {triton.__version__}, jax {jax.__version__}, H={args.hidden}, "
-          f"params {shapes}, factored tile {tile.rows}x{tile.cols}")
+          f"params {shapes}; apply tile {tile.rows}x{tile.cols}, reduction tile "
+          f"{reduction.rows}x{reduction.cols} (the library's choice at 4 warps; other warps "
+          f"set the apply tile for all three passes)")
     print(f"{'kernel':24s} {'layer 1':7s} {'warps':>5s} {'regs':>5s} {'spill st/ld B':>14s} "
           f"{'warps/SM':>8s} {'SASS':>5s} {'FFMA':>6s} {'HGMMA':>5s} {'MUFU':>5s} {'LDG':>4s} "
           f"{'STG':>4s}")
     for layer1 in args.layer1:
         for warps in args.warps:
-            blocks = BlockSizes(tile.rows, tile.cols, num_warps=warps)
+            blocks = None if warps == 4 else BlockSizes(tile.rows, tile.cols, num_warps=warps)
             for name, ir_text in step_modules(shapes, args.hidden, layer1, blocks):
                 # packed kernels launch with their own blocks' warps (the default, 4)
                 w = warps if "packed" not in name else 4

@@ -33,6 +33,7 @@ from lopt_fast.pallas.blocks import (
     block_sizes,
     packed_block_sizes,
     padded_hidden,
+    reduction_block_sizes,
 )
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -108,6 +109,7 @@ def main(argv=None):
     hp = padded_hidden(args.hidden)
     default = block_sizes(4096, 4096, args.hidden)
     packed = packed_block_sizes(args.hidden)
+    reduction = reduction_block_sizes(4096, 4096)
     tiles = args.tiles or [f"{default.rows}x{default.cols}"]
     mlp = dict(HP=hp, NHID=args.layers - 1, EXP_MULT=0.001, STEP_MULT=0.001)
     print(f"sm_90, triton {triton.__version__}, H={args.hidden} (padded {hp}), "
@@ -127,8 +129,10 @@ def main(argv=None):
                     cases += [(f"persistent s{st}, {l1}, {prec}", tile,
                                at._factored_apply_persistent_kernel, dict(apply, STAGES=st), st)
                               for st in args.persistent]
-            cases.append(("moments", tile, at._factored_moments_kernel,
-                          dict(R=r, C=c, VA=16), 2))
+            # The reduction passes' tiles (`reduction_block_sizes`: 4x the apply tile).
+            mr, mc = reduction.rows, reduction.cols
+            cases.append(("moments", f"{mr}x{mc}", at._factored_moments_kernel,
+                          dict(R=mr, C=mc, VA=16), 2))
             # The packed buffer's kernel, on its own tile, layer 1 as FMAs or a dot.
             pr, pc = packed.rows, packed.cols
             cases += [(f"packed apply, {l1}, {prec}", f"{pr}x{pc}", at._packed_apply_kernel,

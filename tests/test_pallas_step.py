@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from lopt_fast.learned import AdafacMLPLOpt, reference_update
-from lopt_fast.pallas import BlockSizes, pallas_update
+from lopt_fast.pallas import BlockSizes, block_sizes, pallas_update
 from lopt_fast.pallas import plan as pallas_plan
 from tests.helpers import ROOT, precise_reference, random_theta
 
@@ -289,3 +289,41 @@ def test_kernels_compile_for_sm90():
     for name in ("adafac_apply", "adafac_packed_apply"):
         assert mma["fma", name] > 0, f"{name}: the hidden layer's dot is not on tensor cores"
         assert mma["dot", name] > mma["fma", name], f"{name}: layer 1 as a dot has no MMA"
+
+
+def test_reduction_passes_take_their_own_tiles(lopt):
+    """By default passes 1 and 2 run 4x the apply pass's tile (they hold no activations and
+    pay block-wide sums per tile); an explicit `blocks` sets all three."""
+    from lopt_fast.pallas import PallasKernels
+    from lopt_fast.pallas.blocks import reduction_block_sizes
+
+    assert (block_sizes(4096, 4096, 32), reduction_block_sizes(4096, 4096)) == (
+        BlockSizes(1, 256), BlockSizes(1, 1024))
+    assert reduction_block_sizes(3, 5) == BlockSizes(4, 8)  # the tensor, rounded to powers of 2
+    theta = lopt.init(jax.random.key(0))
+    params = {"w": jnp.ones((300, 700))}
+    state = lopt.opt_fn(theta, backend="reference").init(params, num_steps=10)
+    kernels = PallasKernels(interpret=True)
+    seen = {}
+
+    def recording(name):  # the launcher, noting its tile (the last argument)
+        launch = getattr(kernels, name)
+
+        def record(*args):
+            seen[name] = args[-1]
+            return launch(*args)
+
+        return record
+
+    hp = pallas_plan.padded_hidden(lopt.hidden_size)
+    for blocks, want in ((None, {"row_col_sums": reduction_block_sizes(300, 700),
+                                 "factored_moments": reduction_block_sizes(300, 700),
+                                 "factored_apply": block_sizes(300, 700, hp)}),
+                         (SMALL_TILES, dict.fromkeys(("row_col_sums", "factored_moments",
+                                                      "factored_apply"), SMALL_TILES))):
+        seen.clear()
+        recorder = pallas_plan.Kernels(**{**pallas_plan.Kernels.of(kernels)._asdict(),
+                                          **{name: recording(name) for name in want}})
+        jax.eval_shape(lambda t, s, g, r=recorder, b=blocks: pallas_plan.fused_update(
+            r, lopt, t, s, g, blocks=b), theta, state, params)
+        assert seen == want, (blocks, seen)

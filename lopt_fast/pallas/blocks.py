@@ -22,6 +22,7 @@ import dataclasses
 TILE_VALUES = 8192  # float32 activations per program in pass 3
 MAX_TILE = 1024
 PACKED_COLS = 128  # lane width of the packed buffer for non-factored tensors
+REDUCTION_TILE = 1024  # elements per program of the reduction passes (`reduction_block_sizes`)
 # How the Triton apply kernel runs layer 1 and the dots' operands (`triton_update`'s
 # `layer1` / `mlp_precision`; lopt_fast/kernels/adafac_triton.py says what each does).
 # Here, not there, so tools can offer them without importing triton.
@@ -66,13 +67,26 @@ def tile_elements(hidden: int) -> int:
     return max(16, min(MAX_TILE, TILE_VALUES // padded_hidden(hidden)))
 
 
-def block_sizes(u: int, v: int, hidden: int) -> BlockSizes:
-    """Tile for a canonical [B, u, v] tensor view with MLP width `hidden`."""
-    target = tile_elements(hidden)
+def _tile_of(u: int, v: int, target: int) -> BlockSizes:
+    """About `target` elements: along the contiguous axis first, never past the tensor."""
     cols = min(next_pow2(v), target)
     rows = min(next_pow2(u), max(1, target // cols))
     rows = max(rows, 16 // cols)  # tl.dot needs M >= 16; extra rows are masked
     return BlockSizes(rows=rows, cols=cols)
+
+
+def block_sizes(u: int, v: int, hidden: int) -> BlockSizes:
+    """Tile of the apply pass for a canonical [B, u, v] tensor view with MLP width `hidden`."""
+    return _tile_of(u, v, tile_elements(hidden))
+
+
+def reduction_block_sizes(u: int, v: int) -> BlockSizes:
+    """Tile of the two reduction passes (row / column sums, feature moments) of a [B, u, v]
+    view. They hold no activations, so a tile can be 4x the apply pass's: each tile ends
+    in 16 block-wide sums (shuffles and barriers), which a bigger tile amortises. Compiled
+    for sm_90 at 4 warps the Triton moments kernel issues 133 instructions per parameter
+    at 1024 elements against 348 at 256 (96 registers, 20 warps per SM)."""
+    return _tile_of(u, v, REDUCTION_TILE)
 
 
 def packed_block_sizes(hidden: int) -> BlockSizes:

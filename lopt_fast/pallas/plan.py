@@ -41,7 +41,13 @@ import numpy as np
 from jax import lax
 
 from lopt_fast.learned import adafac_math as am
-from lopt_fast.pallas.blocks import BlockSizes, block_sizes, packed_block_sizes, padded_hidden
+from lopt_fast.pallas.blocks import (
+    BlockSizes,
+    block_sizes,
+    packed_block_sizes,
+    padded_hidden,
+    reduction_block_sizes,
+)
 
 NUM_SUMS = 32  # per-tile partial sums: 16 (factored) or 22 (packed) features, padded to 2^k
 NUM_EW_FACTORED = 16
@@ -204,9 +210,10 @@ def _factored_leaf(kernels, p, g, acc: am.LeafAccumulators, consts, c_fac, nn, i
     v_row = _to_canon(acc.v_row, lay.row_perm, 1, row_dims)  # [3, B, |d1|]
     v_col = _to_canon(acc.v_col, lay.col_perm, 1, col_dims)  # [3, B, |d0|]
     blk = blocks or block_sizes(lay.U, lay.V, hp)
+    reduce_blk = blocks or reduction_block_sizes(lay.U, lay.V)
 
     with jax.named_scope("adafac_row_col_sums"):
-        su, sv = kernels.row_col_sums(g3, blk)  # [B, U], [B, V]
+        su, sv = kernels.row_col_sums(g3, reduce_blk)  # [B, U], [B, V]
     if lay.u_is_row:  # v_row reduces over d0 = V; v_col over d1 = U
         mean_d0, mean_d1 = su / lay.V, sv / lay.U
     else:
@@ -219,7 +226,7 @@ def _factored_leaf(kernels, p, g, acc: am.LeafAccumulators, consts, c_fac, nn, i
     fu, fv = (rf, cf) if lay.u_is_row else (cf, rf)
 
     with jax.named_scope("adafac_moments"):
-        partial = kernels.factored_moments(p3, g3, mom3, rms3, fu, fv, consts, blk)
+        partial = kernels.factored_moments(p3, g3, mom3, rms3, fu, fv, consts, reduce_blk)
     ew = jnp.sum(partial.reshape(-1, NUM_SUMS), axis=0)[:NUM_EW_FACTORED] / p.size
     row_f = jnp.concatenate([new_row, lax.rsqrt(new_row + 1e-8)])  # [6, B, |d1|]
     col_f = jnp.concatenate([new_col, lax.rsqrt(new_col + 1e-8)])
