@@ -1,7 +1,8 @@
 """Block sizes and launch settings of the fused AdafacMLP step: the one place they are chosen.
 
 Both the Pallas kernels (`lopt_fast.pallas.adafac_step`) and the Triton kernels
-(`lopt_fast.kernels.adafac_triton`) take their tiles from `block_sizes`.
+(`lopt_fast.kernels.adafac_triton`) take their tiles from `block_sizes` (the apply pass)
+and `reduction_block_sizes` (the two reduction passes).
 
 Constraints behind the numbers:
   * Triton (and the Pallas Triton lowering) needs power-of-two array shapes, and
@@ -11,6 +12,7 @@ Constraints behind the numbers:
   * Pass 3 holds a [rows * cols, H] activation tile in registers; about 8K float32
     values per program (64 per thread at 4 warps) keeps it out of local memory, so a
     tile has `8192 // H_pad` elements (512 at H <= 16, 256 at H = 32), capped at 1024.
+    The reduction passes hold no activations: `REDUCTION_TILE` (1024) elements.
   * Tiles never exceed the (power-of-two-rounded) tensor, so small tensors get small
     tiles; edges are masked in-kernel.
 """
