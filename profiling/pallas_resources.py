@@ -36,12 +36,32 @@ from lopt_fast.pallas import BlockSizes, block_sizes, pallas_update  # noqa: E40
 from lopt_fast.pallas.blocks import PALLAS_LAYER1_FORMS, reduction_block_sizes  # noqa: E402
 
 
+def _lowering_module():
+    """The module of Pallas' Triton lowering whose `lower_jaxpr_to_triton_module` builds
+    each kernel's Triton module, or None if this JAX has no such private function."""
+    try:
+        from jax._src.pallas.triton import pallas_call_registration as registration
+    except ImportError:
+        return None
+    lowering = getattr(registration, "lowering", None)
+    return lowering if hasattr(lowering, "lower_jaxpr_to_triton_module") else None
+
+
+def unavailable_reason() -> str | None:
+    """Why this tool cannot read Pallas' Triton modules here, or None if it can."""
+    if _lowering_module() is None:
+        return (f"jax {jax.__version__} has no jax._src.pallas.triton.pallas_call_registration"
+                ".lowering.lower_jaxpr_to_triton_module (Pallas' Triton lowering moved or is gone)")
+    return None
+
+
 @contextlib.contextmanager
 def _triton_modules():
     """Collects (name, Triton IR text) of every pallas_call lowered for a GPU inside."""
-    from jax._src.pallas.triton import pallas_call_registration as registration
-
-    lowering = registration.lowering
+    reason = unavailable_reason()
+    if reason:
+        raise RuntimeError(reason)
+    lowering = _lowering_module()
     lower = lowering.lower_jaxpr_to_triton_module
     modules = []
 
