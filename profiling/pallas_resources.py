@@ -29,7 +29,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from triton_resources import MAX_WARPS_PER_SM, REGS_PER_SM, resources  # noqa: E402
+from triton_resources import resources, warps_per_sm  # noqa: E402
 
 from lopt_fast.learned import AdafacMLPLOpt  # noqa: E402
 from lopt_fast.pallas import BlockSizes, block_sizes, pallas_update  # noqa: E402
@@ -128,7 +128,7 @@ def main(argv=None):
                 # packed kernels launch with their own blocks' warps (the default, 4)
                 w = warps if "packed" not in name else 4
                 regs, st, ld, ops = resources(compile_module(ir_text, w))
-                per_sm = min(MAX_WARPS_PER_SM, REGS_PER_SM // (regs * 32) // w * w)
+                per_sm = warps_per_sm(regs, w)
                 print(f"{name:24s} {layer1:7s} {w:5d} {regs:5d} {f'{st}/{ld}':>14s} "
                       f"{per_sm:8d} {sum(ops.values()):5d} {ops['FFMA']:6d} {ops['HGMMA']:5d} "
                       f"{ops['MUFU']:5d} {ops['LDG']:4d} {ops['STG']:4d}")

@@ -69,6 +69,12 @@ def apply_constexprs(layer1: str, hp: int) -> dict:
     return dict(L1=layer1, TW=tw, WR=w_rows, VA=16)  # rows of a multiple of 16 elements
 
 
+def warps_per_sm(regs: int, num_warps: int) -> int:
+    """Register-limited warps per SM of a kernel of `num_warps` warps (registers are
+    allocated per warp; occupancy also caps at 64 warps per SM)."""
+    return min(MAX_WARPS_PER_SM, REGS_PER_SM // (regs * 32) // num_warps * num_warps)
+
+
 def resources(compiled):
     """ptxas' registers / spill bytes and the SASS opcode counts of a compiled kernel."""
     with tempfile.TemporaryDirectory() as d:
@@ -117,10 +123,10 @@ def main(argv=None):
     print(f"{'kernel':30s} {'tile':7s} {'warps':>5s} {'regs':>5s} {'spill st/ld B':>14s} "
           f"{'warps/SM':>8s} {'smem KB':>7s} {'SASS':>5s} {'FFMA':>6s} {'HGMMA':>5s} "
           f"{'MUFU':>5s} {'LDG':>4s} {'LDGSTS':>6s} {'STG':>4s}")
-    for tile in tiles:
-        r, c = (int(x) for x in tile.split("x"))
-        for warps in args.warps:
-            cases = []
+    for warps in args.warps:
+        cases = []
+        for tile in tiles:
+            r, c = (int(x) for x in tile.split("x"))
             for l1 in args.layer1:
                 for prec in args.precision:
                     apply = dict(R=r, C=c, **apply_constexprs(l1, hp), PREC=prec, **mlp)
@@ -129,24 +135,23 @@ def main(argv=None):
                     cases += [(f"persistent s{st}, {l1}, {prec}", tile,
                                at._factored_apply_persistent_kernel, dict(apply, STAGES=st), st)
                               for st in args.persistent]
-            # The reduction passes' tiles (`reduction_block_sizes`: 4x the apply tile).
-            mr, mc = reduction.rows, reduction.cols
-            cases.append(("moments", f"{mr}x{mc}", at._factored_moments_kernel,
-                          dict(R=mr, C=mc, VA=16), 2))
-            # The packed buffer's kernel, on its own tile, layer 1 as FMAs or a dot.
-            pr, pc = packed.rows, packed.cols
-            cases += [(f"packed apply, {l1}, {prec}", f"{pr}x{pc}", at._packed_apply_kernel,
-                       dict(R=pr, C=pc, L1=l1, PREC=prec, **mlp), 2)
-                      for l1 in ("fma", "dot") for prec in args.precision]
-            for label, shown_tile, kernel, constexprs, stages in cases:
-                compiled = compile_kernel(kernel, constexprs, {}, warps, stages)
-                regs, st, ld, ops = resources(compiled)
-                # Registers are allocated per warp; occupancy also caps at 64 warps per SM.
-                per_sm = min(MAX_WARPS_PER_SM, REGS_PER_SM // (regs * 32) // warps * warps)
-                print(f"{label:30s} {shown_tile:7s} {warps:5d} {regs:5d} "
-                      f"{f'{st}/{ld}':>14s} {per_sm:8d} {compiled.metadata.shared / 1024:7.1f} "
-                      f"{sum(ops.values()):5d} {ops['FFMA']:6d} {ops['HGMMA']:5d} "
-                      f"{ops['MUFU']:5d} {ops['LDG']:4d} {ops['LDGSTS']:6d} {ops['STG']:4d}")
+        # Kernels with tiles of their own, whatever --tiles says: the reduction passes
+        # (`reduction_block_sizes`) and the packed buffer (layer 1 as FMAs or a dot).
+        mr, mc = reduction.rows, reduction.cols
+        cases.append(("moments", f"{mr}x{mc}", at._factored_moments_kernel,
+                      dict(R=mr, C=mc, VA=16), 2))
+        pr, pc = packed.rows, packed.cols
+        cases += [(f"packed apply, {l1}, {prec}", f"{pr}x{pc}", at._packed_apply_kernel,
+                   dict(R=pr, C=pc, L1=l1, PREC=prec, **mlp), 2)
+                  for l1 in ("fma", "dot") for prec in args.precision]
+        for label, shown_tile, kernel, constexprs, stages in cases:
+            compiled = compile_kernel(kernel, constexprs, {}, warps, stages)
+            regs, st, ld, ops = resources(compiled)
+            per_sm = warps_per_sm(regs, warps)
+            print(f"{label:30s} {shown_tile:7s} {warps:5d} {regs:5d} "
+                  f"{f'{st}/{ld}':>14s} {per_sm:8d} {compiled.metadata.shared / 1024:7.1f} "
+                  f"{sum(ops.values()):5d} {ops['FFMA']:6d} {ops['HGMMA']:5d} "
+                  f"{ops['MUFU']:5d} {ops['LDG']:4d} {ops['LDGSTS']:6d} {ops['STG']:4d}")
 
 
 if __name__ == "__main__":

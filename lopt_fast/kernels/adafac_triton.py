@@ -382,6 +382,18 @@ def _packed_planes(c_ptr, vd_ptr, g, m0, m1, m2, n, off):
 
 
 @triton.jit
+def _packed_factor_planes(g, m0, m1, m2, v0, v1, v2):
+    """The 9 features of a non-factored tile from its v accumulators (features 10-15 and
+    19-21): g rsqrt(max(v + 1e-9, 1e-9)), m rsqrt(v + 1e-6), rsqrt(v + 1e-8)."""
+    fg0 = g * tl.rsqrt(tl.maximum(v0 + 1e-9, 1e-9))
+    fg1 = g * tl.rsqrt(tl.maximum(v1 + 1e-9, 1e-9))
+    fg2 = g * tl.rsqrt(tl.maximum(v2 + 1e-9, 1e-9))
+    fm0, fm1, fm2 = m0 * tl.rsqrt(v0 + 1e-6), m1 * tl.rsqrt(v1 + 1e-6), m2 * tl.rsqrt(v2 + 1e-6)
+    s0, s1, s2 = tl.rsqrt(v0 + 1e-8), tl.rsqrt(v1 + 1e-8), tl.rsqrt(v2 + 1e-8)
+    return fg0, fg1, fg2, fm0, fm1, fm2, s0, s1, s2
+
+
+@triton.jit
 def _packed_tile(ROWS, R: tl.constexpr):
     """Grid axis 0 runs over tasks x tiles: (task, tile within the task's [ROWS, C])."""
     pid = tl.program_id(0).to(tl.int64)
@@ -427,18 +439,19 @@ def _packed_moments_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, cnt_pt
     mask = local < tl.load(cnt_ptr + t)
     r = tl.rsqrt(rms + 1e-6)
     s = _shared_lanes(g, p, m0, m1, m2, rms, r, mask)
-    s = _lane(s, 10, g * tl.rsqrt(tl.maximum(v0 + 1e-9, 1e-9)), mask)
-    s = _lane(s, 11, g * tl.rsqrt(tl.maximum(v1 + 1e-9, 1e-9)), mask)
-    s = _lane(s, 12, g * tl.rsqrt(tl.maximum(v2 + 1e-9, 1e-9)), mask)
-    s = _lane(s, 13, m0 * tl.rsqrt(v0 + 1e-6), mask)
-    s = _lane(s, 14, m1 * tl.rsqrt(v1 + 1e-6), mask)
-    s = _lane(s, 15, m2 * tl.rsqrt(v2 + 1e-6), mask)
+    fg0, fg1, fg2, fm0, fm1, fm2, s0, s1, s2 = _packed_factor_planes(g, m0, m1, m2, v0, v1, v2)
+    s = _lane(s, 10, fg0, mask)
+    s = _lane(s, 11, fg1, mask)
+    s = _lane(s, 12, fg2, mask)
+    s = _lane(s, 13, fm0, mask)
+    s = _lane(s, 14, fm1, mask)
+    s = _lane(s, 15, fm2, mask)
     s = _lane(s, 16, v0, mask)
     s = _lane(s, 17, v1, mask)
     s = _lane(s, 18, v2, mask)
-    s = _lane(s, 19, tl.rsqrt(v0 + 1e-8), mask)
-    s = _lane(s, 20, tl.rsqrt(v1 + 1e-8), mask)
-    s = _lane(s, 21, tl.rsqrt(v2 + 1e-8), mask)
+    s = _lane(s, 19, s0, mask)
+    s = _lane(s, 20, s1, mask)
+    s = _lane(s, 21, s2, mask)
     tl.store(s_ptr + tl.program_id(0).to(tl.int64) * NUM_SUMS + tl.arange(0, NUM_SUMS), s)
 
 
@@ -461,11 +474,7 @@ def _packed_apply_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, seg_ptr,
     wh_ptr, bh_ptr, wo_ptr = _task_mlp(task, wh_ptr, bh_ptr, wo_ptr, HP, NHID)
     r = tl.rsqrt(rms + 1e-6)
     b0 = tl.load(b0_ptr + tl.arange(0, HP))
-    fg0 = g * tl.rsqrt(tl.maximum(v0 + 1e-9, 1e-9))
-    fg1 = g * tl.rsqrt(tl.maximum(v1 + 1e-9, 1e-9))
-    fg2 = g * tl.rsqrt(tl.maximum(v2 + 1e-9, 1e-9))
-    fm0, fm1, fm2 = m0 * tl.rsqrt(v0 + 1e-6), m1 * tl.rsqrt(v1 + 1e-6), m2 * tl.rsqrt(v2 + 1e-6)
-    s0, s1, s2 = tl.rsqrt(v0 + 1e-8), tl.rsqrt(v1 + 1e-8), tl.rsqrt(v2 + 1e-8)
+    fg0, fg1, fg2, fm0, fm1, fm2, s0, s1, s2 = _packed_factor_planes(g, m0, m1, m2, v0, v1, v2)
     if L1 == "fma":
         pre = tl.zeros((R, C, HP), tl.float32) + b0[None, None, :]
         pre = _l1_shared(pre, g, p, m0, m1, m2, rms, r, w_ptr, HP)
