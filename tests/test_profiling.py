@@ -3,6 +3,8 @@ GPU kernel events (pallas_call names, jax-triton kernel functions) map to their 
 
 import importlib.util
 import os
+import subprocess
+import sys
 
 from tests.helpers import ROOT, run_python
 
@@ -28,4 +30,64 @@ def test_kernel_events_map_to_their_launch():
 def test_trace_of_a_reference_step_on_cpu(tmp_path):
     stdout = run_python([SCRIPT, "--params", "1e4", "--steps", "1", "--logdir", str(tmp_path)],
                         "trace_step.py", timeout=300)
+    assert "adafac_leaf_" in stdout, stdout[-3000:]
+
+
+XLA_KERNELS = os.path.join(ROOT, "profiling", "xla_kernels.py")
+
+
+def _xla_kernels():
+    spec = importlib.util.spec_from_file_location("xla_kernels", XLA_KERNELS)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_xla_kernels_reads_the_launch_sequence():
+    """`entry_kernels` lists the compiled entry computation's kernels with their adafac
+    scope, and tells zero-element copies apart (here from XLA's CPU compiler)."""
+    import jax
+    import jax.numpy as jnp
+
+    mod = _xla_kernels()
+
+    def f(x, empty):
+        with jax.named_scope("adafac_fused_leaf_3"):
+            s = jnp.sum(jnp.sin(x) * 2.0, axis=0)
+        with jax.named_scope("adafac_fused_packed"):
+            t = jnp.cos(x[:, :5]) + 1
+        return s, t, x, empty  # x, empty: returned undonated, so XLA copies them
+
+    text = jax.jit(f).lower(jnp.ones((64, 32)), jnp.ones((3, 0))).compile().as_text()
+    kernels = mod.entry_kernels(text)
+    copies = [k for k in kernels if k.kind == "copy"]
+    assert sorted((k.shape.split("{")[0], k.empty) for k in copies) == [
+        ("f32[3,0]", True), ("f32[64,32]", False)], copies
+    scopes = mod.by_leaf(kernels)
+    assert scopes.get("adafac_fused_leaf_3", 0) >= 1 and scopes.get("adafac_fused_packed") == 1, \
+        kernels
+    counts = mod.summary(kernels)
+    assert counts["copy"] == 1 and counts["(zero-element, nothing to move)"] == 1, counts
+    assert sum(counts.values()) == len(kernels)
+
+
+def test_xla_kernels_compiles_for_an_h100_or_says_what_it_needs():
+    """With the jax CUDA plugin installed the script compiles a Pallas step for an H100
+    without one; without it (as in CI) it exits saying what to install."""
+    if not _xla_kernels().cuda_plugin_installed():
+        out = subprocess.run([sys.executable, XLA_KERNELS, "--backend", "adam"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode != 0 and "jax[cuda12]" in out.stderr, out.stderr[-2000:]
+        return
+    stdout = run_python([XLA_KERNELS, "--workload", "1e5", "--backend", "pallas", "adam"],
+                        "xla_kernels.py", timeout=600)
+    assert "custom-call:__gpu$xla.gpu.triton" in stdout and "adam:" in stdout, stdout
+
+
+def test_trace_of_vmapped_tasks_reports_wall_time(tmp_path):
+    """--tasks T traces T vmapped tasks x the small convnet and reports the step's wall
+    time next to the per-kernel table."""
+    stdout = run_python([SCRIPT, "--tasks", "2", "--steps", "1", "--logdir", str(tmp_path)],
+                        "trace_step.py --tasks", timeout=300)
+    assert "2 tasks x the small convnet" in stdout and "wall ms/step" in stdout, stdout[-3000:]
     assert "adafac_leaf_" in stdout, stdout[-3000:]

@@ -1,0 +1,217 @@
+"""List the kernels XLA launches for one optimizer step on an H100, compiled on a CPU machine.
+
+    python profiling/xla_kernels.py --workload 1e7 --backend triton adam
+    python profiling/xla_kernels.py --workload conv:64 --backend triton pallas --list
+    python profiling/xla_kernels.py --workload 1e8 --donate     # the state donated
+
+XLA:GPU compiles "deviceless" for a described GPU (`jax.experimental.topologies` with an
+H100 target config), so the step is compiled by the same passes, with the same fusion
+decisions, as on an H100, and nothing runs. The compiled HLO's entry computation is the
+launch sequence: each fusion, custom call (jax-triton / Pallas kernels) and copy is one
+kernel. The tool counts them by kind and by `jax.named_scope` (`adafac_fused_leaf_<i>`,
+`adafac_fused_packed`, `adafac_apply`, ...), so the glue between the fused passes can be
+cut without a GPU. What it cannot say is how long any kernel takes.
+
+Needs the jax CUDA plugin of the installed jax (`pip install "jax[cuda12]==<jax version>"`,
+several GB) and, for the triton backend, jax-triton and triton; on a machine without a GPU
+the plugin's driver check must be skipped, which this script does
+(`JAX_SKIP_CUDA_CONSTRAINTS_CHECK`) before importing jax.
+
+Workloads: `1e5`... a square matrix and its bias with about that many parameters (as
+`benchmarks/step.py`), `conv:T` T vmapped tasks x the small convnet with per-task theta.
+Backends: triton, pallas, reference, adam (`optax.adam`). As in `benchmarks/step.py`, the
+state is not donated and the kernels write fresh outputs (`in_place=False`), or with
+`--donate` it is donated and updated in place; `--in-place` / `--no-in-place` override
+the kernels' choice (copies appear where it does not match the donation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import sys
+from typing import NamedTuple
+
+# The "kernel" lines of an entry computation: every op but these launches (or copies) on a GPU.
+_NOT_KERNELS = {"parameter", "tuple", "get-tuple-element", "bitcast", "constant"}
+_OP = re.compile(r"^\s*(?:ROOT )?%(\S+) = ((?:\([^=]*?\)|\S+)) ([a-z][\w-]*)\(")
+_SCOPE = re.compile(r"(adafac_\w+)")
+
+# An H100 SXM as XLA's GPU compiler sees it (`stream_executor::GpuTargetConfigProto`).
+H100_TARGET_CONFIG = """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132
+  fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: 3352320000000 l2_cache_size: 52428800
+  clock_rate_ghz: 1.98 device_memory_size: 84929347584 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 } registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 7 }
+runtime_version { major: 12 minor: 8 patch: 0 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+
+
+class Kernel(NamedTuple):
+    name: str
+    kind: str  # "fusion:kLoop", "custom-call:triton_kernel_call", "copy", ...
+    shape: str
+    scope: str  # outermost-first adafac_* scopes joined by "/", or "-"
+    empty: bool  # a zero-element result: nothing to move
+
+
+def entry_kernels(hlo_text: str) -> list[Kernel]:
+    """The kernels of a compiled module's entry computation, in launch order."""
+    entry = hlo_text[hlo_text.index("\nENTRY"):]
+    out = []
+    for line in entry.splitlines()[1:]:
+        m = _OP.match(line)
+        if not m or m.group(3) in _NOT_KERNELS:
+            continue
+        name, shape, op = m.groups()
+        if op == "fusion":
+            op += ":" + re.search(r"kind=(\w+)", line).group(1)
+        elif op == "custom-call":
+            op += ":" + re.search(r'custom_call_target="([^"]+)"', line).group(1)
+        op_name = re.search(r'op_name="([^"]*)"', line)
+        scopes = _SCOPE.findall(op_name.group(1)) if op_name else []
+        dims = re.findall(r"\[([\d,]*)\]", shape)
+        empty = bool(dims) and all("0" in d.split(",") for d in dims)
+        out.append(Kernel(name, op, shape, "/".join(scopes) or "-", empty))
+    return out
+
+
+def summary(kernels: list[Kernel]) -> dict[str, int]:
+    """Kernels by kind; zero-element results (nothing to move) counted apart."""
+    counts = collections.Counter(k.kind for k in kernels if not k.empty)
+    empty = sum(k.empty for k in kernels)
+    if empty:
+        counts["(zero-element, nothing to move)"] = empty
+    return dict(counts)
+
+
+def by_leaf(kernels: list[Kernel]) -> dict[str, int]:
+    """Launched kernels per outermost adafac scope (a fused leaf, the packed tensors)."""
+    return dict(collections.Counter(k.scope.split("/")[0] for k in kernels if not k.empty))
+
+
+def cuda_plugin_installed() -> bool:
+    """Whether jax's CUDA PJRT plugin (`jax[cuda12]`) is installed: the deviceless compiler."""
+    try:
+        import importlib.util
+
+        return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    except ModuleNotFoundError:  # no jax_plugins namespace at all
+        return False
+
+
+def _step(backend: str, workload: str, in_place: bool):
+    """(fn, args, what --donate donates: as `benchmarks/step.py`) of one step of `backend` on
+    `workload`, arrays on the CPU."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                    "benchmarks"))
+    from step import CONV_MODEL, model_shapes, random_tree  # benchmarks/step.py
+
+    from lopt_fast.learned import AdafacMLPLOpt
+
+    tasks = int(workload.split(":")[1]) if workload.startswith("conv:") else None
+    shapes = CONV_MODEL if tasks else model_shapes(int(float(workload)))
+    lead = (tasks,) if tasks else ()
+    params = random_tree(shapes, jax.random.key(1), lead)
+    grad = random_tree(shapes, jax.random.key(2), lead)
+    batch = jax.vmap if tasks else (lambda f: f)
+    if backend == "adam":
+        tx = optax.adam(1e-3)
+
+        def step(p, s, g):
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        return batch(step), (params, batch(tx.init)(params), grad), (0, 1)
+    lopt = AdafacMLPLOpt(hidden_size=32)
+    theta = lopt.init(jax.random.key(0))
+    state = batch(lambda p: lopt.opt_fn(theta, backend="reference").init(p, num_steps=1000))(
+        params)
+    if backend == "triton":
+        from lopt_fast.kernels import triton_update
+
+        update = lambda th, s, g: triton_update(lopt, th, s, g, compute_capability=90,  # noqa: E731
+                                                in_place=in_place)
+    elif backend == "pallas":
+        from lopt_fast.pallas import pallas_update
+
+        update = lambda th, s, g: pallas_update(lopt, th, s, g, interpret=False,  # noqa: E731
+                                                in_place=in_place)
+    else:
+        update = lambda th, s, g: lopt.opt_fn(th, backend="reference").update(s, g)  # noqa: E731
+    if tasks:  # per-task theta, as PES perturbs it
+        theta = jax.tree.map(lambda x: jnp.stack([x] * tasks), theta)
+    return batch(update), (theta, state, grad), (1,)
+
+
+def compile_for_h100(fn, args, donate_argnums=()) -> str:
+    """The optimised HLO text of `jax.jit(fn)(*args)` compiled for one H100, no GPU needed."""
+    import jax
+    from jax.experimental import topologies
+
+    topology = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET_CONFIG,
+                                            topology="1x1x1")
+    mesh = topologies.make_mesh(topology, (1,), ("x",))
+    one = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), args)
+    return jax.jit(fn, donate_argnums=donate_argnums).lower(*specs).compile().as_text()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workload", default="1e7", help="1e5 .. 1e8, or conv:T (T tasks)")
+    ap.add_argument("--backend", nargs="+", default=["triton", "adam"],
+                    choices=["triton", "pallas", "reference", "adam"])
+    ap.add_argument("--donate", action="store_true",
+                    help="donate the state (Adam: and the params), as step.py --donate")
+    ap.add_argument("--in-place", action=argparse.BooleanOptionalAction, default=None,
+                    help="the kernels' in_place (default: as --donate)")
+    ap.add_argument("--list", action="store_true", help="every kernel, in launch order")
+    args = ap.parse_args(argv)
+    in_place = args.donate if args.in_place is None else args.in_place
+
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no driver to check
+    if not cuda_plugin_installed():
+        sys.exit("xla_kernels.py needs the jax CUDA plugin of this jax: "
+                 "pip install \"jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')\"")
+    import jax
+
+    print(f"jax {jax.__version__}, compiled for: NVIDIA H100 80GB HBM3 (deviceless), "
+          f"workload {args.workload}, state {'donated' if args.donate else 'not donated'}, "
+          f"kernels {'in place' if in_place else 'writing fresh outputs'}")
+    for backend in args.backend:
+        with jax.default_device(jax.devices("cpu")[0]):
+            fn, fn_args, donated = _step(backend, args.workload, in_place)
+        try:
+            kernels = entry_kernels(compile_for_h100(fn, fn_args, donated if args.donate else ()))
+        except Exception as e:  # noqa: BLE001 -- report and go on with the other backends
+            print(f"\n{backend}: XLA could not compile it without a GPU: "
+                  f"{str(e).strip().splitlines()[0][:300]}")
+            continue
+        launched = [k for k in kernels if not k.empty]
+        print(f"\n{backend}: {len(launched)} kernels")
+        for kind, n in sorted(summary(kernels).items(), key=lambda kv: -kv[1]):
+            print(f"  {n:4d}  {kind}")
+        if backend not in ("adam", "reference"):
+            print("  by scope: " + ", ".join(f"{s} {n}" for s, n in by_leaf(kernels).items()))
+        if args.list:
+            for k in launched:
+                print(f"    {k.kind:34s} {k.scope[:48]:48s} {k.shape[:70]}")
+
+
+if __name__ == "__main__":
+    main()
