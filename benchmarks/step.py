@@ -17,8 +17,9 @@ float32 traffic and 2 (39 H + H^2 + 2 H) FLOP; Adam: 28 B, ~12 FLOP), the floor 
 max(bytes / copy rate, FLOP / matmul rate) and time / adam in the same run.
 Unavailable backends are skipped with a note; pallas on CPU (interpreter) only when asked.
 With --donate every step (Adam's too) donates its state and is called on its previous
-output, as a training loop does: the fused kernels then update it in place, without the
-copies XLA makes first when the state is not donated.
+output, as a training loop does, and the fused kernels update it in place; without it
+they write fresh outputs (`opt_fn(..., in_place=False)`), since updating a state that is
+not donated in place makes XLA copy it first (`lopt_fast.pallas.plan.in_place_aliases`).
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def random_tree(shapes, key, lead=()):
 
 def lopt_step(lopt, backend, shapes, tasks, donate=False):
     theta = lopt.init(jax.random.key(0))
-    opt = lopt.opt_fn(theta, backend=backend)
+    opt = lopt.opt_fn(theta, backend=backend, in_place=donate)
     lead = () if tasks is None else (tasks,)
     params = random_tree(shapes, jax.random.key(1), lead)
     grad = random_tree(shapes, jax.random.key(2), lead)
@@ -96,8 +97,8 @@ def lopt_step(lopt, backend, shapes, tasks, donate=False):
         state = jax.vmap(lambda p: opt.init(p, num_steps=1000))(params)
 
         def update(s, g, thetas):  # per-task theta, as PES perturbs it
-            return jax.vmap(lambda th, s, g: lopt.opt_fn(th, backend=backend).update(s, g))(
-                thetas, s, g)
+            one = lambda th, s, g: lopt.opt_fn(th, backend=backend, in_place=donate).update(s, g)  # noqa: E731
+            return jax.vmap(one)(thetas, s, g)
 
         extra = (jax.tree.map(lambda x: jnp.stack([x + 0.01 * i for i in range(tasks)]), theta),)
     fn = jax.jit(lambda s, g, *x: (update(s, g, *x),), donate_argnums=0 if donate else ())

@@ -15,7 +15,8 @@ for the two reduction passes; triton: layer 1 as "dot", TF32, one program per ti
 pallas: layer 1 as "fma". All configurations of a size, and `optax.adam` on the same
 tree (the issue's <= 3x target), are timed in alternation (one call of each per round:
 `timing.interleaved_median_and_iqr`), compile and warm-up excluded, so their ratios hold
-on a noisy machine. `profiling/triton_resources.py` and `profiling/pallas_resources.py`
+on a noisy machine. No state is donated, so the kernels write fresh outputs
+(`in_place=False`). `profiling/triton_resources.py` and `profiling/pallas_resources.py`
 give each kernel's registers and instruction mix without a GPU; this gives the times.
 """
 
@@ -108,7 +109,9 @@ def main(argv=None):
         adam_fn, adam_carry, adam_rest = adam_step(shapes, None)
         calls = {"optax.adam": (adam_fn, (*adam_carry, *adam_rest))}
         for name, options in configs.items():
-            fn = jax.jit(lambda s, g, options=options: update(lopt, theta, s, g, **options))
+            # Not donated, as Adam is not: fresh outputs, so XLA copies nothing first.
+            fn = jax.jit(lambda s, g, options=options: update(lopt, theta, s, g, in_place=False,
+                                                              **options))
             calls[name] = (fn, (state, grad))
         times = interleaved_median_and_iqr(calls, args.repeats)
         base, adam = times["default"][0], times["optax.adam"][0]

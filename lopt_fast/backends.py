@@ -17,6 +17,11 @@ else "pallas"; the reference elsewhere.
 
 A backend is an object with `name` and
 `update(lopt, theta, state, grad) -> (new_params, LeafAccumulators of trees)`.
+
+`in_place` (kernel backends): the update writes params and state into their buffers,
+which is free when the caller donates the state or carries it through `lax.scan`, and
+costs XLA a copy of them otherwise; `in_place=False` writes fresh buffers, the faster
+choice for a caller that does not donate (`lopt_fast.pallas.plan.in_place_aliases`).
 """
 
 from __future__ import annotations
@@ -85,7 +90,7 @@ def _import_error(module: str) -> str | None:
     return None
 
 
-def _make(name: str) -> Backend:
+def _make(name: str, in_place: bool = True) -> Backend:
     if name == "reference":
         from lopt_fast.learned.adafac_mlp import reference_update
 
@@ -95,11 +100,11 @@ def _make(name: str) -> Backend:
 
         interpret = _platform() == "cpu"
         return Backend("pallas-interpret" if interpret else "pallas",
-                       functools.partial(pallas_update, interpret=interpret))
+                       functools.partial(pallas_update, interpret=interpret, in_place=in_place))
     if name == "triton":
         from lopt_fast.kernels import triton_update
 
-        return Backend("triton", triton_update)
+        return Backend("triton", functools.partial(triton_update, in_place=in_place))
     raise BackendUnavailableError(_unavailable_reason(name))
 
 
@@ -117,15 +122,16 @@ def auto_backend_name() -> str:
     return "triton" if _unavailable_reason("triton") is None else "pallas"
 
 
-def resolve_backend(backend: str = "auto") -> Backend:
-    """The backend to use for `backend` (after the `LOPT_FAST_BACKEND` override)."""
+def resolve_backend(backend: str = "auto", in_place: bool = True) -> Backend:
+    """The backend to use for `backend` (after the `LOPT_FAST_BACKEND` override); `in_place`
+    as the module docstring says (the reference has no such choice)."""
     requested = os.environ.get(ENV_VAR) or backend
     if requested not in BACKENDS:
         source = f"${ENV_VAR}" if os.environ.get(ENV_VAR) else "backend"
         raise ValueError(f"{source}={requested!r} is not one of {', '.join(BACKENDS)}")
     if requested == "auto":
-        return _make(auto_backend_name())
+        return _make(auto_backend_name(), in_place)
     reason = _unavailable_reason(requested)
     if reason is not None:
         raise BackendUnavailableError(f"backend {requested!r} cannot run: {reason}")
-    return _make(requested)
+    return _make(requested, in_place)

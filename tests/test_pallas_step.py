@@ -252,18 +252,37 @@ def test_layouts_roundtrip():
         assert lay.B * lay.U * lay.V == x.size, f"{shape=} {lay}"
 
 
-def test_lowers_for_cuda_through_triton(lopt):
-    """The real (non-interpreted) kernels lower for CUDA on this CPU-only machine."""
+def test_segment_sums_match_segment_sum():
+    """The packed moments' per-tensor sums of per-tile partials (a padded gather and one
+    reduction, or `segment_sum` when padding would read > 4x the rows)."""
+    rng = np.random.default_rng()
+    for nblocks in ([1], [3, 1, 2], [1, 1, 40], [1] * 10 + [40]):
+        partial = jnp.asarray(rng.normal(size=(sum(nblocks), 5)), jnp.float32)
+        ids = jnp.asarray(np.repeat(np.arange(len(nblocks)), nblocks))
+        np.testing.assert_allclose(pallas_plan._segment_sums(partial, nblocks),
+                                   jax.ops.segment_sum(partial, ids, num_segments=len(nblocks)),
+                                   rtol=1e-6, atol=1e-6, err_msg=f"{nblocks=}")
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_lowers_for_cuda_through_triton(lopt, in_place):
+    """The real (non-interpreted) kernels lower for CUDA on this CPU-only machine; in place,
+    each apply launch aliases its p, mom, rms (packed: and v_diag) operands to its outputs,
+    and with `in_place=False` none does (fresh outputs: nothing for XLA to copy when the
+    state is not donated)."""
     theta = lopt.init(jax.random.key(0))
     shapes = {"m": (130, 290), "v": (7,), "s": (), "c": (3, 3, 16, 32), "w": (20, 6)}
     params = {k: jnp.full(s, 0.5, jnp.bfloat16 if k == "w" else jnp.float32)
               for k, s in shapes.items()}
     state = lopt.opt_fn(theta, backend="reference").init(params, num_steps=50)
-    fn = jax.vmap(lambda t, s, g: pallas_update(lopt, t, s, g, interpret=False), in_axes=(None, 0, 0))
+    fn = jax.vmap(lambda t, s, g: pallas_update(lopt, t, s, g, interpret=False, in_place=in_place),
+                  in_axes=(None, 0, 0))
     batched = jax.tree.map(lambda x: jnp.stack([x, x]), (state, params))
     lowered = jax.jit(fn).trace(theta, *batched).lower(lowering_platforms=("cuda",))
-    text = lowered.as_text()
-    assert text.count("__gpu$xla.gpu.triton") == 3 * 3 + 2, "one Triton launch per kernel"
+    launches = [line for line in lowered.as_text().splitlines() if "__gpu$xla.gpu.triton" in line]
+    assert len(launches) == 3 * 3 + 2, "one Triton launch per kernel"
+    aliases = sum(line.count("output_operand_alias<") for line in launches)
+    assert aliases == (3 * 3 + 4 if in_place else 0), f"{aliases} aliased operands"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None,

@@ -46,6 +46,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import triton
 import triton.language as tl
 
@@ -563,7 +564,7 @@ class TritonKernels:
     """Launchers (`plan.Kernels` interface) through `jax_triton.triton_call`."""
 
     def __init__(self, mlp_precision: str = "tf32", compute_capability: int | None = None,
-                 layer1: str = "dot", persistent: bool = False):
+                 layer1: str = "dot", persistent: bool = False, in_place: bool = True):
         if mlp_precision not in MLP_PRECISIONS:
             raise ValueError(f"mlp_precision must be one of {MLP_PRECISIONS}, got {mlp_precision!r}")
         if layer1 not in LAYER1_FORMS:
@@ -572,6 +573,7 @@ class TritonKernels:
         self.compute_capability = compute_capability
         self.layer1 = layer1
         self.persistent = persistent
+        self.in_place = in_place
         self.row_col_in_dot = layer1 == "dot_all"  # what plan hands factored_apply
 
     def _call(self, *args, **kw):
@@ -637,8 +639,9 @@ class TritonKernels:
                 grid=grid, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
                 R=blocks.rows, C=blocks.cols, HP=hp, NHID=nhid, EXP_MULT=mults[0],
                 STEP_MULT=mults[1], PREC=self.prec, L1=self.layer1, TW=tu.shape[-1],
-                WR=w_ew.shape[-2], VA=va, input_output_aliases=plan.FACTORED_APPLY_ALIASES,
-                name="adafac_apply", **extra)
+                WR=w_ew.shape[-2], VA=va, name="adafac_apply", **extra,
+                input_output_aliases=plan.in_place_aliases(plan.FACTORED_APPLY_ALIASES,
+                                                           self.in_place))
 
         return _over_tasks(launch, consts, p, g, mom, rms, fu, fv, tu, tv, w_ew, wh, bh,
                            mlp.w_out_t)
@@ -647,15 +650,15 @@ class TritonKernels:
         rows = p.shape[0]
         n = rows // blocks.rows
 
-        def launch(tasks, consts, p, g, mom, rms, vd, counts):
-            # counts are the same for every task: the kernel reads the first task's.
-            return self._call(consts, p, g, mom, rms, vd, counts.reshape(-1), rows,
+        def launch(tasks, consts, p, g, mom, rms, vd):
+            # counts are the same for every task: one constant, not an operand per task.
+            return self._call(consts, p, g, mom, rms, vd, jnp.asarray(counts).reshape(-1), rows,
                               kernel=_packed_moments_kernel,
                               out_shape=_f32((tasks, n, plan.NUM_SUMS)), grid=(tasks * n,),
                               num_warps=blocks.num_warps, num_stages=blocks.num_stages,
                               R=blocks.rows, C=blocks.cols, name="adafac_packed_moments")
 
-        return _over_tasks(launch, consts, p, g, mom, rms, vd, counts)
+        return _over_tasks(launch, consts, p, g, mom, rms, vd)
 
     def packed_apply(self, p, g, mom, rms, vd, consts, w_seg, b0, seg_starts, mlp, mults,
                      blocks: BlockSizes):
@@ -663,32 +666,34 @@ class TritonKernels:
         n = rows // blocks.rows
         hp = b0.shape[-1]
         starts = list(seg_starts) + [n]
-        seg = jnp.asarray(sum(([s] * (starts[s + 1] - starts[s]) for s in range(len(seg_starts))),
-                              []), jnp.int32)
+        seg = np.asarray(sum(([s] * (starts[s + 1] - starts[s]) for s in range(len(seg_starts))),
+                             []), np.int32)
         nhid, wh, bh = self._hidden(mlp, hp)
 
         def launch(tasks, *arrays):
             lead = lambda x: _f32((tasks, *x.shape))  # noqa: E731
+            state, weights = arrays[:6], arrays[6:]  # consts, p, g, mom, rms, vd | w_seg, ...
             return self._call(
-                *arrays, rows, w_seg.shape[0], kernel=_packed_apply_kernel,
+                *state, jnp.asarray(seg), *weights, rows, w_seg.shape[0],
+                kernel=_packed_apply_kernel,
                 out_shape=[lead(p), lead(mom), lead(rms), lead(vd)], grid=(tasks * n,),
                 num_warps=blocks.num_warps, num_stages=blocks.num_stages, R=blocks.rows,
                 C=blocks.cols, HP=hp, NHID=nhid, EXP_MULT=mults[0], STEP_MULT=mults[1],
                 PREC=self.prec, L1="fma" if self.layer1 == "fma" else "dot",
-                input_output_aliases=plan.PACKED_APPLY_ALIASES, name="adafac_packed_apply")
+                name="adafac_packed_apply",
+                input_output_aliases=plan.in_place_aliases(plan.PACKED_APPLY_ALIASES, self.in_place))
 
-        # The segment map is the same for every task (the kernel reads the first task's).
-        return _over_tasks(launch, consts, p, g, mom, rms, vd, seg, w_seg, b0, wh, bh,
-                           mlp.w_out_t)
+        # The segment map is the same for every task: one constant, not an operand per task.
+        return _over_tasks(launch, consts, p, g, mom, rms, vd, w_seg, b0, wh, bh, mlp.w_out_t)
 
 
 # ----------------------------------------------------------------------------- public op
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
 def _fused(lopt, theta, state, grad, config):
-    mlp_precision, blocks, packed_blocks, compute_capability, layer1, persistent = config
+    mlp_precision, blocks, packed_blocks, compute_capability, layer1, persistent, in_place = config
     kernels = plan.Kernels.of(TritonKernels(mlp_precision, compute_capability, layer1,
-                                            persistent))
+                                            persistent, in_place))
     return plan.fused_update(kernels, lopt, theta, state, grad, blocks=blocks,
                              packed_blocks=packed_blocks)
 
@@ -710,7 +715,7 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 def triton_update(lopt, theta, state, grad, *, mlp_precision: str = "tf32",
                   blocks: BlockSizes | None = None, packed_blocks: BlockSizes | None = None,
                   compute_capability: int | None = None, layer1: str = "dot",
-                  persistent: bool = False):
+                  persistent: bool = False, in_place: bool = True):
     """Fused Triton `AdafacMLPLOpt` update (jax-triton): the signature of `reference_update`.
 
     Forward runs the Triton kernels, backward differentiates the reference
@@ -722,11 +727,14 @@ def triton_update(lopt, theta, state, grad, *, mlp_precision: str = "tf32",
     "fma"); `mlp_precision`: the dots' operands,
     "tf32", "ieee" or "bf16"; `persistent`: run the apply pass of factored tensors as
     a fixed grid of programs that loop over tiles with their next tiles' loads in flight
-    (`blocks.num_stages` - 1 ahead); see the module docstring.
+    (`blocks.num_stages` - 1 ahead); see the module docstring. `in_place`: update p and
+    the state in their buffers, right when the caller donates the state (or carries it
+    through `lax.scan`); otherwise XLA copies them first, and `in_place=False` (fresh
+    outputs) saves those copies (`plan.in_place_aliases`).
 
     Example:
         new_params, acc = triton_update(lopt, theta, opt_state, grads)
     """
     return _fused(lopt, theta, state, grad,
                   (mlp_precision, blocks, packed_blocks, compute_capability, layer1,
-                   bool(persistent)))
+                   bool(persistent), bool(in_place)))

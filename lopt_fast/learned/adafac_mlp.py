@@ -129,7 +129,7 @@ class AdafacMLPLOpt(LearnedOptimizer):
                              f"  received shapes: {got}")
 
     def opt_fn(self, theta: MetaParams, is_training: bool = False,
-               backend: str = "auto") -> Optimizer:
+               backend: str = "auto", in_place: bool = True) -> Optimizer:
         """The optimizer that `theta` defines.
 
         Args:
@@ -137,12 +137,15 @@ class AdafacMLPLOpt(LearnedOptimizer):
           is_training: unused; kept for learned_optimization compatibility.
           backend: "auto" | "reference" | "pallas" | "triton" (`LOPT_FAST_BACKEND`
             overrides); see `lopt_fast.backends`.
+          in_place: kernel backends update params and state in their buffers (default:
+            best when the state is donated or carried through `lax.scan`); False writes
+            fresh buffers, which saves XLA a copy of them when the caller does not donate.
         """
         del is_training
         self.check_theta(theta)
         from lopt_fast.backends import resolve_backend
 
-        return _AdafacOpt(self, theta, resolve_backend(backend))
+        return _AdafacOpt(self, theta, resolve_backend(backend, in_place))
 
 
 def reference_update(lopt: AdafacMLPLOpt, theta, state: AdafacMLPLOptState, grad):

@@ -260,9 +260,11 @@ class PallasKernels:
         MLP's dots.
       layer1: the first MLP layer as "fma" (a multiply-add per feature) or "dot" (the
         features as one [tile, K] x [K, Hp] dot).
+      in_place: the apply kernels write into their p / state operands (`plan.in_place_aliases`).
     """
 
-    def __init__(self, interpret: bool, mlp_precision: str = "tf32", layer1: str = "fma"):
+    def __init__(self, interpret: bool, mlp_precision: str = "tf32", layer1: str = "fma",
+                 in_place: bool = True):
         if mlp_precision not in ("tf32", "ieee"):
             raise ValueError(f"mlp_precision must be 'tf32' or 'ieee', got {mlp_precision!r}")
         if layer1 not in PALLAS_LAYER1_FORMS:
@@ -270,6 +272,7 @@ class PallasKernels:
         self.interpret = interpret
         self.precision = lax.Precision.DEFAULT if mlp_precision == "tf32" else lax.Precision.HIGHEST
         self.layer1 = layer1
+        self.in_place = in_place
 
     def _call(self, kernel, name, blocks: BlockSizes, **kw):
         if self.interpret:
@@ -356,7 +359,7 @@ class PallasKernels:
             out_shape=[jax.ShapeDtypeStruct(p.shape, p.dtype),
                        jax.ShapeDtypeStruct(mom.shape, jnp.float32),
                        jax.ShapeDtypeStruct(rms.shape, jnp.float32)],
-            input_output_aliases=plan.FACTORED_APPLY_ALIASES,
+            input_output_aliases=plan.in_place_aliases(plan.FACTORED_APPLY_ALIASES, self.in_place),
         )(consts, p, g, mom, rms, fu, fv, tu, tv, w_ew, *mlp_args)
 
     # Packed non-factored tensors: grid (tiles,).
@@ -408,7 +411,7 @@ class PallasKernels:
                        jax.ShapeDtypeStruct(mom.shape, jnp.float32),
                        jax.ShapeDtypeStruct(rms.shape, jnp.float32),
                        jax.ShapeDtypeStruct(vd.shape, jnp.float32)],
-            input_output_aliases=plan.PACKED_APPLY_ALIASES,
+            input_output_aliases=plan.in_place_aliases(plan.PACKED_APPLY_ALIASES, self.in_place),
         )(consts, p, g, mom, rms, vd, w_seg, b0, *mlp_args)
 
 
@@ -416,8 +419,8 @@ class PallasKernels:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
 def _fused(lopt, theta, state, grad, config):
-    interpret, mlp_precision, blocks, packed_blocks, layer1 = config
-    kernels = plan.Kernels.of(PallasKernels(interpret, mlp_precision, layer1))
+    interpret, mlp_precision, blocks, packed_blocks, layer1, in_place = config
+    kernels = plan.Kernels.of(PallasKernels(interpret, mlp_precision, layer1, in_place))
     return plan.fused_update(kernels, lopt, theta, state, grad, blocks=blocks,
                              packed_blocks=packed_blocks)
 
@@ -439,7 +442,8 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 def pallas_update(lopt, theta, state, grad, *, interpret: bool | None = None,
                   mlp_precision: str = "tf32", blocks: BlockSizes | None = None,
-                  packed_blocks: BlockSizes | None = None, layer1: str = "fma"):
+                  packed_blocks: BlockSizes | None = None, layer1: str = "fma",
+                  in_place: bool = True):
     """Fused Pallas `AdafacMLPLOpt` update: the signature of `reference_update`.
 
     Forward runs the kernels; the backward pass (`jax.custom_vjp`) differentiates the
@@ -452,6 +456,9 @@ def pallas_update(lopt, theta, state, grad, *, interpret: bool | None = None,
         on GPU.
       blocks, packed_blocks: override `blocks.block_sizes` / `packed_block_sizes` tiles.
       layer1: the first MLP layer as "fma" or "dot" (see `PallasKernels`).
+      in_place: update p and the state in their buffers: right when the caller donates
+        the state (or carries it through `lax.scan`); otherwise XLA copies them first,
+        and `in_place=False` (fresh outputs) saves those copies (`plan.in_place_aliases`).
 
     Returns:
       (new params tree, `LeafAccumulators` of accumulator trees).
@@ -462,4 +469,5 @@ def pallas_update(lopt, theta, state, grad, *, interpret: bool | None = None,
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     return _fused(lopt, theta, state, grad,
-                  (bool(interpret), mlp_precision, blocks, packed_blocks, layer1))
+                  (bool(interpret), mlp_precision, blocks, packed_blocks, layer1,
+                   bool(in_place)))

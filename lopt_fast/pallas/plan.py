@@ -66,6 +66,20 @@ FACTORED_APPLY_ALIASES = {1: 0, 3: 1, 4: 2}  # p, mom, rms
 PACKED_APPLY_ALIASES = {1: 0, 3: 1, 4: 2, 5: 3}  # p, mom, rms, v_diag
 
 
+def in_place_aliases(aliases: dict[int, int], in_place: bool) -> dict[int, int]:
+    """The apply kernels' operand -> output aliases, or none when not `in_place`.
+
+    Aliasing pays only when the caller donates the state (or carries it through a loop):
+    XLA then updates it in its buffers. When the state is not donated, XLA must keep the
+    operands, so it copies p, mom and rms first: 40 B/param moved on top of the step's
+    72. Without aliases the kernels write fresh buffers and nothing is copied, but a
+    donated state then costs the same copies at the end. Compiled for an H100
+    (`profiling/xla_kernels.py`, 1e7 parameters): 3 copies either way round, 0 when
+    aliasing matches donation.
+    """
+    return aliases if in_place else {}
+
+
 class FactoredLayout(NamedTuple):
     """Static description of a factored tensor's canonical [B, U, V] view."""
 
@@ -151,6 +165,7 @@ class Kernels(NamedTuple):
     factored_apply(p, g, mom, rms, fu, fv, consts, tu, tv, w_ew, mlp, mults, blocks)
         -> (new_p [B,U,V] in p.dtype, new_mom [3,B,U,V], new_rms [1,B,U,V])
     packed_moments(p, g, mom, rms, vd, counts, consts, blocks) -> partial sums [nblocks, 32]
+        (counts: a static numpy [nblocks, 1], the valid elements of each tile)
     packed_apply(p, g, mom, rms, vd, consts, w_seg, b0, seg_starts, mlp, mults, blocks)
         -> (new_p, new_mom, new_rms, new_vd), all float32, packed
     `mults` is the static (exp_mult, step_mult) pair.
@@ -178,6 +193,14 @@ class Kernels(NamedTuple):
 def _ms(x):
     """Mean square over all but the leading (decay) axis."""
     return jnp.mean(jnp.square(x), axis=tuple(range(1, x.ndim)))
+
+
+def _table(f, w):
+    """sum_k f[k, ..., None] * w[k]: the [.., H] layer-1 table of 6 per-row / per-column
+    features f [6, B, n] with their w0 rows w [6, H]. As multiply-adds, not a dot: XLA
+    fuses them with the features' concatenation and the padding into one kernel, where a
+    K = 6 dot is a GEMM launch of its own with a fusion on either side."""
+    return sum(f[k][..., None] * w[k] for k in range(f.shape[0]))
 
 
 def _row_col_feature_operands(f_u, f_v, w_ew, w_u, w_v, b0):
@@ -240,8 +263,8 @@ def _factored_leaf(kernels, p, g, acc: am.LeafAccumulators, consts, c_fac, nn, i
     if kernels.row_col_in_dot:
         tu, tv, w_ew = _row_col_feature_operands(f_u, f_v, w_ew, w_u, w_v, b0)
     else:
-        tu = _pad_last(jnp.tensordot(f_u, w_u, axes=(0, 0)) + b0, hp)  # [B, U, Hp]
-        tv = _pad_last(jnp.tensordot(f_v, w_v, axes=(0, 0)), hp)
+        tu = _pad_last(_table(f_u, w_u) + b0, hp)  # [B, U, Hp]
+        tv = _pad_last(_table(f_v, w_v), hp)
     w_ew = _pad_last(w_ew, hp)
 
     with jax.named_scope("adafac_apply"):
@@ -253,6 +276,26 @@ def _factored_leaf(kernels, p, g, acc: am.LeafAccumulators, consts, c_fac, nn, i
             am.LeafAccumulators(_from_canon(new_mom3, lay.perm, 1, permuted),
                                 _from_canon(new_rms3, lay.perm, 1, permuted),
                                 new_row, new_col, acc.v_diag))
+
+
+def _segment_sums(partial, nblocks: list[int]):
+    """Sums of consecutive runs of `nblocks[s]` rows of partial [n, K] -> [S, K].
+
+    A gather of each run, padded with a zero row to the longest run, then one reduction:
+    XLA fuses the two into one kernel, where `segment_sum` is a scatter and the zeros it
+    starts from (two kernels). When padding would read more than 4x the rows (one long
+    run among short ones), `segment_sum` it is.
+    """
+    n, longest = partial.shape[0], max(nblocks)
+    if len(nblocks) * longest > 4 * n:
+        ids = np.repeat(np.arange(len(nblocks)), nblocks)
+        return jax.ops.segment_sum(partial, jnp.asarray(ids), num_segments=len(nblocks))
+    starts = np.cumsum([0] + nblocks[:-1])
+    index = np.full((len(nblocks), longest), n)  # n: the zero row
+    for s, (start, count) in enumerate(zip(starts, nblocks, strict=True)):
+        index[s, :count] = np.arange(start, start + count)
+    padded = jnp.concatenate([partial, jnp.zeros_like(partial[:1])])
+    return jnp.sum(padded[index], axis=1)
 
 
 def _packed_leaves(kernels, items, consts, nn, iteration, mlp, mults, hp, blocks):
@@ -282,8 +325,8 @@ def _packed_leaves(kernels, items, consts, nn, iteration, mlp, mults, hp, blocks
     vd = pack([a.v_diag for _, _, a in items], 1)
 
     with jax.named_scope("adafac_packed_moments"):
-        partial = kernels.packed_moments(p, g, mom, rms, vd, jnp.asarray(counts), consts, blk)
-    sums = jax.ops.segment_sum(partial, jnp.asarray(seg_ids), num_segments=len(items))
+        partial = kernels.packed_moments(p, g, mom, rms, vd, counts, consts, blk)
+    sums = _segment_sums(partial, nblocks)
     ew = sums[:, :NUM_EW_PACKED] / jnp.asarray(sizes, jnp.float32)[:, None]  # [S, 22]
     moments = jnp.concatenate([ew[:, :13], ew[:, 16:19], ew[:, 16:19], ew[:, 19:22],
                                ew[:, 19:22], ew[:, 13:16]], axis=1)
