@@ -69,9 +69,14 @@ jax_triton.__version__); print(jax.devices())" ;;
       run 120 sweep python3 benchmarks/tile_sweep.py --backend pallas \
         ${PALLAS_SWEEP_ARGS:---tiles 1x256 --warps 4 --layer1 fma dot} ;;
     profile)
+      # 1e7 parameters, and the meta-training shape (64 tasks x the convnet), where the
+      # wall time against the device's busy time says whether launches dominate
+      # (docs/KERNELS.md, "Session 11").
       for b in ${PROFILE_BACKENDS:-pallas triton}; do
         run 90 profile python3 profiling/trace_step.py --backend "$b" --params 1e7 \
           --logdir "/tmp/trace_$b"
+        run 90 profile python3 profiling/trace_step.py --backend "$b" --tasks 64 \
+          --logdir "/tmp/trace_tasks_$b"
       done ;;
     meta)
       for b in ${META_BACKENDS:-auto reference}; do

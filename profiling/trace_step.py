@@ -2,6 +2,7 @@
 
     python profiling/trace_step.py                         # reference, CPU-friendly size
     python profiling/trace_step.py --backend pallas --params 1e7 --logdir /tmp/lopt_trace
+    python profiling/trace_step.py --backend triton --tasks 64   # T tasks x the small convnet
 
 The step is jitted, compiled and warmed up, then `--steps` steps run under
 `jax.profiler.trace(logdir)`. The trace (`*.trace.json.gz` under logdir, also readable
@@ -9,7 +10,13 @@ in Perfetto / TensorBoard) is parsed and device / XLA-op events are grouped by n
 named `pallas_call`s (adafac_row_col_sums, adafac_moments, adafac_apply,
 adafac_packed_*) appear under their names on GPU, and `jax.named_scope`s
 (adafac_leaf_<i>, adafac_fused_leaf_<i>, adafac_apply, ...) label the XLA ops of the
-reference and of the wrapper.
+reference and of the wrapper. With `--tasks T` the step is T vmapped tasks with per-task
+theta x the small convnet of `benchmarks/step.py` (the meta-training shape).
+
+It also prints the step's wall time, untraced (back to back, and one synchronised call
+at a time as `benchmarks/step.py` times it), against the time the device spent in
+kernels per step and their count: where wall time exceeds busy time, the step waits
+on launches, not on memory or arithmetic.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import gzip
 import json
 import os
 import re
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +81,8 @@ def scope_of_ops(compiled_text: str) -> dict[str, str]:
     """HLO instruction name -> its `adafac*` named scope (from op_name metadata)."""
     out = {}
     for m in re.finditer(r"%?([\w.\-]+) = .*?op_name=\"([^\"]+)\"", compiled_text):
-        scopes = [part for part in m.group(2).split("/") if part.startswith("adafac")]
+        # Under vmap a scope reads "vmap(adafac_fused_leaf_3)".
+        scopes = re.findall(r"adafac_\w+", m.group(2))
         out[m.group(1)] = "/".join(scopes[:2]) if scopes else "(other)"
     return out
 
@@ -81,23 +91,20 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--backend", default="reference")
     ap.add_argument("--params", type=float, default=1e6)
+    ap.add_argument("--tasks", type=int, default=0,
+                    help="T > 0: T vmapped tasks x the small convnet instead of --params")
     ap.add_argument("--hidden-size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--logdir", default="/tmp/lopt_fast_trace")
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args(argv)
 
-    side = int(round(args.params ** 0.5))
     lopt = AdafacMLPLOpt(hidden_size=args.hidden_size)
-    opt = lopt.opt_fn(lopt.init(jax.random.key(0)), backend=args.backend)
-    params = {"w": 0.1 * jax.random.normal(jax.random.key(1), (side, side)),
-              "b": jnp.full((side,), 0.01)}
-    grad = jax.tree.map(lambda x: jnp.cos(x * 7.0), params)
-    state = opt.init(params, num_steps=1000)
-    step = jax.jit(opt.update)
+    step, state, grad, workload = _workload(lopt, args)
     scopes = scope_of_ops(step.lower(state, grad).compile().as_text())
     for _ in range(2):  # compile, and again if the first output's types differ (weak types)
         state = jax.block_until_ready(step(state, grad))
+    wall = _wall_times(step, state, grad, repeats=max(10, args.steps))
 
     options = jax.profiler.ProfileOptions()
     options.python_tracer_level = 0  # XLA / device events only
@@ -120,9 +127,16 @@ def main(argv=None):
     by_scope = collections.defaultdict(float)
     for name, us in totals.items():
         by_scope[scope_of(name, scopes)] += us
+    device_events = [e for e in events if e.get("pid") in pids]
     print(f"trace: {path}")
-    print(f"backend {opt.backend.name}, {side * side + side:,} params, "
-          f"{args.steps} steps on {jax.devices()[0].device_kind}")
+    print(f"backend {args.backend}, {workload}, {args.steps} steps on "
+          f"{jax.devices()[0].device_kind}")
+    print(f"wall ms/step: {wall[0] * 1e3:.3f} back to back, {wall[1] * 1e3:.3f} one synchronised "
+          f"call at a time (untraced, median)")
+    if device_events:
+        busy = sum(e.get("dur", 0.0) for e in device_events) / args.steps
+        print(f"device busy ms/step: {busy / 1e3:.3f} in {len(device_events) // args.steps} "
+              f"device events per step")
     total = sum(totals.values()) or 1.0
     print(f"{'named scope / pallas_call':60s} {'ms/step':>9s} {'%':>6s}")
     for name, us in sorted(by_scope.items(), key=lambda kv: -kv[1])[:args.top]:
@@ -132,6 +146,52 @@ def main(argv=None):
     for name, us in sorted(totals.items(), key=lambda kv: -kv[1])[:args.top]:
         print(f"{name[:60]:60s} {counts[name] // args.steps:6d} {us / args.steps / 1e3:9.3f} "
               f"{100 * us / total:6.1f}")
+
+
+def _workload(lopt, args):
+    """(jitted step(state, grad) -> state, state, grad, description)."""
+    theta = lopt.init(jax.random.key(0))
+    if not args.tasks:
+        opt = lopt.opt_fn(theta, backend=args.backend, in_place=False)  # not donated
+        side = int(round(args.params ** 0.5))
+        params = {"w": 0.1 * jax.random.normal(jax.random.key(1), (side, side)),
+                  "b": jnp.full((side,), 0.01)}
+        grad = jax.tree.map(lambda x: jnp.cos(x * 7.0), params)
+        return (jax.jit(opt.update), opt.init(params, num_steps=1000), grad,
+                f"{side * side + side:,} params")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                    "benchmarks"))
+    from step import CONV_MODEL, random_tree  # benchmarks/step.py
+
+    params = random_tree(CONV_MODEL, jax.random.key(1), (args.tasks,))
+    grad = jax.tree.map(lambda x: jnp.cos(x * 7.0), params)
+    thetas = jax.tree.map(lambda x: jnp.stack([x + 0.01 * i for i in range(args.tasks)]), theta)
+    state = jax.vmap(lambda p: lopt.opt_fn(theta, backend=args.backend).init(
+        p, num_steps=1000))(params)
+    def one(th, s, g):  # per-task theta; not donated, so fresh outputs
+        return lopt.opt_fn(th, backend=args.backend, in_place=False).update(s, g)
+
+    step = jax.jit(lambda s, g: jax.vmap(one)(thetas, s, g))
+    n = sum(x.size for x in jax.tree.leaves(params))
+    return step, state, grad, f"{args.tasks} tasks x the small convnet ({n:,} params)"
+
+
+def _wall_times(step, state, grad, repeats: int) -> tuple[float, float]:
+    """Median seconds per step: `repeats` steps back to back (one sync at the end), and one
+    synchronised call at a time."""
+    back_to_back, single = [], []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        s = state
+        for _ in range(repeats):
+            s = step(s, grad)
+        jax.block_until_ready(s)
+        back_to_back.append((time.perf_counter() - t0) / repeats)
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(step(state, grad))
+        single.append(time.perf_counter() - t0)
+    return sorted(back_to_back)[1], sorted(single)[len(single) // 2]
 
 
 if __name__ == "__main__":
