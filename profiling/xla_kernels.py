@@ -3,6 +3,7 @@
     python profiling/xla_kernels.py --workload 1e7 --backend triton adam
     python profiling/xla_kernels.py --workload conv:64 --backend triton pallas --list
     python profiling/xla_kernels.py --workload 1e8 --donate     # the state donated
+    python profiling/xla_kernels.py --local --workload conv:64  # on a GPU machine: its GPU
 
 XLA:GPU compiles "deviceless" for a described GPU (`jax.experimental.topologies` with an
 H100 target config), so the step is compiled by the same passes, with the same fusion
@@ -10,7 +11,11 @@ decisions, as on an H100, and nothing runs. The compiled HLO's entry computation
 launch sequence: each fusion, custom call (jax-triton / Pallas kernels) and copy is one
 kernel. The tool counts them by kind and by `jax.named_scope` (`adafac_fused_leaf_<i>`,
 `adafac_fused_packed`, `adafac_apply`, ...), so the glue between the fused passes can be
-cut without a GPU. What it cannot say is how long any kernel takes.
+cut without a GPU. It also reads XLA's thunk sequence (`--xla_dump_to`): what the host
+launches per step, where XLA records runs of kernels into command buffers (CUDA graphs,
+one host launch each) and which thunks stay outside them (a legacy custom call, such
+as jax-triton 0.3.1's `triton_kernel_call`, cannot be recorded and splits the graph).
+What it cannot say is how long any kernel takes.
 
 Needs the jax CUDA plugin of the installed jax (`pip install "jax[cuda12]==<jax version>"`,
 several GB) and, for the triton backend, jax-triton and triton; on a machine without a GPU
@@ -29,9 +34,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import glob
 import os
 import re
+import shutil
 import sys
+import tempfile
 from typing import NamedTuple
 
 # The "kernel" lines of an entry computation: every op but these launches (or copies) on a GPU.
@@ -84,6 +92,21 @@ def entry_kernels(hlo_text: str) -> list[Kernel]:
         empty = bool(dims) and all("0" in d.split(",") for d in dims)
         out.append(Kernel(name, op, shape, "/".join(scopes) or "-", empty))
     return out
+
+
+class Launches(NamedTuple):
+    host: int  # top-level thunks: what the host launches per step
+    graphs: int  # of which command buffers (CUDA graphs)
+    in_graphs: int  # thunks recorded inside those graphs
+    custom_calls_outside: int  # custom-call thunks launched on their own
+
+
+def host_launches(thunk_sequence: str) -> Launches:
+    """Read XLA:GPU's `*thunk_sequence_after_thunk_passes.txt` dump: top-level thunks
+    start a line with their number, thunks inside a command buffer are indented."""
+    top = re.findall(r"^\d+: (\w+)", thunk_sequence, re.M)
+    nested = re.findall(r"^\s+\d+: (\w+)", thunk_sequence, re.M)
+    return Launches(len(top), top.count("kCommandBuffer"), len(nested), top.count("kCustomCall"))
 
 
 def summary(kernels: list[Kernel]) -> dict[str, int]:
@@ -158,10 +181,16 @@ def _step(backend: str, workload: str, in_place: bool):
     return batch(update), (theta, state, grad), (1,)
 
 
-def compile_for_h100(fn, args, donate_argnums=()) -> str:
-    """The optimised HLO text of `jax.jit(fn)(*args)` compiled for one H100, no GPU needed."""
+def compile_for_h100(fn, args, donate_argnums=(), local: bool = False) -> str:
+    """The optimised HLO text of `jax.jit(fn)(*args)` compiled for one H100, no GPU needed,
+    or with `local` for the default device (with `--xla_dump_to` in XLA_FLAGS, XLA also
+    writes its thunk sequence there)."""
     import jax
     from jax.experimental import topologies
+
+    if local:
+        specs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
+        return jax.jit(fn, donate_argnums=donate_argnums).lower(*specs).compile().as_text()
 
     topology = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET_CONFIG,
                                             topology="1x1x1")
@@ -180,30 +209,49 @@ def main(argv=None):
                     help="donate the state (Adam: and the params), as step.py --donate")
     ap.add_argument("--in-place", action=argparse.BooleanOptionalAction, default=None,
                     help="the kernels' in_place (default: as --donate)")
+    ap.add_argument("--local", action="store_true",
+                    help="compile for the default device (a GPU machine's own GPU) instead")
     ap.add_argument("--list", action="store_true", help="every kernel, in launch order")
     args = ap.parse_args(argv)
     in_place = args.donate if args.in_place is None else args.in_place
 
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no driver to check
-    if not cuda_plugin_installed():
+    dump_dir = tempfile.mkdtemp(prefix="xla_kernels_")  # XLA reads XLA_FLAGS at backend start
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump_dir}"
+    if not (args.local or cuda_plugin_installed()):
         sys.exit("xla_kernels.py needs the jax CUDA plugin of this jax: "
                  "pip install \"jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')\"")
     import jax
 
-    print(f"jax {jax.__version__}, compiled for: NVIDIA H100 80GB HBM3 (deviceless), "
+    target = jax.devices()[0].device_kind if args.local else "NVIDIA H100 80GB HBM3 (deviceless)"
+    print(f"jax {jax.__version__}, compiled for: {target}, "
           f"workload {args.workload}, state {'donated' if args.donate else 'not donated'}, "
           f"kernels {'in place' if in_place else 'writing fresh outputs'}")
     for backend in args.backend:
         with jax.default_device(jax.devices("cpu")[0]):
             fn, fn_args, donated = _step(backend, args.workload, in_place)
         try:
-            kernels = entry_kernels(compile_for_h100(fn, fn_args, donated if args.donate else ()))
+            kernels = entry_kernels(compile_for_h100(fn, fn_args, donated if args.donate else (),
+                                                     local=args.local))
         except Exception as e:  # noqa: BLE001 -- report and go on with the other backends
             print(f"\n{backend}: XLA could not compile it without a GPU: "
                   f"{str(e).strip().splitlines()[0][:300]}")
             continue
         launched = [k for k in kernels if not k.empty]
         print(f"\n{backend}: {len(launched)} kernels")
+        # The last module's sequence after XLA's thunk passes (command buffers), or before
+        # them where they changed nothing and XLA wrote only that one.
+        sequences = sorted(glob.glob(os.path.join(dump_dir, "*thunk_sequence*.txt")),
+                           key=lambda f: (os.path.basename(f).split(".")[0],
+                                          "after_thunk_passes" in f))
+        if sequences:
+            with open(sequences[-1]) as f:
+                launches = host_launches(f.read())
+            print(f"  host launches per step: {launches.host} ({launches.graphs} CUDA graphs "
+                  f"holding {launches.in_graphs} thunks; {launches.custom_calls_outside} custom "
+                  f"calls launched outside them)")
+        shutil.rmtree(dump_dir, ignore_errors=True)
+        os.makedirs(dump_dir)
         for kind, n in sorted(summary(kernels).items(), key=lambda kv: -kv[1]):
             print(f"  {n:4d}  {kind}")
         if backend not in ("adam", "reference"):

@@ -1,5 +1,6 @@
 """profiling/trace_step.py: a trace of one reference step on CPU reads as named scopes, and
-GPU kernel events (pallas_call names, jax-triton kernel functions) map to their launches."""
+GPU kernel events (pallas_call names, jax-triton kernel functions) map to their launches.
+profiling/xla_kernels.py: a compiled module's kernels and host launches."""
 
 import importlib.util
 import os
@@ -9,13 +10,22 @@ import sys
 from tests.helpers import ROOT, run_python
 
 SCRIPT = os.path.join(ROOT, "profiling", "trace_step.py")
+XLA_KERNELS = os.path.join(ROOT, "profiling", "xla_kernels.py")
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("trace_step", SCRIPT)
+def _load(path):
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _module():
+    return _load(SCRIPT)
+
+
+def _xla_kernels():
+    return _load(XLA_KERNELS)
 
 
 def test_kernel_events_map_to_their_launch():
@@ -31,16 +41,6 @@ def test_trace_of_a_reference_step_on_cpu(tmp_path):
     stdout = run_python([SCRIPT, "--params", "1e4", "--steps", "1", "--logdir", str(tmp_path)],
                         "trace_step.py", timeout=300)
     assert "adafac_leaf_" in stdout, stdout[-3000:]
-
-
-XLA_KERNELS = os.path.join(ROOT, "profiling", "xla_kernels.py")
-
-
-def _xla_kernels():
-    spec = importlib.util.spec_from_file_location("xla_kernels", XLA_KERNELS)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_xla_kernels_reads_the_launch_sequence():
@@ -91,3 +91,17 @@ def test_trace_of_vmapped_tasks_reports_wall_time(tmp_path):
                         "trace_step.py --tasks", timeout=300)
     assert "2 tasks x the small convnet" in stdout and "wall ms/step" in stdout, stdout[-3000:]
     assert "adafac_leaf_" in stdout, stdout[-3000:]
+
+
+def test_xla_kernels_counts_host_launches():
+    """Top-level thunks are host launches; indented ones run inside a command buffer."""
+    sequence = """001: kCustomKernel  [source | next=002 (1)] loop_clamp_fusion grid: [1, 1, 1]
+002: kCustomCall    [prev=001 (1) | next=000 (1)] kCustomCall
+000: kCommandBuffer [prev=002 (1) | next=006 (1)]
+    003: kCustomKernel [source | next=004 (1)] loop_reduce_fusion grid: [1, 1, 1]
+    004: kCustomKernel [prev=003 (1) | sink] loop_multiply_fusion grid: [56, 1, 1]
+    005: kCopy         [source | sink] kCopy
+006: kCustomCall    [prev=000 (1) | sink] kCustomCall
+"""
+    launches = _xla_kernels().host_launches(sequence)
+    assert launches == (4, 1, 3, 2), launches
