@@ -167,3 +167,24 @@ def test_triton_lowers_for_cuda_through_jax_triton():
     """Each kernel's signature as jax-triton builds it from the call, compiled for sm_90."""
     pythonpath = os.pathsep.join(p for p in (CUDA_LOWERING_PATH, os.environ.get("PYTHONPATH")) if p)
     run_python(["-m", "tests.triton_cuda_lowering"], "CUDA lowering", PYTHONPATH=pythonpath)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed (pip install 'lopt-fast[gpu]')")
+def test_launch_target_prefers_jaxlib_ffi_call(monkeypatch):
+    """Triton launches go to jaxlib's FFI call where the CUDA plugin registers it (XLA can
+    record those into CUDA graphs where jaxlib marks the handler so), else, or with
+    LOPT_FAST_TRITON_LEGACY_CALL=1, to jax-triton's legacy call; the lowered form is checked
+    by `tests/triton_cuda_lowering.py`."""
+    from lopt_fast.kernels import ffi_call
+
+    monkeypatch.delenv(ffi_call.LEGACY_ENV_VAR, raising=False)
+    monkeypatch.setattr(ffi_call, "_wrap_jax_triton_lowering", lambda: True)
+    monkeypatch.setattr(ffi_call, "ffi_target_registered", lambda: False)
+    assert ffi_call.call_target() == ffi_call.LEGACY_TARGET
+    monkeypatch.setattr(ffi_call, "ffi_target_registered", lambda: True)
+    assert ffi_call.call_target() == ffi_call.FFI_TARGET
+    monkeypatch.setenv(ffi_call.LEGACY_ENV_VAR, "1")
+    assert ffi_call.call_target() == ffi_call.LEGACY_TARGET
+    monkeypatch.delenv(ffi_call.LEGACY_ENV_VAR)
+    monkeypatch.setattr(ffi_call, "_wrap_jax_triton_lowering", lambda: False)  # another jax-triton
+    assert ffi_call.call_target() == ffi_call.LEGACY_TARGET

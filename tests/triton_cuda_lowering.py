@@ -13,15 +13,20 @@ kept in its own directory and this runs in its own process:
 Exits non-zero unless the lowered step holds one Triton launch per kernel, for each MLP
 precision and for 3 vmapped tasks with their own theta (folded into the grid, not a loop),
 and the apply launches update the state in place: each aliases its p, mom, rms (and the
-packed v) operands to its outputs, and none does with `in_place=False` (fresh outputs).
+packed v) operands to its outputs, and none does with `in_place=False` (fresh outputs);
+and unless the launches are jaxlib's FFI Triton calls carrying the kernel-call protos
+that jax-triton's legacy calls carry (`lopt_fast.kernels.ffi_call`).
 """
 
 from __future__ import annotations
 
+import os
+import re
+
 import jax
 import jax.numpy as jnp
 
-from lopt_fast.kernels import triton_update
+from lopt_fast.kernels import ffi_call, triton_update
 from lopt_fast.learned import AdafacMLPLOpt
 
 # Factored tensors (3 kernels each: row/col sums, moments, apply) and small ones packed
@@ -34,9 +39,9 @@ EXPECTED_LAUNCHES = 3 * NUM_FACTORED + 2
 EXPECTED_ALIASES = 3 * NUM_FACTORED + 4  # p, mom, rms per factored apply; + v_diag packed
 
 
-def lowered_launches(mlp_precision: str, tasks: int | None = None, layer1: str = "dot",
-                     persistent: bool = False, in_place: bool = True) -> tuple[int, int]:
-    """(Triton launches, input -> output aliases) in the step lowered for CUDA."""
+def lowered_step(mlp_precision: str = "tf32", tasks: int | None = None, layer1: str = "dot",
+                 persistent: bool = False, in_place: bool = True) -> list[str]:
+    """The step's Triton launches, lowered for CUDA (lines of StableHLO text)."""
     lopt = AdafacMLPLOpt(hidden_size=32)
     theta = lopt.init(jax.random.key(0))
     params = {k: jnp.full(s, 0.5, jnp.bfloat16 if k == "bf16" else jnp.float32)
@@ -50,8 +55,39 @@ def lowered_launches(mlp_precision: str, tasks: int | None = None, layer1: str =
         theta, state, params = jax.tree.map(
             lambda x: jnp.stack([x] * tasks), (theta, state, params))
     text = jax.jit(step).trace(theta, state, params).lower(lowering_platforms=("cuda",)).as_text()
-    launches = [line for line in text.splitlines() if "custom_call @triton_kernel_call" in line]
+    return [line for line in text.splitlines() if "custom_call @triton_kernel_call" in line]
+
+
+def lowered_launches(*args, **kw) -> tuple[int, int]:
+    """(Triton launches, input -> output aliases) in the step lowered for CUDA."""
+    launches = lowered_step(*args, **kw)
     return len(launches), sum(line.count("stablehlo.output_operand_alias<") for line in launches)
+
+
+def payloads(launches: list[str]) -> list[str]:
+    """Each launch's kernel-call proto (zlib-compressed, as MLIR escapes it)."""
+    return [re.search(r'(?:opaque|backend_config) = "([^"]*)"', line).group(1)
+            for line in launches]
+
+
+def check_ffi_form():
+    """Launches go to jaxlib's FFI Triton call (API version 4, the kernel-call proto as its
+    `opaque` attribute), which XLA can record into CUDA graphs where jaxlib declares it
+    command-buffer compatible; LOPT_FAST_TRITON_LEGACY_CALL=1 gives jax-triton's legacy
+    call, with the same payloads."""
+    ffi = lowered_step()
+    assert all("custom_call @triton_kernel_call_ffi(" in line and "api_version = 4" in line
+               and "backend_config = {opaque = " in line for line in ffi), ffi[0][:300]
+    os.environ[ffi_call.LEGACY_ENV_VAR] = "1"
+    try:
+        legacy = lowered_step()
+    finally:
+        del os.environ[ffi_call.LEGACY_ENV_VAR]
+    assert all("custom_call @triton_kernel_call(" in line and "api_version = 2" in line
+               for line in legacy), legacy[0][:300]
+    assert payloads(ffi) == payloads(legacy), "the FFI calls carry other kernel calls"
+    print(f"{len(ffi)} launches as {ffi_call.FFI_TARGET} (API version 4), the same payloads "
+          f"as the legacy {ffi_call.LEGACY_TARGET}")
 
 
 if __name__ == "__main__":
@@ -69,3 +105,4 @@ if __name__ == "__main__":
               f"{EXPECTED_LAUNCHES}), {aliases} in-place operands (expected {expected_aliases})")
         assert launches == EXPECTED_LAUNCHES, f"{case}: {launches} launches"
         assert aliases == expected_aliases, f"{case}: {aliases} aliased operands"
+    check_ffi_form()

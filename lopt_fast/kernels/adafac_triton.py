@@ -50,6 +50,7 @@ import numpy as np
 import triton
 import triton.language as tl
 
+from lopt_fast.kernels import ffi_call
 from lopt_fast.pallas import plan
 from lopt_fast.pallas.blocks import (
     LAYER1_FORMS,
@@ -579,7 +580,8 @@ class TritonKernels:
     def _call(self, *args, **kw):
         import jax_triton as jt
 
-        return jt.triton_call(*args, compute_capability=self.compute_capability, **kw)
+        return jt.triton_call(*args, compute_capability=self.compute_capability,
+                              custom_call_target_name=ffi_call.call_target(), **kw)
 
     @staticmethod
     def _hidden(mlp, hp):
