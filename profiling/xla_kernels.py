@@ -99,14 +99,17 @@ class Launches(NamedTuple):
     graphs: int  # of which command buffers (CUDA graphs)
     in_graphs: int  # thunks recorded inside those graphs
     custom_calls_outside: int  # custom-call thunks launched on their own
+    loops: int  # while loops: what their bodies launch is not counted here
 
 
 def host_launches(thunk_sequence: str) -> Launches:
-    """Read XLA:GPU's `*thunk_sequence_after_thunk_passes.txt` dump: top-level thunks
-    start a line with their number, thunks inside a command buffer are indented."""
+    """Read XLA:GPU's `*thunk_sequence_after_thunk_passes.txt` dump of a step without loops:
+    top-level thunks start a line with their number, thunks inside a command buffer are
+    indented (so are a while loop's, which is why loops are only counted)."""
     top = re.findall(r"^\d+: (\w+)", thunk_sequence, re.M)
     nested = re.findall(r"^\s+\d+: (\w+)", thunk_sequence, re.M)
-    return Launches(len(top), top.count("kCommandBuffer"), len(nested), top.count("kCustomCall"))
+    return Launches(len(top), top.count("kCommandBuffer"), len(nested), top.count("kCustomCall"),
+                    top.count("kWhile"))
 
 
 def summary(kernels: list[Kernel]) -> dict[str, int]:
@@ -249,7 +252,8 @@ def main(argv=None):
                 launches = host_launches(f.read())
             print(f"  host launches per step: {launches.host} ({launches.graphs} CUDA graphs "
                   f"holding {launches.in_graphs} thunks; {launches.custom_calls_outside} custom "
-                  f"calls launched outside them)")
+                  f"calls launched outside them)"
+                  + (f"; {launches.loops} loops, uncounted" if launches.loops else ""))
         shutil.rmtree(dump_dir, ignore_errors=True)
         os.makedirs(dump_dir)
         for kind, n in sorted(summary(kernels).items(), key=lambda kv: -kv[1]):

@@ -104,4 +104,4 @@ def test_xla_kernels_counts_host_launches():
 006: kCustomCall    [prev=000 (1) | sink] kCustomCall
 """
     launches = _xla_kernels().host_launches(sequence)
-    assert launches == (4, 1, 3, 2), launches
+    assert launches == (4, 1, 3, 2, 0), launches
