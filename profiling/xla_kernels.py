@@ -136,9 +136,10 @@ def cuda_plugin_installed() -> bool:
         return False
 
 
-def _step(backend: str, workload: str, in_place: bool):
+def _step(backend: str, workload: str, in_place: bool, compute_capability: int | None = 90):
     """(fn, args, what --donate donates: as `benchmarks/step.py`) of one step of `backend` on
-    `workload`, arrays on the CPU."""
+    `workload`, arrays on the CPU; Triton kernels for `compute_capability` (None: the local
+    GPU's)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -170,8 +171,8 @@ def _step(backend: str, workload: str, in_place: bool):
     if backend == "triton":
         from lopt_fast.kernels import triton_update
 
-        update = lambda th, s, g: triton_update(lopt, th, s, g, compute_capability=90,  # noqa: E731
-                                                in_place=in_place)
+        update = lambda th, s, g: triton_update(  # noqa: E731
+            lopt, th, s, g, compute_capability=compute_capability, in_place=in_place)
     elif backend == "pallas":
         from lopt_fast.pallas import pallas_update
 
@@ -184,7 +185,7 @@ def _step(backend: str, workload: str, in_place: bool):
     return batch(update), (theta, state, grad), (1,)
 
 
-def compile_for_h100(fn, args, donate_argnums=(), local: bool = False) -> str:
+def compiled_hlo(fn, args, donate_argnums=(), local: bool = False) -> str:
     """The optimised HLO text of `jax.jit(fn)(*args)` compiled for one H100, no GPU needed,
     or with `local` for the default device (with `--xla_dump_to` in XLA_FLAGS, XLA also
     writes its thunk sequence there)."""
@@ -218,12 +219,17 @@ def main(argv=None):
     args = ap.parse_args(argv)
     in_place = args.donate if args.in_place is None else args.in_place
 
-    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no driver to check
-    dump_dir = tempfile.mkdtemp(prefix="xla_kernels_")  # XLA reads XLA_FLAGS at backend start
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump_dir}"
     if not (args.local or cuda_plugin_installed()):
         sys.exit("xla_kernels.py needs the jax CUDA plugin of this jax: "
                  "pip install \"jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')\"")
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no driver to check
+    with tempfile.TemporaryDirectory(prefix="xla_kernels_") as dump_dir:
+        # XLA reads XLA_FLAGS when its backends start, below.
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump_dir}"
+        _report(args, in_place, dump_dir)
+
+
+def _report(args, in_place: bool, dump_dir: str):
     import jax
 
     target = jax.devices()[0].device_kind if args.local else "NVIDIA H100 80GB HBM3 (deviceless)"
@@ -232,13 +238,13 @@ def main(argv=None):
           f"kernels {'in place' if in_place else 'writing fresh outputs'}")
     for backend in args.backend:
         with jax.default_device(jax.devices("cpu")[0]):
-            fn, fn_args, donated = _step(backend, args.workload, in_place)
+            fn, fn_args, donated = _step(backend, args.workload, in_place,
+                                         None if args.local else 90)
         try:
-            kernels = entry_kernels(compile_for_h100(fn, fn_args, donated if args.donate else (),
-                                                     local=args.local))
+            kernels = entry_kernels(compiled_hlo(fn, fn_args, donated if args.donate else (),
+                                                 local=args.local))
         except Exception as e:  # noqa: BLE001 -- report and go on with the other backends
-            print(f"\n{backend}: XLA could not compile it without a GPU: "
-                  f"{str(e).strip().splitlines()[0][:300]}")
+            print(f"\n{backend}: XLA could not compile it: {str(e).strip().splitlines()[0][:300]}")
             continue
         launched = [k for k in kernels if not k.empty]
         print(f"\n{backend}: {len(launched)} kernels")
@@ -254,7 +260,7 @@ def main(argv=None):
                   f"holding {launches.in_graphs} thunks; {launches.custom_calls_outside} custom "
                   f"calls launched outside them)"
                   + (f"; {launches.loops} loops, uncounted" if launches.loops else ""))
-        shutil.rmtree(dump_dir, ignore_errors=True)
+        shutil.rmtree(dump_dir)  # the next backend's module alone
         os.makedirs(dump_dir)
         for kind, n in sorted(summary(kernels).items(), key=lambda kv: -kv[1]):
             print(f"  {n:4d}  {kind}")
