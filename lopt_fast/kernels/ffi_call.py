@@ -10,8 +10,9 @@ backend, whose kernels are XLA's own Triton fusions (one graph of 77 thunks).
 jaxlib registers the same kernel-call handler through XLA's FFI as `triton_kernel_call_ffi`:
 the same zlib-compressed `TritonKernelCall` proto, passed as the `opaque` attribute of an
 API-version-4 custom call. It is what Pallas lowers to after jaxlib 0.10.2 and what
-jax-triton's unreleased main branch emits, and jaxlib's newer sources declare that handler
-command-buffer compatible (jaxlib 0.10.2's does not: its FFI calls stay outside graphs too).
+jax-triton's unreleased main branch emits, and a jaxlib source newer than 0.10.2 declares
+that handler command-buffer compatible (which release ships that is unchecked; 0.10.2's
+handler is not: its FFI calls stay outside graphs too).
 `call_target()` names the target the Triton backend launches with: the FFI one where
 jaxlib registers it and this jax-triton's lowering is the one wrapped here (0.3.x), unless
 `LOPT_FAST_TRITON_LEGACY_CALL=1`; jax-triton's lowering is wrapped once so that a launch
