@@ -4,6 +4,7 @@
     python profiling/xla_kernels.py --workload conv:64 --backend triton pallas --list
     python profiling/xla_kernels.py --workload 1e8 --donate     # the state donated
     python profiling/xla_kernels.py --local --workload conv:64  # on a GPU machine: its GPU
+    python profiling/xla_kernels.py --workload conv:64 --launcher xla   # triton_update's launcher
 
 XLA:GPU compiles "deviceless" for a described GPU (`jax.experimental.topologies` with an
 H100 target config), so the step is compiled by the same passes, with the same fusion
@@ -136,10 +137,11 @@ def cuda_plugin_installed() -> bool:
         return False
 
 
-def _step(backend: str, workload: str, in_place: bool, compute_capability: int | None = 90):
+def _step(backend: str, workload: str, in_place: bool, compute_capability: int | None = 90,
+          launcher: str | None = None):
     """(fn, args, what --donate donates: as `benchmarks/step.py`) of one step of `backend` on
     `workload`, arrays on the CPU; Triton kernels for `compute_capability` (None: the local
-    GPU's)."""
+    GPU's), launched by `launcher` (`triton_update`'s)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -172,7 +174,8 @@ def _step(backend: str, workload: str, in_place: bool, compute_capability: int |
         from lopt_fast.kernels import triton_update
 
         update = lambda th, s, g: triton_update(  # noqa: E731
-            lopt, th, s, g, compute_capability=compute_capability, in_place=in_place)
+            lopt, th, s, g, compute_capability=compute_capability, in_place=in_place,
+            launcher=launcher)
     elif backend == "pallas":
         from lopt_fast.pallas import pallas_update
 
@@ -215,6 +218,8 @@ def main(argv=None):
                     help="the kernels' in_place (default: as --donate)")
     ap.add_argument("--local", action="store_true",
                     help="compile for the default device (a GPU machine's own GPU) instead")
+    ap.add_argument("--launcher", choices=["jax_triton", "jax_triton_legacy", "xla"], default=None,
+                    help="how the triton backend launches its kernels (triton_update's launcher)")
     ap.add_argument("--list", action="store_true", help="every kernel, in launch order")
     args = ap.parse_args(argv)
     in_place = args.donate if args.in_place is None else args.in_place
@@ -239,7 +244,7 @@ def _report(args, in_place: bool, dump_dir: str):
     for backend in args.backend:
         with jax.default_device(jax.devices("cpu")[0]):
             fn, fn_args, donated = _step(backend, args.workload, in_place,
-                                         None if args.local else 90)
+                                         None if args.local else 90, args.launcher)
         try:
             kernels = entry_kernels(compiled_hlo(fn, fn_args, donated if args.donate else (),
                                                  local=args.local))

@@ -109,27 +109,35 @@ def test_kernels_compile_for_sm90(hidden_layers):
             assert "cp.async" in ptx, f"{kernel.__name__}: the tile loop was not pipelined"
 
 
-@pytest.mark.skipif(not (ON_CUDA and HAVE_TRITON and HAVE_JAX_TRITON),
-                    reason="needs an NVIDIA GPU with jax[cuda], jax-triton and triton")
-@pytest.mark.parametrize("mlp_precision, tol, blocks, packed_blocks, layer1, persistent", [
-    ("ieee", KERNEL_TOLERANCE, SMALL_TILES, SMALL_PACKED, "dot", False),  # many ragged tiles
-    ("tf32", TF32_TOLERANCE, None, None, "dot", False),  # the defaults users run
-    ("tf32", TF32_TOLERANCE, None, None, "fma", False),  # layer 1 as FMAs
-    ("tf32", TF32_TOLERANCE, None, None, "dot_all", False),  # row / column features in the dot
-    ("ieee", KERNEL_TOLERANCE, SMALL_TILES, SMALL_PACKED, "dot_all", False),
-    ("bf16", BF16_DOTS_TOLERANCE, None, None, "dot", False),  # bf16 operands
-    ("bf16", BF16_DOTS_TOLERANCE, None, None, "dot_all", True),  # the persistent apply kernel
-    ("ieee", KERNEL_TOLERANCE, SMALL_TILES, SMALL_PACKED, "dot", True),
+@pytest.mark.skipif(not (ON_CUDA and HAVE_TRITON), reason="needs an NVIDIA GPU with jax[cuda] and triton")
+@pytest.mark.parametrize("mlp_precision, tol, blocks, packed_blocks, layer1, persistent, launcher", [
+    ("ieee", KERNEL_TOLERANCE, SMALL_TILES, SMALL_PACKED, "dot", False, "jax_triton"),  # ragged tiles
+    ("tf32", TF32_TOLERANCE, None, None, "dot", False, "jax_triton"),  # the defaults users run
+    ("tf32", TF32_TOLERANCE, None, None, "fma", False, "jax_triton"),  # layer 1 as FMAs
+    ("tf32", TF32_TOLERANCE, None, None, "dot_all", False, "jax_triton"),  # row / column features
+    ("ieee", KERNEL_TOLERANCE, SMALL_TILES, SMALL_PACKED, "dot_all", False, "jax_triton"),
+    ("bf16", BF16_DOTS_TOLERANCE, None, None, "dot", False, "jax_triton"),  # bf16 operands
+    ("bf16", BF16_DOTS_TOLERANCE, None, None, "dot_all", True, "jax_triton"),  # persistent apply
+    ("ieee", KERNEL_TOLERANCE, SMALL_TILES, SMALL_PACKED, "dot", True, "jax_triton"),
+    ("tf32", TF32_TOLERANCE, None, None, "dot", False, "jax_triton_legacy"),  # jax-triton's call
+    # XLA's own Triton calls (compiled by XLA's Triton, inside CUDA graphs):
+    ("ieee", KERNEL_TOLERANCE, SMALL_TILES, SMALL_PACKED, "dot", False, "xla"),
+    ("tf32", TF32_TOLERANCE, None, None, "dot", False, "xla"),
+    ("bf16", BF16_DOTS_TOLERANCE, None, None, "dot_all", True, "xla"),
 ])
 def test_triton_matches_reference_every_shape_class_and_bf16(mlp_precision, tol, blocks,
-                                                             packed_blocks, layer1, persistent):
+                                                             packed_blocks, layer1, persistent,
+                                                             launcher):
+    if launcher != "xla" and not HAVE_JAX_TRITON:
+        pytest.skip("jax-triton not installed (pip install 'lopt-fast[gpu]')")
     from lopt_fast.kernels import triton_update
 
     lopt = AdafacMLPLOpt(hidden_size=32, exp_mult=0.3, step_mult=0.01)
     theta, params, shapes, rng = every_shape_class(lopt, int(np.random.default_rng().integers(1 << 30)))
     kernel = jax.jit(lambda t, s, g: triton_update(lopt, t, s, g, mlp_precision=mlp_precision,
                                                    blocks=blocks, packed_blocks=packed_blocks,
-                                                   layer1=layer1, persistent=persistent))
+                                                   layer1=layer1, persistent=persistent,
+                                                   launcher=launcher))
     ref = precise_reference(lopt)
     run_trajectories(lopt, theta, params, shapes, rng, kernel, ref, tol=tol)
 
@@ -170,21 +178,56 @@ def test_triton_lowers_for_cuda_through_jax_triton():
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed (pip install 'lopt-fast[gpu]')")
-def test_launch_target_prefers_jaxlib_ffi_call(monkeypatch):
-    """Triton launches go to jaxlib's FFI call where the CUDA plugin registers it (XLA can
-    record those into CUDA graphs where jaxlib marks the handler so), else, or with
-    LOPT_FAST_TRITON_LEGACY_CALL=1, to jax-triton's legacy call; the lowered form is checked
-    by `tests/triton_cuda_lowering.py`."""
-    from lopt_fast.kernels import ffi_call
+def test_launchers_and_the_jax_triton_call_target(monkeypatch):
+    """The launcher comes from the argument, else $LOPT_FAST_TRITON_LAUNCHER, else
+    "jax_triton"; its launches go to jaxlib's FFI call where the CUDA plugin registers it
+    (XLA can record those into CUDA graphs where jaxlib marks the handler so), else, or as
+    "jax_triton_legacy", to jax-triton's legacy call (the lowered forms:
+    `tests/triton_cuda_lowering.py`)."""
+    from lopt_fast.kernels import adafac_triton, ffi_call
+    from lopt_fast.pallas.blocks import TRITON_LAUNCHER_ENV_VAR
 
-    monkeypatch.delenv(ffi_call.LEGACY_ENV_VAR, raising=False)
+    monkeypatch.delenv(TRITON_LAUNCHER_ENV_VAR, raising=False)
+    assert adafac_triton.resolve_launcher(None) == "jax_triton"
+    monkeypatch.setenv(TRITON_LAUNCHER_ENV_VAR, "xla")
+    assert adafac_triton.TritonKernels().launcher == "xla"
+    assert adafac_triton.resolve_launcher("jax_triton_legacy") == "jax_triton_legacy"
+    with pytest.raises(ValueError, match="launcher must be one of"):
+        adafac_triton.resolve_launcher("cuda")
+
     monkeypatch.setattr(ffi_call, "_wrap_jax_triton_lowering", lambda: True)
     monkeypatch.setattr(ffi_call, "ffi_target_registered", lambda: False)
     assert ffi_call.call_target() == ffi_call.LEGACY_TARGET
     monkeypatch.setattr(ffi_call, "ffi_target_registered", lambda: True)
     assert ffi_call.call_target() == ffi_call.FFI_TARGET
-    monkeypatch.setenv(ffi_call.LEGACY_ENV_VAR, "1")
-    assert ffi_call.call_target() == ffi_call.LEGACY_TARGET
-    monkeypatch.delenv(ffi_call.LEGACY_ENV_VAR)
+    assert ffi_call.call_target(legacy=True) == ffi_call.LEGACY_TARGET
     monkeypatch.setattr(ffi_call, "_wrap_jax_triton_lowering", lambda: False)  # another jax-triton
     assert ffi_call.call_target() == ffi_call.LEGACY_TARGET
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed (pip install 'lopt-fast[gpu]')")
+@pytest.mark.parametrize("tasks, in_place", [(None, True), (3, True), (3, False)])
+def test_xla_launcher_lowers_for_cuda(tasks, in_place):
+    """launcher="xla" needs no jax-triton: triton builds each kernel's Triton IR (for sm_90,
+    here on the CPU), jaxlib's Triton dialect reads it, and the step lowers for CUDA to one
+    `__gpu$xla.gpu.triton` call per kernel (vmapped tasks in the grid), in place or not."""
+    from lopt_fast.kernels import triton_update
+
+    lopt = AdafacMLPLOpt(hidden_size=32)
+    theta = lopt.init(jax.random.key(0))
+    shapes = {"matrix": (130, 290), "conv": (3, 3, 16, 32), "bf16": (20, 6), "vector": (7,),
+              "scalar": ()}
+    params = {k: jnp.full(s, 0.5, jnp.bfloat16 if k == "bf16" else jnp.float32)
+              for k, s in shapes.items()}
+    state = lopt.opt_fn(theta, backend="reference").init(params, num_steps=50)
+    step = lambda t, s, g: triton_update(lopt, t, s, g, compute_capability=90,  # noqa: E731
+                                         in_place=in_place, launcher="xla")
+    args = (theta, state, params)
+    if tasks:
+        step = jax.vmap(step)
+        args = jax.tree.map(lambda x: jnp.stack([x] * tasks), args)
+    text = jax.jit(step).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    launches = [line for line in text.splitlines() if "__gpu$xla.gpu.triton" in line]
+    assert len(launches) == 3 * 3 + 2, len(launches)  # 3 factored tensors x 3 passes + packed 2
+    aliases = sum(line.count("output_operand_alias<") for line in launches)
+    assert aliases == (3 * 3 + 4 if in_place else 0), aliases

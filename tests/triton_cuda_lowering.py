@@ -20,7 +20,6 @@ that jax-triton's legacy calls carry (`lopt_fast.kernels.ffi_call`).
 
 from __future__ import annotations
 
-import os
 import re
 
 import jax
@@ -40,7 +39,8 @@ EXPECTED_ALIASES = 3 * NUM_FACTORED + 4  # p, mom, rms per factored apply; + v_d
 
 
 def lowered_step(mlp_precision: str = "tf32", tasks: int | None = None, layer1: str = "dot",
-                 persistent: bool = False, in_place: bool = True) -> list[str]:
+                 persistent: bool = False, in_place: bool = True,
+                 launcher: str = "jax_triton") -> list[str]:
     """The step's Triton launches, lowered for CUDA (lines of StableHLO text)."""
     lopt = AdafacMLPLOpt(hidden_size=32)
     theta = lopt.init(jax.random.key(0))
@@ -49,7 +49,8 @@ def lowered_step(mlp_precision: str = "tf32", tasks: int | None = None, layer1: 
     state = lopt.opt_fn(theta, backend="reference").init(params, num_steps=50)
     step = lambda t, s, g: triton_update(lopt, t, s, g, mlp_precision=mlp_precision,  # noqa: E731
                                          compute_capability=H100, layer1=layer1,
-                                         persistent=persistent, in_place=in_place)
+                                         persistent=persistent, in_place=in_place,
+                                         launcher=launcher)
     if tasks:
         step = jax.vmap(step)
         theta, state, params = jax.tree.map(
@@ -73,16 +74,12 @@ def payloads(launches: list[str]) -> list[str]:
 def check_ffi_form():
     """Launches go to jaxlib's FFI Triton call (API version 4, the kernel-call proto as its
     `opaque` attribute), which XLA can record into CUDA graphs where jaxlib declares it
-    command-buffer compatible; LOPT_FAST_TRITON_LEGACY_CALL=1 gives jax-triton's legacy
+    command-buffer compatible; the "jax_triton_legacy" launcher gives jax-triton's legacy
     call, with the same payloads."""
     ffi = lowered_step()
     assert all("custom_call @triton_kernel_call_ffi(" in line and "api_version = 4" in line
                and "backend_config = {opaque = " in line for line in ffi), ffi[0][:300]
-    os.environ[ffi_call.LEGACY_ENV_VAR] = "1"
-    try:
-        legacy = lowered_step()
-    finally:
-        del os.environ[ffi_call.LEGACY_ENV_VAR]
+    legacy = lowered_step(launcher="jax_triton_legacy")
     assert all("custom_call @triton_kernel_call(" in line and "api_version = 2" in line
                for line in legacy), legacy[0][:300]
     assert payloads(ffi) == payloads(legacy), "the FFI calls carry other kernel calls"

@@ -43,6 +43,7 @@ pointer to their task (one level of vmap).
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -50,12 +51,14 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from lopt_fast.kernels import ffi_call
+from lopt_fast.kernels import ffi_call, xla_call
 from lopt_fast.pallas import plan
 from lopt_fast.pallas.blocks import (
     LAYER1_FORMS,
     MLP_PRECISIONS,
     PERSISTENT_PROGRAMS_PER_SM,
+    TRITON_LAUNCHER_ENV_VAR,
+    TRITON_LAUNCHERS,
     BlockSizes,
 )
 
@@ -534,6 +537,14 @@ def _row_alignment(v: int) -> int:
     return min(16, v & -v)
 
 
+def resolve_launcher(launcher: str | None) -> str:
+    """`launcher`, or by default `$LOPT_FAST_TRITON_LAUNCHER` or "jax_triton"."""
+    launcher = launcher or os.environ.get(TRITON_LAUNCHER_ENV_VAR) or "jax_triton"
+    if launcher not in TRITON_LAUNCHERS:
+        raise ValueError(f"launcher must be one of {TRITON_LAUNCHERS}, got {launcher!r}")
+    return launcher
+
+
 def _num_sms() -> int:
     """Streaming multiprocessors of the GPU; an H100 / H200's 132 when lowering without one."""
     return getattr(jax.devices()[0], "core_count", None) or 132
@@ -565,7 +576,8 @@ class TritonKernels:
     """Launchers (`plan.Kernels` interface) through `jax_triton.triton_call`."""
 
     def __init__(self, mlp_precision: str = "tf32", compute_capability: int | None = None,
-                 layer1: str = "dot", persistent: bool = False, in_place: bool = True):
+                 layer1: str = "dot", persistent: bool = False, in_place: bool = True,
+                 launcher: str | None = None):
         if mlp_precision not in MLP_PRECISIONS:
             raise ValueError(f"mlp_precision must be one of {MLP_PRECISIONS}, got {mlp_precision!r}")
         if layer1 not in LAYER1_FORMS:
@@ -575,13 +587,18 @@ class TritonKernels:
         self.layer1 = layer1
         self.persistent = persistent
         self.in_place = in_place
+        self.launcher = resolve_launcher(launcher)
         self.row_col_in_dot = layer1 == "dot_all"  # what plan hands factored_apply
 
     def _call(self, *args, **kw):
+        if self.launcher == "xla":
+            return xla_call.xla_triton_call(*args, compute_capability=self.compute_capability,
+                                            **kw)
         import jax_triton as jt
 
+        target = ffi_call.call_target(legacy=self.launcher == "jax_triton_legacy")
         return jt.triton_call(*args, compute_capability=self.compute_capability,
-                              custom_call_target_name=ffi_call.call_target(), **kw)
+                              custom_call_target_name=target, **kw)
 
     @staticmethod
     def _hidden(mlp, hp):
@@ -693,9 +710,10 @@ class TritonKernels:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
 def _fused(lopt, theta, state, grad, config):
-    mlp_precision, blocks, packed_blocks, compute_capability, layer1, persistent, in_place = config
+    (mlp_precision, blocks, packed_blocks, compute_capability, layer1, persistent, in_place,
+     launcher) = config
     kernels = plan.Kernels.of(TritonKernels(mlp_precision, compute_capability, layer1,
-                                            persistent, in_place))
+                                            persistent, in_place, launcher))
     return plan.fused_update(kernels, lopt, theta, state, grad, blocks=blocks,
                              packed_blocks=packed_blocks)
 
@@ -717,7 +735,7 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 def triton_update(lopt, theta, state, grad, *, mlp_precision: str = "tf32",
                   blocks: BlockSizes | None = None, packed_blocks: BlockSizes | None = None,
                   compute_capability: int | None = None, layer1: str = "dot",
-                  persistent: bool = False, in_place: bool = True):
+                  persistent: bool = False, in_place: bool = True, launcher: str | None = None):
     """Fused Triton `AdafacMLPLOpt` update (jax-triton): the signature of `reference_update`.
 
     Forward runs the Triton kernels, backward differentiates the reference
@@ -732,11 +750,15 @@ def triton_update(lopt, theta, state, grad, *, mlp_precision: str = "tf32",
     (`blocks.num_stages` - 1 ahead); see the module docstring. `in_place`: update p and
     the state in their buffers, right when the caller donates the state (or carries it
     through `lax.scan`); otherwise XLA copies them first, and `in_place=False` (fresh
-    outputs) saves those copies (`plan.in_place_aliases`).
+    outputs) saves those copies (`plan.in_place_aliases`). `launcher` (default
+    `$LOPT_FAST_TRITON_LAUNCHER`, else "jax_triton"): "jax_triton" (`jax_triton.triton_call`
+    as jaxlib's FFI call, `ffi_call`), "jax_triton_legacy" (jax-triton's own call) or "xla"
+    (XLA's own Triton calls, which XLA records into CUDA graphs; no jax-triton needed:
+    `xla_call`).
 
     Example:
         new_params, acc = triton_update(lopt, theta, opt_state, grads)
     """
     return _fused(lopt, theta, state, grad,
                   (mlp_precision, blocks, packed_blocks, compute_capability, layer1,
-                   bool(persistent), bool(in_place)))
+                   bool(persistent), bool(in_place), resolve_launcher(launcher)))

@@ -15,7 +15,7 @@ that handler command-buffer compatible (which release ships that is unchecked; 0
 handler is not: its FFI calls stay outside graphs too).
 `call_target()` names the target the Triton backend launches with: the FFI one where
 jaxlib registers it and this jax-triton's lowering is the one wrapped here (0.3.x), unless
-`LOPT_FAST_TRITON_LEGACY_CALL=1`; jax-triton's lowering is wrapped once so that a launch
+the launcher is "jax_triton_legacy"; jax-triton's lowering is wrapped once so that a launch
 with that target is rewritten to the FFI form after jax-triton builds it (its own lowering
 would mark it API version 2).
 """
@@ -23,11 +23,9 @@ would mark it API version 2).
 from __future__ import annotations
 
 import functools
-import os
 
 FFI_TARGET = "triton_kernel_call_ffi"
 LEGACY_TARGET = "triton_kernel_call"
-LEGACY_ENV_VAR = "LOPT_FAST_TRITON_LEGACY_CALL"
 
 
 def ffi_target_registered() -> bool:
@@ -41,9 +39,9 @@ def ffi_target_registered() -> bool:
         return False
 
 
-def call_target() -> str:
+def call_target(legacy: bool = False) -> str:
     """The custom-call target for the next jax-triton launch (see the module docstring)."""
-    if os.environ.get(LEGACY_ENV_VAR) == "1" or not ffi_target_registered():
+    if legacy or not ffi_target_registered():
         return LEGACY_TARGET
     return FFI_TARGET if _wrap_jax_triton_lowering() else LEGACY_TARGET
 

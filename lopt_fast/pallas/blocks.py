@@ -31,6 +31,11 @@ REDUCTION_TILE = 1024  # elements per program of the reduction passes (`reductio
 LAYER1_FORMS = ("fma", "dot", "dot_all")
 MLP_PRECISIONS = ("tf32", "ieee", "bf16")
 PALLAS_LAYER1_FORMS = ("fma", "dot")  # `pallas_update`'s `layer1`
+# How `triton_update` launches its kernels (`launcher`, or this environment variable):
+# through jax-triton as jaxlib's FFI Triton call (`lopt_fast.kernels.ffi_call`), through
+# jax-triton's own legacy call, or as XLA's own Triton calls (`lopt_fast.kernels.xla_call`).
+TRITON_LAUNCHERS = ("jax_triton", "jax_triton_legacy", "xla")
+TRITON_LAUNCHER_ENV_VAR = "LOPT_FAST_TRITON_LAUNCHER"
 # Triton's persistent apply kernel (`triton_update(..., persistent=True)`): programs per SM.
 # Compiled for sm_90 (H = 32, 1x256 or 4x64 tiles, 4 warps, 2-3 stages) it needs 178-255
 # registers, so two programs of 4 warps fit on an SM.
