@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine should run, in one call (the machine keeps nothing):
 #
-#   bash benchmarks/gpu_session.sh [SECTION ...]   # default: env graphs tests sweep step donated
+#   bash benchmarks/gpu_session.sh [SECTION ...]   # default: env graphs tests step xla_step donated sweep
 #
-# Sections: env, graphs, tests, compare, step, donated, sweep, profile, meta. Each writes
+# Sections: env, graphs, tests, compare, step, xla_step, donated, sweep, profile, meta. Each writes
 # $OUT/<section>.log (OUT defaults to ./out) and runs under its own time limit, so one
-# failure or hang does not cost the rest. The default list (about 9 minutes on an H100,
-# inside one 10-minute call) is what issue 3 still needs: a one-step check of the Triton
-# FFI call (else the legacy call for the rest) and the host launches per step of the
-# 64-task convnet (graphs), the kernels tested on the GPU,
-# the tile / layer-1 / persistent sweep with Adam timed in the same run, step.py, and the
-# donated-state step (step.py --donate: state updated in place, as in a training loop);
+# failure or hang does not cost the rest. The default list (about 9-10 minutes on an H100,
+# inside one 10-minute call; the sweep last, as it is the first to give up) is what issue 3
+# still needs: a one-step check of each Triton launcher (else jax-triton's legacy call for
+# the rest) and the host launches per step of the 64-task convnet (graphs), the kernels
+# tested on the GPU, step.py, its Triton rows with launcher="xla" (xla_step), the
+# donated-state step (step.py --donate: state updated in place, as in a training loop),
+# and the tile / layer-1 / persistent sweep with Adam timed in the same run;
 # it leaves out the diagnostic compare, the profiles and meta-training. jax-triton is not
 # in the device image: carry its wheel in .whl/ (docs/KERNELS.md).
 set -u
@@ -22,7 +23,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1
 SECTIONS=("$@")
-[ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=(env graphs tests sweep step donated)
+[ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=(env graphs tests step xla_step donated sweep)
 
 run() {  # run SECONDS SECTION CMD...: time-limited, logged, never stops the script
   local limit=$1 name=$2
@@ -42,28 +43,22 @@ for s in "${SECTIONS[@]}"; do
 'jaxlib', jaxlib.__version__, 'triton', triton.__version__, 'jax_triton', \
 jax_triton.__version__); print(jax.devices())" ;;
     graphs)
-      # The Triton backend launches through jaxlib's FFI Triton call (lopt_fast/kernels/
-      # ffi_call.py), new in session 11 and never run on a GPU: if one step does not match
-      # the reference here, every later section falls back to jax-triton's legacy call.
-      run 120 graphs python3 -c "
-import jax, jax.numpy as jnp, numpy as np
-from lopt_fast.learned import AdafacMLPLOpt
-lopt = AdafacMLPLOpt(hidden_size=32); theta = lopt.init(jax.random.key(0))
-p = {'w': jax.random.normal(jax.random.key(1), (130, 290)), 'b': jnp.full((290,), 0.1)}
-out = {b: lopt.opt_fn(theta, backend=b).update(lopt.opt_fn(theta, backend=b).init(p, num_steps=9), p).params
-       for b in ('reference', 'triton')}
-err = max(float(jnp.max(jnp.abs(out['triton'][k] - out['reference'][k]))) for k in p)
-print('triton (FFI call) vs reference: max abs diff', err); assert np.isfinite(err) and err < 1e-3
-"
+      # How the Triton backend launches (session 11, never run on a GPU): one step per
+      # launcher against the reference; if the default (jax-triton through jaxlib's FFI
+      # call) fails, every later section uses jax-triton's legacy call.
+      run 150 graphs python3 benchmarks/launcher_check.py
       if ! grep -q "rc=0" <(tail -1 "$OUT/graphs.log"); then
-        export LOPT_FAST_TRITON_LEGACY_CALL=1
-        echo "=== graphs: FFI call failed; LOPT_FAST_TRITON_LEGACY_CALL=1 from here" | tee -a "$OUT/graphs.log"
+        export LOPT_FAST_TRITON_LAUNCHER=jax_triton_legacy
+        echo "=== graphs: default launcher failed; LOPT_FAST_TRITON_LAUNCHER=jax_triton_legacy from here" \
+          | tee -a "$OUT/graphs.log"
       fi
-      # What the host launches per step, compiled for this GPU (the FFI call lets XLA keep
-      # the Triton launches inside CUDA graphs where jaxlib marks its handler so; compiled
-      # for an H100 on jax 0.10.2 the Triton step was 40 host launches, Pallas' 1).
+      # What the host launches per step, compiled for this GPU (compiled for an H100 on jax
+      # 0.10.2: jax-triton 40 host launches for the 64-task convnet, launcher="xla" and
+      # Pallas 1 CUDA graph).
       run 120 graphs python3 profiling/xla_kernels.py --local --workload conv:64 \
-        --backend triton pallas ;;
+        --backend triton pallas
+      run 90 graphs python3 profiling/xla_kernels.py --local --workload conv:64 \
+        --backend triton --launcher xla ;;
     tests)
       # The kernels compiled for this GPU; the interpreted Triton tests are CI's (CPU) job.
       run "${TESTS_LIMIT:-300}" tests python3 -m pytest -q -rs --tb=line -p no:cacheprovider \
@@ -77,19 +72,25 @@ print('triton (FFI call) vs reference: max abs diff', err); assert np.isfinite(e
       # shellcheck disable=SC2086
       run "${STEP_LIMIT:-240}" step python3 benchmarks/step.py --json "$OUT/step.json" \
         ${STEP_ARGS:---sizes 1e7 1e8 --tasks 64 --repeats 10} ;;
+    xla_step)
+      # step.py's Triton rows again with launcher="xla" (XLA's own Triton calls, inside CUDA
+      # graphs): compare with step.log's triton rows and Adam in each run.
+      # shellcheck disable=SC2086
+      run "${STEP_LIMIT:-240}" xla_step env LOPT_FAST_TRITON_LAUNCHER=xla python3 benchmarks/step.py \
+        --backends triton --json "$OUT/step_xla.json" ${XLA_STEP_ARGS:---sizes 1e7 1e8 --tasks 64 --repeats 10} ;;
     donated)
       # shellcheck disable=SC2086
       run "${STEP_LIMIT:-240}" donated python3 benchmarks/step.py --donate \
         --json "$OUT/step_donated.json" ${DONATED_ARGS:---sizes 1e7 1e8 --tasks 64 --repeats 10} ;;
     sweep)
       # shellcheck disable=SC2086
-      # triton: 8 one-program-per-tile configurations and 16 persistent ones (2 and 3
-      # stages), + default + adam, at 1e7 and 1e8; pallas: layer 1 as FMAs (its default)
+      # triton: 8 one-program-per-tile configurations and 8 persistent ones (2 stages; 3 with
+      # SWEEP_ARGS), + default + adam, at 1e7 and 1e8; pallas: layer 1 as FMAs (its default)
       # against a dot (profiling/pallas_resources.py: 1376 SASS instructions per thread
       # against 2352 on sm_90).
       run "${SWEEP_LIMIT:-240}" sweep python3 benchmarks/tile_sweep.py \
         ${SWEEP_ARGS:---tiles 1x256 4x64 --warps 4 --layer1 dot dot_all --precision tf32 bf16 \
-          --persistent off on --stages 2 3}
+          --persistent off on --stages 2}
       # shellcheck disable=SC2086
       run 120 sweep python3 benchmarks/tile_sweep.py --backend pallas \
         ${PALLAS_SWEEP_ARGS:---tiles 1x256 --warps 4 --layer1 fma dot} ;;
@@ -108,6 +109,6 @@ print('triton (FFI call) vs reference: max abs diff', err); assert np.isfinite(e
         run 150 meta python3 -m lopt_fast.cli bench --task cifar10_conv --synthetic-data \
           --num-tasks 32 --trunc-length 10 --steps 50 --backend "$b"
       done ;;
-    *) echo "unknown section $s (env tests compare step donated sweep profile meta)" ;;
+    *) echo "unknown section $s (env graphs tests compare step xla_step donated sweep profile meta)" ;;
   esac
 done
