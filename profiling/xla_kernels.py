@@ -113,6 +113,19 @@ def host_launches(thunk_sequence: str) -> Launches:
                     top.count("kWhile"))
 
 
+def _step_thunk_sequence(dump_dir: str) -> str | None:
+    """The step's thunk-sequence dump: of the modules XLA dumped (on a GPU its autotuner
+    compiles small ones too), the one with the longest sequence; after XLA's thunk passes
+    (command buffers), or before them where they changed nothing and XLA wrote only that."""
+    modules: dict[str, list[str]] = {}
+    for path in glob.glob(os.path.join(dump_dir, "*thunk_sequence*.txt")):
+        modules.setdefault(os.path.basename(path).split(".thunk_sequence")[0], []).append(path)
+    if not modules:
+        return None
+    step = max(modules.values(), key=lambda paths: max(map(os.path.getsize, paths)))
+    return max(step, key=lambda path: "after_thunk_passes" in path)
+
+
 def summary(kernels: list[Kernel]) -> dict[str, int]:
     """Kernels by kind; zero-element results (nothing to move) counted apart."""
     counts = collections.Counter(k.kind for k in kernels if not k.empty)
@@ -253,15 +266,11 @@ def _report(args, in_place: bool, dump_dir: str):
             continue
         launched = [k for k in kernels if not k.empty]
         print(f"\n{backend}: {len(launched)} kernels")
-        # The last module's sequence after XLA's thunk passes (command buffers), or before
-        # them where they changed nothing and XLA wrote only that one.
-        sequences = sorted(glob.glob(os.path.join(dump_dir, "*thunk_sequence*.txt")),
-                           key=lambda f: (os.path.basename(f).split(".")[0],
-                                          "after_thunk_passes" in f))
-        if sequences:
-            with open(sequences[-1]) as f:
+        sequence = _step_thunk_sequence(dump_dir)
+        if sequence:
+            with open(sequence) as f:
                 launches = host_launches(f.read())
-            print(f"  host launches per step: {launches.host} ({launches.graphs} CUDA graphs "
+            print(f"  host launches per step: {launches.host} ({launches.graphs} CUDA graph(s) "
                   f"holding {launches.in_graphs} thunks; {launches.custom_calls_outside} custom "
                   f"calls launched outside them)"
                   + (f"; {launches.loops} loops, uncounted" if launches.loops else ""))

@@ -105,3 +105,16 @@ def test_xla_kernels_counts_host_launches():
 """
     launches = _xla_kernels().host_launches(sequence)
     assert launches == (4, 1, 3, 2, 0), launches
+
+
+def test_xla_kernels_reads_the_step_module(tmp_path):
+    """Of the modules XLA dumped (a GPU's autotuner compiles small ones too), the step is
+    the one with the longest thunk sequence, read after XLA's thunk passes when it wrote
+    that file."""
+    for name, text in {"module_0007.jit_step.thunk_sequence.txt": "001: a\n" * 9,
+                       "module_0007.jit_step.thunk_sequence_after_thunk_passes.txt": "000: b\n",
+                       "module_0009.gemm.thunk_sequence.txt": "001: c\n"}.items():
+        (tmp_path / name).write_text(text)
+    chosen = _xla_kernels()._step_thunk_sequence(str(tmp_path))
+    assert chosen.endswith("module_0007.jit_step.thunk_sequence_after_thunk_passes.txt"), chosen
+    assert _xla_kernels()._step_thunk_sequence(str(tmp_path / "nothing")) is None
