@@ -161,18 +161,12 @@ def _workload(lopt, args):
                 f"{side * side + side:,} params")
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
                                     "benchmarks"))
-    from step import CONV_MODEL, random_tree  # benchmarks/step.py
+    from step import CONV_MODEL, lopt_step  # benchmarks/step.py: the step it times
 
-    params = random_tree(CONV_MODEL, jax.random.key(1), (args.tasks,))
-    grad = jax.tree.map(lambda x: jnp.cos(x * 7.0), params)
-    thetas = jax.tree.map(lambda x: jnp.stack([x + 0.01 * i for i in range(args.tasks)]), theta)
-    state = jax.vmap(lambda p: lopt.opt_fn(theta, backend=args.backend).init(
-        p, num_steps=1000))(params)
-    def one(th, s, g):  # per-task theta; not donated, so fresh outputs
-        return lopt.opt_fn(th, backend=args.backend, in_place=False).update(s, g)
-
-    step = jax.jit(lambda s, g: jax.vmap(one)(thetas, s, g))
-    n = sum(x.size for x in jax.tree.leaves(params))
+    # Per-task theta, state not donated (so fresh outputs), as step.py runs it.
+    fn, (state,), (grad, thetas) = lopt_step(lopt, args.backend, CONV_MODEL, args.tasks)
+    step = jax.jit(lambda s, g: fn(s, g, thetas)[0])
+    n = sum(x.size for x in jax.tree.leaves(state.params))
     return step, state, grad, f"{args.tasks} tasks x the small convnet ({n:,} params)"
 
 

@@ -157,28 +157,22 @@ def _step(backend: str, workload: str, in_place: bool, compute_capability: int |
     GPU's), launched by `launcher` (`triton_update`'s)."""
     import jax
     import jax.numpy as jnp
-    import optax
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
                                     "benchmarks"))
-    from step import CONV_MODEL, model_shapes, random_tree  # benchmarks/step.py
+    from step import CONV_MODEL, adam_step, model_shapes, random_tree  # benchmarks/step.py
 
     from lopt_fast.learned import AdafacMLPLOpt
 
     tasks = int(workload.split(":")[1]) if workload.startswith("conv:") else None
     shapes = CONV_MODEL if tasks else model_shapes(int(float(workload)))
+    if backend == "adam":  # step.py's: donating params and state
+        fn, carry, rest = adam_step(shapes, tasks)
+        return fn, (*carry, *rest), (0, 1)
     lead = (tasks,) if tasks else ()
     params = random_tree(shapes, jax.random.key(1), lead)
     grad = random_tree(shapes, jax.random.key(2), lead)
     batch = jax.vmap if tasks else (lambda f: f)
-    if backend == "adam":
-        tx = optax.adam(1e-3)
-
-        def step(p, s, g):
-            u, s = tx.update(g, s, p)
-            return optax.apply_updates(p, u), s
-
-        return batch(step), (params, batch(tx.init)(params), grad), (0, 1)
     lopt = AdafacMLPLOpt(hidden_size=32)
     theta = lopt.init(jax.random.key(0))
     state = batch(lambda p: lopt.opt_fn(theta, backend="reference").init(p, num_steps=1000))(

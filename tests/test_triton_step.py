@@ -211,23 +211,10 @@ def test_xla_launcher_lowers_for_cuda(tasks, in_place):
     """launcher="xla" needs no jax-triton: triton builds each kernel's Triton IR (for sm_90,
     here on the CPU), jaxlib's Triton dialect reads it, and the step lowers for CUDA to one
     `__gpu$xla.gpu.triton` call per kernel (vmapped tasks in the grid), in place or not."""
-    from lopt_fast.kernels import triton_update
+    from tests import triton_cuda_lowering as lowering  # its shapes, with launcher="xla"
 
-    lopt = AdafacMLPLOpt(hidden_size=32)
-    theta = lopt.init(jax.random.key(0))
-    shapes = {"matrix": (130, 290), "conv": (3, 3, 16, 32), "bf16": (20, 6), "vector": (7,),
-              "scalar": ()}
-    params = {k: jnp.full(s, 0.5, jnp.bfloat16 if k == "bf16" else jnp.float32)
-              for k, s in shapes.items()}
-    state = lopt.opt_fn(theta, backend="reference").init(params, num_steps=50)
-    step = lambda t, s, g: triton_update(lopt, t, s, g, compute_capability=90,  # noqa: E731
-                                         in_place=in_place, launcher="xla")
-    args = (theta, state, params)
-    if tasks:
-        step = jax.vmap(step)
-        args = jax.tree.map(lambda x: jnp.stack([x] * tasks), args)
-    text = jax.jit(step).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    launches = [line for line in text.splitlines() if "__gpu$xla.gpu.triton" in line]
-    assert len(launches) == 3 * 3 + 2, len(launches)  # 3 factored tensors x 3 passes + packed 2
+    launches = lowering.lowered_step(tasks=tasks, in_place=in_place, launcher="xla")
+    assert all("__gpu$xla.gpu.triton" in line for line in launches), launches[0][:300]
+    assert len(launches) == lowering.EXPECTED_LAUNCHES, len(launches)  # 3 x 3 passes + packed 2
     aliases = sum(line.count("output_operand_alias<") for line in launches)
-    assert aliases == (3 * 3 + 4 if in_place else 0), aliases
+    assert aliases == (lowering.EXPECTED_ALIASES if in_place else 0), aliases

@@ -41,7 +41,8 @@ EXPECTED_ALIASES = 3 * NUM_FACTORED + 4  # p, mom, rms per factored apply; + v_d
 def lowered_step(mlp_precision: str = "tf32", tasks: int | None = None, layer1: str = "dot",
                  persistent: bool = False, in_place: bool = True,
                  launcher: str = "jax_triton") -> list[str]:
-    """The step's Triton launches, lowered for CUDA (lines of StableHLO text)."""
+    """The step's Triton launches, lowered for CUDA (lines of StableHLO text): jax-triton's
+    custom calls, or with launcher="xla" XLA's own Triton calls."""
     lopt = AdafacMLPLOpt(hidden_size=32)
     theta = lopt.init(jax.random.key(0))
     params = {k: jnp.full(s, 0.5, jnp.bfloat16 if k == "bf16" else jnp.float32)
@@ -56,7 +57,8 @@ def lowered_step(mlp_precision: str = "tf32", tasks: int | None = None, layer1: 
         theta, state, params = jax.tree.map(
             lambda x: jnp.stack([x] * tasks), (theta, state, params))
     text = jax.jit(step).trace(theta, state, params).lower(lowering_platforms=("cuda",)).as_text()
-    return [line for line in text.splitlines() if "custom_call @triton_kernel_call" in line]
+    return [line for line in text.splitlines()
+            if "custom_call @triton_kernel_call" in line or "__gpu$xla.gpu.triton" in line]
 
 
 def lowered_launches(*args, **kw) -> tuple[int, int]:
