@@ -141,8 +141,9 @@ def main(argv=None):
         cases.append(("moments", f"{mr}x{mc}", at._factored_moments_kernel,
                       dict(R=mr, C=mc, VA=16), 2))
         pr, pc = packed.rows, packed.cols
-        cases += [(f"packed apply, {l1}, {prec}", f"{pr}x{pc}", at._packed_apply_kernel,
-                   dict(R=pr, C=pc, L1=l1, PREC=prec, **mlp), 2)
+        one_member = at.packed_apply_kernel((pr * pc,), (1,), (0,))  # one tile of one tensor
+        cases += [(f"packed apply, {l1}, {prec}", f"{pr}x{pc}", one_member,
+                   dict(R=pr, C=pc, L1=l1, PREC=prec, SEGS=1, **mlp), 2)
                   for l1 in ("fma", "dot") for prec in args.precision]
         for label, shown_tile, kernel, constexprs, stages in cases:
             compiled = compile_kernel(kernel, constexprs, {}, warps, stages)

@@ -95,9 +95,15 @@ def test_kernels_compile_for_sm90(hidden_layers):
         (at._factored_apply_persistent_kernel, {},
          dict(R=1, C=256, **apply_constexprs("dot_all", 32), **dict(mlp, PREC="bf16"),
               STAGES=2)),
-        (at._packed_moments_kernel, {"cnt_ptr": "*i32"}, dict(R=2, C=128)),
-        (at._packed_apply_kernel, {"seg_ptr": "*i32"}, dict(R=2, C=128, L1="fma", **mlp)),
-        (at._packed_apply_kernel, {"seg_ptr": "*i32"}, dict(R=2, C=128, L1="dot", **mlp)),
+        # non-factored tensors of 1, 300 and 257 elements (2x128 tiles), as one launch (a run
+        # of one dtype, `members.member_runs`): bf16 params, then float32 ones
+        (at.packed_moments_kernel((1, 300, 257), (1, 2, 2), (0, 1, 2)),
+         {f"{x}{i}_ptr": "*bf16" for x in ("p", "g") for i in range(3)}, dict(R=2, C=128)),
+        (at.packed_apply_kernel((1, 300), (1, 2), (3, 4)),
+         {f"{x}{i}_ptr": "*bf16" for x in ("p", "g", "po") for i in range(2)},
+         dict(R=2, C=128, L1="fma", SEGS=5, **mlp)),
+        (at.packed_apply_kernel((1, 300), (1, 2), (3, 4)), {},
+         dict(R=2, C=128, L1="dot", SEGS=5, **mlp)),
     ]
     for kernel, dtypes, constexprs in cases:
         compiled = compile_kernel(kernel, constexprs, dtypes, num_warps=4)

@@ -12,8 +12,8 @@ kept in its own directory and this runs in its own process:
 
 Exits non-zero unless the lowered step holds one Triton launch per kernel, for each MLP
 precision and for 3 vmapped tasks with their own theta (folded into the grid, not a loop),
-and the apply launches update the state in place: each aliases its p, mom, rms (and the
-packed v) operands to its outputs, and none does with `in_place=False` (fresh outputs);
+and the apply launches update the state in place: each aliases its p, mom, rms (and a
+small tensor's v) operands to its outputs, and none does with `in_place=False` (fresh outputs);
 and unless the launches are jaxlib's FFI Triton calls carrying the kernel-call protos
 that jax-triton's legacy calls carry (`lopt_fast.kernels.ffi_call`).
 """
@@ -28,14 +28,15 @@ import jax.numpy as jnp
 from lopt_fast.kernels import ffi_call, triton_update
 from lopt_fast.learned import AdafacMLPLOpt
 
-# Factored tensors (3 kernels each: row/col sums, moments, apply) and small ones packed
-# together (2 kernels: moments, apply); bf16 params among them.
+# Factored tensors (3 kernels each: row/col sums, moments, apply) and small ones in
+# member kernels (2 kernels for both: moments, apply); bf16 params among them.
 SHAPES = {"matrix": (130, 290), "conv": (3, 3, 16, 32), "bf16": (20, 6), "vector": (7,),
           "scalar": ()}
-NUM_FACTORED = 3
+NUM_FACTORED, NUM_SMALL = 3, 2
 H100 = 90
 EXPECTED_LAUNCHES = 3 * NUM_FACTORED + 2
-EXPECTED_ALIASES = 3 * NUM_FACTORED + 4  # p, mom, rms per factored apply; + v_diag packed
+# p, mom, rms per factored tensor; p, mom, rms, v_diag per small one (each in place)
+EXPECTED_ALIASES = 3 * NUM_FACTORED + 4 * NUM_SMALL
 
 
 def lowered_step(mlp_precision: str = "tf32", tasks: int | None = None, layer1: str = "dot",

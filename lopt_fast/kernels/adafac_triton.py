@@ -3,8 +3,10 @@
 Same math, passes and canonical layouts as `lopt_fast.pallas.adafac_step` (see its
 docstring for the formulas and the 72 B / ~3.2 kFLOP per parameter budget), written
 against raw pointers: every operand is a contiguous canonical array
-(p, g [B, U, V]; mom [3, B, U, V]; rms [1, B, U, V]; fu [3, B, U]; fv [3, B, V];
-packed tensors [rows, 128]); offsets are int64.
+(p, g [B, U, V]; mom [3, B, U, V]; rms [1, B, U, V]; fu [3, B, U]; fv [3, B, V]);
+offsets are int64. The non-factored tensors are not packed: member kernels
+(`lopt_fast.kernels.members`) tile each flat tensor (p [n], mom [3, n], ...) where it
+lies, in tiles of the packed layout's shape, one launch per pass for up to 32 of them.
 
 MLP, layer 1 of factored tensors (`layer1`; the packed tensors' 22 inputs go through a
 [tile, 32] x [32, Hp] dot, padded with zero planes, unless `layer1` is "fma"):
@@ -47,11 +49,10 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import triton
 import triton.language as tl
 
-from lopt_fast.kernels import ffi_call, xla_call
+from lopt_fast.kernels import ffi_call, members, xla_call
 from lopt_fast.pallas import plan
 from lopt_fast.pallas.blocks import (
     LAYER1_FORMS,
@@ -194,8 +195,8 @@ def _row_col_sums_kernel(g_ptr, B, U, VQ, su_ptr, sv_ptr, R: tl.constexpr, C: tl
 
 
 @triton.jit
-def _factored_planes(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, B, U, V, off, mask):
-    n = B * U * V
+def _planes(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, n, off, mask):
+    """The tile's g, p and new accumulators m (3 planes of n elements) and rms, in float32."""
     g = tl.load(g_ptr + off, mask=mask, other=0.0).to(tl.float32)
     p = tl.load(p_ptr + off, mask=mask, other=0.0).to(tl.float32)
     b0, b1, b2 = tl.load(c_ptr + 0), tl.load(c_ptr + 1), tl.load(c_ptr + 2)
@@ -222,8 +223,7 @@ def _factored_tile(tb, iu, iv, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv
     t, b, u, v, mask, off = _tile_at(tb, iu, iv, B, U, V, R, C)
     c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr = _task_inputs(
         t, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, B, U, V)
-    g, p, m0, m1, m2, rms = _factored_planes(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, B, U, V, off,
-                                             mask)
+    g, p, m0, m1, m2, rms = _planes(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, B * U * V, off, mask)
     r = tl.rsqrt(rms + 1e-6)
     f0 = _factors(fu_ptr, fv_ptr, B, U, V, b, u, v, 0)
     f1 = _factors(fu_ptr, fv_ptr, B, U, V, b, u, v, 1)
@@ -377,12 +377,13 @@ def _apply_tile(tb, iu, iv, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_pt
 
 
 @triton.jit
-def _packed_planes(c_ptr, vd_ptr, g, m0, m1, m2, n, off):
+def _packed_planes(c_ptr, vd_ptr, g, n, off, mask):
+    """The new Adafactor accumulators of a non-factored tile: 3 planes of n elements."""
     g2 = g * g + 1e-30
     c0, c1, c2 = tl.load(c_ptr + 4), tl.load(c_ptr + 5), tl.load(c_ptr + 6)
-    v0 = c0 * tl.load(vd_ptr + off) + (1 - c0) * g2
-    v1 = c1 * tl.load(vd_ptr + n + off) + (1 - c1) * g2
-    v2 = c2 * tl.load(vd_ptr + 2 * n + off) + (1 - c2) * g2
+    v0 = c0 * tl.load(vd_ptr + off, mask=mask, other=0.0) + (1 - c0) * g2
+    v1 = c1 * tl.load(vd_ptr + n + off, mask=mask, other=0.0) + (1 - c1) * g2
+    v2 = c2 * tl.load(vd_ptr + 2 * n + off, mask=mask, other=0.0) + (1 - c2) * g2
     return v0, v1, v2
 
 
@@ -399,49 +400,28 @@ def _packed_factor_planes(g, m0, m1, m2, v0, v1, v2):
 
 
 @triton.jit
-def _packed_tile(ROWS, R: tl.constexpr):
-    """Grid axis 0 runs over tasks x tiles: (task, tile within the task's [ROWS, C])."""
-    pid = tl.program_id(0).to(tl.int64)
-    return pid // (ROWS // R), pid % (ROWS // R)
-
-
-@triton.jit
-def _packed_task_inputs(task, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, ROWS,
-                        C: tl.constexpr):
-    """The packed kernels' input pointers moved to `task` (every operand is [tasks, ...])."""
-    n = ROWS * C
-    return (c_ptr + task * NUM_CONSTS, p_ptr + task * n, g_ptr + task * n,
-            mom_ptr + task * 3 * n, rms_ptr + task * n, vd_ptr + task * 3 * n)
-
-
-@triton.jit
-def _packed_common(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, t, ROWS, R: tl.constexpr,
+def _packed_common(task, t, n, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, R: tl.constexpr,
                    C: tl.constexpr):
-    rr = t * R + tl.arange(0, R)
-    off = rr[:, None] * C + tl.arange(0, C)[None, :]
-    n = ROWS * C
-    g = tl.load(g_ptr + off)
-    p = tl.load(p_ptr + off)
-    b0, b1, b2 = tl.load(c_ptr + 0), tl.load(c_ptr + 1), tl.load(c_ptr + 2)
-    m0 = b0 * tl.load(mom_ptr + off) + (1 - b0) * g
-    m1 = b1 * tl.load(mom_ptr + n + off) + (1 - b1) * g
-    m2 = b2 * tl.load(mom_ptr + 2 * n + off) + (1 - b2) * g
-    cr = tl.load(c_ptr + 3)
-    rms = cr * tl.load(rms_ptr + off) + (1 - cr) * g * g
-    v0, v1, v2 = _packed_planes(c_ptr, vd_ptr, g, m0, m1, m2, n, off)
-    return off, n, g, p, m0, m1, m2, rms, v0, v1, v2
+    """Tile t (R x C consecutive elements) of a member of n elements, of task `task`
+    (operands [tasks, n], [tasks, 3, n]...): where it is, its task's consts, the tile's
+    g, p and new accumulators."""
+    c_ptr = c_ptr + task * NUM_CONSTS
+    p_ptr, g_ptr, rms_ptr = p_ptr + task * n, g_ptr + task * n, rms_ptr + task * n
+    mom_ptr, vd_ptr = mom_ptr + task * 3 * n, vd_ptr + task * 3 * n
+    off = t * (R * C) + tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
+    mask = off < n
+    g, p, m0, m1, m2, rms = _planes(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, n, off, mask)
+    v0, v1, v2 = _packed_planes(c_ptr, vd_ptr, g, n, off, mask)
+    return off, mask, c_ptr, g, p, m0, m1, m2, rms, v0, v1, v2
 
 
 @triton.jit
-def _packed_moments_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, cnt_ptr, ROWS, s_ptr,
-                           R: tl.constexpr, C: tl.constexpr):
-    task, t = _packed_tile(ROWS, R)
-    c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr = _packed_task_inputs(
-        task, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, ROWS, C)
-    off, n, g, p, m0, m1, m2, rms, v0, v1, v2 = _packed_common(
-        c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, t, ROWS, R, C)
-    local = tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
-    mask = local < tl.load(cnt_ptr + t)
+def _packed_moments_body(task, t, n, seg, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, s_ptr,
+                         R: tl.constexpr, C: tl.constexpr):
+    """Per-tile sums of the 22 squared features of a non-factored tensor's tile (a member
+    kernel's body, `members.member_kernel`); s: [tasks x tiles, 32]."""
+    off, mask, c_ptr, g, p, m0, m1, m2, rms, v0, v1, v2 = _packed_common(
+        task, t, n, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, R, C)
     r = tl.rsqrt(rms + 1e-6)
     s = _shared_lanes(g, p, m0, m1, m2, rms, r, mask)
     fg0, fg1, fg2, fm0, fm1, fm2, s0, s1, s2 = _packed_factor_planes(g, m0, m1, m2, v0, v1, v2)
@@ -461,20 +441,18 @@ def _packed_moments_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, cnt_pt
 
 
 @triton.jit
-def _packed_apply_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, seg_ptr, w_ptr, b0_ptr,
-                         wh_ptr, bh_ptr, wo_ptr, ROWS, SEGS, po_ptr, mo_ptr, ro_ptr, vo_ptr,
-                         R: tl.constexpr, C: tl.constexpr, HP: tl.constexpr,
-                         NHID: tl.constexpr, EXP_MULT: tl.constexpr, STEP_MULT: tl.constexpr,
-                         PREC: tl.constexpr, L1: tl.constexpr):
-    """L1 "fma": layer 1 as 22 outer-product FMAs; otherwise one [tile, 32] x [32, HP] dot
-    of the 22 features and 10 zero planes (w's rows 22-31 are zero)."""
-    task, t = _packed_tile(ROWS, R)
-    c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr = _packed_task_inputs(
-        task, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, ROWS, C)
-    off, n, g, p, m0, m1, m2, rms, v0, v1, v2 = _packed_common(
-        c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, t, ROWS, R, C)
-    seg = task * SEGS + tl.load(seg_ptr + t).to(tl.int64)
-    w_ptr = w_ptr + seg * NUM_SUMS * HP
+def _packed_apply_body(task, t, n, seg, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, w_ptr,
+                       b0_ptr, wh_ptr, bh_ptr, wo_ptr, po_ptr, mo_ptr, ro_ptr, vo_ptr,
+                       R: tl.constexpr, C: tl.constexpr, HP: tl.constexpr, NHID: tl.constexpr,
+                       EXP_MULT: tl.constexpr, STEP_MULT: tl.constexpr, PREC: tl.constexpr,
+                       L1: tl.constexpr, SEGS: tl.constexpr):
+    """Pass 3 on a non-factored tensor's tile (a member kernel's body); w: [tasks, SEGS,
+    32, HP], segment `seg`'s rows. L1 "fma": layer 1 as 22 outer-product FMAs; otherwise
+    one [tile, 32] x [32, HP] dot of the 22 features and 10 zero planes (w's rows 22-31
+    are zero)."""
+    off, mask, c_ptr, g, p, m0, m1, m2, rms, v0, v1, v2 = _packed_common(
+        task, t, n, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, R, C)
+    w_ptr = w_ptr + (task * SEGS + seg) * NUM_SUMS * HP
     b0_ptr = b0_ptr + task * HP
     wh_ptr, bh_ptr, wo_ptr = _task_mlp(task, wh_ptr, bh_ptr, wo_ptr, HP, NHID)
     r = tl.rsqrt(rms + 1e-6)
@@ -510,17 +488,38 @@ def _packed_apply_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, seg_ptr,
                      PREC)
     po_ptr, mo_ptr = po_ptr + task * n, mo_ptr + task * 3 * n
     ro_ptr, vo_ptr = ro_ptr + task * n, vo_ptr + task * 3 * n
-    tl.store(po_ptr + off, p - step)
-    tl.store(mo_ptr + off, m0)
-    tl.store(mo_ptr + n + off, m1)
-    tl.store(mo_ptr + 2 * n + off, m2)
-    tl.store(ro_ptr + off, rms)
-    tl.store(vo_ptr + off, v0)
-    tl.store(vo_ptr + n + off, v1)
-    tl.store(vo_ptr + 2 * n + off, v2)
+    tl.store(po_ptr + off, (p - step).to(po_ptr.dtype.element_ty), mask=mask)
+    tl.store(mo_ptr + off, m0, mask=mask)
+    tl.store(mo_ptr + n + off, m1, mask=mask)
+    tl.store(mo_ptr + 2 * n + off, m2, mask=mask)
+    tl.store(ro_ptr + off, rms, mask=mask)
+    tl.store(vo_ptr + off, v0, mask=mask)
+    tl.store(vo_ptr + n + off, v1, mask=mask)
+    tl.store(vo_ptr + 2 * n + off, v2, mask=mask)
 
 
 # ----------------------------------------------------------------------------- launchers
+
+_PACKED_STATE = ("p_ptr", "g_ptr", "mom_ptr", "rms_ptr", "vd_ptr")
+
+
+def packed_moments_kernel(sizes: tuple[int, ...], tiles: tuple[int, ...], segs: tuple[int, ...]):
+    """The moments pass over non-factored tensors of `sizes` elements (`tiles` tiles each,
+    segment ids `segs`) where they lie: (c_ptr, p0_ptr.., g.., mom.., rms.., vd.., s_ptr;
+    R, C), grid tasks x sum(tiles) (`members.member_kernel`)."""
+    return members.member_kernel(_packed_moments_body, "_packed_moments_kernel", sizes, tiles,
+                                 segs, ("c_ptr",), _PACKED_STATE, (), (), ("s_ptr",), ("R", "C"))
+
+
+def packed_apply_kernel(sizes: tuple[int, ...], tiles: tuple[int, ...], segs: tuple[int, ...]):
+    """The apply pass over non-factored tensors where they lie: (c_ptr, p0_ptr.., g.., mom..,
+    rms.., vd.., w_ptr, b0_ptr, wh_ptr, bh_ptr, wo_ptr, po0_ptr.., mo.., ro.., vo..; R, C,
+    HP, NHID, EXP_MULT, STEP_MULT, PREC, L1, SEGS)."""
+    return members.member_kernel(
+        _packed_apply_body, "_packed_apply_kernel", sizes, tiles, segs, ("c_ptr",), _PACKED_STATE,
+        ("w_ptr", "b0_ptr", "wh_ptr", "bh_ptr", "wo_ptr"), ("po_ptr", "mo_ptr", "ro_ptr", "vo_ptr"),
+        (), ("R", "C", "HP", "NHID", "EXP_MULT", "STEP_MULT", "PREC", "L1", "SEGS"))
+
 
 def _f32(shape):
     return jax.ShapeDtypeStruct(shape, jnp.float32)
@@ -665,45 +664,61 @@ class TritonKernels:
         return _over_tasks(launch, consts, p, g, mom, rms, fu, fv, tu, tv, w_ew, wh, bh,
                            mlp.w_out_t)
 
-    def packed_moments(self, p, g, mom, rms, vd, counts, consts, blocks: BlockSizes):
-        rows = p.shape[0]
-        n = rows // blocks.rows
+    def _member_launches(self, p, g, blocks: BlockSizes):
+        """The members' runs that share a launch (`members.member_runs`: their p and g
+        dtypes alike), and each member's size and tiles."""
+        sizes = [x.size for x in p]
+        tiles = [-(-n // (blocks.rows * blocks.cols)) for n in sizes]
+        runs = members.member_runs([(a.dtype, b.dtype) for a, b in zip(p, g, strict=True)])
+        return runs, sizes, tiles
 
-        def launch(tasks, consts, p, g, mom, rms, vd):
-            # counts are the same for every task: one constant, not an operand per task.
-            return self._call(consts, p, g, mom, rms, vd, jnp.asarray(counts).reshape(-1), rows,
-                              kernel=_packed_moments_kernel,
-                              out_shape=_f32((tasks, n, plan.NUM_SUMS)), grid=(tasks * n,),
-                              num_warps=blocks.num_warps, num_stages=blocks.num_stages,
-                              R=blocks.rows, C=blocks.cols, name="adafac_packed_moments")
+    def member_moments(self, p, g, mom, rms, vd, consts, blocks: BlockSizes):
+        runs, sizes, tiles = self._member_launches(p, g, blocks)
+        partials = []
+        for run in runs:
+            kernel = packed_moments_kernel(tuple(sizes[i] for i in run),
+                                           tuple(tiles[i] for i in run), tuple(run))
+            n = sum(tiles[i] for i in run)
 
-        return _over_tasks(launch, consts, p, g, mom, rms, vd)
+            def launch(tasks, consts, *arrays, kernel=kernel, n=n):
+                return self._call(consts, *arrays, kernel=kernel,
+                                  out_shape=_f32((tasks, n, plan.NUM_SUMS)), grid=(tasks * n,),
+                                  num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+                                  R=blocks.rows, C=blocks.cols, name="adafac_packed_moments")
 
-    def packed_apply(self, p, g, mom, rms, vd, consts, w_seg, b0, seg_starts, mlp, mults,
-                     blocks: BlockSizes):
-        rows = p.shape[0]
-        n = rows // blocks.rows
+            partials.append(_over_tasks(launch, consts, *(x[i] for x in (p, g, mom, rms, vd)
+                                                          for i in run)))
+        return jnp.concatenate(partials) if len(partials) > 1 else partials[0]
+
+    def member_apply(self, p, g, mom, rms, vd, consts, w_seg, b0, mlp, mults, blocks: BlockSizes):
+        runs, sizes, tiles = self._member_launches(p, g, blocks)
         hp = b0.shape[-1]
-        starts = list(seg_starts) + [n]
-        seg = np.asarray(sum(([s] * (starts[s + 1] - starts[s]) for s in range(len(seg_starts))),
-                             []), np.int32)
         nhid, wh, bh = self._hidden(mlp, hp)
+        outs = []
+        for run in runs:
+            kernel = packed_apply_kernel(tuple(sizes[i] for i in run),
+                                         tuple(tiles[i] for i in run), tuple(run))
+            state = [x[i] for x in (p, g, mom, rms, vd) for i in run]
+            k = len(run)
+            # operand -> output: member j's p, mom, rms, vd (operands 1 + j, 1 + 2k + j, ...)
+            aliases = {1 + q * k + j: o * k + j for o, q in enumerate((0, 2, 3, 4))
+                       for j in range(k)}
 
-        def launch(tasks, *arrays):
-            lead = lambda x: _f32((tasks, *x.shape))  # noqa: E731
-            state, weights = arrays[:6], arrays[6:]  # consts, p, g, mom, rms, vd | w_seg, ...
-            return self._call(
-                *state, jnp.asarray(seg), *weights, rows, w_seg.shape[0],
-                kernel=_packed_apply_kernel,
-                out_shape=[lead(p), lead(mom), lead(rms), lead(vd)], grid=(tasks * n,),
-                num_warps=blocks.num_warps, num_stages=blocks.num_stages, R=blocks.rows,
-                C=blocks.cols, HP=hp, NHID=nhid, EXP_MULT=mults[0], STEP_MULT=mults[1],
-                PREC=self.prec, L1="fma" if self.layer1 == "fma" else "dot",
-                name="adafac_packed_apply",
-                input_output_aliases=plan.in_place_aliases(plan.PACKED_APPLY_ALIASES, self.in_place))
+            def launch(tasks, consts, *arrays, kernel=kernel, run=run, k=k, aliases=aliases):
+                lead = lambda x: jax.ShapeDtypeStruct((tasks, *x.shape), x.dtype)  # noqa: E731
+                out_shape = [lead(x[i]) for x in (p, mom, rms, vd) for i in run]
+                outs = self._call(
+                    consts, *arrays, kernel=kernel, out_shape=out_shape,
+                    grid=(tasks * sum(tiles[i] for i in run),), num_warps=blocks.num_warps,
+                    num_stages=blocks.num_stages, R=blocks.rows, C=blocks.cols, HP=hp,
+                    NHID=nhid, EXP_MULT=mults[0], STEP_MULT=mults[1], PREC=self.prec,
+                    L1="fma" if self.layer1 == "fma" else "dot", SEGS=w_seg.shape[0],
+                    name="adafac_packed_apply",
+                    input_output_aliases=aliases if self.in_place else {})
+                return [outs[o * k:(o + 1) * k] for o in range(4)]
 
-        # The segment map is the same for every task: one constant, not an operand per task.
-        return _over_tasks(launch, consts, p, g, mom, rms, vd, w_seg, b0, wh, bh, mlp.w_out_t)
+            outs.append(_over_tasks(launch, consts, *state, w_seg, b0, wh, bh, mlp.w_out_t))
+        return tuple(tuple(x for out in outs for x in out[o]) for o in range(4))
 
 
 # ----------------------------------------------------------------------------- public op

@@ -13,7 +13,10 @@ The kernels see two kinds of operand, both chosen so every access is a plain til
   [rows, 128] buffer, each tensor padded to whole tiles, so they take one launch per
   pass instead of one per tensor. Each tile knows its tensor through a static
   block -> segment map (the first-layer weights of its tensor) and its count of
-  valid elements (masking pass 2's sums).
+  valid elements (masking pass 2's sums). Backends with **member** launchers (Triton,
+  `lopt_fast.kernels.members`) tile the tensors the same way but read and write them
+  where they lie, which saves the packing and unpacking kernels (17 of a 1e7-parameter
+  step's 30 compiled for an H100).
 
 Per factored tensor the step is three launches; the packed buffer takes two:
   1. `row_col_sums`: sum over V and over U of G = g^2 + 1e-30 (Adafactor's means);
@@ -164,10 +167,17 @@ class Kernels(NamedTuple):
     factored_moments(p, g, mom, rms, fu, fv, consts, blocks) -> partial sums [..., 32]
     factored_apply(p, g, mom, rms, fu, fv, consts, tu, tv, w_ew, mlp, mults, blocks)
         -> (new_p [B,U,V] in p.dtype, new_mom [3,B,U,V], new_rms [1,B,U,V])
+    and for the non-factored tensors either the packed buffer's launchers
     packed_moments(p, g, mom, rms, vd, counts, consts, blocks) -> partial sums [nblocks, 32]
         (counts: a static numpy [nblocks, 1], the valid elements of each tile)
     packed_apply(p, g, mom, rms, vd, consts, w_seg, b0, seg_starts, mlp, mults, blocks)
         -> (new_p, new_mom, new_rms, new_vd), all float32, packed
+    or member launchers, which read and write the tensors where they are (no packing):
+    member_moments(p, g, mom, rms, vd, consts, blocks), each a tuple over the tensors
+        (p_i, g_i [n_i], mom_i, vd_i [3, n_i], rms_i [1, n_i]) -> partial sums [nblocks, 32],
+        the same rows as packed_moments'
+    member_apply(p, g, mom, rms, vd, consts, w_seg, b0, mlp, mults, blocks)
+        -> (new_p, new_mom, new_rms, new_vd), each a tuple like its input (p_i in its dtype)
     `mults` is the static (exp_mult, step_mult) pair.
 
     `row_col_in_dot` picks what `factored_apply` gets for the 12 per-row / per-column
@@ -179,8 +189,10 @@ class Kernels(NamedTuple):
     row_col_sums: Any
     factored_moments: Any
     factored_apply: Any
-    packed_moments: Any
-    packed_apply: Any
+    packed_moments: Any = None
+    packed_apply: Any = None
+    member_moments: Any = None
+    member_apply: Any = None
     row_col_in_dot: bool = False
 
     @classmethod
@@ -298,13 +310,30 @@ def _segment_sums(partial, nblocks: list[int]):
     return jnp.sum(padded[index], axis=1)
 
 
+def _packed_first_layer(partial, nblocks, sizes, nn, iteration, hp):
+    """Per-tile feature sums [sum(nblocks), 32] -> each non-factored tensor's normalised
+    first-layer weights w_seg [S, 32, Hp] (rows: the 22 features, zeros) and b0 [1, Hp]."""
+    sums = _segment_sums(partial, nblocks)
+    ew = sums[:, :NUM_EW_PACKED] / jnp.asarray(sizes, jnp.float32)[:, None]  # [S, 22]
+    moments = jnp.concatenate([ew[:, :13], ew[:, 16:19], ew[:, 16:19], ew[:, 19:22],
+                               ew[:, 19:22], ew[:, 13:16]], axis=1)
+    w0_feat, b0 = jax.vmap(lambda m: am.first_layer(nn, m, iteration))(moments)
+    w_ew = jnp.concatenate([w0_feat[:, np.asarray(am._PER_ELEMENT)],
+                            w0_feat[:, np.asarray(am._PER_ROW)] + w0_feat[:, np.asarray(am._PER_COL)]],
+                           axis=1)  # [S, 22, H]
+    return _pad_axis(_pad_last(w_ew, hp), 1, NUM_SUMS), _pad_last(b0[:1], hp)
+
+
 def _packed_leaves(kernels, items, consts, nn, iteration, mlp, mults, hp, blocks):
     """items: [(p, g, acc)] of non-factored tensors -> [(new_p, new_acc)]."""
     blk = blocks or packed_block_sizes(hp)
     tile = blk.rows * blk.cols
     sizes = [max(1, int(np.prod(p.shape))) for p, _, _ in items]
-    padded = [-(-n // tile) * tile for n in sizes]
-    nblocks = [n // tile for n in padded]
+    nblocks = [-(-n // tile) for n in sizes]
+    if kernels.member_moments is not None:
+        return _member_leaves(kernels, items, sizes, nblocks, consts, nn, iteration, mlp, mults,
+                              hp, blk)
+    padded = [n * tile for n in nblocks]
     seg_ids = np.repeat(np.arange(len(items)), nblocks)
     seg_starts = tuple(int(s) for s in np.cumsum([0] + nblocks[:-1]))
     counts = np.minimum(np.asarray(sizes)[seg_ids]
@@ -326,18 +355,10 @@ def _packed_leaves(kernels, items, consts, nn, iteration, mlp, mults, hp, blocks
 
     with jax.named_scope("adafac_packed_moments"):
         partial = kernels.packed_moments(p, g, mom, rms, vd, counts, consts, blk)
-    sums = _segment_sums(partial, nblocks)
-    ew = sums[:, :NUM_EW_PACKED] / jnp.asarray(sizes, jnp.float32)[:, None]  # [S, 22]
-    moments = jnp.concatenate([ew[:, :13], ew[:, 16:19], ew[:, 16:19], ew[:, 19:22],
-                               ew[:, 19:22], ew[:, 13:16]], axis=1)
-    w0_feat, b0 = jax.vmap(lambda m: am.first_layer(nn, m, iteration))(moments)
-    w_ew = jnp.concatenate([w0_feat[:, np.asarray(am._PER_ELEMENT)],
-                            w0_feat[:, np.asarray(am._PER_ROW)] + w0_feat[:, np.asarray(am._PER_COL)]],
-                           axis=1)  # [S, 22, H]
-    w_seg = _pad_axis(_pad_last(w_ew, hp), 1, NUM_SUMS)  # [S, 32, Hp]
+    w_seg, b0 = _packed_first_layer(partial, nblocks, sizes, nn, iteration, hp)
     with jax.named_scope("adafac_packed_apply"):
         new_p, new_mom, new_rms, new_vd = kernels.packed_apply(
-            p, g, mom, rms, vd, consts, w_seg, _pad_last(b0[:1], hp), seg_starts, mlp, mults, blk)
+            p, g, mom, rms, vd, consts, w_seg, b0, seg_starts, mlp, mults, blk)
 
     out, start = [], 0
     unflat = lambda x, lead: x.reshape(x.shape[:lead] + (-1,))  # noqa: E731
@@ -351,6 +372,26 @@ def _packed_leaves(kernels, items, consts, nn, iteration, mlp, mults, hp, blocks
                                         sl(new_vd).reshape(a0.v_diag.shape))))
         start += npad
     return out
+
+
+def _member_leaves(kernels, items, sizes, nblocks, consts, nn, iteration, mlp, mults, hp, blk):
+    """`_packed_leaves` through member launchers: every tensor flattened (free), no packing."""
+    flat = lambda x, lead: x.reshape(x.shape[:lead] + (-1,))  # noqa: E731
+    p = tuple(flat(p, 0) for p, _, _ in items)
+    g = tuple(flat(g, 0) for _, g, _ in items)
+    mom, rms, vd = (tuple(flat(getattr(a, k), 1) for _, _, a in items)
+                    for k in ("mom", "rms", "v_diag"))
+    with jax.named_scope("adafac_packed_moments"):
+        partial = kernels.member_moments(p, g, mom, rms, vd, consts, blk)
+    w_seg, b0 = _packed_first_layer(partial, nblocks, sizes, nn, iteration, hp)
+    with jax.named_scope("adafac_packed_apply"):
+        new_p, new_mom, new_rms, new_vd = kernels.member_apply(
+            p, g, mom, rms, vd, consts, w_seg, b0, mlp, mults, blk)
+    return [(np_.reshape(p0.shape),
+             am.LeafAccumulators(nm.reshape(a0.mom.shape), nr.reshape(a0.rms.shape), a0.v_row,
+                                 a0.v_col, nv.reshape(a0.v_diag.shape)))
+            for (p0, _, a0), np_, nm, nr, nv in zip(items, new_p, new_mom, new_rms, new_vd,
+                                                   strict=True)]
 
 
 def fused_update(kernels: Kernels, lopt, theta, state, grad, *, blocks: BlockSizes | None = None,
