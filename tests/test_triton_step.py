@@ -74,6 +74,17 @@ BF16_DOTS_TOLERANCE = Tolerance({jnp.dtype(jnp.float32): (2e-3, 2e-3),
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed (pip install 'lopt-fast[gpu]')")
+def test_member_runs_split_at_a_new_dtype_and_at_the_cap():
+    from lopt_fast.kernels import members
+
+    keys = ["f32", "f32", "bf16", "f32", "f32", "f32"]
+    assert members.member_runs(keys, max_members=2) == [range(0, 2), range(2, 3), range(3, 5),
+                                                        range(5, 6)]
+    assert members.member_runs(keys) == [range(0, 2), range(2, 3), range(3, 6)]
+    assert members.member_runs([]) == []
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed (pip install 'lopt-fast[gpu]')")
 @pytest.mark.parametrize("hidden_layers", [1, 2])
 def test_kernels_compile_for_sm90(hidden_layers):
     from lopt_fast.kernels import adafac_triton as at
@@ -151,7 +162,8 @@ def test_triton_matches_reference_every_shape_class_and_bf16(mlp_precision, tol,
 @pytest.mark.skipif(not (HAVE_TRITON and HAVE_TORCH),
                     reason="Triton's interpreter needs triton and torch (CPU builds are enough)")
 @pytest.mark.parametrize("case", [["--precision", "ieee", "--small-tiles"],
-                                  ["--precision", "ieee", "--small-tiles", "--layer1", "fma"],
+                                  ["--precision", "ieee", "--small-tiles", "--layer1", "fma",
+                                   "--max-members", "1"],
                                   ["--precision", "ieee", "--small-tiles", "--layer1", "dot_all"],
                                   ["--precision", "tf32"],
                                   ["--precision", "bf16", "--layer1", "dot_all"],
@@ -162,7 +174,8 @@ def test_triton_matches_reference_every_shape_class_and_bf16(mlp_precision, tol,
                               "tf32-default-tiles", "bf16-dots-dot_all", "vmapped-tasks",
                               "persistent-small-tiles", "persistent-vmapped-tasks"])
 def test_triton_kernels_interpreted_match_reference(case):
-    """Small ragged tiles with float32 dots, layer 1 in each form; the default tiles and
+    """Small ragged tiles with float32 dots, layer 1 in each form (as FMAs with one small
+    tensor per member launch: several launches per pass); the default tiles and
     code path (TF32 dots on a GPU, float32 in the interpreter); bf16 dot operands (the
     interpreter rounds them as a GPU does) with the row / column features in the dot; 3
     vmapped tasks with their own theta, and meta-gradients through the custom_vjp under

@@ -245,7 +245,13 @@ if __name__ == "__main__":
     ap.add_argument("--persistent", action="store_true",
                     help="the persistent apply kernel, with 2 programs so each loops over "
                          "many tiles")
+    ap.add_argument("--max-members", type=int, default=None,
+                    help="at most this many small tensors per member launch (members.MAX_MEMBERS)")
     args = ap.parse_args()
+    if args.max_members:
+        from lopt_fast.kernels import members
+
+        members.MAX_MEMBERS = args.max_members  # this process only
     _round_bf16_stores_to_nearest_even()
     _bf16_dots_from_bf16_values()
     _scalar_tensors_index()

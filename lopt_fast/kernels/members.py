@@ -34,9 +34,11 @@ import numpy as np
 MAX_MEMBERS = 32  # per launch: 9 pointers each in the apply pass, 2.3 KB of parameters
 
 
-def member_runs(keys: Sequence, max_members: int = MAX_MEMBERS) -> list[range]:
+def member_runs(keys: Sequence, max_members: int | None = None) -> list[range]:
     """Consecutive runs of members with equal `keys` (e.g. their dtypes), at most
-    `max_members` long: the members that can share a launch, in order."""
+    `max_members` (default `MAX_MEMBERS`) long: the members that can share a launch, in
+    order."""
+    max_members = max_members or MAX_MEMBERS
     runs, start = [], 0
     for i in range(1, len(keys) + 1):
         if i == len(keys) or keys[i] != keys[start] or i - start == max_members:
