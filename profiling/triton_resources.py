@@ -62,7 +62,7 @@ def compile_kernel(kernel, constexprs, dtypes, num_warps, num_stages=2):
 
 def apply_constexprs(layer1: str, hp: int) -> dict:
     """The apply kernel's layer-1 constexprs as `TritonKernels.factored_apply` passes them."""
-    if layer1 == "dot_all":  # plan._row_col_feature_operands' shapes
+    if layer1 == "dot_all":  # plan._row_col_features' shapes
         tw, w_rows = plan.ROW_COL_TABLE_WIDTH, plan.NUM_EW_FACTORED + 2 * plan.ROW_COL_TABLE_WIDTH
     else:
         tw, w_rows = hp, plan.NUM_EW_FACTORED
@@ -123,23 +123,31 @@ def main(argv=None):
     print(f"{'kernel':30s} {'tile':7s} {'warps':>5s} {'regs':>5s} {'spill st/ld B':>14s} "
           f"{'warps/SM':>8s} {'smem KB':>7s} {'SASS':>5s} {'FFMA':>6s} {'HGMMA':>5s} "
           f"{'MUFU':>5s} {'LDG':>4s} {'LDGSTS':>6s} {'STG':>4s}")
+    # One 4096 x 4096 matrix (rows a multiple of 16 elements), alone in its launches.
+    matrix = (("B", (1,)), ("U", (4096,)), ("VQ", (4096 // 16,)), ("OU", (0,)), ("OV", (0,)))
+    sides = dict(TU=4096, TV=4096)
     for warps in args.warps:
         cases = []
         for tile in tiles:
             r, c = (int(x) for x in tile.split("x"))
+            n = (4096 // r) * (4096 // c)
             for l1 in args.layer1:
                 for prec in args.precision:
-                    apply = dict(R=r, C=c, **apply_constexprs(l1, hp), PREC=prec, **mlp)
-                    cases.append((f"apply, {l1}, {prec}", tile, at._factored_apply_kernel,
-                                  apply, 2))
+                    apply = dict(sides, SEGS=1, R=r, C=c, **apply_constexprs(l1, hp), PREC=prec,
+                                 **mlp)
+                    values = matrix + (("SEG", (0,)),)
+                    cases.append((f"apply, {l1}, {prec}", tile,
+                                  at.factored_apply_kernel((n,), values), apply, 2))
                     cases += [(f"persistent s{st}, {l1}, {prec}", tile,
-                               at._factored_apply_persistent_kernel, dict(apply, STAGES=st), st)
+                               at.factored_apply_kernel((n,), values, persistent=True),
+                               dict(apply, TASKS=1, STAGES=st), st)
                               for st in args.persistent]
         # Kernels with tiles of their own, whatever --tiles says: the reduction passes
-        # (`reduction_block_sizes`) and the packed buffer (layer 1 as FMAs or a dot).
+        # (`reduction_block_sizes`) and the small tensors' (layer 1 as FMAs or a dot).
         mr, mc = reduction.rows, reduction.cols
-        cases.append(("moments", f"{mr}x{mc}", at._factored_moments_kernel,
-                      dict(R=mr, C=mc, VA=16), 2))
+        cases.append(("moments", f"{mr}x{mc}",
+                      at.factored_moments_kernel(((4096 // mr) * (4096 // mc),), matrix),
+                      dict(sides, R=mr, C=mc, VA=16), 2))
         pr, pc = packed.rows, packed.cols
         one_member = at.packed_apply_kernel((pr * pc,), (1,), (0,))  # one tile of one tensor
         cases += [(f"packed apply, {l1}, {prec}", f"{pr}x{pc}", one_member,

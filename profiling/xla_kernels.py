@@ -45,7 +45,9 @@ from typing import NamedTuple
 
 # The "kernel" lines of an entry computation: every op but these launches (or copies) on a GPU.
 _NOT_KERNELS = {"parameter", "tuple", "get-tuple-element", "bitcast", "constant"}
-_OP = re.compile(r"^\s*(?:ROOT )?%(\S+) = ((?:\([^=]*?\)|\S+)) ([a-z][\w-]*)\(")
+# A result is a type or a tuple of them, which XLA numbers past 5 elements: /*index=5*/.
+_OP = re.compile(r"^\s*(?:ROOT )?%(\S+) = ((?:\((?:[^()=]|/\*index=\d+\*/)*?\)|\S+)) "
+                 r"([a-z][\w-]*)\(")
 _SCOPE = re.compile(r"(adafac_\w+)")
 
 # An H100 SXM as XLA's GPU compiler sees it (`stream_executor::GpuTargetConfigProto`).

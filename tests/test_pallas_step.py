@@ -259,7 +259,7 @@ def test_segment_sums_match_segment_sum():
     for nblocks in ([1], [3, 1, 2], [1, 1, 40], [1] * 10 + [40]):
         partial = jnp.asarray(rng.normal(size=(sum(nblocks), 5)), jnp.float32)
         ids = jnp.asarray(np.repeat(np.arange(len(nblocks)), nblocks))
-        np.testing.assert_allclose(pallas_plan._segment_sums(partial, nblocks),
+        np.testing.assert_allclose(pallas_plan.segment_sums(partial, nblocks),
                                    jax.ops.segment_sum(partial, ids, num_segments=len(nblocks)),
                                    rtol=1e-6, atol=1e-6, err_msg=f"{nblocks=}")
 

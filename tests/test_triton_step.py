@@ -85,6 +85,25 @@ def test_member_runs_split_at_a_new_dtype_and_at_the_cap():
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed (pip install 'lopt-fast[gpu]')")
+@pytest.mark.parametrize("index_max", [None, 0], ids=["one-gather", "per-tensor"])
+def test_side_sums_add_each_tensors_partials(index_max, monkeypatch):
+    """The row / column sums pass leaves each tensor's [B, parts, L] partial sums one after
+    the other; summed over parts they are the flat side [sum B L], by one gather-reduce or,
+    past SIDE_SUMS_INDEX_MAX, a reduction per tensor."""
+    from lopt_fast.kernels import adafac_triton as at
+
+    if index_max is not None:
+        monkeypatch.setattr(at, "SIDE_SUMS_INDEX_MAX", index_max)
+    rng = np.random.default_rng()
+    outer, parts, lengths = [2, 1, 3], [3, 1, 2], [5, 7, 1]
+    blocks = [rng.normal(size=(o, k, L)) for o, k, L in zip(outer, parts, lengths, strict=True)]
+    flat = jnp.asarray(np.concatenate([b.reshape(-1) for b in blocks]), jnp.float32)
+    want = np.concatenate([b.sum(axis=1).reshape(-1) for b in blocks])
+    np.testing.assert_allclose(at._side_sums(flat, outer, parts, lengths), want, rtol=1e-5,
+                               atol=1e-6)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed (pip install 'lopt-fast[gpu]')")
 @pytest.mark.parametrize("hidden_layers", [1, 2])
 def test_kernels_compile_for_sm90(hidden_layers):
     from lopt_fast.kernels import adafac_triton as at
@@ -94,18 +113,27 @@ def test_kernels_compile_for_sm90(hidden_layers):
     from triton_resources import apply_constexprs, compile_kernel
 
     mlp = dict(HP=32, NHID=hidden_layers - 1, EXP_MULT=0.001, STEP_MULT=0.001, PREC="tf32")
+    # Two factored tensors in one launch, [1, 130, 290] and [9, 16, 32] (B, U, V), at their
+    # offsets of the flat row / column sides; bf16 params where marked.
+    two = (("B", (1, 9)), ("U", (130, 16)), ("VQ", (290, 32)))
+    sides = two + (("OU", (0, 130)), ("OV", (0, 290)))
+    flat = dict(TU=130 + 9 * 16, TV=290 + 9 * 32)
+    bf16 = {f"{x}{i}_ptr": "*bf16" for x in ("p", "g", "po") for i in range(2)}
+    apply = lambda l1, **kw: dict(flat, SEGS=2, **apply_constexprs(l1, 32), **dict(mlp, **kw))  # noqa: E731
     cases = [
-        (at._row_col_sums_kernel, {}, dict(R=16, C=32, VA=1)),
-        (at._factored_moments_kernel, {"p_ptr": "*bf16"}, dict(R=16, C=32, VA=4)),
-        (at._factored_apply_kernel, {"p_ptr": "*bf16", "po_ptr": "*bf16"},
-         dict(R=8, C=32, **apply_constexprs("fma", 32), **mlp)),
-        (at._factored_apply_kernel, {}, dict(R=1, C=256, **apply_constexprs("dot", 32), **mlp)),
-        (at._factored_apply_kernel, {}, dict(R=2, C=128, **apply_constexprs("dot_all", 32), **mlp)),
-        (at._factored_apply_kernel, {}, dict(R=1, C=256, **apply_constexprs("dot", 32),
-                                             **dict(mlp, PREC="bf16"))),
-        (at._factored_apply_persistent_kernel, {},
-         dict(R=1, C=256, **apply_constexprs("dot_all", 32), **dict(mlp, PREC="bf16"),
-              STAGES=2)),
+        (at.row_col_sums_kernel((20, 9), two + (("SUO", (0, 130)), ("SVO", (0, 290)))), {},
+         dict(TSU=130 + 144, TSV=290 + 288, R=16, C=32, RL=8, VA=1)),
+        (at.factored_moments_kernel((12, 9), sides), bf16, dict(flat, R=16, C=32, VA=1)),
+        (at.factored_apply_kernel((80, 18), sides + (("SEG", (0, 1)),)), bf16,
+         dict(R=8, C=32, **apply("fma"))),
+        (at.factored_apply_kernel((130, 9), sides + (("SEG", (0, 1)),)), {},
+         dict(R=1, C=256, **apply("dot"))),
+        (at.factored_apply_kernel((260, 18), sides + (("SEG", (0, 1)),)), {},
+         dict(R=2, C=128, **apply("dot_all"))),
+        (at.factored_apply_kernel((130, 9), sides + (("SEG", (0, 1)),)), {},
+         dict(R=1, C=256, **apply("dot", PREC="bf16"))),
+        (at.factored_apply_kernel((130, 9), sides + (("SEG", (0, 1)),), persistent=True), {},
+         dict(R=1, C=256, **apply("dot_all", PREC="bf16"), TASKS=1, STAGES=2)),
         # non-factored tensors of 1, 300 and 257 elements (2x128 tiles), as one launch (a run
         # of one dtype, `members.member_runs`): bf16 params, then float32 ones
         (at.packed_moments_kernel((1, 300, 257), (1, 2, 2), (0, 1, 2)),

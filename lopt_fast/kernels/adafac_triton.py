@@ -49,8 +49,10 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import triton
 import triton.language as tl
+from jax import lax
 
 from lopt_fast.kernels import ffi_call, members, xla_call
 from lopt_fast.pallas import plan
@@ -58,12 +60,16 @@ from lopt_fast.pallas.blocks import (
     LAYER1_FORMS,
     MLP_PRECISIONS,
     PERSISTENT_PROGRAMS_PER_SM,
+    REDUCTION_ROW_CHUNKS,
     TRITON_LAUNCHER_ENV_VAR,
     TRITON_LAUNCHERS,
     BlockSizes,
 )
 
 NUM_SUMS = tl.constexpr(plan.NUM_SUMS)
+# Largest static index (entries) of the gather that sums all tensors' row / column partial
+# sums in one kernel; bigger groups sum each tensor's by itself (`_side_sums`).
+SIDE_SUMS_INDEX_MAX = 1 << 18
 NUM_CONSTS = tl.constexpr(plan.NUM_CONSTS)
 
 
@@ -153,45 +159,44 @@ def _task_mlp(t, wh_ptr, bh_ptr, wo_ptr, HP: tl.constexpr, NHID: tl.constexpr):
 
 
 @triton.jit
-def _tile(B, U, V, R: tl.constexpr, C: tl.constexpr):
-    """Grid axis 0 runs over tasks x B, axes 1 and 2 over row and column tiles."""
-    return _tile_at(tl.program_id(0), tl.program_id(1), tl.program_id(2), B, U, V, R, C)
-
-
-@triton.jit
-def _tile_at(tb, iu, iv, B, U, V, R: tl.constexpr, C: tl.constexpr):
-    """Tile (iu, iv) of tensor tb of tasks x B: task t, tensor b of B, and offsets within
-    the task."""
-    tb = tb.to(tl.int64)
-    t = tb // B
-    b = tb % B
-    u = iu.to(tl.int64) * R + tl.arange(0, R)
-    v = iv.to(tl.int64) * C + tl.arange(0, C)
+def _member_tile(t, B, U, V, R: tl.constexpr, C: tl.constexpr):
+    """Tile t of a [B, U, V] tensor in R x C tiles: tiles walk down the rows of a column
+    block, then across the column blocks, then over B."""
+    nu = tl.cdiv(U, R)
+    nv = tl.cdiv(V, C)
+    b = t // (nu * nv)
+    u = (t % nu) * R + tl.arange(0, R)
+    v = ((t // nu) % nv) * C + tl.arange(0, C)
     mask = (u[:, None] < U) & (v[None, :] < V)
-    off = b * U * V + u[:, None] * V + v[None, :]
-    return t, b, u, v, mask, off
+    return b, u, v, mask, b * U * V + u[:, None] * V + v[None, :]
 
 
 @triton.jit
-def _task_inputs(t, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, B, U, V):
-    """The factored kernels' input pointers moved to task t (every operand is [tasks, ...])."""
-    n = B * U * V
-    return (c_ptr + t * NUM_CONSTS, p_ptr + t * n, g_ptr + t * n, mom_ptr + t * 3 * n,
-            rms_ptr + t * n, fu_ptr + t * 3 * B * U, fv_ptr + t * 3 * B * V)
-
-
-@triton.jit
-def _row_col_sums_kernel(g_ptr, B, U, VQ, su_ptr, sv_ptr, R: tl.constexpr, C: tl.constexpr,
-                         VA: tl.constexpr):
+def _row_col_sums_body(task, t, B, U, VQ, SUO, SVO, g_ptr, su_ptr, sv_ptr, TSU: tl.constexpr,
+                       TSV: tl.constexpr, R: tl.constexpr, C: tl.constexpr, RL: tl.constexpr,
+                       VA: tl.constexpr):
+    """Sums of G = g^2 + 1e-30 over a program's RL x R rows and C columns of a [B, U, V]
+    tensor, R rows at a time: per row (this column block's share, su [B, nv, U]) and per
+    column (these rows' share, sv [B, nu, V]), at the tensor's offsets SUO / SVO of the
+    launch's [tasks, TSU] / [tasks, TSV] outputs. RL > 1 makes sv RL times smaller."""
     V = VQ * VA
-    t, b, u, v, mask, off = _tile(B, U, V, R, C)
-    b = t * B + b  # su, sv: [tasks * B, tiles, U or V]
-    g = tl.load(g_ptr + t * B * U * V + off, mask=mask, other=0.0).to(tl.float32)
-    sq = tl.where(mask, g * g + 1e-30, 0.0)
-    n_v = tl.num_programs(2)
-    n_u = tl.num_programs(1)
-    tl.store(su_ptr + (b * n_v + tl.program_id(2)) * U + u, tl.sum(sq, axis=1), mask=u < U)
-    tl.store(sv_ptr + (b * n_u + tl.program_id(1)) * V + v, tl.sum(sq, axis=0), mask=v < V)
+    nu = tl.cdiv(U, R * RL)
+    nv = tl.cdiv(V, C)
+    b = t // (nu * nv)
+    iu = t % nu
+    iv = (t // nu) % nv
+    v = iv * C + tl.arange(0, C)
+    g_ptr = g_ptr + task * B * U * V + b * U * V
+    su_ptr = su_ptr + task * TSU + SUO + (b * nv + iv) * U
+    col = tl.zeros((C,), tl.float32)
+    for k in tl.range(RL):
+        u = (iu * RL + k) * R + tl.arange(0, R)
+        mask = (u[:, None] < U) & (v[None, :] < V)
+        g = tl.load(g_ptr + u[:, None] * V + v[None, :], mask=mask, other=0.0).to(tl.float32)
+        sq = tl.where(mask, g * g + 1e-30, 0.0)
+        tl.store(su_ptr + u, tl.sum(sq, axis=1), mask=u < U)
+        col += tl.sum(sq, axis=0)
+    tl.store(sv_ptr + task * TSV + SVO + (b * nu + iu) * V + v, col, mask=v < V)
 
 
 @triton.jit
@@ -209,35 +214,45 @@ def _planes(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, n, off, mask):
 
 
 @triton.jit
-def _factors(fu_ptr, fv_ptr, B, U, V, b, u, v, k: tl.constexpr):
-    fu = tl.load(fu_ptr + k * B * U + b * U + u, mask=u < U, other=0.0)
-    fv = tl.load(fv_ptr + k * B * V + b * V + v, mask=v < V, other=0.0)
+def _factors(fu_ptr, fv_ptr, TU, TV, U, V, u, v, k: tl.constexpr):
+    """Adafactor factor k of the tile: fu [3, TU] (this row's) x fv [3, TV]."""
+    fu = tl.load(fu_ptr + k * TU + u, mask=u < U, other=0.0)
+    fv = tl.load(fv_ptr + k * TV + v, mask=v < V, other=0.0)
     return fu[:, None] * fv[None, :]
 
 
 @triton.jit
-def _factored_tile(tb, iu, iv, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, B, U, V,
-                   R: tl.constexpr, C: tl.constexpr):
-    """Tile (iu, iv) of tensor tb of a factored tensor: where it is, its task's consts
+def _factored_tile(task, t, B, U, V, OU, OV, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr,
+                   fv_ptr, TU: tl.constexpr, TV: tl.constexpr, R: tl.constexpr,
+                   C: tl.constexpr):
+    """Tile t of task `task` of a [B, U, V] factored tensor (p, g [tasks, B, U, V], mom
+    [tasks, 3, B, U, V], ...) whose per-row / per-column factors start at OU / OV of the
+    group's flat sides fu [tasks, 3, TU], fv [tasks, 3, TV]: where it is, its task's consts
     pointer, the new accumulators, r = rsqrt(rms + 1e-6) and the three Adafactor factors."""
-    t, b, u, v, mask, off = _tile_at(tb, iu, iv, B, U, V, R, C)
-    c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr = _task_inputs(
-        t, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, B, U, V)
-    g, p, m0, m1, m2, rms = _planes(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, B * U * V, off, mask)
+    b, u, v, mask, off = _member_tile(t, B, U, V, R, C)
+    n = B * U * V
+    c_ptr = c_ptr + task * NUM_CONSTS
+    p_ptr, g_ptr, rms_ptr, mom_ptr = (p_ptr + task * n, g_ptr + task * n, rms_ptr + task * n,
+                                      mom_ptr + task * 3 * n)
+    g, p, m0, m1, m2, rms = _planes(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, n, off, mask)
     r = tl.rsqrt(rms + 1e-6)
-    f0 = _factors(fu_ptr, fv_ptr, B, U, V, b, u, v, 0)
-    f1 = _factors(fu_ptr, fv_ptr, B, U, V, b, u, v, 1)
-    f2 = _factors(fu_ptr, fv_ptr, B, U, V, b, u, v, 2)
-    return t, b, u, v, mask, off, c_ptr, g, p, m0, m1, m2, rms, r, f0, f1, f2
+    fu_ptr = fu_ptr + task * 3 * TU + OU + b * U
+    fv_ptr = fv_ptr + task * 3 * TV + OV + b * V
+    f0 = _factors(fu_ptr, fv_ptr, TU, TV, U, V, u, v, 0)
+    f1 = _factors(fu_ptr, fv_ptr, TU, TV, U, V, u, v, 1)
+    f2 = _factors(fu_ptr, fv_ptr, TU, TV, U, V, u, v, 2)
+    return b, u, v, mask, off, n, c_ptr, g, p, m0, m1, m2, rms, r, f0, f1, f2
 
 
 @triton.jit
-def _factored_moments_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, B, U, VQ,
-                             s_ptr, R: tl.constexpr, C: tl.constexpr, VA: tl.constexpr):
+def _factored_moments_body(task, t, B, U, VQ, OU, OV, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr,
+                           fu_ptr, fv_ptr, s_ptr, TU: tl.constexpr, TV: tl.constexpr,
+                           R: tl.constexpr, C: tl.constexpr, VA: tl.constexpr):
+    """Per-tile sums of the 16 squared per-element features; s: [tasks x tiles, 32]."""
     V = VQ * VA
-    t, b, u, v, mask, off, c_ptr, g, p, m0, m1, m2, rms, r, f0, f1, f2 = _factored_tile(
-        tl.program_id(0), tl.program_id(1), tl.program_id(2), c_ptr, p_ptr, g_ptr, mom_ptr,
-        rms_ptr, fu_ptr, fv_ptr, B, U, V, R, C)
+    b, u, v, mask, off, n, c_ptr, g, p, m0, m1, m2, rms, r, f0, f1, f2 = _factored_tile(
+        task, t, B, U, V, OU, OV, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, TU, TV,
+        R, C)
     s = _shared_lanes(g, p, m0, m1, m2, rms, r, mask)
     s = _lane(s, 10, g * f0, mask)
     s = _lane(s, 11, g * f1, mask)
@@ -245,9 +260,7 @@ def _factored_moments_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_p
     s = _lane(s, 13, m0 * f0, mask)
     s = _lane(s, 14, m1 * f1, mask)
     s = _lane(s, 15, m2 * f2, mask)
-    tile = tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)
-    base = ((t * B + b) * tl.num_programs(1) * tl.num_programs(2) + tile) * NUM_SUMS
-    tl.store(s_ptr + base + tl.arange(0, NUM_SUMS), s)
+    tl.store(s_ptr + tl.program_id(0).to(tl.int64) * NUM_SUMS + tl.arange(0, NUM_SUMS), s)
 
 
 @triton.jit
@@ -287,65 +300,30 @@ def _row_col_features16(fu, fv, R: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
-def _factored_apply_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, tu_ptr, tv_ptr,
-                           w_ptr, wh_ptr, bh_ptr, wo_ptr, B, U, VQ, po_ptr, mo_ptr, ro_ptr,
-                           R: tl.constexpr, C: tl.constexpr, HP: tl.constexpr,
-                           NHID: tl.constexpr, EXP_MULT: tl.constexpr, STEP_MULT: tl.constexpr,
-                           PREC: tl.constexpr, L1: tl.constexpr, TW: tl.constexpr,
-                           WR: tl.constexpr, VA: tl.constexpr):
-    """One program per tile: grid (tasks x B, U / R, V / C)."""
-    V = VQ * VA
-    _apply_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), c_ptr, p_ptr, g_ptr,
-                mom_ptr, rms_ptr, fu_ptr, fv_ptr, tu_ptr, tv_ptr, w_ptr, wh_ptr, bh_ptr, wo_ptr,
-                B, U, V, po_ptr, mo_ptr, ro_ptr, R, C, HP, NHID, EXP_MULT, STEP_MULT, PREC, L1,
-                TW, WR)
-
-
-@triton.jit
-def _factored_apply_persistent_kernel(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr,
-                                      tu_ptr, tv_ptr, w_ptr, wh_ptr, bh_ptr, wo_ptr, B, U, VQ,
-                                      TB, po_ptr, mo_ptr, ro_ptr, R: tl.constexpr,
-                                      C: tl.constexpr, HP: tl.constexpr, NHID: tl.constexpr,
-                                      EXP_MULT: tl.constexpr, STEP_MULT: tl.constexpr,
-                                      PREC: tl.constexpr, L1: tl.constexpr, TW: tl.constexpr,
-                                      WR: tl.constexpr, VA: tl.constexpr, STAGES: tl.constexpr):
-    """A fixed grid of programs, each looping over tiles p, p + programs, ... of the TB
-    (tasks x B) tensors. Triton's software pipeliner turns the loop's loads into
-    asynchronous copies into shared memory STAGES - 1 tiles ahead (LDGSTS on sm_90), so
-    a program's next tiles are in flight while it computes this one, without holding
-    them in registers. Consecutive tile ids walk down the rows of one column block."""
-    V = VQ * VA
-    nu = tl.cdiv(U, R)
-    nv = tl.cdiv(V, C)
-    for tile in tl.range(tl.program_id(0), TB * nu * nv, tl.num_programs(0), num_stages=STAGES):
-        iu = tile % nu
-        iv = (tile // nu) % nv
-        tb = tile // (nu * nv)
-        _apply_tile(tb, iu, iv, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, tu_ptr,
-                    tv_ptr, w_ptr, wh_ptr, bh_ptr, wo_ptr, B, U, V, po_ptr, mo_ptr, ro_ptr, R, C,
-                    HP, NHID, EXP_MULT, STEP_MULT, PREC, L1, TW, WR)
-
-
-@triton.jit
-def _apply_tile(tb, iu, iv, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, tu_ptr, tv_ptr,
-                w_ptr, wh_ptr, bh_ptr, wo_ptr, B, U, V, po_ptr, mo_ptr, ro_ptr,
-                R: tl.constexpr, C: tl.constexpr, HP: tl.constexpr, NHID: tl.constexpr,
-                EXP_MULT: tl.constexpr, STEP_MULT: tl.constexpr, PREC: tl.constexpr,
-                L1: tl.constexpr, TW: tl.constexpr, WR: tl.constexpr):
-    """Pass 3 on tile (iu, iv) of tensor tb. L1: layer 1 as "fma", "dot" (both add the
-    tables tu [U, HP], tv [V, HP]) or "dot_all" (tu [U, 8], tv [V, 8] hold the row / column
+def _factored_apply_body(task, t, B, U, VQ, OU, OV, SEG, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr,
+                         fu_ptr, fv_ptr, tu_ptr, tv_ptr, w_ptr, wh_ptr, bh_ptr, wo_ptr, po_ptr,
+                         mo_ptr, ro_ptr, TU: tl.constexpr, TV: tl.constexpr, SEGS: tl.constexpr,
+                         R: tl.constexpr, C: tl.constexpr, HP: tl.constexpr,
+                         NHID: tl.constexpr, EXP_MULT: tl.constexpr, STEP_MULT: tl.constexpr,
+                         PREC: tl.constexpr, L1: tl.constexpr, TW: tl.constexpr,
+                         WR: tl.constexpr, VA: tl.constexpr):
+    """Pass 3 on tile t of a factored tensor, the group's SEG-th (w [tasks, SEGS, WR, HP]).
+    L1: layer 1 as "fma", "dot" (both add the tables tu [tasks, TU, HP], tv [tasks, TV,
+    HP]) or "dot_all" (tu [tasks, TU, 8], tv [tasks, TV, 8] hold the row / column
     features). TW: the tables' width, WR: w's rows (16, or 32 for "dot_all"; see
     `plan.Kernels`)."""
-    t, b, u, v, mask, off, c_ptr, g, p, m0, m1, m2, rms, r, f0, f1, f2 = _factored_tile(
-        tb, iu, iv, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, B, U, V, R, C)
-    w_ptr = w_ptr + t * WR * HP
-    wh_ptr, bh_ptr, wo_ptr = _task_mlp(t, wh_ptr, bh_ptr, wo_ptr, HP, NHID)
-    tu_ptr = tu_ptr + t * B * U * TW
-    tv_ptr = tv_ptr + t * B * V * TW
+    V = VQ * VA
+    b, u, v, mask, off, n, c_ptr, g, p, m0, m1, m2, rms, r, f0, f1, f2 = _factored_tile(
+        task, t, B, U, V, OU, OV, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, TU, TV,
+        R, C)
+    w_ptr = w_ptr + (task * SEGS + SEG) * WR * HP
+    wh_ptr, bh_ptr, wo_ptr = _task_mlp(task, wh_ptr, bh_ptr, wo_ptr, HP, NHID)
+    tu_ptr = tu_ptr + (task * TU + OU + b * U) * TW
+    tv_ptr = tv_ptr + (task * TV + OV + b * V) * TW
     h = tl.arange(0, HP)
     k = tl.arange(0, TW)
-    tu = tl.load(tu_ptr + (b * U + u[:, None]) * TW + k[None, :], mask=(u < U)[:, None], other=0.0)
-    tv = tl.load(tv_ptr + (b * V + v[:, None]) * TW + k[None, :], mask=(v < V)[:, None], other=0.0)
+    tu = tl.load(tu_ptr + u[:, None] * TW + k[None, :], mask=(u < U)[:, None], other=0.0)
+    tv = tl.load(tv_ptr + v[:, None] * TW + k[None, :], mask=(v < V)[:, None], other=0.0)
     if L1 != "dot_all":
         pre = tu[:, None, :] + tv[None, :, :]
     if L1 == "fma":
@@ -367,8 +345,7 @@ def _apply_tile(tb, iu, iv, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_pt
         else:  # the tables' sum reshaped, not the dot's result (sm_90, 1x256: 188 registers, not 228)
             pre = tl.reshape(pre, (R * C, HP)) + acc
     step = _mlp_rest(pre, c_ptr, wh_ptr, bh_ptr, wo_ptr, R, C, HP, NHID, EXP_MULT, STEP_MULT, PREC)
-    n = B * U * V
-    po_ptr, mo_ptr, ro_ptr = po_ptr + t * n, mo_ptr + t * 3 * n, ro_ptr + t * n
+    po_ptr, mo_ptr, ro_ptr = po_ptr + task * n, mo_ptr + task * 3 * n, ro_ptr + task * n
     tl.store(po_ptr + off, (p - step).to(po_ptr.dtype.element_ty), mask=mask)
     tl.store(mo_ptr + off, m0, mask=mask)
     tl.store(mo_ptr + n + off, m1, mask=mask)
@@ -507,8 +484,9 @@ def packed_moments_kernel(sizes: tuple[int, ...], tiles: tuple[int, ...], segs: 
     """The moments pass over non-factored tensors of `sizes` elements (`tiles` tiles each,
     segment ids `segs`) where they lie: (c_ptr, p0_ptr.., g.., mom.., rms.., vd.., s_ptr;
     R, C), grid tasks x sum(tiles) (`members.member_kernel`)."""
-    return members.member_kernel(_packed_moments_body, "_packed_moments_kernel", sizes, tiles,
-                                 segs, ("c_ptr",), _PACKED_STATE, (), (), ("s_ptr",), ("R", "C"))
+    return members.member_kernel(_packed_moments_body, "_packed_moments_kernel", tiles,
+                                 (("n", sizes), ("seg", segs)), ("c_ptr",), _PACKED_STATE, (),
+                                 (), ("s_ptr",), ("R", "C"))
 
 
 def packed_apply_kernel(sizes: tuple[int, ...], tiles: tuple[int, ...], segs: tuple[int, ...]):
@@ -516,9 +494,69 @@ def packed_apply_kernel(sizes: tuple[int, ...], tiles: tuple[int, ...], segs: tu
     rms.., vd.., w_ptr, b0_ptr, wh_ptr, bh_ptr, wo_ptr, po0_ptr.., mo.., ro.., vo..; R, C,
     HP, NHID, EXP_MULT, STEP_MULT, PREC, L1, SEGS)."""
     return members.member_kernel(
-        _packed_apply_body, "_packed_apply_kernel", sizes, tiles, segs, ("c_ptr",), _PACKED_STATE,
+        _packed_apply_body, "_packed_apply_kernel", tiles, (("n", sizes), ("seg", segs)),
+        ("c_ptr",), _PACKED_STATE,
         ("w_ptr", "b0_ptr", "wh_ptr", "bh_ptr", "wo_ptr"), ("po_ptr", "mo_ptr", "ro_ptr", "vo_ptr"),
         (), ("R", "C", "HP", "NHID", "EXP_MULT", "STEP_MULT", "PREC", "L1", "SEGS"))
+
+
+_FACTORED_STATE = ("p_ptr", "g_ptr", "mom_ptr", "rms_ptr")
+
+
+def row_col_sums_kernel(tiles: tuple[int, ...], values: tuple):
+    """The row / column sums pass over factored tensors where they lie: (g0_ptr.., su_ptr,
+    sv_ptr; TSU, TSV, R, C, RL, VA); values B, U, VQ, SUO, SVO per tensor."""
+    return members.member_kernel(_row_col_sums_body, "_row_col_sums_kernel", tiles, values, (),
+                                 ("g_ptr",), (), (), ("su_ptr", "sv_ptr"),
+                                 ("TSU", "TSV", "R", "C", "RL", "VA"))
+
+
+def factored_moments_kernel(tiles: tuple[int, ...], values: tuple):
+    """The moments pass over factored tensors: (c_ptr, p0_ptr.., g.., mom.., rms.., fu_ptr,
+    fv_ptr, s_ptr; TU, TV, R, C, VA); values B, U, VQ, OU, OV per tensor."""
+    return members.member_kernel(_factored_moments_body, "_factored_moments_kernel", tiles, values,
+                                 ("c_ptr",), _FACTORED_STATE, ("fu_ptr", "fv_ptr"), (), ("s_ptr",),
+                                 ("TU", "TV", "R", "C", "VA"))
+
+
+def factored_apply_kernel(tiles: tuple[int, ...], values: tuple, persistent: bool = False):
+    """The apply pass over factored tensors: (c_ptr, p0_ptr.., g.., mom.., rms.., fu_ptr,
+    fv_ptr, tu_ptr, tv_ptr, w_ptr, wh_ptr, bh_ptr, wo_ptr, po0_ptr.., mo.., ro..; TU, TV,
+    SEGS, R, C, HP, NHID, EXP_MULT, STEP_MULT, PREC, L1, TW, WR, VA[, TASKS, STAGES]);
+    values B, U, VQ, OU, OV, SEG per tensor. `persistent`: a fixed grid of programs that
+    loop over the tiles, their next tiles' loads in flight (`members.member_kernel`)."""
+    constexprs = ("TU", "TV", "SEGS", "R", "C", "HP", "NHID", "EXP_MULT", "STEP_MULT", "PREC",
+                  "L1", "TW", "WR", "VA") + (("TASKS", "STAGES") if persistent else ())
+    return members.member_kernel(
+        _factored_apply_body,
+        "_factored_apply_persistent_kernel" if persistent else "_factored_apply_kernel", tiles,
+        values, ("c_ptr",), _FACTORED_STATE,
+        ("fu_ptr", "fv_ptr", "tu_ptr", "tv_ptr", "w_ptr", "wh_ptr", "bh_ptr", "wo_ptr"),
+        ("po_ptr", "mo_ptr", "ro_ptr"), (), constexprs, persistent)
+
+
+def _tiles(lay: plan.FactoredLayout, blocks: BlockSizes) -> int:
+    return lay.B * -(-lay.U // blocks.rows) * -(-lay.V // blocks.cols)
+
+
+def _side_sums(parts, outer: list[int], nparts: list[int], lengths: list[int]):
+    """Each tensor's [outer, nparts, length] block of partial sums (one after the other in
+    `parts`) summed over nparts -> the flat side [sum outer x length]. One gather-reduce
+    for all tensors while its static index is small; else a reduction per tensor."""
+    sizes = [o * n * L for o, n, L in zip(outer, nparts, lengths, strict=True)]
+    if sum(o * L for o, L in zip(outer, lengths, strict=True)) * max(nparts) > SIDE_SUMS_INDEX_MAX:
+        return jnp.concatenate([
+            jnp.sum(lax.slice_in_dim(parts, s, s + n).reshape(o, k, L), axis=1).reshape(-1)
+            for s, n, o, k, L in zip(plan.starts(sizes), sizes, outer, nparts, lengths,
+                                     strict=True)])
+    width = max(nparts)
+    index = []
+    for s, o, k, L in zip(plan.starts(sizes), outer, nparts, lengths, strict=True):
+        part = np.arange(width)
+        at = s + (np.arange(o)[:, None, None] * k + part[None, None, :]) * L \
+            + np.arange(L)[None, :, None]  # [o, L, width]
+        index.append(np.where(part < k, at, -1).reshape(o * L, width))
+    return plan.gather_sums(parts, np.concatenate(index).astype(np.int32))
 
 
 def _f32(shape):
@@ -605,64 +643,122 @@ class TritonKernels:
             return 0, jnp.zeros((1, hp, hp), jnp.float32), jnp.zeros((1, hp), jnp.float32)
         return mlp.w_hidden.shape[0], mlp.w_hidden, mlp.b_hidden
 
-    def row_col_sums(self, g, blocks: BlockSizes):
-        b, u, v = g.shape
-        nu, nv = -(-u // blocks.rows), -(-v // blocks.cols)
-        va = _row_alignment(v)
+    @staticmethod
+    def _runs(p, g, group: plan.FactoredGroup) -> list[range]:
+        """The factored tensors that share launches: alike in tiles and dtypes."""
+        return members.member_runs([(group.blocks[j], group.reduce_blocks[j], p[j].dtype,
+                                     g[j].dtype) for j in range(len(p))])
 
-        def launch(tasks, g):
-            su, sv = self._call(g, b, u, v // va, kernel=_row_col_sums_kernel,
-                                out_shape=[_f32((tasks, b, nv, u)), _f32((tasks, b, nu, v))],
-                                grid=(tasks * b, nu, nv), num_warps=blocks.num_warps,
-                                num_stages=blocks.num_stages, R=blocks.rows, C=blocks.cols,
-                                VA=va, name="adafac_row_col_sums")
-            return jnp.sum(su, axis=2), jnp.sum(sv, axis=2)
+    def group_row_col_sums(self, g, group: plan.FactoredGroup):
+        lays = group.layouts
+        runs = [self._row_col_sums_run(g, group, run) for run in self._runs(g, g, group)]
+        nv = [k for run in runs for k in run[2]]
+        nu = [k for run in runs for k in run[3]]
+        outer = [lay.B for lay in lays]
+        return (_side_sums(jnp.concatenate([run[0] for run in runs]), outer, nv,
+                           [lay.U for lay in lays]),
+                _side_sums(jnp.concatenate([run[1] for run in runs]), outer, nu,
+                           [lay.V for lay in lays]))
 
-        return _over_tasks(launch, g)
+    def _row_col_sums_run(self, g, group: plan.FactoredGroup, run: range):
+        """One launch's partial sums su [sum B nv U], sv [sum B nu V] and each tensor's
+        column blocks nv and row blocks nu (of RL x R rows)."""
+        lays = [group.layouts[j] for j in run]
+        blk = group.reduce_blocks[run[0]]
+        loop = max(min(REDUCTION_ROW_CHUNKS, -(-lay.U // blk.rows)) for lay in lays)
+        va = min(_row_alignment(lay.V) for lay in lays)
+        nv = [-(-lay.V // blk.cols) for lay in lays]
+        nu = [-(-lay.U // (blk.rows * loop)) for lay in lays]
+        su_sizes = [lay.B * k * lay.U for lay, k in zip(lays, nv, strict=True)]
+        sv_sizes = [lay.B * k * lay.V for lay, k in zip(lays, nu, strict=True)]
+        tiles = tuple(lay.B * a * b for lay, a, b in zip(lays, nu, nv, strict=True))
+        kernel = row_col_sums_kernel(tiles, (
+            ("B", tuple(lay.B for lay in lays)), ("U", tuple(lay.U for lay in lays)),
+            ("VQ", tuple(lay.V // va for lay in lays)), ("SUO", plan.starts(su_sizes)),
+            ("SVO", plan.starts(sv_sizes))))
+        tsu, tsv = sum(su_sizes), sum(sv_sizes)
 
-    def factored_moments(self, p, g, mom, rms, fu, fv, consts, blocks: BlockSizes):
-        b, u, v = p.shape
-        nu, nv = -(-u // blocks.rows), -(-v // blocks.cols)
-        va = _row_alignment(v)
+        def launch(tasks, *gs):
+            return self._call(*gs, kernel=kernel, out_shape=[_f32((tasks, tsu)), _f32((tasks, tsv))],
+                              grid=(tasks * sum(tiles),), num_warps=blk.num_warps,
+                              num_stages=blk.num_stages, TSU=tsu, TSV=tsv, R=blk.rows, C=blk.cols,
+                              RL=loop, VA=va, name="adafac_row_col_sums")
 
-        def launch(tasks, consts, p, g, mom, rms, fu, fv):
-            return self._call(consts, p, g, mom, rms, fu, fv, b, u, v // va,
-                              kernel=_factored_moments_kernel,
-                              out_shape=_f32((tasks, b, nu * nv, plan.NUM_SUMS)),
-                              grid=(tasks * b, nu, nv), num_warps=blocks.num_warps,
-                              num_stages=blocks.num_stages, R=blocks.rows, C=blocks.cols,
-                              VA=va, name="adafac_moments")
+        su, sv = _over_tasks(launch, *(g[j] for j in run))
+        return su, sv, nv, nu
 
-        return _over_tasks(launch, consts, p, g, mom, rms, fu, fv)
+    @staticmethod
+    def _side_values(run: range, group: plan.FactoredGroup, va: int) -> tuple:
+        """The per-tensor values of the moments and apply kernels."""
+        lays = [group.layouts[j] for j in run]
+        return (("B", tuple(lay.B for lay in lays)), ("U", tuple(lay.U for lay in lays)),
+                ("VQ", tuple(lay.V // va for lay in lays)),
+                ("OU", tuple(group.u_offsets[j] for j in run)),
+                ("OV", tuple(group.v_offsets[j] for j in run)))
 
-    def factored_apply(self, p, g, mom, rms, fu, fv, consts, tu, tv, w_ew, mlp, mults,
-                       blocks: BlockSizes):
-        b, u, v = p.shape
-        hp = w_ew.shape[-1]
-        nu, nv = -(-u // blocks.rows), -(-v // blocks.cols)
-        va = _row_alignment(v)
+    def group_moments(self, p, g, mom, rms, fu, fv, consts, group: plan.FactoredGroup):
+        runs = [self._moments_run(p, g, mom, rms, fu, fv, consts, group, run)
+                for run in self._runs(p, g, group)]
+        return plan.segment_sums(jnp.concatenate([partial for partial, _ in runs]),
+                                 [t for _, tiles in runs for t in tiles])
+
+    def _moments_run(self, p, g, mom, rms, fu, fv, consts, group, run: range):
+        """One launch's per-tile sums [sum tiles, 32] and each tensor's tiles."""
+        blk = group.reduce_blocks[run[0]]
+        va = min(_row_alignment(group.layouts[j].V) for j in run)
+        tiles = tuple(_tiles(group.layouts[j], blk) for j in run)
+        kernel = factored_moments_kernel(tiles, self._side_values(run, group, va))
+
+        def launch(tasks, consts, *arrays):
+            return self._call(consts, *arrays, kernel=kernel,
+                              out_shape=_f32((tasks, sum(tiles), plan.NUM_SUMS)),
+                              grid=(tasks * sum(tiles),), num_warps=blk.num_warps,
+                              num_stages=blk.num_stages, TU=fu.shape[-1], TV=fv.shape[-1],
+                              R=blk.rows, C=blk.cols, VA=va, name="adafac_moments")
+
+        state = [x[j] for x in (p, g, mom, rms) for j in run]
+        return _over_tasks(launch, consts, *state, fu, fv), tiles
+
+    def group_apply(self, p, g, mom, rms, fu, fv, consts, tu, tv, w, mlp, mults,
+                    group: plan.FactoredGroup):
+        outs = [self._apply_run(p, g, mom, rms, fu, fv, consts, tu, tv, w, mlp, mults, group, run)
+                for run in self._runs(p, g, group)]
+        return tuple(tuple(x for out in outs for x in out[o]) for o in range(3))
+
+    def _apply_run(self, p, g, mom, rms, fu, fv, consts, tu, tv, w, mlp, mults, group,
+                   run: range):
+        """One launch's new p, mom and rms of the tensors of `run`."""
+        blk = group.blocks[run[0]]
+        va = min(_row_alignment(group.layouts[j].V) for j in run)
+        tiles = tuple(_tiles(group.layouts[j], blk) for j in run)
+        kernel = factored_apply_kernel(
+            tiles, self._side_values(run, group, va) + (("SEG", tuple(run)),), self.persistent)
+        hp = w.shape[-1]
         nhid, wh, bh = self._hidden(mlp, hp)
+        k = len(run)
+        # operand -> output: tensor i's p, mom, rms (operands 1 + i, 1 + 2k + i, 1 + 3k + i)
+        aliases = {1 + q * k + i: o * k + i for o, q in enumerate((0, 2, 3)) for i in range(k)}
 
-        def launch(tasks, *arrays):
+        def launch(tasks, consts, *arrays):
             lead = lambda x: jax.ShapeDtypeStruct((tasks, *x.shape), x.dtype)  # noqa: E731
+            programs = tasks * sum(tiles)
             if self.persistent:  # a fixed grid of programs looping over the tiles
-                sizes, kernel = (b, u, v // va, tasks * b), _factored_apply_persistent_kernel
-                grid = (min(tasks * b * nu * nv, _num_sms() * PERSISTENT_PROGRAMS_PER_SM),)
-                extra = dict(STAGES=blocks.num_stages)
+                grid = (min(programs, _num_sms() * PERSISTENT_PROGRAMS_PER_SM),)
+                extra = dict(TASKS=tasks, STAGES=blk.num_stages)
             else:
-                sizes, kernel = (b, u, v // va), _factored_apply_kernel
-                grid, extra = (tasks * b, nu, nv), {}
-            return self._call(
-                *arrays, *sizes, kernel=kernel, out_shape=[lead(p), lead(mom), lead(rms)],
-                grid=grid, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
-                R=blocks.rows, C=blocks.cols, HP=hp, NHID=nhid, EXP_MULT=mults[0],
-                STEP_MULT=mults[1], PREC=self.prec, L1=self.layer1, TW=tu.shape[-1],
-                WR=w_ew.shape[-2], VA=va, name="adafac_apply", **extra,
-                input_output_aliases=plan.in_place_aliases(plan.FACTORED_APPLY_ALIASES,
-                                                           self.in_place))
+                grid, extra = (programs,), {}
+            outs = self._call(
+                consts, *arrays, kernel=kernel,
+                out_shape=[lead(x[j]) for x in (p, mom, rms) for j in run], grid=grid,
+                num_warps=blk.num_warps, num_stages=blk.num_stages, TU=fu.shape[-1],
+                TV=fv.shape[-1], SEGS=w.shape[0], R=blk.rows, C=blk.cols, HP=hp, NHID=nhid,
+                EXP_MULT=mults[0], STEP_MULT=mults[1], PREC=self.prec, L1=self.layer1,
+                TW=tu.shape[-1], WR=w.shape[-2], VA=va, name="adafac_apply", **extra,
+                input_output_aliases=aliases if self.in_place else {})
+            return [outs[o * k:(o + 1) * k] for o in range(3)]
 
-        return _over_tasks(launch, consts, p, g, mom, rms, fu, fv, tu, tv, w_ew, wh, bh,
-                           mlp.w_out_t)
+        state = [x[j] for x in (p, g, mom, rms) for j in run]
+        return _over_tasks(launch, consts, *state, fu, fv, tu, tv, w, wh, bh, mlp.w_out_t)
 
     def _member_launches(self, p, g, blocks: BlockSizes):
         """The members' runs that share a launch (`members.member_runs`: their p and g

@@ -25,6 +25,11 @@ TILE_VALUES = 8192  # float32 activations per program in pass 3
 MAX_TILE = 1024
 PACKED_COLS = 128  # lane width of the packed buffer for non-factored tensors
 REDUCTION_TILE = 1024  # elements per program of the reduction passes (`reduction_block_sizes`)
+# The Triton row / column sums pass runs up to this many tiles of rows per program, adding
+# up their column sums in registers: its per-column partial sums (summed afterwards) are
+# then up to 8x fewer than the tensor's elements, where one 1 x 1024 tile per program
+# wrote as many as it read (8 B / param of extra traffic for a large matrix).
+REDUCTION_ROW_CHUNKS = 8
 # How the Triton apply kernel runs layer 1 and the dots' operands (`triton_update`'s
 # `layer1` / `mlp_precision`; lopt_fast/kernels/adafac_triton.py says what each does).
 # Here, not there, so tools can offer them without importing triton.

@@ -35,6 +35,7 @@ a leading grid axis, so all tasks share these launches.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, NamedTuple
 
@@ -163,16 +164,24 @@ def mlp_weights(nn, hp: int) -> tuple[MLPWeights, jax.Array]:
 class Kernels(NamedTuple):
     """The launchers a backend provides (all arrays canonical, see module docstring).
 
+    Factored tensors, either per tensor:
     row_col_sums(g[B,U,V], blocks) -> (sum over V [B,U], sum over U [B,V]) of g^2 + 1e-30
     factored_moments(p, g, mom, rms, fu, fv, consts, blocks) -> partial sums [..., 32]
     factored_apply(p, g, mom, rms, fu, fv, consts, tu, tv, w_ew, mlp, mults, blocks)
         -> (new_p [B,U,V] in p.dtype, new_mom [3,B,U,V], new_rms [1,B,U,V])
-    and for the non-factored tensors either the packed buffer's launchers
+    or for all of them together (a `FactoredGroup`; `PerTensorGroup` makes these from the
+    per-tensor launchers), with tuples over the tensors and their per-row / per-column
+    operands on the flat U / V sides (fu [3, sum BU], tu [sum BU, TW], ...):
+    group_row_col_sums(g, group) -> (su [sum BU], sv [sum BV])
+    group_moments(p, g, mom, rms, fu, fv, consts, group) -> per-tensor sums [S, 32]
+    group_apply(p, g, mom, rms, fu, fv, consts, tu, tv, w [S, WR, Hp], mlp, mults, group)
+        -> (new_p, new_mom, new_rms), tuples
+    Non-factored tensors, either in the packed buffer:
     packed_moments(p, g, mom, rms, vd, counts, consts, blocks) -> partial sums [nblocks, 32]
         (counts: a static numpy [nblocks, 1], the valid elements of each tile)
     packed_apply(p, g, mom, rms, vd, consts, w_seg, b0, seg_starts, mlp, mults, blocks)
         -> (new_p, new_mom, new_rms, new_vd), all float32, packed
-    or member launchers, which read and write the tensors where they are (no packing):
+    or where they lie (member launchers, no packing):
     member_moments(p, g, mom, rms, vd, consts, blocks), each a tuple over the tensors
         (p_i, g_i [n_i], mom_i, vd_i [3, n_i], rms_i [1, n_i]) -> partial sums [nblocks, 32],
         the same rows as packed_moments'
@@ -180,15 +189,18 @@ class Kernels(NamedTuple):
         -> (new_p, new_mom, new_rms, new_vd), each a tuple like its input (p_i in its dtype)
     `mults` is the static (exp_mult, step_mult) pair.
 
-    `row_col_in_dot` picks what `factored_apply` gets for the 12 per-row / per-column
-    features: False, their layer-1 products as tables tu [B, U, Hp] (b0 included) and
-    tv [B, V, Hp] with w_ew [16, Hp]; True, the features themselves, tu [B, U, 8] and
-    tv [B, V, 8], with w_ew [32, Hp] (`_row_col_feature_operands`).
+    `row_col_in_dot` picks what the apply launchers get for the 12 per-row / per-column
+    features: False, their layer-1 products as tables tu [.., U, Hp] (b0 included) and
+    tv [.., V, Hp] with w_ew [16, Hp]; True, the features themselves, tu [.., U, 8] and
+    tv [.., V, 8], with w_ew [32, Hp] (`_row_col_features`, `_row_col_weights`).
     """
 
-    row_col_sums: Any
-    factored_moments: Any
-    factored_apply: Any
+    row_col_sums: Any = None
+    factored_moments: Any = None
+    factored_apply: Any = None
+    group_row_col_sums: Any = None
+    group_moments: Any = None
+    group_apply: Any = None
     packed_moments: Any = None
     packed_apply: Any = None
     member_moments: Any = None
@@ -215,82 +227,206 @@ def _table(f, w):
     return sum(f[k][..., None] * w[k] for k in range(f.shape[0]))
 
 
-def _row_col_feature_operands(f_u, f_v, w_ew, w_u, w_v, b0):
-    """`factored_apply`'s operands when the kernel runs the row / column features through
-    its layer-1 dot (`Kernels.row_col_in_dot`).
-
-    f_u [6, B, U], f_v [6, B, V]: the features on U's and V's side; w_u, w_v their w0 rows.
-    Returns tu [B, U, 8] (the 6 features, then 1 so that b0 rides in the dot, then 0),
-    tv [B, V, 8] (the 6 features, 0, 0) and w [32, H]: rows 0-15 w_ew, 16-23 the U side
-    (w_u, b0, 0), 24-31 the V side (w_v, 0, 0), matching the tables' columns.
-    """
+def _row_col_features(f_u, f_v):
+    """The per-row / per-column features as `factored_apply` takes them when the kernel runs
+    them through its layer-1 dot (`Kernels.row_col_in_dot`): f_u [6, ...] (the U side's),
+    f_v [6, ...] -> tu [..., 8] (the 6 features, then 1 so that b0 rides in the dot, then
+    0), tv [..., 8] (the 6 features, 0, 0)."""
     tu = jnp.moveaxis(f_u, 0, -1)
     tu = _pad_last(jnp.concatenate([tu, jnp.ones_like(tu[..., :1])], -1), ROW_COL_TABLE_WIDTH)
-    tv = _pad_last(jnp.moveaxis(f_v, 0, -1), ROW_COL_TABLE_WIDTH)
+    return tu, _pad_last(jnp.moveaxis(f_v, 0, -1), ROW_COL_TABLE_WIDTH)
+
+
+def _row_col_weights(w_ew, w_u, w_v, b0):
+    """w [32, H] matching `_row_col_features`' columns: rows 0-15 w_ew, 16-23 the U side
+    (w_u, b0, 0), 24-31 the V side (w_v, 0, 0)."""
     zero = jnp.zeros_like(b0)[None]
-    w = jnp.concatenate([w_ew, w_u, b0[None], zero, w_v, zero, zero])
-    return tu, tv, w
+    return jnp.concatenate([w_ew, w_u, b0[None], zero, w_v, zero, zero])
 
 
-def _factored_leaf(kernels, p, g, acc: am.LeafAccumulators, consts, c_fac, nn, iteration, mlp,
-                   mults, hp, blocks):
-    lay = factored_layout(p.shape)
-    shape3 = (lay.B, lay.U, lay.V)
-    permuted = tuple(p.shape[q] for q in lay.perm) if lay.perm else p.shape
-    p3, g3 = _to_canon(p, lay.perm, 0, shape3), _to_canon(g, lay.perm, 0, shape3)
-    mom3 = _to_canon(acc.mom, lay.perm, 1, shape3)
-    rms3 = _to_canon(acc.rms, lay.perm, 1, shape3)
-    row_dims = (lay.B, lay.row_shape[-1])
-    col_dims = (lay.B, lay.col_shape[-1])
-    v_row = _to_canon(acc.v_row, lay.row_perm, 1, row_dims)  # [3, B, |d1|]
-    v_col = _to_canon(acc.v_col, lay.col_perm, 1, col_dims)  # [3, B, |d0|]
-    blk = blocks or block_sizes(lay.U, lay.V, hp)
-    reduce_blk = blocks or reduction_block_sizes(lay.U, lay.V)
+class FactoredGroup(NamedTuple):
+    """Static layout of the factored tensors of a step, updated together.
 
+    Their per-row and per-column vectors live in two flat spaces: the U side holds each
+    tensor's [B, U] plane after the previous tensors' (`u_offsets`), the V side its [B, V]
+    plane. The between-pass math runs once on these flat vectors for all tensors, and
+    kernels read a tensor's factors and tables at its offsets.
+    """
+
+    layouts: tuple[FactoredLayout, ...]
+    blocks: tuple[BlockSizes, ...]  # the apply pass's tiles
+    reduce_blocks: tuple[BlockSizes, ...]  # the reduction passes' tiles
+
+    @property
+    def u_sizes(self) -> tuple[int, ...]:
+        return tuple(lay.B * lay.U for lay in self.layouts)
+
+    @property
+    def v_sizes(self) -> tuple[int, ...]:
+        return tuple(lay.B * lay.V for lay in self.layouts)
+
+    @property
+    def u_offsets(self) -> tuple[int, ...]:
+        return starts(self.u_sizes)
+
+    @property
+    def v_offsets(self) -> tuple[int, ...]:
+        return starts(self.v_sizes)
+
+
+def starts(sizes) -> tuple[int, ...]:
+    return tuple(int(x) for x in np.cumsum((0,) + tuple(sizes[:-1])))
+
+
+class PerTensorGroup:
+    """A group's launchers (`Kernels.group_*`) from a backend's per-tensor ones: each pass
+    one launch per tensor, on its slices of the flat U / V side vectors."""
+
+    def __init__(self, kernels: Kernels):
+        self.kernels = kernels
+
+    @staticmethod
+    def _sides(group: FactoredGroup, x_u, x_v, j: int, lead: tuple = ()):
+        """Tensor j's planes of the flat U / V side arrays x_u [*lead, sum BU, ...]."""
+        lay, ou, ov = group.layouts[j], group.u_offsets[j], group.v_offsets[j]
+        n = len(lead)
+        u = lax.slice_in_dim(x_u, ou, ou + lay.B * lay.U, axis=n)
+        v = lax.slice_in_dim(x_v, ov, ov + lay.B * lay.V, axis=n)
+        return (u.reshape(lead + (lay.B, lay.U) + x_u.shape[n + 1:]),
+                v.reshape(lead + (lay.B, lay.V) + x_v.shape[n + 1:]))
+
+    def group_row_col_sums(self, g, group: FactoredGroup):
+        sums = [self.kernels.row_col_sums(x, blk) for x, blk in zip(g, group.reduce_blocks,
+                                                                      strict=True)]
+        return (jnp.concatenate([su.reshape(-1) for su, _ in sums]),
+                jnp.concatenate([sv.reshape(-1) for _, sv in sums]))
+
+    def group_moments(self, p, g, mom, rms, fu, fv, consts, group: FactoredGroup):
+        out = []
+        for j, blk in enumerate(group.reduce_blocks):
+            fu_j, fv_j = self._sides(group, fu, fv, j, (3,))
+            partial = self.kernels.factored_moments(p[j], g[j], mom[j], rms[j], fu_j, fv_j,
+                                                    consts, blk)
+            out.append(jnp.sum(partial.reshape(-1, NUM_SUMS), axis=0))
+        return jnp.stack(out)
+
+    def group_apply(self, p, g, mom, rms, fu, fv, consts, tu, tv, w, mlp, mults,
+                    group: FactoredGroup):
+        outs = []
+        for j, blk in enumerate(group.blocks):
+            fu_j, fv_j = self._sides(group, fu, fv, j, (3,))
+            tu_j, tv_j = self._sides(group, tu, tv, j)
+            outs.append(self.kernels.factored_apply(p[j], g[j], mom[j], rms[j], fu_j, fv_j, consts,
+                                                    tu_j, tv_j, w[j], mlp, mults, blk))
+        return tuple(tuple(o[k] for o in outs) for k in range(3))
+
+
+def gather_sums(x, index):
+    """out[i] = sum_k x[index[i, k]] over the axis-0 rows of x; index -1 reads a zero row."""
+    padded = jnp.concatenate([x, jnp.zeros_like(x[:1])])
+    return jnp.sum(padded[np.where(index < 0, x.shape[0], index)], axis=1)
+
+
+def _factored_group(kernels, items, consts, c_fac, nn, iteration, mlp, mults, hp, blocks):
+    """items: [(p, g, acc)] of factored tensors -> [(new_p, new_acc)], every pass once for
+    all of them (see `FactoredGroup`)."""
+    lays = [factored_layout(p.shape) for p, _, _ in items]
+    tiles = [blocks or block_sizes(lay.U, lay.V, hp) for lay in lays]
+    reduce_tiles = [blocks or reduction_block_sizes(lay.U, lay.V) for lay in lays]
+    # Tensors alike in tiles and dtypes next to each other: a backend launches each such
+    # run of them together.
+    order = sorted(range(len(items)), key=lambda j: (
+        dataclasses.astuple(tiles[j]), dataclasses.astuple(reduce_tiles[j]),
+        str(items[j][0].dtype), str(items[j][1].dtype)))
+    if order != list(range(len(items))):
+        outs = _factored_group(kernels, [items[j] for j in order], consts, c_fac, nn, iteration,
+                               mlp, mults, hp, blocks)
+        return [outs[order.index(j)] for j in range(len(items))]
+    group = FactoredGroup(tuple(lays), tuple(tiles), tuple(reduce_tiles))
+    def canonical(xs, lead):
+        return tuple(_to_canon(x, lay.perm, lead, (lay.B, lay.U, lay.V))
+                     for x, lay in zip(xs, lays, strict=True))
+
+    p3, g3 = canonical([p for p, _, _ in items], 0), canonical([g for _, g, _ in items], 0)
+    mom3 = canonical([a.mom for _, _, a in items], 1)
+    rms3 = canonical([a.rms for _, _, a in items], 1)
+    # v_row [3, B, |d1|] and v_col [3, B, |d0|] on the U / V sides, flat: [3, sum BU], [3, sum BV]
+    v_u, v_v = [], []
+    for (_, _, a), lay in zip(items, lays, strict=True):
+        row = _to_canon(a.v_row, lay.row_perm, 1, (lay.B, lay.row_shape[-1])).reshape(3, -1)
+        col = _to_canon(a.v_col, lay.col_perm, 1, (lay.B, lay.col_shape[-1])).reshape(3, -1)
+        v_u.append(row if lay.u_is_row else col)
+        v_v.append(col if lay.u_is_row else row)
+    v_u, v_v = jnp.concatenate(v_u, axis=1), jnp.concatenate(v_v, axis=1)
+    # Static per-element facts of the two sides: tensor, U or V of the tensor, row side or not.
+    seg_u = np.repeat(np.arange(len(lays)), group.u_sizes)
+    seg_v = np.repeat(np.arange(len(lays)), group.v_sizes)
+    u_is_row = np.asarray([lay.u_is_row for lay in lays])
+    u_len = np.asarray([lay.U for lay in lays], np.float32)
+    v_len = np.asarray([lay.V for lay in lays], np.float32)
+
+    launch = kernels if kernels.group_apply is not None else PerTensorGroup(kernels)
     with jax.named_scope("adafac_row_col_sums"):
-        su, sv = kernels.row_col_sums(g3, reduce_blk)  # [B, U], [B, V]
-    if lay.u_is_row:  # v_row reduces over d0 = V; v_col over d1 = U
-        mean_d0, mean_d1 = su / lay.V, sv / lay.U
-    else:
-        mean_d0, mean_d1 = sv / lay.U, su / lay.V
-    c = c_fac[:, None, None]
-    new_row = c * v_row + (1 - c) * mean_d0[None]
-    new_col = c * v_col + (1 - c) * mean_d1[None]
-    rf = am.safe_rsqrt(new_row / (jnp.mean(new_row, axis=-1, keepdims=True) + 1e-9))
-    cf = am.safe_rsqrt(new_col)
-    fu, fv = (rf, cf) if lay.u_is_row else (cf, rf)
+        su, sv = launch.group_row_col_sums(g3, group)  # [sum BU] over V, [sum BV] over U
+    c = c_fac[:, None]
+    new_u = c * v_u + (1 - c) * (su / v_len[seg_u])[None]  # Adafactor's means
+    new_v = c * v_v + (1 - c) * (sv / u_len[seg_v])[None]
+
+    def factor(new, seg, lens, is_row):
+        """The row side's rsqrt(v / v's mean over its row), the column side's rsqrt(v)."""
+        runs = [int(lens[j]) for j, lay in enumerate(lays) for _ in range(lay.B)]
+        means = segment_sums(new.T, runs).T / np.asarray(runs, np.float32)  # [3, runs]
+        per_element = means[:, np.repeat(np.arange(len(runs)), runs)]
+        return jnp.where(is_row[seg][None], am.safe_rsqrt(new / (per_element + 1e-9)),
+                         am.safe_rsqrt(new))
+
+    f_u = factor(new_u, seg_u, u_len, u_is_row)
+    f_v = factor(new_v, seg_v, v_len, ~u_is_row)
 
     with jax.named_scope("adafac_moments"):
-        partial = kernels.factored_moments(p3, g3, mom3, rms3, fu, fv, consts, reduce_blk)
-    ew = jnp.sum(partial.reshape(-1, NUM_SUMS), axis=0)[:NUM_EW_FACTORED] / p.size
-    row_f = jnp.concatenate([new_row, lax.rsqrt(new_row + 1e-8)])  # [6, B, |d1|]
-    col_f = jnp.concatenate([new_col, lax.rsqrt(new_col + 1e-8)])
-    moments = jnp.concatenate([ew[:13], _ms(new_row), _ms(new_col), _ms(row_f[3:]),
-                               _ms(col_f[3:]), ew[13:16]])
-    w0_feat, b0 = am.first_layer(nn, moments, iteration)
-    w_ew = w0_feat[np.asarray(am._PER_ELEMENT)]  # [16, H]
-    w_row, w_col = w0_feat[np.asarray(am._PER_ROW)], w0_feat[np.asarray(am._PER_COL)]
-    (f_u, w_u), (f_v, w_v) = (((row_f, w_row), (col_f, w_col)) if lay.u_is_row
-                              else ((col_f, w_col), (row_f, w_row)))
+        sums = launch.group_moments(p3, g3, mom3, rms3, f_u, f_v, consts, group)  # [S, 32]
+    ew = sums[:, :NUM_EW_FACTORED] / np.asarray([p.size for p, _, _ in items], np.float32)[:, None]
+    feat_u = jnp.concatenate([new_u, lax.rsqrt(new_u + 1e-8)])  # [6, sum BU]
+    feat_v = jnp.concatenate([new_v, lax.rsqrt(new_v + 1e-8)])
+    ms_u = segment_sums(jnp.square(feat_u).T, list(group.u_sizes)) / np.asarray(
+        group.u_sizes, np.float32)[:, None]  # [S, 6]
+    ms_v = segment_sums(jnp.square(feat_v).T, list(group.v_sizes)) / np.asarray(
+        group.v_sizes, np.float32)[:, None]
+    row_side = u_is_row[:, None]
+    ms_row, ms_col = jnp.where(row_side, ms_u, ms_v), jnp.where(row_side, ms_v, ms_u)
+    moments = jnp.concatenate([ew[:, :13], ms_row[:, :3], ms_col[:, :3], ms_row[:, 3:],
+                               ms_col[:, 3:], ew[:, 13:16]], axis=1)  # [S, 28]
+    w0_feat, b0 = jax.vmap(lambda m: am.first_layer(nn, m, iteration))(moments)
+    w_ew = w0_feat[:, np.asarray(am._PER_ELEMENT)]  # [S, 16, H]
+    w_row, w_col = w0_feat[:, np.asarray(am._PER_ROW)], w0_feat[:, np.asarray(am._PER_COL)]
+    w_u = jnp.where(u_is_row[:, None, None], w_row, w_col)  # [S, 6, H]: the U side's rows
+    w_v = jnp.where(u_is_row[:, None, None], w_col, w_row)
     if kernels.row_col_in_dot:
-        tu, tv, w_ew = _row_col_feature_operands(f_u, f_v, w_ew, w_u, w_v, b0)
+        tu, tv = _row_col_features(feat_u, feat_v)  # [sum BU, 8], [sum BV, 8]
+        w_ew = jax.vmap(_row_col_weights)(w_ew, w_u, w_v, b0)  # [S, 32, H]
     else:
-        tu = _pad_last(_table(f_u, w_u) + b0, hp)  # [B, U, Hp]
-        tv = _pad_last(_table(f_v, w_v), hp)
+        tu = _pad_last(_table(feat_u, w_u[seg_u].swapaxes(0, 1)) + b0[seg_u], hp)  # [sum BU, Hp]
+        tv = _pad_last(_table(feat_v, w_v[seg_v].swapaxes(0, 1)), hp)
     w_ew = _pad_last(w_ew, hp)
 
     with jax.named_scope("adafac_apply"):
-        new_p3, new_mom3, new_rms3 = kernels.factored_apply(
-            p3, g3, mom3, rms3, fu, fv, consts, tu, tv, w_ew, mlp, mults, blk)
-    new_row = _from_canon(new_row, lay.row_perm, 1, lay.row_shape)
-    new_col = _from_canon(new_col, lay.col_perm, 1, lay.col_shape)
-    return (_from_canon(new_p3, lay.perm, 0, permuted),
-            am.LeafAccumulators(_from_canon(new_mom3, lay.perm, 1, permuted),
-                                _from_canon(new_rms3, lay.perm, 1, permuted),
-                                new_row, new_col, acc.v_diag))
+        new_p3, new_mom3, new_rms3 = launch.group_apply(
+            p3, g3, mom3, rms3, f_u, f_v, consts, tu, tv, w_ew, mlp, mults, group)
+    out = []
+    for j, ((p, _, a), lay) in enumerate(zip(items, lays, strict=True)):
+        u_j, v_j = PerTensorGroup._sides(group, new_u, new_v, j, (3,))
+        row, col = (u_j, v_j) if lay.u_is_row else (v_j, u_j)
+        permuted = tuple(p.shape[q] for q in lay.perm) if lay.perm else p.shape
+        out.append((_from_canon(new_p3[j], lay.perm, 0, permuted),
+                    am.LeafAccumulators(_from_canon(new_mom3[j], lay.perm, 1, permuted),
+                                        _from_canon(new_rms3[j], lay.perm, 1, permuted),
+                                        _from_canon(row, lay.row_perm, 1, lay.row_shape),
+                                        _from_canon(col, lay.col_perm, 1, lay.col_shape),
+                                        a.v_diag)))
+    return out
 
 
-def _segment_sums(partial, nblocks: list[int]):
+def segment_sums(partial, nblocks: list[int]):
     """Sums of consecutive runs of `nblocks[s]` rows of partial [n, K] -> [S, K].
 
     A gather of each run, padded with a zero row to the longest run, then one reduction:
@@ -313,7 +449,7 @@ def _segment_sums(partial, nblocks: list[int]):
 def _packed_first_layer(partial, nblocks, sizes, nn, iteration, hp):
     """Per-tile feature sums [sum(nblocks), 32] -> each non-factored tensor's normalised
     first-layer weights w_seg [S, 32, Hp] (rows: the 22 features, zeros) and b0 [1, Hp]."""
-    sums = _segment_sums(partial, nblocks)
+    sums = segment_sums(partial, nblocks)
     ew = sums[:, :NUM_EW_PACKED] / jnp.asarray(sizes, jnp.float32)[:, None]  # [S, 22]
     moments = jnp.concatenate([ew[:, :13], ew[:, 16:19], ew[:, 16:19], ew[:, 19:22],
                                ew[:, 19:22], ew[:, 13:16]], axis=1)
@@ -394,6 +530,13 @@ def _member_leaves(kernels, items, sizes, nblocks, consts, nn, iteration, mlp, m
                                                    strict=True)]
 
 
+def _place(results: list, indices: list[int], values: list) -> list:
+    out = list(results)
+    for i, v in zip(indices, values, strict=True):
+        out[i] = v
+    return out
+
+
 def fused_update(kernels: Kernels, lopt, theta, state, grad, *, blocks: BlockSizes | None = None,
                  packed_blocks: BlockSizes | None = None):
     """All tensors of `state.params` through `kernels`: the `reference_update` signature.
@@ -412,25 +555,26 @@ def fused_update(kernels: Kernels, lopt, theta, state, grad, *, blocks: BlockSiz
     treedef = jax.tree.structure(state.params)
     leaves = [jax.tree.leaves(t) for t in (state.params, grad, state.mom, state.rms,
                                            state.v_row, state.v_col, state.v_diag)]
-    results: list[Any] = [None] * len(leaves[0])
-    packed = []
-    for i, (p, g, *acc) in enumerate(zip(*leaves, strict=True)):
-        acc = am.LeafAccumulators(*acc)
+    items = [(p, g, am.LeafAccumulators(*acc)) for p, g, *acc in zip(*leaves, strict=True)]
+    results: list[Any] = [None] * len(items)
+    factored, packed = [], []
+    for i, (p, _, acc) in enumerate(items):
         if math.prod(p.shape) == 0:
             results[i] = (p, acc)
         elif am.factored_dims(p.shape) is None:
             packed.append(i)
         else:
-            with jax.named_scope(f"adafac_fused_leaf_{i}"):
-                results[i] = _factored_leaf(kernels, p, g, acc, consts, c_fac, nn, state.iteration,
-                                            mlp, mults, hp, blocks)
+            factored.append(i)
+    if factored:
+        with jax.named_scope("adafac_fused_factored"):
+            outs = _factored_group(kernels, [items[i] for i in factored], consts, c_fac, nn,
+                                   state.iteration, mlp, mults, hp, blocks)
+        results = _place(results, factored, outs)
     if packed:
-        items = [(leaves[0][i], leaves[1][i], am.LeafAccumulators(*(lv[i] for lv in leaves[2:])))
-                 for i in packed]
         with jax.named_scope("adafac_fused_packed"):
-            for i, r in zip(packed, _packed_leaves(kernels, items, consts, nn, state.iteration, mlp,
-                                                   mults, hp, packed_blocks), strict=True):
-                results[i] = r
+            outs = _packed_leaves(kernels, [items[i] for i in packed], consts, nn,
+                                  state.iteration, mlp, mults, hp, packed_blocks)
+        results = _place(results, packed, outs)
     unflat = lambda xs: jax.tree.unflatten(treedef, xs)  # noqa: E731
     new_p = unflat([r[0] for r in results])
     accs = [unflat([r[1][k] for r in results]) for k in range(5)]
