@@ -71,6 +71,21 @@ def test_xla_kernels_reads_the_launch_sequence():
     assert sum(counts.values()) == len(kernels)
 
 
+def test_xla_kernels_reads_results_of_long_tuples():
+    """XLA numbers the elements of a result tuple past 5 (`/*index=5*/`): a launch with
+    such a result (a member kernel writing several tensors) is still a kernel."""
+    f4 = "f32[4]{0}"
+    result = f"({', '.join([f4] * 5)}, /*index=5*/{f4}, {f4})"
+    text = (f"HloModule m\n\nENTRY %main (p: f32[4]) -> f32[4] {{\n"
+            f"  %p = {f4} parameter(0)\n"
+            f"  %call = {result} custom-call(%p), custom_call_target=\"__gpu$xla.gpu.triton\", "
+            f'metadata={{op_name="jit(f)/adafac_fused_factored/adafac_apply"}}\n'
+            f"  ROOT %gte = {f4} get-tuple-element(%call), index=6\n}}\n")
+    (kernel,) = _xla_kernels().entry_kernels(text)
+    assert kernel.kind == "custom-call:__gpu$xla.gpu.triton" and kernel.shape == result, kernel
+    assert kernel.scope == "adafac_fused_factored/adafac_apply", kernel
+
+
 def test_xla_kernels_compiles_for_an_h100_or_says_what_it_needs():
     """With the jax CUDA plugin installed the script compiles a Pallas step for an H100
     without one; without it (as in CI) it exits saying what to install."""
