@@ -312,6 +312,26 @@ def test_kernels_compile_for_sm90():
         assert mma["dot", name] > mma["fma", name], f"{name}: layer 1 as a dot has no MMA"
 
 
+def test_small_factored_tensors_share_the_largest_ones_tile():
+    """Where tensors share launches (`share`), those of up to SHARED_TILE_MAX_ELEMENTS take
+    the largest small one's tiles; a larger one keeps its own; without `share` all do."""
+    from lopt_fast.pallas.blocks import (
+        SHARED_TILE_MAX_ELEMENTS,
+        group_block_sizes,
+        reduction_block_sizes,
+    )
+
+    big = (1, 1024, SHARED_TILE_MAX_ELEMENTS // 1024 + 1)
+    views = [(9, 3, 32), (9, 64, 64), big, (1, 64, 10)]
+    apply, reduce = group_block_sizes(views, 32)
+    assert apply == [block_sizes(64, 64, 32)] * 2 + [block_sizes(1024, big[2], 32)] + [
+        block_sizes(64, 64, 32)], apply
+    assert reduce[0] == reduce[3] == reduction_block_sizes(64, 64) != reduce[2], reduce
+    own = group_block_sizes(views, 32, share=False)
+    assert own == ([block_sizes(u, v, 32) for _, u, v in views],
+                   [reduction_block_sizes(u, v) for _, u, v in views]), own
+
+
 def test_reduction_passes_take_their_own_tiles(lopt):
     """By default passes 1 and 2 run 4x the apply pass's tile (they hold no activations and
     pay block-wide sums per tile); an explicit `blocks` sets all three."""

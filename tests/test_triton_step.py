@@ -262,6 +262,6 @@ def test_xla_launcher_lowers_for_cuda(tasks, in_place):
 
     launches = lowering.lowered_step(tasks=tasks, in_place=in_place, launcher="xla")
     assert all("__gpu$xla.gpu.triton" in line for line in launches), launches[0][:300]
-    assert len(launches) == lowering.EXPECTED_LAUNCHES, len(launches)  # 3 x 3 passes + packed 2
+    assert len(launches) == lowering.EXPECTED_LAUNCHES, len(launches)  # 3 per factored run + 2
     aliases = sum(line.count("output_operand_alias<") for line in launches)
     assert aliases == (lowering.EXPECTED_ALIASES if in_place else 0), aliases

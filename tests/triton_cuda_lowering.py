@@ -10,7 +10,7 @@ kept in its own directory and this runs in its own process:
 
     PYTHONPATH=DIR python -m tests.triton_cuda_lowering    # DIR: jax-cuda12-plugin, jax-triton
 
-Exits non-zero unless the lowered step holds one Triton launch per kernel, for each MLP
+Exits non-zero unless the lowered step holds the expected Triton launches, for each MLP
 precision and for 3 vmapped tasks with their own theta (folded into the grid, not a loop),
 and the apply launches update the state in place: each aliases its p, mom, rms (and a
 small tensor's v) operands to its outputs, and none does with `in_place=False` (fresh outputs);
@@ -28,13 +28,14 @@ import jax.numpy as jnp
 from lopt_fast.kernels import ffi_call, triton_update
 from lopt_fast.learned import AdafacMLPLOpt
 
-# Factored tensors (3 kernels each: row/col sums, moments, apply) and small ones in
-# member kernels (2 kernels for both: moments, apply); bf16 params among them.
+# Factored tensors (3 launches per run of them alike in tile and dtype: row/col sums,
+# moments, apply; here the float32 ones share a tile, the bf16 one is a run of its own)
+# and non-factored ones (2 launches for both: moments, apply).
 SHAPES = {"matrix": (130, 290), "conv": (3, 3, 16, 32), "bf16": (20, 6), "vector": (7,),
           "scalar": ()}
-NUM_FACTORED, NUM_SMALL = 3, 2
+NUM_FACTORED, FACTORED_RUNS, NUM_SMALL = 3, 2, 2
 H100 = 90
-EXPECTED_LAUNCHES = 3 * NUM_FACTORED + 2
+EXPECTED_LAUNCHES = 3 * FACTORED_RUNS + 2
 # p, mom, rms per factored tensor; p, mom, rms, v_diag per small one (each in place)
 EXPECTED_ALIASES = 3 * NUM_FACTORED + 4 * NUM_SMALL
 

@@ -300,14 +300,29 @@ def _row_col_features16(fu, fv, R: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
+def _copy_side(src_ptr, dst_ptr, T, O, B, L, b, x, write):
+    """Planes k < 3 of positions x (of length L) of the b-th of B lines of a tensor's side,
+    from the group's flat side src [3, T] (the tensor's at offset O) to dst [3, B L]."""
+    m = (x < L) & write
+    for k in tl.static_range(3):
+        tl.store(dst_ptr + k * B * L + b * L + x, tl.load(src_ptr + k * T + O + b * L + x, mask=m),
+                 mask=m)
+
+
+@triton.jit
 def _factored_apply_body(task, t, B, U, VQ, OU, OV, SEG, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr,
-                         fu_ptr, fv_ptr, tu_ptr, tv_ptr, w_ptr, wh_ptr, bh_ptr, wo_ptr, po_ptr,
-                         mo_ptr, ro_ptr, TU: tl.constexpr, TV: tl.constexpr, SEGS: tl.constexpr,
+                         fu_ptr, fv_ptr, tu_ptr, tv_ptr, w_ptr, wh_ptr, bh_ptr, wo_ptr, su_ptr,
+                         sv_ptr, po_ptr, mo_ptr, ro_ptr, nu_ptr, nv_ptr, TU: tl.constexpr,
+                         TV: tl.constexpr, SEGS: tl.constexpr,
                          R: tl.constexpr, C: tl.constexpr, HP: tl.constexpr,
                          NHID: tl.constexpr, EXP_MULT: tl.constexpr, STEP_MULT: tl.constexpr,
                          PREC: tl.constexpr, L1: tl.constexpr, TW: tl.constexpr,
                          WR: tl.constexpr, VA: tl.constexpr):
     """Pass 3 on tile t of a factored tensor, the group's SEG-th (w [tasks, SEGS, WR, HP]).
+    The tiles of the first column block also copy their rows' new accumulators from the
+    group's flat U side su [tasks, 3, TU] to the tensor's nu [tasks, 3, B U], those of
+    the first row block their columns' from sv to nv: the state's v_row and v_col,
+    written here rather than by a kernel per tensor and side after the step.
     L1: layer 1 as "fma", "dot" (both add the tables tu [tasks, TU, HP], tv [tasks, TV,
     HP]) or "dot_all" (tu [tasks, TU, 8], tv [tasks, TV, 8] hold the row / column
     features). TW: the tables' width, WR: w's rows (16, or 32 for "dot_all"; see
@@ -351,6 +366,10 @@ def _factored_apply_body(task, t, B, U, VQ, OU, OV, SEG, c_ptr, p_ptr, g_ptr, mo
     tl.store(mo_ptr + n + off, m1, mask=mask)
     tl.store(mo_ptr + 2 * n + off, m2, mask=mask)
     tl.store(ro_ptr + off, rms, mask=mask)
+    nu = tl.cdiv(U, R)
+    _copy_side(su_ptr + task * 3 * TU, nu_ptr + task * 3 * B * U, TU, OU, B, U, b, u,
+               (t // nu) % tl.cdiv(V, C) == 0)
+    _copy_side(sv_ptr + task * 3 * TV, nv_ptr + task * 3 * B * V, TV, OV, B, V, b, v, t % nu == 0)
 
 
 @triton.jit
@@ -521,7 +540,8 @@ def factored_moments_kernel(tiles: tuple[int, ...], values: tuple):
 
 def factored_apply_kernel(tiles: tuple[int, ...], values: tuple, persistent: bool = False):
     """The apply pass over factored tensors: (c_ptr, p0_ptr.., g.., mom.., rms.., fu_ptr,
-    fv_ptr, tu_ptr, tv_ptr, w_ptr, wh_ptr, bh_ptr, wo_ptr, po0_ptr.., mo.., ro..; TU, TV,
+    fv_ptr, tu_ptr, tv_ptr, w_ptr, wh_ptr, bh_ptr, wo_ptr, su_ptr, sv_ptr, po0_ptr.., mo..,
+    ro.., nu0_ptr.., nv..; TU, TV,
     SEGS, R, C, HP, NHID, EXP_MULT, STEP_MULT, PREC, L1, TW, WR, VA[, TASKS, STAGES]);
     values B, U, VQ, OU, OV, SEG per tensor. `persistent`: a fixed grid of programs that
     loop over the tiles, their next tiles' loads in flight (`members.member_kernel`)."""
@@ -531,8 +551,8 @@ def factored_apply_kernel(tiles: tuple[int, ...], values: tuple, persistent: boo
         _factored_apply_body,
         "_factored_apply_persistent_kernel" if persistent else "_factored_apply_kernel", tiles,
         values, ("c_ptr",), _FACTORED_STATE,
-        ("fu_ptr", "fv_ptr", "tu_ptr", "tv_ptr", "w_ptr", "wh_ptr", "bh_ptr", "wo_ptr"),
-        ("po_ptr", "mo_ptr", "ro_ptr"), (), constexprs, persistent)
+        ("fu_ptr", "fv_ptr", "tu_ptr", "tv_ptr", "w_ptr", "wh_ptr", "bh_ptr", "wo_ptr", "su_ptr",
+         "sv_ptr"), ("po_ptr", "mo_ptr", "ro_ptr", "nu_ptr", "nv_ptr"), (), constexprs, persistent)
 
 
 def _tiles(lay: plan.FactoredLayout, blocks: BlockSizes) -> int:
@@ -719,18 +739,20 @@ class TritonKernels:
         state = [x[j] for x in (p, g, mom, rms) for j in run]
         return _over_tasks(launch, consts, *state, fu, fv), tiles
 
-    def group_apply(self, p, g, mom, rms, fu, fv, consts, tu, tv, w, mlp, mults,
+    def group_apply(self, p, g, mom, rms, fu, fv, consts, tu, tv, w, mlp, mults, new_u, new_v,
                     group: plan.FactoredGroup):
-        outs = [self._apply_run(p, g, mom, rms, fu, fv, consts, tu, tv, w, mlp, mults, group, run)
+        outs = [self._apply_run(p, g, mom, rms, fu, fv, consts, tu, tv, w, mlp, mults, new_u,
+                                new_v, group, run)
                 for run in self._runs(p, g, group)]
-        return tuple(tuple(x for out in outs for x in out[o]) for o in range(3))
+        return tuple(tuple(x for out in outs for x in out[o]) for o in range(5))
 
-    def _apply_run(self, p, g, mom, rms, fu, fv, consts, tu, tv, w, mlp, mults, group,
-                   run: range):
-        """One launch's new p, mom and rms of the tensors of `run`."""
+    def _apply_run(self, p, g, mom, rms, fu, fv, consts, tu, tv, w, mlp, mults, new_u, new_v,
+                   group, run: range):
+        """One launch's new p, mom, rms and U / V side accumulators of the tensors of `run`."""
         blk = group.blocks[run[0]]
-        va = min(_row_alignment(group.layouts[j].V) for j in run)
-        tiles = tuple(_tiles(group.layouts[j], blk) for j in run)
+        lays = [group.layouts[j] for j in run]
+        va = min(_row_alignment(lay.V) for lay in lays)
+        tiles = tuple(_tiles(lay, blk) for lay in lays)
         kernel = factored_apply_kernel(
             tiles, self._side_values(run, group, va) + (("SEG", tuple(run)),), self.persistent)
         hp = w.shape[-1]
@@ -747,18 +769,21 @@ class TritonKernels:
                 extra = dict(TASKS=tasks, STAGES=blk.num_stages)
             else:
                 grid, extra = (programs,), {}
+            sides = [_f32((tasks, 3, lay.B * lay.U)) for lay in lays]
+            sides += [_f32((tasks, 3, lay.B * lay.V)) for lay in lays]
             outs = self._call(
                 consts, *arrays, kernel=kernel,
-                out_shape=[lead(x[j]) for x in (p, mom, rms) for j in run], grid=grid,
+                out_shape=[lead(x[j]) for x in (p, mom, rms) for j in run] + sides, grid=grid,
                 num_warps=blk.num_warps, num_stages=blk.num_stages, TU=fu.shape[-1],
                 TV=fv.shape[-1], SEGS=w.shape[0], R=blk.rows, C=blk.cols, HP=hp, NHID=nhid,
                 EXP_MULT=mults[0], STEP_MULT=mults[1], PREC=self.prec, L1=self.layer1,
                 TW=tu.shape[-1], WR=w.shape[-2], VA=va, name="adafac_apply", **extra,
                 input_output_aliases=aliases if self.in_place else {})
-            return [outs[o * k:(o + 1) * k] for o in range(3)]
+            return [outs[o * k:(o + 1) * k] for o in range(5)]
 
         state = [x[j] for x in (p, g, mom, rms) for j in run]
-        return _over_tasks(launch, consts, *state, fu, fv, tu, tv, w, wh, bh, mlp.w_out_t)
+        return _over_tasks(launch, consts, *state, fu, fv, tu, tv, w, wh, bh, mlp.w_out_t, new_u,
+                           new_v)
 
     def _member_launches(self, p, g, blocks: BlockSizes):
         """The members' runs that share a launch (`members.member_runs`: their p and g

@@ -47,10 +47,9 @@ from jax import lax
 from lopt_fast.learned import adafac_math as am
 from lopt_fast.pallas.blocks import (
     BlockSizes,
-    block_sizes,
+    group_block_sizes,
     packed_block_sizes,
     padded_hidden,
-    reduction_block_sizes,
 )
 
 NUM_SUMS = 32  # per-tile partial sums: 16 (factored) or 22 (packed) features, padded to 2^k
@@ -174,8 +173,10 @@ class Kernels(NamedTuple):
     operands on the flat U / V sides (fu [3, sum BU], tu [sum BU, TW], ...):
     group_row_col_sums(g, group) -> (su [sum BU], sv [sum BV])
     group_moments(p, g, mom, rms, fu, fv, consts, group) -> per-tensor sums [S, 32]
-    group_apply(p, g, mom, rms, fu, fv, consts, tu, tv, w [S, WR, Hp], mlp, mults, group)
-        -> (new_p, new_mom, new_rms), tuples
+    group_apply(p, g, mom, rms, fu, fv, consts, tu, tv, w [S, WR, Hp], mlp, mults, new_u,
+                new_v, group)
+        -> (new_p, new_mom, new_rms, U side, V side), tuples; the last two each tensor's
+        [3, B, U] / [3, B, V] planes of the new accumulators new_u [3, sum BU], new_v
     Non-factored tensors, either in the packed buffer:
     packed_moments(p, g, mom, rms, vd, counts, consts, blocks) -> partial sums [nblocks, 32]
         (counts: a static numpy [nblocks, 1], the valid elements of each tile)
@@ -310,15 +311,16 @@ class PerTensorGroup:
             out.append(jnp.sum(partial.reshape(-1, NUM_SUMS), axis=0))
         return jnp.stack(out)
 
-    def group_apply(self, p, g, mom, rms, fu, fv, consts, tu, tv, w, mlp, mults,
+    def group_apply(self, p, g, mom, rms, fu, fv, consts, tu, tv, w, mlp, mults, new_u, new_v,
                     group: FactoredGroup):
         outs = []
         for j, blk in enumerate(group.blocks):
             fu_j, fv_j = self._sides(group, fu, fv, j, (3,))
             tu_j, tv_j = self._sides(group, tu, tv, j)
-            outs.append(self.kernels.factored_apply(p[j], g[j], mom[j], rms[j], fu_j, fv_j, consts,
-                                                    tu_j, tv_j, w[j], mlp, mults, blk))
-        return tuple(tuple(o[k] for o in outs) for k in range(3))
+            outs.append((*self.kernels.factored_apply(p[j], g[j], mom[j], rms[j], fu_j, fv_j,
+                                                      consts, tu_j, tv_j, w[j], mlp, mults, blk),
+                         *self._sides(group, new_u, new_v, j, (3,))))
+        return tuple(tuple(o[k] for o in outs) for k in range(5))
 
 
 def gather_sums(x, index):
@@ -331,8 +333,12 @@ def _factored_group(kernels, items, consts, c_fac, nn, iteration, mlp, mults, hp
     """items: [(p, g, acc)] of factored tensors -> [(new_p, new_acc)], every pass once for
     all of them (see `FactoredGroup`)."""
     lays = [factored_layout(p.shape) for p, _, _ in items]
-    tiles = [blocks or block_sizes(lay.U, lay.V, hp) for lay in lays]
-    reduce_tiles = [blocks or reduction_block_sizes(lay.U, lay.V) for lay in lays]
+    launch = kernels if kernels.group_apply is not None else PerTensorGroup(kernels)
+    if blocks:
+        tiles = reduce_tiles = [blocks] * len(lays)
+    else:  # small tensors share a tile where they share launches
+        tiles, reduce_tiles = group_block_sizes([(lay.B, lay.U, lay.V) for lay in lays], hp,
+                                                share=launch is kernels)
     # Tensors alike in tiles and dtypes next to each other: a backend launches each such
     # run of them together.
     order = sorted(range(len(items)), key=lambda j: (
@@ -365,7 +371,6 @@ def _factored_group(kernels, items, consts, c_fac, nn, iteration, mlp, mults, hp
     u_len = np.asarray([lay.U for lay in lays], np.float32)
     v_len = np.asarray([lay.V for lay in lays], np.float32)
 
-    launch = kernels if kernels.group_apply is not None else PerTensorGroup(kernels)
     with jax.named_scope("adafac_row_col_sums"):
         su, sv = launch.group_row_col_sums(g3, group)  # [sum BU] over V, [sum BV] over U
     c = c_fac[:, None]
@@ -410,11 +415,12 @@ def _factored_group(kernels, items, consts, c_fac, nn, iteration, mlp, mults, hp
     w_ew = _pad_last(w_ew, hp)
 
     with jax.named_scope("adafac_apply"):
-        new_p3, new_mom3, new_rms3 = launch.group_apply(
-            p3, g3, mom3, rms3, f_u, f_v, consts, tu, tv, w_ew, mlp, mults, group)
+        new_p3, new_mom3, new_rms3, sides_u, sides_v = launch.group_apply(
+            p3, g3, mom3, rms3, f_u, f_v, consts, tu, tv, w_ew, mlp, mults, new_u, new_v, group)
     out = []
     for j, ((p, _, a), lay) in enumerate(zip(items, lays, strict=True)):
-        u_j, v_j = PerTensorGroup._sides(group, new_u, new_v, j, (3,))
+        u_j = sides_u[j].reshape(3, lay.B, lay.U)
+        v_j = sides_v[j].reshape(3, lay.B, lay.V)
         row, col = (u_j, v_j) if lay.u_is_row else (v_j, u_j)
         permuted = tuple(p.shape[q] for q in lay.perm) if lay.perm else p.shape
         out.append((_from_canon(new_p3[j], lay.perm, 0, permuted),
