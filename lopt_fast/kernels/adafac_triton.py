@@ -245,10 +245,27 @@ def _factored_tile(task, t, B, U, V, OU, OV, c_ptr, p_ptr, g_ptr, mom_ptr, rms_p
 
 
 @triton.jit
+def _side_lanes(vec, L0: tl.constexpr, src_ptr, T, x, L, take):
+    """vec [32]: lanes L0 + k and L0 + 3 + k (k < 3) = the sums of n^2 and rsqrt(n + 1e-8)^2
+    over positions x < L of plane k of a line n of the flat side src [3, T], if `take`."""
+    m = (x < L) & take
+    lane = tl.arange(0, NUM_SUMS)
+    for k in tl.static_range(3):
+        n = tl.load(src_ptr + k * T + x, mask=m, other=1.0)
+        r2 = 1.0 / (n + 1e-8)  # rsqrt(n + 1e-8)^2
+        vec = tl.where(lane == L0 + k, tl.sum(tl.where(m, n * n, 0.0), axis=0), vec)
+        vec = tl.where(lane == L0 + 3 + k, tl.sum(tl.where(m, r2, 0.0), axis=0), vec)
+    return vec
+
+
+@triton.jit
 def _factored_moments_body(task, t, B, U, VQ, OU, OV, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr,
-                           fu_ptr, fv_ptr, s_ptr, TU: tl.constexpr, TV: tl.constexpr,
-                           R: tl.constexpr, C: tl.constexpr, VA: tl.constexpr):
-    """Per-tile sums of the 16 squared per-element features; s: [tasks x tiles, 32]."""
+                           fu_ptr, fv_ptr, su_ptr, sv_ptr, s_ptr, TU: tl.constexpr,
+                           TV: tl.constexpr, R: tl.constexpr, C: tl.constexpr, VA: tl.constexpr):
+    """Per-tile sums of the 16 squared per-element features (lanes 0-15); s: [tasks x
+    tiles, 32]. The tiles of the first column block add the sums of squares of their rows'
+    side features (lanes 16-21, `_side_lanes`) from the new accumulators of the U side su
+    [tasks, 3, TU], those of the first row block their columns' (lanes 22-27) from sv."""
     V = VQ * VA
     b, u, v, mask, off, n, c_ptr, g, p, m0, m1, m2, rms, r, f0, f1, f2 = _factored_tile(
         task, t, B, U, V, OU, OV, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, TU, TV,
@@ -260,6 +277,10 @@ def _factored_moments_body(task, t, B, U, VQ, OU, OV, c_ptr, p_ptr, g_ptr, mom_p
     s = _lane(s, 13, m0 * f0, mask)
     s = _lane(s, 14, m1 * f1, mask)
     s = _lane(s, 15, m2 * f2, mask)
+    nu = tl.cdiv(U, R)
+    s = _side_lanes(s, 16, su_ptr + task * 3 * TU + OU + b * U, TU, u, U,
+                    (t // nu) % tl.cdiv(V, C) == 0)
+    s = _side_lanes(s, 22, sv_ptr + task * 3 * TV + OV + b * V, TV, v, V, t % nu == 0)
     tl.store(s_ptr + tl.program_id(0).to(tl.int64) * NUM_SUMS + tl.arange(0, NUM_SUMS), s)
 
 
@@ -532,10 +553,10 @@ def row_col_sums_kernel(tiles: tuple[int, ...], values: tuple):
 
 def factored_moments_kernel(tiles: tuple[int, ...], values: tuple):
     """The moments pass over factored tensors: (c_ptr, p0_ptr.., g.., mom.., rms.., fu_ptr,
-    fv_ptr, s_ptr; TU, TV, R, C, VA); values B, U, VQ, OU, OV per tensor."""
+    fv_ptr, su_ptr, sv_ptr, s_ptr; TU, TV, R, C, VA); values B, U, VQ, OU, OV per tensor."""
     return members.member_kernel(_factored_moments_body, "_factored_moments_kernel", tiles, values,
-                                 ("c_ptr",), _FACTORED_STATE, ("fu_ptr", "fv_ptr"), (), ("s_ptr",),
-                                 ("TU", "TV", "R", "C", "VA"))
+                                 ("c_ptr",), _FACTORED_STATE, ("fu_ptr", "fv_ptr", "su_ptr", "sv_ptr"),
+                                 (), ("s_ptr",), ("TU", "TV", "R", "C", "VA"))
 
 
 def factored_apply_kernel(tiles: tuple[int, ...], values: tuple, persistent: bool = False):
@@ -563,6 +584,8 @@ def _side_sums(parts, outer: list[int], nparts: list[int], lengths: list[int]):
     """Each tensor's [outer, nparts, length] block of partial sums (one after the other in
     `parts`) summed over nparts -> the flat side [sum outer x length]. One gather-reduce
     for all tensors while its static index is small; else a reduction per tensor."""
+    if max(nparts) == 1:  # each tensor's sums whole already (a tile as wide as its lines)
+        return parts
     sizes = [o * n * L for o, n, L in zip(outer, nparts, lengths, strict=True)]
     if sum(o * L for o, L in zip(outer, lengths, strict=True)) * max(nparts) > SIDE_SUMS_INDEX_MAX:
         return jnp.concatenate([
@@ -716,13 +739,14 @@ class TritonKernels:
                 ("OU", tuple(group.u_offsets[j] for j in run)),
                 ("OV", tuple(group.v_offsets[j] for j in run)))
 
-    def group_moments(self, p, g, mom, rms, fu, fv, consts, group: plan.FactoredGroup):
-        runs = [self._moments_run(p, g, mom, rms, fu, fv, consts, group, run)
+    def group_moments(self, p, g, mom, rms, fu, fv, new_u, new_v, consts,
+                      group: plan.FactoredGroup):
+        runs = [self._moments_run(p, g, mom, rms, fu, fv, new_u, new_v, consts, group, run)
                 for run in self._runs(p, g, group)]
         return plan.segment_sums(jnp.concatenate([partial for partial, _ in runs]),
                                  [t for _, tiles in runs for t in tiles])
 
-    def _moments_run(self, p, g, mom, rms, fu, fv, consts, group, run: range):
+    def _moments_run(self, p, g, mom, rms, fu, fv, new_u, new_v, consts, group, run: range):
         """One launch's per-tile sums [sum tiles, 32] and each tensor's tiles."""
         blk = group.reduce_blocks[run[0]]
         va = min(_row_alignment(group.layouts[j].V) for j in run)
@@ -737,7 +761,7 @@ class TritonKernels:
                               R=blk.rows, C=blk.cols, VA=va, name="adafac_moments")
 
         state = [x[j] for x in (p, g, mom, rms) for j in run]
-        return _over_tasks(launch, consts, *state, fu, fv), tiles
+        return _over_tasks(launch, consts, *state, fu, fv, new_u, new_v), tiles
 
     def group_apply(self, p, g, mom, rms, fu, fv, consts, tu, tv, w, mlp, mults, new_u, new_v,
                     group: plan.FactoredGroup):

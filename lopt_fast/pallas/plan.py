@@ -54,6 +54,9 @@ from lopt_fast.pallas.blocks import (
 
 NUM_SUMS = 32  # per-tile partial sums: 16 (factored) or 22 (packed) features, padded to 2^k
 NUM_EW_FACTORED = 16
+# Lanes of a factored tensor's sums that hold the sums of squares of its U / V side
+# features (new accumulators v, rsqrt(v + 1e-8)), 3 planes each (`Kernels.group_moments`).
+SIDE_LANES_U, SIDE_LANES_V = 16, 22
 # Width of the per-row / per-column feature tables when a kernel runs those features
 # through its layer-1 dot (`Kernels.row_col_in_dot`): 6 features, a 1 for b0, padding.
 ROW_COL_TABLE_WIDTH = 8
@@ -172,7 +175,9 @@ class Kernels(NamedTuple):
     per-tensor launchers), with tuples over the tensors and their per-row / per-column
     operands on the flat U / V sides (fu [3, sum BU], tu [sum BU, TW], ...):
     group_row_col_sums(g, group) -> (su [sum BU], sv [sum BV])
-    group_moments(p, g, mom, rms, fu, fv, consts, group) -> per-tensor sums [S, 32]
+    group_moments(p, g, mom, rms, fu, fv, new_u, new_v, consts, group) -> per-tensor
+        sums [S, 32]: of the 16 squared per-element features, then (lanes 16-21 and
+        22-27) of the squares of the U / V side features new and rsqrt(new + 1e-8)
     group_apply(p, g, mom, rms, fu, fv, consts, tu, tv, w [S, WR, Hp], mlp, mults, new_u,
                 new_v, group)
         -> (new_p, new_mom, new_rms, U side, V side), tuples; the last two each tensor's
@@ -302,14 +307,18 @@ class PerTensorGroup:
         return (jnp.concatenate([su.reshape(-1) for su, _ in sums]),
                 jnp.concatenate([sv.reshape(-1) for _, sv in sums]))
 
-    def group_moments(self, p, g, mom, rms, fu, fv, consts, group: FactoredGroup):
+    def group_moments(self, p, g, mom, rms, fu, fv, new_u, new_v, consts, group: FactoredGroup):
         out = []
         for j, blk in enumerate(group.reduce_blocks):
             fu_j, fv_j = self._sides(group, fu, fv, j, (3,))
             partial = self.kernels.factored_moments(p[j], g[j], mom[j], rms[j], fu_j, fv_j,
                                                     consts, blk)
-            out.append(jnp.sum(partial.reshape(-1, NUM_SUMS), axis=0))
-        return jnp.stack(out)
+            out.append(jnp.sum(partial.reshape(-1, NUM_SUMS), axis=0)[:NUM_EW_FACTORED])
+        side = lambda x, sizes: segment_sums(jnp.concatenate(  # noqa: E731
+            [jnp.square(x), 1 / (x + 1e-8)]).T, list(sizes))  # [S, 6]
+        return jnp.concatenate([jnp.stack(out), side(new_u, group.u_sizes),
+                                side(new_v, group.v_sizes),
+                                jnp.zeros((len(out), NUM_SUMS - SIDE_LANES_V - 6))], axis=1)
 
     def group_apply(self, p, g, mom, rms, fu, fv, consts, tu, tv, w, mlp, mults, new_u, new_v,
                     group: FactoredGroup):
@@ -378,9 +387,10 @@ def _factored_group(kernels, items, consts, c_fac, nn, iteration, mlp, mults, hp
     new_v = c * v_v + (1 - c) * (sv / u_len[seg_v])[None]
 
     def factor(new, seg, lens, is_row):
-        """The row side's rsqrt(v / v's mean over its row), the column side's rsqrt(v)."""
+        """The row side's rsqrt(v / v's mean over its line: a tensor's row), the column
+        side's rsqrt(v)."""
         runs = [int(lens[j]) for j, lay in enumerate(lays) for _ in range(lay.B)]
-        means = segment_sums(new.T, runs).T / np.asarray(runs, np.float32)  # [3, runs]
+        means = segment_sums(new.T, runs).T / np.asarray(runs, np.float32)  # [3, lines]
         per_element = means[:, np.repeat(np.arange(len(runs)), runs)]
         return jnp.where(is_row[seg][None], am.safe_rsqrt(new / (per_element + 1e-9)),
                          am.safe_rsqrt(new))
@@ -389,14 +399,10 @@ def _factored_group(kernels, items, consts, c_fac, nn, iteration, mlp, mults, hp
     f_v = factor(new_v, seg_v, v_len, ~u_is_row)
 
     with jax.named_scope("adafac_moments"):
-        sums = launch.group_moments(p3, g3, mom3, rms3, f_u, f_v, consts, group)  # [S, 32]
+        sums = launch.group_moments(p3, g3, mom3, rms3, f_u, f_v, new_u, new_v, consts, group)
     ew = sums[:, :NUM_EW_FACTORED] / np.asarray([p.size for p, _, _ in items], np.float32)[:, None]
-    feat_u = jnp.concatenate([new_u, lax.rsqrt(new_u + 1e-8)])  # [6, sum BU]
-    feat_v = jnp.concatenate([new_v, lax.rsqrt(new_v + 1e-8)])
-    ms_u = segment_sums(jnp.square(feat_u).T, list(group.u_sizes)) / np.asarray(
-        group.u_sizes, np.float32)[:, None]  # [S, 6]
-    ms_v = segment_sums(jnp.square(feat_v).T, list(group.v_sizes)) / np.asarray(
-        group.v_sizes, np.float32)[:, None]
+    ms_u = sums[:, SIDE_LANES_U:SIDE_LANES_U + 6] / np.asarray(group.u_sizes, np.float32)[:, None]
+    ms_v = sums[:, SIDE_LANES_V:SIDE_LANES_V + 6] / np.asarray(group.v_sizes, np.float32)[:, None]
     row_side = u_is_row[:, None]
     ms_row, ms_col = jnp.where(row_side, ms_u, ms_v), jnp.where(row_side, ms_v, ms_u)
     moments = jnp.concatenate([ew[:, :13], ms_row[:, :3], ms_col[:, :3], ms_row[:, 3:],
@@ -406,6 +412,8 @@ def _factored_group(kernels, items, consts, c_fac, nn, iteration, mlp, mults, hp
     w_row, w_col = w0_feat[:, np.asarray(am._PER_ROW)], w0_feat[:, np.asarray(am._PER_COL)]
     w_u = jnp.where(u_is_row[:, None, None], w_row, w_col)  # [S, 6, H]: the U side's rows
     w_v = jnp.where(u_is_row[:, None, None], w_col, w_row)
+    feat_u = jnp.concatenate([new_u, lax.rsqrt(new_u + 1e-8)])  # [6, sum BU]
+    feat_v = jnp.concatenate([new_v, lax.rsqrt(new_v + 1e-8)])
     if kernels.row_col_in_dot:
         tu, tv = _row_col_features(feat_u, feat_v)  # [sum BU, 8], [sum BV, 8]
         w_ew = jax.vmap(_row_col_weights)(w_ew, w_u, w_v, b0)  # [S, 32, H]
