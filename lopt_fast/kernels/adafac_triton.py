@@ -3,10 +3,19 @@
 Same math, passes and canonical layouts as `lopt_fast.pallas.adafac_step` (see its
 docstring for the formulas and the 72 B / ~3.2 kFLOP per parameter budget), written
 against raw pointers: every operand is a contiguous canonical array
-(p, g [B, U, V]; mom [3, B, U, V]; rms [1, B, U, V]; fu [3, B, U]; fv [3, B, V]);
-offsets are int64. The non-factored tensors are not packed: member kernels
-(`lopt_fast.kernels.members`) tile each flat tensor (p [n], mom [3, n], ...) where it
-lies, in tiles of the packed layout's shape, one launch per pass for up to 32 of them.
+(p, g [B, U, V]; mom [3, B, U, V]; rms [1, B, U, V]); offsets are int64.
+
+Launches are multi-tensor (member kernels, `lopt_fast.kernels.members`): each pass is one
+launch for up to 32 tensors alike in tile and dtype (`plan.FactoredGroup`; small factored
+tensors share a tile, `blocks.group_block_sizes`), its grid tasks x all their tiles,
+each program selecting its tensor's pointers and sizes. The per-row / per-column
+operands of all factored tensors live in flat sides (fu [3, sum BU], tu [sum BU, TW],
+...) at each tensor's offset; the apply pass also writes each tensor's new v_row /
+v_col, and the moments pass the sums of squares of the side features (lanes 16-27), so
+that the XLA work between passes runs once for all tensors. The non-factored tensors
+are tiled where they lie, in tiles of the packed layout's shape, without packing.
+Compiled for an H100 (`profiling/xla_kernels.py`, XLA launcher), a 64-task convnet step
+is 22 kernels, a 1e7-parameter one 18 (per-tensor launches with packing: 65 and 29).
 
 MLP, layer 1 of factored tensors (`layer1`; the packed tensors' 22 inputs go through a
 [tile, 32] x [32, Hp] dot, padded with zero planes, unless `layer1` is "fma"):
@@ -27,7 +36,8 @@ whole step 1.2x / 1.3x faster than "fma" at 1e7 / 1e8 parameters
 yet timed on a GPU. Tolerances against the float32 reference: docs/KERNELS.md (TF32 on
 an H100: params up to 3.1e-5 off after 3 steps; bf16 in Triton's interpreter: 1.2e-4).
 
-Apply launch (`persistent`): one program per tile (the default), or a persistent kernel,
+Apply launch (`persistent`): one program per tile (the default; a tensor's tiles walk
+down the rows of a column block, then across them, then over B), or a persistent kernel,
 a grid of `PERSISTENT_PROGRAMS_PER_SM` programs per SM that loop over the tiles. Its
 loop is software-pipelined (`tl.range(..., num_stages)`): Triton issues the next tiles'
 loads as asynchronous copies into shared memory (cp.async, LDGSTS), so they are in flight

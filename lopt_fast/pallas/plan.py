@@ -18,16 +18,19 @@ The kernels see two kinds of operand, both chosen so every access is a plain til
   where they lie, which saves the packing and unpacking kernels (17 of a 1e7-parameter
   step's 30 compiled for an H100).
 
-Per factored tensor the step is three launches; the packed buffer takes two:
+The factored tensors take three passes, the non-factored ones two:
   1. `row_col_sums`: sum over V and over U of G = g^2 + 1e-30 (Adafactor's means);
   2. `moments`: per-tile sums of the squared per-element features (16 factored,
      22 not) from the recomputed accumulators; the wrapper adds the per-row /
-     per-column feature moments from the small tables;
+     per-column feature moments;
   3. `apply`: recompute accumulators and features, layer 1 with the normalisation
      folded into w0 (and the per-row / per-column features folded into [U, H] /
      [V, H] tables, b0 and the time features into the row table), the rest of the
      MLP, and write params (in their dtype) and float32 accumulators.
-Between passes the wrapper does only O(rows + cols) work per tensor.
+Between passes the wrapper does only O(rows + cols) work per tensor, once for all
+factored tensors together on flat row / column sides (`FactoredGroup`). A backend
+launches each pass once per tensor (`PerTensorGroup`: Pallas) or once per run of
+tensors alike in tile and dtype (`Kernels.group_*`: Triton).
 
 `jax.vmap` over a task axis (with per-task theta) batches every `pallas_call` into
 a leading grid axis, so all tasks share these launches.
