@@ -312,21 +312,30 @@ def test_kernels_compile_for_sm90():
         assert mma["dot", name] > mma["fma", name], f"{name}: layer 1 as a dot has no MMA"
 
 
-def test_small_factored_tensors_share_the_largest_ones_tile():
+def test_small_factored_tensors_share_a_tile_where_it_costs_little():
     """Where tensors share launches (`share`), those of up to SHARED_TILE_MAX_ELEMENTS take
-    the largest small one's tiles; a larger one keeps its own; without `share` all do."""
+    the full-size apply tile (rows of >= 32 floats) that covers them with the fewest lanes
+    and a reduction tile as wide as the widest one, unless that covers > 2x their own
+    tiles' lanes (a tall, narrow tensor); a larger tensor keeps its own; without `share`
+    all do."""
     from lopt_fast.pallas.blocks import (
         SHARED_TILE_MAX_ELEMENTS,
         group_block_sizes,
         reduction_block_sizes,
     )
 
+    convnet = [(9, 3, 32), (9, 32, 64), (9, 64, 64), (1, 64, 10)]
+    apply, reduce = group_block_sizes(convnet, 32)
+    assert apply == [BlockSizes(8, 32)] * 4 and reduce == [BlockSizes(16, 64)] * 4, (apply, reduce)
     big = (1, 1024, SHARED_TILE_MAX_ELEMENTS // 1024 + 1)
-    views = [(9, 3, 32), (9, 64, 64), big, (1, 64, 10)]
+    views = convnet + [big, (1, 1000, 7)]
     apply, reduce = group_block_sizes(views, 32)
-    assert apply == [block_sizes(64, 64, 32)] * 2 + [block_sizes(1024, big[2], 32)] + [
-        block_sizes(64, 64, 32)], apply
-    assert reduce[0] == reduce[3] == reduction_block_sizes(64, 64) != reduce[2], reduce
+    assert apply[:4] == [BlockSizes(8, 32)] * 4, apply
+    assert apply[4:] == [block_sizes(1024, big[2], 32), block_sizes(1000, 7, 32)], apply
+    assert reduce[4:] == [reduction_block_sizes(1024, big[2]), reduction_block_sizes(1000, 7)]
+    # a wide matrix among narrow tensors: the widest reduction tile that all of them take
+    assert group_block_sizes([(1, 130, 290), (9, 16, 32), (1, 20, 6)], 32)[1] == [
+        BlockSizes(16, 64)] * 3
     own = group_block_sizes(views, 32, share=False)
     assert own == ([block_sizes(u, v, 32) for _, u, v in views],
                    [reduction_block_sizes(u, v) for _, u, v in views]), own

@@ -20,13 +20,13 @@ Constraints behind the numbers:
 from __future__ import annotations
 
 import dataclasses
-import math
 
 TILE_VALUES = 8192  # float32 activations per program in pass 3
 MAX_TILE = 1024
 PACKED_COLS = 128  # lane width of the packed buffer for non-factored tensors
 REDUCTION_TILE = 1024  # elements per program of the reduction passes (`reduction_block_sizes`)
 SHARED_TILE_MAX_ELEMENTS = 1 << 18  # factored tensors this small share a tile (`group_block_sizes`)
+SHARED_TILE_SLACK = 1 << 14  # lanes a shared tile may cover whatever the tensor's own cover
 # The Triton row / column sums pass runs up to this many tiles of rows per program, adding
 # up their column sums in registers: its per-column partial sums (summed afterwards) are
 # then up to 8x fewer than the tensor's elements, where one 1 x 1024 tile per program
@@ -103,21 +103,55 @@ def reduction_block_sizes(u: int, v: int) -> BlockSizes:
     return _tile_of(u, v, REDUCTION_TILE)
 
 
+def _lanes(view: tuple[int, int, int], tile: BlockSizes) -> int:
+    """The elements a [B, U, V] tensor's tiles cover, masked ones included."""
+    b, u, v = view
+    return b * -(-u // tile.rows) * tile.rows * -(-v // tile.cols) * tile.cols
+
+
+def _shared_tile(views: list[tuple[int, int, int]], elements: int) -> BlockSizes:
+    """Of the tiles of `elements` elements with rows of at least 32 floats (a warp reads
+    whole 128-byte lines), the one that covers `views` with the fewest lanes."""
+    tiles = [BlockSizes(rows=elements // c, cols=c)
+             for c in (1 << k for k in range(5, elements.bit_length())) if c <= elements]
+    return min(tiles, key=lambda t: (sum(_lanes(x, t) for x in views), -t.cols))
+
+
 def group_block_sizes(views: list[tuple[int, int, int]], hidden: int, share: bool = True
                       ) -> tuple[list[BlockSizes], list[BlockSizes]]:
-    """Apply and reduction tiles of factored tensors [B, U, V] updated together. Each gets
-    its own, except that with `share` those of at most `SHARED_TILE_MAX_ELEMENTS` elements
-    all take the largest of them's: a launch covers tensors of one tile (Triton's member
-    kernels), and small tensors are many (a convnet's 4 took 9 launches with their own
-    tiles, 3 with one). The cost is masked lanes where a shared tile overhangs a tensor
-    (the 64-task convnet: 92% of lanes used)."""
+    """Apply and reduction tiles of factored tensors [B, U, V] updated together.
+
+    Each gets its own, except that with `share` the tensors of at most
+    `SHARED_TILE_MAX_ELEMENTS` elements take one tile where it costs them little: a
+    launch covers tensors of one tile (Triton's member kernels), and small tensors are
+    many (a convnet's 4 took 9 launches with their own tiles, 3 with one). The shared
+    tile is the full-size one that covers the small tensors with the fewest lanes; a
+    tensor keeps its own if the shared one would cover more than twice its own tiles'
+    lanes and over `SHARED_TILE_SLACK` of them (a tall, narrow tensor under a wide
+    tile). The reduction passes' shared tile is instead the widest, up to the small
+    tensors' widest rows, that all of them take. The small convnet's 4 share 8 x 32
+    (apply, 95% of the lanes used) and 16 x 64 tiles.
+    """
     apply = [block_sizes(u, v, hidden) for _, u, v in views]
     reduce = [reduction_block_sizes(u, v) for _, u, v in views]
     small = [j for j, (b, u, v) in enumerate(views) if b * u * v <= SHARED_TILE_MAX_ELEMENTS]
-    if share and small:
-        largest = max(small, key=lambda j: math.prod(views[j]))
-        for j in small:
-            apply[j], reduce[j] = apply[largest], reduce[largest]
+    if not (share and small):
+        return apply, reduce
+    def fits(j, tile, own):
+        return _lanes(views[j], tile) <= max(2 * _lanes(views[j], own[j]), SHARED_TILE_SLACK)
+
+    # The reduction passes' masked lanes cost little (no loads), partial sums over several
+    # column tiles a kernel: the widest tile up to the small tensors' widest rows that
+    # all of them take, else the apply rule.
+    widest = min(max(32, next_pow2(max(views[j][2] for j in small))), REDUCTION_TILE)
+    wide = [BlockSizes(rows=REDUCTION_TILE // c, cols=c) for c in (widest >> k for k in range(6))
+            if c >= 32]
+    shared_reduce = next((t for t in wide if all(fits(j, t, reduce) for j in small)),
+                         _shared_tile([views[j] for j in small], REDUCTION_TILE))
+    shared_apply = _shared_tile([views[j] for j in small], tile_elements(hidden))
+    for tiles, shared in ((apply, shared_apply), (reduce, shared_reduce)):
+        for j in [j for j in small if fits(j, shared, tiles)]:
+            tiles[j] = shared
     return apply, reduce
 
 
