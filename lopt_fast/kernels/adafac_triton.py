@@ -792,8 +792,7 @@ class TritonKernels:
         hp = w.shape[-1]
         nhid, wh, bh = self._hidden(mlp, hp)
         k = len(run)
-        # operand -> output: tensor i's p, mom, rms (operands 1 + i, 1 + 2k + i, 1 + 3k + i)
-        aliases = {1 + q * k + i: o * k + i for o, q in enumerate((0, 2, 3)) for i in range(k)}
+        aliases = _run_aliases(k, (0, 2, 3)) if self.in_place else {}  # p, mom, rms
 
         def launch(tasks, consts, *arrays):
             lead = lambda x: jax.ShapeDtypeStruct((tasks, *x.shape), x.dtype)  # noqa: E731
@@ -812,7 +811,7 @@ class TritonKernels:
                 TV=fv.shape[-1], SEGS=w.shape[0], R=blk.rows, C=blk.cols, HP=hp, NHID=nhid,
                 EXP_MULT=mults[0], STEP_MULT=mults[1], PREC=self.prec, L1=self.layer1,
                 TW=tu.shape[-1], WR=w.shape[-2], VA=va, name="adafac_apply", **extra,
-                input_output_aliases=aliases if self.in_place else {})
+                input_output_aliases=aliases)
             return [outs[o * k:(o + 1) * k] for o in range(5)]
 
         state = [x[j] for x in (p, g, mom, rms) for j in run]
@@ -829,51 +828,61 @@ class TritonKernels:
 
     def member_moments(self, p, g, mom, rms, vd, consts, blocks: BlockSizes):
         runs, sizes, tiles = self._member_launches(p, g, blocks)
-        partials = []
-        for run in runs:
-            kernel = packed_moments_kernel(tuple(sizes[i] for i in run),
-                                           tuple(tiles[i] for i in run), tuple(run))
-            n = sum(tiles[i] for i in run)
-
-            def launch(tasks, consts, *arrays, kernel=kernel, n=n):
-                return self._call(consts, *arrays, kernel=kernel,
-                                  out_shape=_f32((tasks, n, plan.NUM_SUMS)), grid=(tasks * n,),
-                                  num_warps=blocks.num_warps, num_stages=blocks.num_stages,
-                                  R=blocks.rows, C=blocks.cols, name="adafac_packed_moments")
-
-            partials.append(_over_tasks(launch, consts, *(x[i] for x in (p, g, mom, rms, vd)
-                                                          for i in run)))
+        partials = [self._member_moments_run(p, g, mom, rms, vd, consts, blocks, run, sizes, tiles)
+                    for run in runs]
         return jnp.concatenate(partials) if len(partials) > 1 else partials[0]
+
+    def _member_moments_run(self, p, g, mom, rms, vd, consts, blocks, run, sizes, tiles):
+        """One launch's per-tile sums [its tiles, 32]."""
+        kernel = packed_moments_kernel(tuple(sizes[i] for i in run), tuple(tiles[i] for i in run),
+                                       tuple(run))
+        n = sum(tiles[i] for i in run)
+
+        def launch(tasks, consts, *arrays):
+            return self._call(consts, *arrays, kernel=kernel,
+                              out_shape=_f32((tasks, n, plan.NUM_SUMS)), grid=(tasks * n,),
+                              num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+                              R=blocks.rows, C=blocks.cols, name="adafac_packed_moments")
+
+        return _over_tasks(launch, consts, *(x[i] for x in (p, g, mom, rms, vd) for i in run))
 
     def member_apply(self, p, g, mom, rms, vd, consts, w_seg, b0, mlp, mults, blocks: BlockSizes):
         runs, sizes, tiles = self._member_launches(p, g, blocks)
+        outs = [self._member_apply_run(p, g, mom, rms, vd, consts, w_seg, b0, mlp, mults, blocks,
+                                       run, sizes, tiles) for run in runs]
+        return tuple(tuple(x for out in outs for x in out[o]) for o in range(4))
+
+    def _member_apply_run(self, p, g, mom, rms, vd, consts, w_seg, b0, mlp, mults, blocks, run,
+                          sizes, tiles):
+        """One launch's new p, mom, rms and v_diag of the tensors of `run`."""
+        kernel = packed_apply_kernel(tuple(sizes[i] for i in run), tuple(tiles[i] for i in run),
+                                     tuple(run))
         hp = b0.shape[-1]
         nhid, wh, bh = self._hidden(mlp, hp)
-        outs = []
-        for run in runs:
-            kernel = packed_apply_kernel(tuple(sizes[i] for i in run),
-                                         tuple(tiles[i] for i in run), tuple(run))
-            state = [x[i] for x in (p, g, mom, rms, vd) for i in run]
-            k = len(run)
-            # operand -> output: member j's p, mom, rms, vd (operands 1 + j, 1 + 2k + j, ...)
-            aliases = {1 + q * k + j: o * k + j for o, q in enumerate((0, 2, 3, 4))
-                       for j in range(k)}
+        k = len(run)
+        aliases = _run_aliases(k, (0, 2, 3, 4)) if self.in_place else {}  # p, mom, rms, v_diag
 
-            def launch(tasks, consts, *arrays, kernel=kernel, run=run, k=k, aliases=aliases):
-                lead = lambda x: jax.ShapeDtypeStruct((tasks, *x.shape), x.dtype)  # noqa: E731
-                out_shape = [lead(x[i]) for x in (p, mom, rms, vd) for i in run]
-                outs = self._call(
-                    consts, *arrays, kernel=kernel, out_shape=out_shape,
-                    grid=(tasks * sum(tiles[i] for i in run),), num_warps=blocks.num_warps,
-                    num_stages=blocks.num_stages, R=blocks.rows, C=blocks.cols, HP=hp,
-                    NHID=nhid, EXP_MULT=mults[0], STEP_MULT=mults[1], PREC=self.prec,
-                    L1="fma" if self.layer1 == "fma" else "dot", SEGS=w_seg.shape[0],
-                    name="adafac_packed_apply",
-                    input_output_aliases=aliases if self.in_place else {})
-                return [outs[o * k:(o + 1) * k] for o in range(4)]
+        def launch(tasks, consts, *arrays):
+            lead = lambda x: jax.ShapeDtypeStruct((tasks, *x.shape), x.dtype)  # noqa: E731
+            outs = self._call(
+                consts, *arrays, kernel=kernel,
+                out_shape=[lead(x[i]) for x in (p, mom, rms, vd) for i in run],
+                grid=(tasks * sum(tiles[i] for i in run),), num_warps=blocks.num_warps,
+                num_stages=blocks.num_stages, R=blocks.rows, C=blocks.cols, HP=hp, NHID=nhid,
+                EXP_MULT=mults[0], STEP_MULT=mults[1], PREC=self.prec,
+                L1="fma" if self.layer1 == "fma" else "dot", SEGS=w_seg.shape[0],
+                name="adafac_packed_apply", input_output_aliases=aliases)
+            return [outs[o * k:(o + 1) * k] for o in range(4)]
 
-            outs.append(_over_tasks(launch, consts, *state, w_seg, b0, wh, bh, mlp.w_out_t))
-        return tuple(tuple(x for out in outs for x in out[o]) for o in range(4))
+        state = [x[i] for x in (p, g, mom, rms, vd) for i in run]
+        return _over_tasks(launch, consts, *state, w_seg, b0, wh, bh, mlp.w_out_t)
+
+
+def _run_aliases(k: int, operands: tuple[int, ...]) -> dict[int, int]:
+    """A member launch's operand -> output aliases: its operands are consts, then each
+    state array of its k tensors (p_0..p_k-1, g_0.., mom.., ...); output group o updates
+    state array operands[o] in place (p is 0, g 1, mom 2, ...)."""
+    return {1 + q * k + i: o * k + i for o, q in enumerate(operands) for i in range(k)}
 
 
 # ----------------------------------------------------------------------------- public op

@@ -223,17 +223,12 @@ class Kernels(NamedTuple):
                       if hasattr(launchers, name)})
 
 
-def _ms(x):
-    """Mean square over all but the leading (decay) axis."""
-    return jnp.mean(jnp.square(x), axis=tuple(range(1, x.ndim)))
-
-
 def _table(f, w):
-    """sum_k f[k, ..., None] * w[k]: the [.., H] layer-1 table of 6 per-row / per-column
-    features f [6, B, n] with their w0 rows w [6, H]. As multiply-adds, not a dot: XLA
-    fuses them with the features' concatenation and the padding into one kernel, where a
-    K = 6 dot is a GEMM launch of its own with a fusion on either side."""
-    return sum(f[k][..., None] * w[k] for k in range(f.shape[0]))
+    """sum_k f[k, :, None] * w[k]: the [n, H] layer-1 table of 6 per-row / per-column
+    features f [6, n] with their tensors' w0 rows w [6, n, H]. As multiply-adds, not a
+    dot: XLA fuses them with the features' concatenation and the padding into one kernel,
+    where a K = 6 dot is a GEMM launch of its own with a fusion on either side."""
+    return sum(f[k][:, None] * w[k] for k in range(f.shape[0]))
 
 
 def _row_col_features(f_u, f_v):
@@ -317,10 +312,8 @@ class PerTensorGroup:
             partial = self.kernels.factored_moments(p[j], g[j], mom[j], rms[j], fu_j, fv_j,
                                                     consts, blk)
             out.append(jnp.sum(partial.reshape(-1, NUM_SUMS), axis=0)[:NUM_EW_FACTORED])
-        side = lambda x, sizes: segment_sums(jnp.concatenate(  # noqa: E731
-            [jnp.square(x), 1 / (x + 1e-8)]).T, list(sizes))  # [S, 6]
-        return jnp.concatenate([jnp.stack(out), side(new_u, group.u_sizes),
-                                side(new_v, group.v_sizes),
+        return jnp.concatenate([jnp.stack(out), _side_square_sums(new_u, group.u_sizes),
+                                _side_square_sums(new_v, group.v_sizes),
                                 jnp.zeros((len(out), NUM_SUMS - SIDE_LANES_V - 6))], axis=1)
 
     def group_apply(self, p, g, mom, rms, fu, fv, consts, tu, tv, w, mlp, mults, new_u, new_v,
@@ -333,6 +326,12 @@ class PerTensorGroup:
                                                       consts, tu_j, tv_j, w[j], mlp, mults, blk),
                          *self._sides(group, new_u, new_v, j, (3,))))
         return tuple(tuple(o[k] for o in outs) for k in range(5))
+
+
+def _side_square_sums(new, sizes):
+    """Each tensor's sums of new^2 and rsqrt(new + 1e-8)^2 over its stretch of a flat side
+    new [3, n]: [S, 6] (the lanes `Kernels.group_moments` adds)."""
+    return segment_sums(jnp.concatenate([jnp.square(new), 1 / (new + 1e-8)]).T, list(sizes))
 
 
 def gather_sums(x, index):
@@ -361,6 +360,7 @@ def _factored_group(kernels, items, consts, c_fac, nn, iteration, mlp, mults, hp
                                mlp, mults, hp, blocks)
         return [outs[order.index(j)] for j in range(len(items))]
     group = FactoredGroup(tuple(lays), tuple(tiles), tuple(reduce_tiles))
+
     def canonical(xs, lead):
         return tuple(_to_canon(x, lay.perm, lead, (lay.B, lay.U, lay.V))
                      for x, lay in zip(xs, lays, strict=True))
