@@ -18,6 +18,7 @@
 
 import importlib.util
 import os
+import re
 import sys
 
 import jax
@@ -123,6 +124,9 @@ def test_kernels_compile_for_sm90(hidden_layers):
     cases = [
         (at.row_col_sums_kernel((20, 9), two + (("SUO", (0, 130)), ("SVO", (0, 290)))), {},
          dict(TSU=130 + 144, TSV=290 + 288, R=16, C=32, RL=8, VA=1)),
+        (at.row_col_sides_kernel((1, 9), (("B", (1, 9)), ("U", (13, 16)), ("V", (29, 32)),
+                                          ("OU", (0, 13)), ("OV", (0, 29)), ("ROWU", (1, 0)))),
+         {"g0_ptr": "*bf16", "g1_ptr": "*bf16"}, dict(TU=13 + 144, TV=29 + 288, R=16, C=32)),
         (at.factored_moments_kernel((12, 9), sides), bf16, dict(flat, R=16, C=32, VA=1)),
         (at.factored_apply_kernel((80, 18), sides + (("SEG", (0, 1)),)), bf16,
          dict(R=8, C=32, **apply("fma"))),
@@ -265,3 +269,21 @@ def test_xla_launcher_lowers_for_cuda(tasks, in_place):
     assert len(launches) == lowering.EXPECTED_LAUNCHES, len(launches)  # 3 per factored run + 2
     aliases = sum(line.count("output_operand_alias<") for line in launches)
     assert aliases == (lowering.EXPECTED_ALIASES if in_place else 0), aliases
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed (pip install 'lopt-fast[gpu]')")
+def test_small_planes_take_one_launch_before_the_moments():
+    """When every factored tensor's [U, V] plane fits one tile (PLANE_TILE_MAX), one launch
+    gives the new row / column accumulators and factors; larger planes take the sums pass
+    (`TritonKernels.group_sides`)."""
+    from tests import triton_cuda_lowering as lowering
+
+    def names(shapes):
+        launches = lowering.lowered_step(launcher="xla", shapes=shapes, tasks=2)
+        return [re.search(r"name = \"(\w+)\"", line).group(1) for line in launches]
+
+    small = names({"conv": (3, 3, 16, 32), "dense": (64, 10), "bf16": (20, 6), "bias": (10,)})
+    assert small.count("_row_col_sides_kernel") == 2 and "_row_col_sums_kernel" not in small, small
+    assert len(small) == 3 * 2 + 2, small  # 2 runs (float32, bf16), 2 launches for the vector
+    large = names(lowering.SHAPES)
+    assert "_row_col_sides_kernel" not in large and "_row_col_sums_kernel" in large, large

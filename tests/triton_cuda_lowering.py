@@ -42,13 +42,14 @@ EXPECTED_ALIASES = 3 * NUM_FACTORED + 4 * NUM_SMALL
 
 def lowered_step(mlp_precision: str = "tf32", tasks: int | None = None, layer1: str = "dot",
                  persistent: bool = False, in_place: bool = True,
-                 launcher: str = "jax_triton") -> list[str]:
+                 launcher: str = "jax_triton", shapes: dict | None = None) -> list[str]:
     """The step's Triton launches, lowered for CUDA (lines of StableHLO text): jax-triton's
-    custom calls, or with launcher="xla" XLA's own Triton calls."""
+    custom calls, or with launcher="xla" XLA's own Triton calls. `shapes`: the params'
+    (default SHAPES; a key "bf16" is a bf16 tensor)."""
     lopt = AdafacMLPLOpt(hidden_size=32)
     theta = lopt.init(jax.random.key(0))
     params = {k: jnp.full(s, 0.5, jnp.bfloat16 if k == "bf16" else jnp.float32)
-              for k, s in SHAPES.items()}
+              for k, s in (shapes or SHAPES).items()}
     state = lopt.opt_fn(theta, backend="reference").init(params, num_steps=50)
     step = lambda t, s, g: triton_update(lopt, t, s, g, mlp_precision=mlp_precision,  # noqa: E731
                                          compute_capability=H100, layer1=layer1,

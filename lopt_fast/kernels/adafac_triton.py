@@ -13,9 +13,12 @@ operands of all factored tensors live in flat sides (fu [3, sum BU], tu [sum BU,
 ...) at each tensor's offset; the apply pass also writes each tensor's new v_row /
 v_col, and the moments pass the sums of squares of the side features (lanes 16-27), so
 that the XLA work between passes runs once for all tensors. The non-factored tensors
-are tiled where they lie, in tiles of the packed layout's shape, without packing.
-Compiled for an H100 (`profiling/xla_kernels.py`, XLA launcher), a 64-task convnet step
-is 22 kernels, a 1e7-parameter one 18 (per-tensor launches with packing: 65 and 29).
+are tiled where they lie, in tiles of the packed layout's shape, without packing. When
+every factored tensor's [U, V] plane fits one tile, a single launch replaces the row /
+column sums and the XLA work that turns them into new accumulators and factors
+(`_row_col_sides_body`). Compiled for an H100 (`profiling/xla_kernels.py`, XLA
+launcher), a 64-task convnet step is 16 kernels, a 1e7-parameter one 18 (per-tensor
+launches with packing: 65 and 29; optax.adam: 7 and 4).
 
 MLP, layer 1 of factored tensors (`layer1`; the packed tensors' 22 inputs go through a
 [tile, 32] x [32, Hp] dot, padded with zero planes, unless `layer1` is "fma"):
@@ -70,10 +73,12 @@ from lopt_fast.pallas.blocks import (
     LAYER1_FORMS,
     MLP_PRECISIONS,
     PERSISTENT_PROGRAMS_PER_SM,
+    PLANE_TILE_MAX,
     REDUCTION_ROW_CHUNKS,
     TRITON_LAUNCHER_ENV_VAR,
     TRITON_LAUNCHERS,
     BlockSizes,
+    next_pow2,
 )
 
 NUM_SUMS = tl.constexpr(plan.NUM_SUMS)
@@ -81,6 +86,7 @@ NUM_SUMS = tl.constexpr(plan.NUM_SUMS)
 # sums in one kernel; bigger groups sum each tensor's by itself (`_side_sums`).
 SIDE_SUMS_INDEX_MAX = 1 << 18
 NUM_CONSTS = tl.constexpr(plan.NUM_CONSTS)
+C_FAC = tl.constexpr(plan.C_FAC)
 
 
 # ----------------------------------------------------------------------------- kernel bodies
@@ -207,6 +213,50 @@ def _row_col_sums_body(task, t, B, U, VQ, SUO, SVO, g_ptr, su_ptr, sv_ptr, TSU: 
         tl.store(su_ptr + u, tl.sum(sq, axis=1), mask=u < U)
         col += tl.sum(sq, axis=0)
     tl.store(sv_ptr + task * TSV + SVO + (b * nu + iu) * V + v, col, mask=v < V)
+
+
+@triton.jit
+def _side(v_ptr, x, L, c, mean_g, normalise, out_ptr, f_ptr, O):
+    """Plane k of one line's new accumulators v = c v_old + (1 - c) mean_g (positions x < L
+    of v_ptr) and their factors rsqrt(v / mean(v)) (`normalise`, the row side) or rsqrt(v),
+    each floored at 1e-9 (`adafac_math.safe_rsqrt`), to out / f (a flat side's plane) at O."""
+    m = x < L
+    new = c * tl.load(v_ptr + x, mask=m, other=0.0) + (1 - c) * mean_g
+    mean = tl.sum(tl.where(m, new, 0.0), axis=0) / L
+    f = tl.where(normalise, tl.rsqrt(tl.maximum(new / (mean + 1e-9), 1e-9)),
+                 tl.rsqrt(tl.maximum(new, 1e-9)))
+    tl.store(out_ptr + O + x, new, mask=m)
+    tl.store(f_ptr + O + x, f, mask=m)
+
+
+@triton.jit
+def _row_col_sides_body(task, t, B, U, V, OU, OV, ROWU, c_ptr, g_ptr, vu_ptr, vv_ptr, nu_ptr,
+                        nv_ptr, fu_ptr, fv_ptr, TU: tl.constexpr, TV: tl.constexpr,
+                        R: tl.constexpr, C: tl.constexpr):
+    """Plane t (of B) of a [B, U, V] factored tensor in one R x C tile, so that its row and
+    column sums of G = g^2 + 1e-30 are whole: the new Adafactor accumulators of its rows
+    (U side: c v_u + (1 - c) sum_v G / V, from the state's plane vu [tasks, 3, B U]) and
+    columns, and their factors, written to the group's flat sides nu, fu [tasks, 3, TU] /
+    nv, fv [tasks, 3, TV] at OU + t U / OV + t V. ROWU: U is the row side (normalised by
+    its line's mean). What `row_col_sums` and XLA's kernels between the passes compute,
+    for tensors whose planes fit a tile."""
+    u = tl.arange(0, R)
+    v = tl.arange(0, C)
+    mask = (u[:, None] < U) & (v[None, :] < V)
+    g = tl.load(g_ptr + task * B * U * V + t * U * V + u[:, None] * V + v[None, :], mask=mask,
+                other=0.0).to(tl.float32)
+    sq = tl.where(mask, g * g + 1e-30, 0.0)
+    mean_u = tl.sum(sq, axis=1) / V  # per row: the mean over V
+    mean_v = tl.sum(sq, axis=0) / U
+    c_ptr = c_ptr + task * NUM_CONSTS
+    vu_ptr = vu_ptr + task * 3 * B * U + t * U
+    vv_ptr = vv_ptr + task * 3 * B * V + t * V
+    for k in tl.static_range(3):
+        c = tl.load(c_ptr + C_FAC + k)
+        _side(vu_ptr + k * B * U, u, U, c, mean_u, ROWU == 1, nu_ptr + (task * 3 + k) * TU,
+              fu_ptr + (task * 3 + k) * TU, OU + t * U)
+        _side(vv_ptr + k * B * V, v, V, c, mean_v, ROWU == 0, nv_ptr + (task * 3 + k) * TV,
+              fv_ptr + (task * 3 + k) * TV, OV + t * V)
 
 
 @triton.jit
@@ -553,6 +603,14 @@ def packed_apply_kernel(sizes: tuple[int, ...], tiles: tuple[int, ...], segs: tu
 _FACTORED_STATE = ("p_ptr", "g_ptr", "mom_ptr", "rms_ptr")
 
 
+def row_col_sides_kernel(tiles: tuple[int, ...], values: tuple):
+    """The whole-plane row / column pass over factored tensors: (c_ptr, g0_ptr.., vu.., vv..,
+    nu_ptr, nv_ptr, fu_ptr, fv_ptr; TU, TV, R, C); values B, U, V, OU, OV, ROWU per tensor."""
+    return members.member_kernel(_row_col_sides_body, "_row_col_sides_kernel", tiles, values,
+                                 ("c_ptr",), ("g_ptr", "vu_ptr", "vv_ptr"), (), (),
+                                 ("nu_ptr", "nv_ptr", "fu_ptr", "fv_ptr"), ("TU", "TV", "R", "C"))
+
+
 def row_col_sums_kernel(tiles: tuple[int, ...], values: tuple):
     """The row / column sums pass over factored tensors where they lie: (g0_ptr.., su_ptr,
     sv_ptr; TSU, TSV, R, C, RL, VA); values B, U, VQ, SUO, SVO per tensor."""
@@ -701,6 +759,42 @@ class TritonKernels:
         """The factored tensors that share launches: alike in tiles and dtypes."""
         return members.member_runs([(group.blocks[j], group.reduce_blocks[j], p[j].dtype,
                                      g[j].dtype) for j in range(len(p))])
+
+    def group_sides(self, g, v_u, v_v, consts, group: plan.FactoredGroup):
+        """(new_u, new_v, f_u, f_v) on the flat sides in one launch per run, when every
+        tensor's [U, V] plane fits one tile of at most `PLANE_TILE_MAX` elements (else None:
+        `row_col_sums` and XLA compute them). v_u, v_v: each tensor's state on its U / V
+        side, [3, B U] / [3, B V]."""
+        lays = group.layouts
+        rows = next_pow2(max(lay.U for lay in lays))
+        cols = max(16 // rows, next_pow2(max(lay.V for lay in lays)))
+        if rows * cols > PLANE_TILE_MAX:
+            return None
+        outs = [self._sides_run(g, v_u, v_v, consts, group, run, rows, cols)
+                for run in members.member_runs([x.dtype for x in g])]
+        return tuple(jnp.concatenate([out[k] for out in outs], axis=-1) if len(outs) > 1
+                     else outs[0][k] for k in range(4))
+
+    def _sides_run(self, g, v_u, v_v, consts, group, run: range, rows: int, cols: int):
+        lays = [group.layouts[j] for j in run]
+        u_sizes = [lay.B * lay.U for lay in lays]
+        v_sizes = [lay.B * lay.V for lay in lays]
+        kernel = row_col_sides_kernel(tuple(lay.B for lay in lays), (
+            ("B", tuple(lay.B for lay in lays)), ("U", tuple(lay.U for lay in lays)),
+            ("V", tuple(lay.V for lay in lays)), ("OU", plan.starts(u_sizes)),
+            ("OV", plan.starts(v_sizes)), ("ROWU", tuple(int(lay.u_is_row) for lay in lays))))
+        tu, tv = sum(u_sizes), sum(v_sizes)
+        warps = 4 if rows * cols <= 2048 else 8
+
+        def launch(tasks, consts, *arrays):
+            sides = [_f32((tasks, 3, tu)), _f32((tasks, 3, tv))] * 2
+            return self._call(consts, *arrays, kernel=kernel, out_shape=sides,
+                              grid=(tasks * sum(lay.B for lay in lays),), num_warps=warps,
+                              num_stages=1, TU=tu, TV=tv, R=rows, C=cols,
+                              name="adafac_row_col_sides")
+
+        return _over_tasks(launch, consts, *(g[j] for j in run), *(v_u[j] for j in run),
+                           *(v_v[j] for j in run))
 
     def group_row_col_sums(self, g, group: plan.FactoredGroup):
         lays = group.layouts

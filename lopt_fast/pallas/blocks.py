@@ -25,6 +25,10 @@ TILE_VALUES = 8192  # float32 activations per program in pass 3
 MAX_TILE = 1024
 PACKED_COLS = 128  # lane width of the packed buffer for non-factored tensors
 REDUCTION_TILE = 1024  # elements per program of the reduction passes (`reduction_block_sizes`)
+# Factored tensors whose [U, V] planes all fit one tile of this many elements get their
+# row / column sums, new Adafactor accumulators and factors from one Triton launch
+# (`TritonKernels.group_sides`), not the sums pass and XLA's kernels between the passes.
+PLANE_TILE_MAX = 4096
 SHARED_TILE_MAX_ELEMENTS = 1 << 18  # factored tensors this small share a tile (`group_block_sizes`)
 SHARED_TILE_SLACK = 1 << 14  # lanes a shared tile may cover whatever the tensor's own cover
 # The Triton row / column sums pass runs up to this many tiles of rows per program, adding

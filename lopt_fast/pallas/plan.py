@@ -178,6 +178,9 @@ class Kernels(NamedTuple):
     per-tensor launchers), with tuples over the tensors and their per-row / per-column
     operands on the flat U / V sides (fu [3, sum BU], tu [sum BU, TW], ...):
     group_row_col_sums(g, group) -> (su [sum BU], sv [sum BV])
+    group_sides(g, v_u, v_v, consts, group) (optional) -> (new_u, new_v, f_u, f_v), the new
+        accumulators and factors on the flat sides from each tensor's state v_u [3, B U],
+        v_v [3, B V], or None where the backend cannot (then row_col_sums and XLA do it)
     group_moments(p, g, mom, rms, fu, fv, new_u, new_v, consts, group) -> per-tensor
         sums [S, 32]: of the 16 squared per-element features, then (lanes 16-21 and
         22-27) of the squares of the U / V side features new and rsqrt(new + 1e-8)
@@ -208,6 +211,7 @@ class Kernels(NamedTuple):
     factored_moments: Any = None
     factored_apply: Any = None
     group_row_col_sums: Any = None
+    group_sides: Any = None
     group_moments: Any = None
     group_apply: Any = None
     packed_moments: Any = None
@@ -340,6 +344,27 @@ def gather_sums(x, index):
     return jnp.sum(padded[np.where(index < 0, x.shape[0], index)], axis=1)
 
 
+def _new_sides(v_u, v_v, su, sv, c_fac, lays, u_is_row, seg_u, seg_v):
+    """The flat sides' new Adafactor accumulators c v + (1 - c) mean(G) from the row /
+    column sums su, sv, and their factors: the row side's rsqrt(v / v's mean over its line,
+    a tensor's row), the column side's rsqrt(v). -> (new_u, new_v, f_u, f_v)."""
+    u_len = np.asarray([lay.U for lay in lays], np.float32)
+    v_len = np.asarray([lay.V for lay in lays], np.float32)
+    c = c_fac[:, None]
+    new_u = c * v_u + (1 - c) * (su / v_len[seg_u])[None]
+    new_v = c * v_v + (1 - c) * (sv / u_len[seg_v])[None]
+
+    def factor(new, seg, lens, is_row):
+        runs = [int(lens[j]) for j, lay in enumerate(lays) for _ in range(lay.B)]
+        means = segment_sums(new.T, runs).T / np.asarray(runs, np.float32)  # [3, lines]
+        per_element = means[:, np.repeat(np.arange(len(runs)), runs)]
+        return jnp.where(is_row[seg][None], am.safe_rsqrt(new / (per_element + 1e-9)),
+                         am.safe_rsqrt(new))
+
+    return new_u, new_v, factor(new_u, seg_u, u_len, u_is_row), factor(new_v, seg_v, v_len,
+                                                                         ~u_is_row)
+
+
 def _factored_group(kernels, items, consts, c_fac, nn, iteration, mlp, mults, hp, blocks):
     """items: [(p, g, acc)] of factored tensors -> [(new_p, new_acc)], every pass once for
     all of them (see `FactoredGroup`)."""
@@ -375,31 +400,21 @@ def _factored_group(kernels, items, consts, c_fac, nn, iteration, mlp, mults, hp
         col = _to_canon(a.v_col, lay.col_perm, 1, (lay.B, lay.col_shape[-1])).reshape(3, -1)
         v_u.append(row if lay.u_is_row else col)
         v_v.append(col if lay.u_is_row else row)
-    v_u, v_v = jnp.concatenate(v_u, axis=1), jnp.concatenate(v_v, axis=1)
     # Static per-element facts of the two sides: tensor, U or V of the tensor, row side or not.
     seg_u = np.repeat(np.arange(len(lays)), group.u_sizes)
     seg_v = np.repeat(np.arange(len(lays)), group.v_sizes)
     u_is_row = np.asarray([lay.u_is_row for lay in lays])
-    u_len = np.asarray([lay.U for lay in lays], np.float32)
-    v_len = np.asarray([lay.V for lay in lays], np.float32)
 
-    with jax.named_scope("adafac_row_col_sums"):
-        su, sv = launch.group_row_col_sums(g3, group)  # [sum BU] over V, [sum BV] over U
-    c = c_fac[:, None]
-    new_u = c * v_u + (1 - c) * (su / v_len[seg_u])[None]  # Adafactor's means
-    new_v = c * v_v + (1 - c) * (sv / u_len[seg_v])[None]
-
-    def factor(new, seg, lens, is_row):
-        """The row side's rsqrt(v / v's mean over its line: a tensor's row), the column
-        side's rsqrt(v)."""
-        runs = [int(lens[j]) for j, lay in enumerate(lays) for _ in range(lay.B)]
-        means = segment_sums(new.T, runs).T / np.asarray(runs, np.float32)  # [3, lines]
-        per_element = means[:, np.repeat(np.arange(len(runs)), runs)]
-        return jnp.where(is_row[seg][None], am.safe_rsqrt(new / (per_element + 1e-9)),
-                         am.safe_rsqrt(new))
-
-    f_u = factor(new_u, seg_u, u_len, u_is_row)
-    f_v = factor(new_v, seg_v, v_len, ~u_is_row)
+    sides = None
+    if kernels.group_sides is not None:  # one launch, when the tensors' planes fit a tile
+        with jax.named_scope("adafac_row_col_sides"):
+            sides = launch.group_sides(g3, v_u, v_v, consts, group)
+    if sides is None:
+        with jax.named_scope("adafac_row_col_sums"):
+            su, sv = launch.group_row_col_sums(g3, group)  # [sum BU] over V, [sum BV] over U
+        sides = _new_sides(jnp.concatenate(v_u, axis=1), jnp.concatenate(v_v, axis=1), su, sv,
+                           c_fac, lays, u_is_row, seg_u, seg_v)
+    new_u, new_v, f_u, f_v = sides
 
     with jax.named_scope("adafac_moments"):
         sums = launch.group_moments(p3, g3, mom3, rms3, f_u, f_v, new_u, new_v, consts, group)
