@@ -24,7 +24,8 @@ the plugin's driver check must be skipped, which this script does
 (`JAX_SKIP_CUDA_CONSTRAINTS_CHECK`) before importing jax.
 
 Workloads: `1e5`... a square matrix and its bias with about that many parameters (as
-`benchmarks/step.py`), `conv:T` T vmapped tasks x the small convnet with per-task theta.
+`benchmarks/step.py`), `conv:T` T vmapped tasks x the small convnet with per-task theta,
+`blocks:L` a width-256 transformer of L blocks (14 tensors each, `transformer_shapes`).
 Backends: triton, pallas, reference, adam (`optax.adam`). As in `benchmarks/step.py`, the
 state is not donated and the kernels write fresh outputs (`in_place=False`), or with
 `--donate` it is donated and updated in place; `--in-place` / `--no-in-place` override
@@ -152,6 +153,15 @@ def cuda_plugin_installed() -> bool:
         return False
 
 
+def transformer_shapes(blocks: int, d: int = 256) -> dict:
+    """A transformer's parameter tree, `blocks` blocks of width d (qkv, projection and a 4x
+    MLP with biases, two layer-norm scales and offsets each): many tensors of few shapes."""
+    block = {"qkv": {"w": (d, 3 * d), "b": (3 * d,)}, "proj": {"w": (d, d), "b": (d,)},
+             "mlp_in": {"w": (d, 4 * d), "b": (4 * d,)}, "mlp_out": {"w": (4 * d, d), "b": (d,)},
+             "ln1": {"scale": (d,), "bias": (d,)}, "ln2": {"scale": (d,), "bias": (d,)}}
+    return {f"block{i}": block for i in range(blocks)}
+
+
 def _step(backend: str, workload: str, in_place: bool, compute_capability: int | None = 90,
           launcher: str | None = None):
     """(fn, args, what --donate donates: as `benchmarks/step.py`) of one step of `backend` on
@@ -167,7 +177,10 @@ def _step(backend: str, workload: str, in_place: bool, compute_capability: int |
     from lopt_fast.learned import AdafacMLPLOpt
 
     tasks = int(workload.split(":")[1]) if workload.startswith("conv:") else None
-    shapes = CONV_MODEL if tasks else model_shapes(int(float(workload)))
+    if workload.startswith("blocks:"):
+        shapes = transformer_shapes(int(workload.split(":")[1]))
+    else:
+        shapes = CONV_MODEL if tasks else model_shapes(int(float(workload)))
     if backend == "adam":  # step.py's: donating params and state
         fn, carry, rest = adam_step(shapes, tasks)
         return fn, (*carry, *rest), (0, 1)
@@ -218,7 +231,9 @@ def compiled_hlo(fn, args, donate_argnums=(), local: bool = False) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workload", default="1e7", help="1e5 .. 1e8, or conv:T (T tasks)")
+    ap.add_argument("--workload", default="1e7",
+                    help="1e5 .. 1e8, conv:T (T tasks x the small convnet) or blocks:L (a "
+                         "transformer of L blocks, 14 tensors each)")
     ap.add_argument("--backend", nargs="+", default=["triton", "adam"],
                     choices=["triton", "pallas", "reference", "adam"])
     ap.add_argument("--donate", action="store_true",
