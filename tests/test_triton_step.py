@@ -86,25 +86,6 @@ def test_member_runs_split_at_a_new_dtype_and_at_the_cap():
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed (pip install 'lopt-fast[gpu]')")
-@pytest.mark.parametrize("index_max", [None, 0], ids=["one-gather", "per-tensor"])
-def test_side_sums_add_each_tensors_partials(index_max, monkeypatch):
-    """The row / column sums pass leaves each tensor's [B, parts, L] partial sums one after
-    the other; summed over parts they are the flat side [sum B L], by one gather-reduce or,
-    past SIDE_SUMS_INDEX_MAX, a reduction per tensor."""
-    from lopt_fast.kernels import adafac_triton as at
-
-    if index_max is not None:
-        monkeypatch.setattr(at, "SIDE_SUMS_INDEX_MAX", index_max)
-    rng = np.random.default_rng()
-    outer, parts, lengths = [2, 1, 3], [3, 1, 2], [5, 7, 1]
-    blocks = [rng.normal(size=(o, k, L)) for o, k, L in zip(outer, parts, lengths, strict=True)]
-    flat = jnp.asarray(np.concatenate([b.reshape(-1) for b in blocks]), jnp.float32)
-    want = np.concatenate([b.sum(axis=1).reshape(-1) for b in blocks])
-    np.testing.assert_allclose(at._side_sums(flat, outer, parts, lengths), want, rtol=1e-5,
-                               atol=1e-6)
-
-
-@pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed (pip install 'lopt-fast[gpu]')")
 @pytest.mark.parametrize("hidden_layers", [1, 2])
 def test_kernels_compile_for_sm90(hidden_layers):
     from lopt_fast.kernels import adafac_triton as at
@@ -122,8 +103,8 @@ def test_kernels_compile_for_sm90(hidden_layers):
     bf16 = {f"{x}{i}_ptr": "*bf16" for x in ("p", "g", "po") for i in range(2)}
     apply = lambda l1, **kw: dict(flat, SEGS=2, **apply_constexprs(l1, 32), **dict(mlp, **kw))  # noqa: E731
     cases = [
-        (at.row_col_sums_kernel((20, 9), two + (("SUO", (0, 130)), ("SVO", (0, 290)))), {},
-         dict(TSU=130 + 144, TSV=290 + 288, R=16, C=32, RL=8, VA=1)),
+        (at.row_col_sums_kernel((20, 9), sides), {},
+         dict(flat, NV=10, NU=2, R=16, C=32, RL=8, VA=1)),
         (at.row_col_sides_kernel((1, 9), (("B", (1, 9)), ("U", (13, 16)), ("V", (29, 32)),
                                           ("OU", (0, 13)), ("OV", (0, 29)), ("ROWU", (1, 0)))),
          {"g0_ptr": "*bf16", "g1_ptr": "*bf16"}, dict(TU=13 + 144, TV=29 + 288, R=16, C=32)),
@@ -196,7 +177,8 @@ def test_triton_matches_reference_every_shape_class_and_bf16(mlp_precision, tol,
 @pytest.mark.parametrize("case", [["--precision", "ieee", "--small-tiles"],
                                   ["--precision", "ieee", "--small-tiles", "--layer1", "fma",
                                    "--max-members", "1"],
-                                  ["--precision", "ieee", "--small-tiles", "--layer1", "dot_all"],
+                                  ["--precision", "ieee", "--small-tiles", "--layer1", "dot_all",
+                                   "--no-whole-planes"],
                                   ["--precision", "tf32"],
                                   ["--precision", "bf16", "--layer1", "dot_all"],
                                   ["--vmapped"],
@@ -207,7 +189,8 @@ def test_triton_matches_reference_every_shape_class_and_bf16(mlp_precision, tol,
                               "persistent-small-tiles", "persistent-vmapped-tasks"])
 def test_triton_kernels_interpreted_match_reference(case):
     """Small ragged tiles with float32 dots, layer 1 in each form (as FMAs with one small
-    tensor per member launch: several launches per pass); the default tiles and
+    tensor per member launch: several launches per pass; "dot_all" with the row / column
+    sums pass where the planes would fit one tile); the default tiles and
     code path (TF32 dots on a GPU, float32 in the interpreter); bf16 dot operands (the
     interpreter rounds them as a GPU does) with the row / column features in the dot; 3
     vmapped tasks with their own theta, and meta-gradients through the custom_vjp under

@@ -247,7 +247,14 @@ if __name__ == "__main__":
                          "many tiles")
     ap.add_argument("--max-members", type=int, default=None,
                     help="at most this many small tensors per member launch (members.MAX_MEMBERS)")
+    ap.add_argument("--no-whole-planes", action="store_true",
+                    help="the row / column sums pass and XLA's between-pass math even where "
+                         "the planes fit one tile (PLANE_TILE_MAX = 0)")
     args = ap.parse_args()
+    if args.no_whole_planes:
+        from lopt_fast.kernels import adafac_triton
+
+        adafac_triton.PLANE_TILE_MAX = 0  # this process only
     if args.max_members:
         from lopt_fast.kernels import members
 

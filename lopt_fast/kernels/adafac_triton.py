@@ -17,8 +17,9 @@ are tiled where they lie, in tiles of the packed layout's shape, without packing
 every factored tensor's [U, V] plane fits one tile, a single launch replaces the row /
 column sums and the XLA work that turns them into new accumulators and factors
 (`_row_col_sides_body`). Compiled for an H100 (`profiling/xla_kernels.py`, XLA
-launcher), a 64-task convnet step is 16 kernels, a 1e7-parameter one 18 (per-tensor
-launches with packing: 65 and 29; optax.adam: 7 and 4).
+launcher), a 64-task convnet step is 16 kernels, a 1e7-parameter one 17, a 12-block
+transformer's (168 tensors) 29 (per-tensor launches with packing: 65, 29 and 327;
+optax.adam: 7, 4 and 146).
 
 MLP, layer 1 of factored tensors (`layer1`; the packed tensors' 22 inputs go through a
 [tile, 32] x [32, Hp] dot, padded with zero planes, unless `layer1` is "fma"):
@@ -62,10 +63,8 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import triton
 import triton.language as tl
-from jax import lax
 
 from lopt_fast.kernels import ffi_call, members, xla_call
 from lopt_fast.pallas import plan
@@ -82,9 +81,6 @@ from lopt_fast.pallas.blocks import (
 )
 
 NUM_SUMS = tl.constexpr(plan.NUM_SUMS)
-# Largest static index (entries) of the gather that sums all tensors' row / column partial
-# sums in one kernel; bigger groups sum each tensor's by itself (`_side_sums`).
-SIDE_SUMS_INDEX_MAX = 1 << 18
 NUM_CONSTS = tl.constexpr(plan.NUM_CONSTS)
 C_FAC = tl.constexpr(plan.C_FAC)
 
@@ -188,13 +184,15 @@ def _member_tile(t, B, U, V, R: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
-def _row_col_sums_body(task, t, B, U, VQ, SUO, SVO, g_ptr, su_ptr, sv_ptr, TSU: tl.constexpr,
-                       TSV: tl.constexpr, R: tl.constexpr, C: tl.constexpr, RL: tl.constexpr,
-                       VA: tl.constexpr):
+def _row_col_sums_body(task, t, B, U, VQ, OU, OV, g_ptr, su_ptr, sv_ptr, TU: tl.constexpr,
+                       TV: tl.constexpr, NV: tl.constexpr, NU: tl.constexpr, R: tl.constexpr,
+                       C: tl.constexpr, RL: tl.constexpr, VA: tl.constexpr):
     """Sums of G = g^2 + 1e-30 over a program's RL x R rows and C columns of a [B, U, V]
-    tensor, R rows at a time: per row (this column block's share, su [B, nv, U]) and per
-    column (these rows' share, sv [B, nu, V]), at the tensor's offsets SUO / SVO of the
-    launch's [tasks, TSU] / [tasks, TSV] outputs. RL > 1 makes sv RL times smaller."""
+    tensor, R rows at a time: per row (this column block's share, row iv of su [tasks, NV,
+    TU]) and per column (these rows' share, row iu of sv [tasks, NU, TV]), at the tensor's
+    offsets OU + b U / OV + b V; summed over the rows of su and sv they are whole. The
+    programs of the first column (row) block also zero the rows of su (sv) past the
+    tensor's own blocks. RL > 1 makes sv RL times smaller."""
     V = VQ * VA
     nu = tl.cdiv(U, R * RL)
     nv = tl.cdiv(V, C)
@@ -203,16 +201,21 @@ def _row_col_sums_body(task, t, B, U, VQ, SUO, SVO, g_ptr, su_ptr, sv_ptr, TSU: 
     iv = (t // nu) % nv
     v = iv * C + tl.arange(0, C)
     g_ptr = g_ptr + task * B * U * V + b * U * V
-    su_ptr = su_ptr + task * TSU + SUO + (b * nv + iv) * U
+    su_ptr = su_ptr + task * NV * TU + OU + b * U
+    sv_ptr = sv_ptr + task * NU * TV + OV + b * V
     col = tl.zeros((C,), tl.float32)
     for k in tl.range(RL):
         u = (iu * RL + k) * R + tl.arange(0, R)
         mask = (u[:, None] < U) & (v[None, :] < V)
         g = tl.load(g_ptr + u[:, None] * V + v[None, :], mask=mask, other=0.0).to(tl.float32)
         sq = tl.where(mask, g * g + 1e-30, 0.0)
-        tl.store(su_ptr + u, tl.sum(sq, axis=1), mask=u < U)
+        tl.store(su_ptr + iv * TU + u, tl.sum(sq, axis=1), mask=u < U)
+        for part in tl.range(nv, NV):  # rows no column block of this tensor writes
+            tl.store(su_ptr + part * TU + u, tl.zeros((R,), tl.float32), mask=(u < U) & (iv == 0))
         col += tl.sum(sq, axis=0)
-    tl.store(sv_ptr + task * TSV + SVO + (b * nu + iu) * V + v, col, mask=v < V)
+    tl.store(sv_ptr + iu * TV + v, col, mask=v < V)
+    for part in tl.range(nu, NU):
+        tl.store(sv_ptr + part * TV + v, tl.zeros((C,), tl.float32), mask=(v < V) & (iu == 0))
 
 
 @triton.jit
@@ -613,10 +616,10 @@ def row_col_sides_kernel(tiles: tuple[int, ...], values: tuple):
 
 def row_col_sums_kernel(tiles: tuple[int, ...], values: tuple):
     """The row / column sums pass over factored tensors where they lie: (g0_ptr.., su_ptr,
-    sv_ptr; TSU, TSV, R, C, RL, VA); values B, U, VQ, SUO, SVO per tensor."""
+    sv_ptr; TU, TV, NV, NU, R, C, RL, VA); values B, U, VQ, OU, OV per tensor."""
     return members.member_kernel(_row_col_sums_body, "_row_col_sums_kernel", tiles, values, (),
                                  ("g_ptr",), (), (), ("su_ptr", "sv_ptr"),
-                                 ("TSU", "TSV", "R", "C", "RL", "VA"))
+                                 ("TU", "TV", "NV", "NU", "R", "C", "RL", "VA"))
 
 
 def factored_moments_kernel(tiles: tuple[int, ...], values: tuple):
@@ -646,28 +649,6 @@ def factored_apply_kernel(tiles: tuple[int, ...], values: tuple, persistent: boo
 
 def _tiles(lay: plan.FactoredLayout, blocks: BlockSizes) -> int:
     return lay.B * -(-lay.U // blocks.rows) * -(-lay.V // blocks.cols)
-
-
-def _side_sums(parts, outer: list[int], nparts: list[int], lengths: list[int]):
-    """Each tensor's [outer, nparts, length] block of partial sums (one after the other in
-    `parts`) summed over nparts -> the flat side [sum outer x length]. One gather-reduce
-    for all tensors while its static index is small; else a reduction per tensor."""
-    if max(nparts) == 1:  # each tensor's sums whole already (a tile as wide as its lines)
-        return parts
-    sizes = [o * n * L for o, n, L in zip(outer, nparts, lengths, strict=True)]
-    if sum(o * L for o, L in zip(outer, lengths, strict=True)) * max(nparts) > SIDE_SUMS_INDEX_MAX:
-        return jnp.concatenate([
-            jnp.sum(lax.slice_in_dim(parts, s, s + n).reshape(o, k, L), axis=1).reshape(-1)
-            for s, n, o, k, L in zip(plan.starts(sizes), sizes, outer, nparts, lengths,
-                                     strict=True)])
-    width = max(nparts)
-    index = []
-    for s, o, k, L in zip(plan.starts(sizes), outer, nparts, lengths, strict=True):
-        part = np.arange(width)
-        at = s + (np.arange(o)[:, None, None] * k + part[None, None, :]) * L \
-            + np.arange(L)[None, :, None]  # [o, L, width]
-        index.append(np.where(part < k, at, -1).reshape(o * L, width))
-    return plan.gather_sums(parts, np.concatenate(index).astype(np.int32))
 
 
 def _f32(shape):
@@ -797,42 +778,36 @@ class TritonKernels:
                            *(v_v[j] for j in run))
 
     def group_row_col_sums(self, g, group: plan.FactoredGroup):
-        lays = group.layouts
         runs = [self._row_col_sums_run(g, group, run) for run in self._runs(g, g, group)]
-        nv = [k for run in runs for k in run[2]]
-        nu = [k for run in runs for k in run[3]]
-        outer = [lay.B for lay in lays]
-        return (_side_sums(jnp.concatenate([run[0] for run in runs]), outer, nv,
-                           [lay.U for lay in lays]),
-                _side_sums(jnp.concatenate([run[1] for run in runs]), outer, nu,
-                           [lay.V for lay in lays]))
+        return tuple(jnp.concatenate([run[k] for run in runs]) if len(runs) > 1 else runs[0][k]
+                     for k in range(2))
 
     def _row_col_sums_run(self, g, group: plan.FactoredGroup, run: range):
-        """One launch's partial sums su [sum B nv U], sv [sum B nu V] and each tensor's
-        column blocks nv and row blocks nu (of RL x R rows)."""
+        """One launch's whole row sums su [sum BU] and column sums sv [sum BV]: its partial
+        sums, [column blocks, sum BU] and [row blocks, sum BV], summed over blocks."""
         lays = [group.layouts[j] for j in run]
         blk = group.reduce_blocks[run[0]]
         loop = max(min(REDUCTION_ROW_CHUNKS, -(-lay.U // blk.rows)) for lay in lays)
         va = min(_row_alignment(lay.V) for lay in lays)
         nv = [-(-lay.V // blk.cols) for lay in lays]
         nu = [-(-lay.U // (blk.rows * loop)) for lay in lays]
-        su_sizes = [lay.B * k * lay.U for lay, k in zip(lays, nv, strict=True)]
-        sv_sizes = [lay.B * k * lay.V for lay, k in zip(lays, nu, strict=True)]
+        u_sizes, v_sizes = [lay.B * lay.U for lay in lays], [lay.B * lay.V for lay in lays]
         tiles = tuple(lay.B * a * b for lay, a, b in zip(lays, nu, nv, strict=True))
         kernel = row_col_sums_kernel(tiles, (
             ("B", tuple(lay.B for lay in lays)), ("U", tuple(lay.U for lay in lays)),
-            ("VQ", tuple(lay.V // va for lay in lays)), ("SUO", plan.starts(su_sizes)),
-            ("SVO", plan.starts(sv_sizes))))
-        tsu, tsv = sum(su_sizes), sum(sv_sizes)
+            ("VQ", tuple(lay.V // va for lay in lays)), ("OU", plan.starts(u_sizes)),
+            ("OV", plan.starts(v_sizes))))
+        tu, tv = sum(u_sizes), sum(v_sizes)
 
         def launch(tasks, *gs):
-            return self._call(*gs, kernel=kernel, out_shape=[_f32((tasks, tsu)), _f32((tasks, tsv))],
-                              grid=(tasks * sum(tiles),), num_warps=blk.num_warps,
-                              num_stages=blk.num_stages, TSU=tsu, TSV=tsv, R=blk.rows, C=blk.cols,
-                              RL=loop, VA=va, name="adafac_row_col_sums")
+            su, sv = self._call(*gs, kernel=kernel,
+                                out_shape=[_f32((tasks, max(nv), tu)), _f32((tasks, max(nu), tv))],
+                                grid=(tasks * sum(tiles),), num_warps=blk.num_warps,
+                                num_stages=blk.num_stages, TU=tu, TV=tv, NV=max(nv), NU=max(nu),
+                                R=blk.rows, C=blk.cols, RL=loop, VA=va, name="adafac_row_col_sums")
+            return jnp.sum(su, axis=1), jnp.sum(sv, axis=1)
 
-        su, sv = _over_tasks(launch, *(g[j] for j in run))
-        return su, sv, nv, nu
+        return _over_tasks(launch, *(g[j] for j in run))
 
     @staticmethod
     def _side_values(run: range, group: plan.FactoredGroup, va: int) -> tuple:
