@@ -1,13 +1,14 @@
 """Multi-tensor launches: one Triton kernel over the tiles of several separate arrays.
 
-The non-factored tensors of a model (biases, scales, scalars) are small and many. Packing
-them into one buffer gives one launch per pass, but the packing and unpacking are XLA
-kernels of their own: compiled for an H100 (`profiling/xla_kernels.py`), 5 concatenations
-before the passes and 4 to 12 slices after them, 17 of the 30 kernels of a 1e7-parameter
-step. A *member kernel* reads and writes the tensors where they are instead: program
-`pid` of the grid (tasks x the members' tiles) finds its member by comparing its tile
-with the members' first tiles, selects that member's pointers and size, and runs the
-per-tile `body` on them.
+A model's tensors are many, and one launch per tensor and pass costs a kernel (and the
+XLA work around it) each. Packing small tensors into one buffer gives one launch per
+pass, but the packing and unpacking are XLA kernels of their own: compiled for an H100
+(`profiling/xla_kernels.py`), 5 concatenations before the passes and 4 to 12 slices
+after them, 17 of the 30 kernels of a 1e7-parameter step. A *member kernel* reads and
+writes the tensors where they are instead: program `pid` of the grid (tasks x the
+members' tiles) finds its member by comparing its tile with the members' first tiles,
+selects that member's pointers and sizes, and runs the per-tile `body` on them. The
+Triton backend launches every pass this way, for factored and non-factored tensors.
 
 The member structure (sizes, tiles, segment ids) is bound into the kernel's source, so
 each tree shape gets its own kernel (cached here), and the selection is a few scalar
