@@ -184,6 +184,14 @@ def _member_tile(t, B, U, V, R: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
+def _first_blocks(t, U, V, R: tl.constexpr, C: tl.constexpr):
+    """Whether tile t (`_member_tile`'s order) is in the first column block (its rows'
+    first tile) and in the first row block (its columns' first tile)."""
+    nu = tl.cdiv(U, R)
+    return (t // nu) % tl.cdiv(V, C) == 0, t % nu == 0
+
+
+@triton.jit
 def _row_col_sums_body(task, t, B, U, VQ, OU, OV, g_ptr, su_ptr, sv_ptr, TU: tl.constexpr,
                        TV: tl.constexpr, NV: tl.constexpr, NU: tl.constexpr, R: tl.constexpr,
                        C: tl.constexpr, RL: tl.constexpr, VA: tl.constexpr):
@@ -340,10 +348,9 @@ def _factored_moments_body(task, t, B, U, VQ, OU, OV, c_ptr, p_ptr, g_ptr, mom_p
     s = _lane(s, 13, m0 * f0, mask)
     s = _lane(s, 14, m1 * f1, mask)
     s = _lane(s, 15, m2 * f2, mask)
-    nu = tl.cdiv(U, R)
-    s = _side_lanes(s, 16, su_ptr + task * 3 * TU + OU + b * U, TU, u, U,
-                    (t // nu) % tl.cdiv(V, C) == 0)
-    s = _side_lanes(s, 22, sv_ptr + task * 3 * TV + OV + b * V, TV, v, V, t % nu == 0)
+    first_col_block, first_row_block = _first_blocks(t, U, V, R, C)
+    s = _side_lanes(s, 16, su_ptr + task * 3 * TU + OU + b * U, TU, u, U, first_col_block)
+    s = _side_lanes(s, 22, sv_ptr + task * 3 * TV + OV + b * V, TV, v, V, first_row_block)
     tl.store(s_ptr + tl.program_id(0).to(tl.int64) * NUM_SUMS + tl.arange(0, NUM_SUMS), s)
 
 
@@ -450,10 +457,11 @@ def _factored_apply_body(task, t, B, U, VQ, OU, OV, SEG, c_ptr, p_ptr, g_ptr, mo
     tl.store(mo_ptr + n + off, m1, mask=mask)
     tl.store(mo_ptr + 2 * n + off, m2, mask=mask)
     tl.store(ro_ptr + off, rms, mask=mask)
-    nu = tl.cdiv(U, R)
+    first_col_block, first_row_block = _first_blocks(t, U, V, R, C)
     _copy_side(su_ptr + task * 3 * TU, nu_ptr + task * 3 * B * U, TU, OU, B, U, b, u,
-               (t // nu) % tl.cdiv(V, C) == 0)
-    _copy_side(sv_ptr + task * 3 * TV, nv_ptr + task * 3 * B * V, TV, OV, B, V, b, v, t % nu == 0)
+               first_col_block)
+    _copy_side(sv_ptr + task * 3 * TV, nv_ptr + task * 3 * B * V, TV, OV, B, V, b, v,
+               first_row_block)
 
 
 @triton.jit
@@ -633,8 +641,8 @@ def factored_moments_kernel(tiles: tuple[int, ...], values: tuple):
 def factored_apply_kernel(tiles: tuple[int, ...], values: tuple, persistent: bool = False):
     """The apply pass over factored tensors: (c_ptr, p0_ptr.., g.., mom.., rms.., fu_ptr,
     fv_ptr, tu_ptr, tv_ptr, w_ptr, wh_ptr, bh_ptr, wo_ptr, su_ptr, sv_ptr, po0_ptr.., mo..,
-    ro.., nu0_ptr.., nv..; TU, TV,
-    SEGS, R, C, HP, NHID, EXP_MULT, STEP_MULT, PREC, L1, TW, WR, VA[, TASKS, STAGES]);
+    ro.., nu0_ptr.., nv..; TU, TV, SEGS, R, C, HP, NHID, EXP_MULT, STEP_MULT, PREC, L1, TW,
+    WR, VA[, TASKS, STAGES]);
     values B, U, VQ, OU, OV, SEG per tensor. `persistent`: a fixed grid of programs that
     loop over the tiles, their next tiles' loads in flight (`members.member_kernel`)."""
     constexprs = ("TU", "TV", "SEGS", "R", "C", "HP", "NHID", "EXP_MULT", "STEP_MULT", "PREC",

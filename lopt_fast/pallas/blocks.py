@@ -141,6 +141,7 @@ def group_block_sizes(views: list[tuple[int, int, int]], hidden: int, share: boo
     small = [j for j, (b, u, v) in enumerate(views) if b * u * v <= SHARED_TILE_MAX_ELEMENTS]
     if not (share and small):
         return apply, reduce
+
     def fits(j, tile, own):
         return _lanes(views[j], tile) <= max(2 * _lanes(views[j], own[j]), SHARED_TILE_SLACK)
 
@@ -148,8 +149,8 @@ def group_block_sizes(views: list[tuple[int, int, int]], hidden: int, share: boo
     # column tiles a kernel: the widest tile up to the small tensors' widest rows that
     # all of them take, else the apply rule.
     widest = min(max(32, next_pow2(max(views[j][2] for j in small))), REDUCTION_TILE)
-    wide = [BlockSizes(rows=REDUCTION_TILE // c, cols=c) for c in (widest >> k for k in range(6))
-            if c >= 32]
+    wide = [BlockSizes(rows=REDUCTION_TILE // c, cols=c)
+            for c in (widest >> k for k in range(widest.bit_length())) if c >= 32]
     shared_reduce = next((t for t in wide if all(fits(j, t, reduce) for j in small)),
                          _shared_tile([views[j] for j in small], REDUCTION_TILE))
     shared_apply = _shared_tile([views[j] for j in small], tile_elements(hidden))

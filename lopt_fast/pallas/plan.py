@@ -148,6 +148,11 @@ def _pad_last(x, n):
     return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n - x.shape[-1])])
 
 
+def _flat(x, lead: int):
+    """x with all axes after the first `lead` flattened into one."""
+    return x.reshape(x.shape[:lead] + (-1,))
+
+
 def _pad_axis(x, axis, n):
     pads = [(0, 0)] * x.ndim
     pads[axis] = (0, n - x.shape[axis])
@@ -503,7 +508,7 @@ def _packed_leaves(kernels, items, consts, nn, iteration, mlp, mults, hp, blocks
                               hp, blk)
     padded = [n * tile for n in nblocks]
     seg_ids = np.repeat(np.arange(len(items)), nblocks)
-    seg_starts = tuple(int(s) for s in np.cumsum([0] + nblocks[:-1]))
+    seg_starts = starts(nblocks)
     counts = np.minimum(np.asarray(sizes)[seg_ids]
                         - (np.arange(len(seg_ids)) - np.asarray(seg_starts)[seg_ids]) * tile,
                         tile).astype(np.int32)[:, None]
@@ -529,9 +534,8 @@ def _packed_leaves(kernels, items, consts, nn, iteration, mlp, mults, hp, blocks
             p, g, mom, rms, vd, consts, w_seg, b0, seg_starts, mlp, mults, blk)
 
     out, start = [], 0
-    unflat = lambda x, lead: x.reshape(x.shape[:lead] + (-1,))  # noqa: E731
-    new_p, new_mom, new_rms, new_vd = (unflat(new_p, 0), unflat(new_mom, 1), unflat(new_rms, 1),
-                                       unflat(new_vd, 1))
+    new_p, new_mom, new_rms, new_vd = (_flat(new_p, 0), _flat(new_mom, 1), _flat(new_rms, 1),
+                                       _flat(new_vd, 1))
     for (p0, _, a0), n, npad in zip(items, sizes, padded, strict=True):
         sl = lambda x: x[..., start:start + n]  # noqa: B023, E731
         out.append((sl(new_p).reshape(p0.shape).astype(p0.dtype),
@@ -544,10 +548,9 @@ def _packed_leaves(kernels, items, consts, nn, iteration, mlp, mults, hp, blocks
 
 def _member_leaves(kernels, items, sizes, nblocks, consts, nn, iteration, mlp, mults, hp, blk):
     """`_packed_leaves` through member launchers: every tensor flattened (free), no packing."""
-    flat = lambda x, lead: x.reshape(x.shape[:lead] + (-1,))  # noqa: E731
-    p = tuple(flat(p, 0) for p, _, _ in items)
-    g = tuple(flat(g, 0) for _, g, _ in items)
-    mom, rms, vd = (tuple(flat(getattr(a, k), 1) for _, _, a in items)
+    p = tuple(_flat(p, 0) for p, _, _ in items)
+    g = tuple(_flat(g, 0) for _, g, _ in items)
+    mom, rms, vd = (tuple(_flat(getattr(a, k), 1) for _, _, a in items)
                     for k in ("mom", "rms", "v_diag"))
     with jax.named_scope("adafac_packed_moments"):
         partial = kernels.member_moments(p, g, mom, rms, vd, consts, blk)
