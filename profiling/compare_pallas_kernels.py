@@ -29,15 +29,23 @@ CASES = [  # (B, U, V), tile
 ]
 
 
+# The tensor's rows and columns sit at these offsets of longer flat sides (another
+# tensor's before them, and after), as in a step of several factored tensors.
+OFFSETS = (5, 7)
+TRAILING = 3
+
+
 def _inputs(key, b, u, v):
     k = iter(jax.random.split(key, 16))
     n = lambda *s: jax.random.normal(next(k), s, jnp.float32)  # noqa: E731
     pos = lambda *s: jax.random.uniform(next(k), s, jnp.float32, 0.5, 2.0)  # noqa: E731
     consts = jax.random.uniform(next(k), (plan.NUM_CONSTS,), jnp.float32, 0.5, 0.99)
     mlp = plan.MLPWeights(0.3 * n(1, HP, HP), 0.1 * n(1, HP), 0.3 * n(2, HP))
+    su, sv = OFFSETS[0] + b * u + TRAILING, OFFSETS[1] + b * v + TRAILING  # flat side lengths
     return dict(p=n(b, u, v), g=n(b, u, v), mom=n(3, b, u, v), rms=pos(1, b, u, v),
-                fu=pos(3, b, u), fv=pos(3, b, v), consts=consts, tu=0.3 * n(b, u, HP),
-                tv=0.3 * n(b, v, HP), w_ew=0.3 * n(plan.NUM_EW_FACTORED, HP), mlp=mlp)
+                fu=pos(3, su), fv=pos(3, sv), consts=consts, tu=0.3 * n(su, HP),
+                tv=0.3 * n(sv, HP), w_ew=0.3 * n(plan.NUM_EW_FACTORED, HP), mlp=mlp,
+                new_u=pos(3, su), new_v=pos(3, sv))
 
 
 def _run(kern, name, x, blocks):
@@ -45,8 +53,9 @@ def _run(kern, name, x, blocks):
         return kern.row_col_sums(x["g"], blocks)
     args = [x[a] for a in ("p", "g", "mom", "rms", "fu", "fv", "consts")]
     if name == "moments":
-        return kern.factored_moments(*args, blocks)
-    return kern.factored_apply(*args, x["tu"], x["tv"], x["w_ew"], x["mlp"], (0.3, 0.01), blocks)
+        return kern.factored_moments(*args, OFFSETS, blocks)
+    return kern.factored_apply(*args, x["tu"], x["tv"], x["w_ew"], x["mlp"], (0.3, 0.01),
+                               x["new_u"], x["new_v"], OFFSETS, blocks)
 
 
 def main():

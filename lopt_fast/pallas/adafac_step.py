@@ -84,6 +84,22 @@ def _store(ref, value, mask, plane=None):
                        mask=jnp.broadcast_to(mask, value.shape)[None])
 
 
+def _side_load(ref, start, ok, plane=None):
+    """Entries start .. start + len(ok) of a flat side: plane `plane` of ref [planes, n]
+    -> [len(ok)], or rows of a table ref [n, width] -> [len(ok), width]; zeros where not
+    `ok`. A tensor's rows (columns) sit at its offset in the flat U (V) side of all
+    factored tensors (`plan.FactoredGroup`), read in place rather than sliced out by XLA."""
+    size = ok.shape[0]
+    if plane is None:
+        width = ref.shape[1]
+        x = pltriton.load(ref.at[pl.ds(start, size), :],
+                          mask=jnp.broadcast_to(ok[:, None], (size, width)), other=0)
+    else:
+        x = pltriton.load(ref.at[pl.ds(plane, 1), pl.ds(start, size)], mask=ok[None],
+                          other=0)[0]
+    return x.astype(jnp.float32)
+
+
 def _accumulators(c_ref, g, mom_ref, rms_ref, mask=None):
     """New momenta (3 planes) and rms from the gradient tile g [rows, cols]."""
     m = [c_ref[C_MOM + k] * _load(mom_ref, mask, k) + (1 - c_ref[C_MOM + k]) * g
@@ -93,11 +109,13 @@ def _accumulators(c_ref, g, mom_ref, rms_ref, mask=None):
     return m, rms
 
 
-def _features_factored(g, p, m, rms, fu_ref, fv_ref, row_ok, col_ok):
-    """16 per-element feature planes of a factored tile (order of `adafac_math._PER_ELEMENT`)."""
+def _features_factored(g, p, m, rms, fu_ref, fv_ref, starts, row_ok, col_ok):
+    """16 per-element feature planes of a factored tile (order of `adafac_math._PER_ELEMENT`);
+    its rows' factors start at starts[0] of the flat fu [3, sum BU], its columns' at
+    starts[1] of fv."""
     r = lax.rsqrt(rms + 1e-6)
-    fac = [_load(fu_ref, row_ok, k)[:, None] * _load(fv_ref, col_ok, k)[None, :]
-           for k in range(3)]
+    fac = [_side_load(fu_ref, starts[0], row_ok, k)[:, None]
+           * _side_load(fv_ref, starts[1], col_ok, k)[None, :] for k in range(3)]
     return ([g, p, *m, rms, *(mk * r for mk in m), r]
             + [g * f for f in fac] + [mk * f for mk, f in zip(m, fac, strict=True)])
 
@@ -173,8 +191,19 @@ def _tile_masks(shape, u_size, v_size):
     return row_ok, col_ok, row_ok[:, None] & col_ok[None, :]
 
 
+def _side_starts(shape, u_size, v_size, offsets):
+    """Where this tile's first row and column sit on the flat U / V sides: the tensor's
+    offsets there, plus its earlier [U] / [V] lines (one per B) and earlier tiles."""
+    rows, cols = shape
+    b = pl.program_id(0)
+    return (offsets[0] + b * u_size + pl.program_id(1) * rows,
+            offsets[1] + b * v_size + pl.program_id(2) * cols)
+
+
 def _row_col_sums_kernel(g_ref, su_ref, sv_ref, *, u_size, v_size):
     # g_ref [rows, cols]; su_ref [rows] (sum over this tile's cols); sv_ref [cols]
+    # (sum over its rows): one row of the partial sums [column blocks, B, U] / [row
+    # blocks, B, V]
     row_ok, col_ok, mask = _tile_masks(g_ref.shape, u_size, v_size)
     g = _load(g_ref, mask)
     sq = jnp.where(mask, g * g + 1e-30, 0.0)
@@ -182,37 +211,53 @@ def _row_col_sums_kernel(g_ref, su_ref, sv_ref, *, u_size, v_size):
     _store(sv_ref, jnp.sum(sq, axis=0), col_ok)
 
 
-def _factored_tile(c_ref, p_ref, g_ref, mom_ref, rms_ref, fu_ref, fv_ref, u_size, v_size):
-    """Masks, p, new accumulators and the 16 feature planes of this factored tile."""
+def _factored_tile(c_ref, p_ref, g_ref, mom_ref, rms_ref, fu_ref, fv_ref, u_size, v_size,
+                   offsets):
+    """Masks, where its rows / columns sit on the flat sides, p, new accumulators and the
+    16 feature planes of this factored tile."""
     row_ok, col_ok, mask = _tile_masks(g_ref.shape, u_size, v_size)
+    starts = _side_starts(g_ref.shape, u_size, v_size, offsets)
     g, p = _load(g_ref, mask), _load(p_ref, mask)
     m, rms = _accumulators(c_ref, g, mom_ref, rms_ref, mask)
-    feats = _features_factored(g, p, m, rms, fu_ref, fv_ref, row_ok, col_ok)
-    return (row_ok, col_ok, mask), p, m, rms, feats
+    feats = _features_factored(g, p, m, rms, fu_ref, fv_ref, starts, row_ok, col_ok)
+    return (row_ok, col_ok, mask), starts, p, m, rms, feats
 
 
 def _factored_moments_kernel(c_ref, p_ref, g_ref, mom_ref, rms_ref, fu_ref, fv_ref, s_ref, *,
-                             u_size, v_size):
-    # p, g [rows, cols]; mom [3, rows, cols]; rms [1, rows, cols]; fu [3, rows]; fv [3, cols]
-    # s_ref [1, 32]: this tile's sums of squared features
-    (_, _, mask), _, _, _, feats = _factored_tile(c_ref, p_ref, g_ref, mom_ref, rms_ref,
-                                                  fu_ref, fv_ref, u_size, v_size)
+                             u_size, v_size, offsets):
+    # p, g [rows, cols]; mom [3, rows, cols]; rms [1, rows, cols]; fu [3, sum BU] and
+    # fv [3, sum BV] whole (the flat sides); s_ref [1, 32]: this tile's sums of squared features
+    (_, _, mask), _, _, _, _, feats = _factored_tile(c_ref, p_ref, g_ref, mom_ref, rms_ref,
+                                                     fu_ref, fv_ref, u_size, v_size, offsets)
     s_ref[...] = _sums_vector(feats, mask)
 
 
 def _factored_apply_kernel(c_ref, p_ref, g_ref, mom_ref, rms_ref, fu_ref, fv_ref, tu_ref, tv_ref,
-                           w_ref, *rest, mults, precision, layer1, hidden, u_size, v_size):
-    # tu [rows, Hp] (row table + b0), tv [cols, Hp], w [16, Hp]; outputs p [rows, cols]
-    # in p's dtype, mom [3, rows, cols], rms [1, rows, cols]
-    mlp_refs, (po_ref, mo_ref, ro_ref) = _split_mlp(rest, hidden)
-    (row_ok, col_ok, mask), p, m, rms, feats = _factored_tile(
-        c_ref, p_ref, g_ref, mom_ref, rms_ref, fu_ref, fv_ref, u_size, v_size)
-    pre0 = _load(tu_ref, row_ok[:, None])[:, None, :] + _load(tv_ref, col_ok[:, None])[None, :, :]
+                           w_ref, *rest, mults, precision, layer1, hidden, u_size, v_size,
+                           offsets):
+    # tu [sum BU, Hp] (row tables + b0), tv [sum BV, Hp], nu [3, sum BU], nv [3, sum BV]
+    # (the new accumulators): the flat sides, whole; w [16, Hp]. Outputs p [rows, cols] in
+    # p's dtype, mom [3, rows, cols], rms [1, rows, cols], and the tensor's new v planes on
+    # its U side [3, rows] and V side [3, cols]
+    mlp_refs, (nu_ref, nv_ref, po_ref, mo_ref, ro_ref, uo_ref, vo_ref) = _split_mlp(rest, hidden)
+    (row_ok, col_ok, mask), starts, p, m, rms, feats = _factored_tile(
+        c_ref, p_ref, g_ref, mom_ref, rms_ref, fu_ref, fv_ref, u_size, v_size, offsets)
+    pre0 = (_side_load(tu_ref, starts[0], row_ok)[:, None, :]
+            + _side_load(tv_ref, starts[1], col_ok)[None, :, :])
     step = _mlp_step(pre0, feats, w_ref, mlp_refs, c_ref, mults, precision, layer1)
     _store(po_ref, p - step, mask)
     for k in range(3):
         _store(mo_ref, m[k], mask, k)
     _store(ro_ref, rms, mask, 0)
+    # The state's new v_row / v_col, copied here rather than sliced out of the flat sides
+    # by an XLA kernel per tensor and side: the first column block's programs write their
+    # rows', the first row block's their columns'.
+    for first, src, dst, start, ok in ((pl.program_id(2) == 0, nu_ref, uo_ref, starts[0], row_ok),
+                                       (pl.program_id(1) == 0, nv_ref, vo_ref, starts[1], col_ok)):
+        @pl.when(first)
+        def _copy(src=src, dst=dst, start=start, ok=ok):
+            for k in range(3):
+                _store(dst, _side_load(src, start, ok, k), ok, k)
 
 
 def _packed_moments_kernel(c_ref, p_ref, g_ref, mom_ref, rms_ref, vd_ref, n_ref, s_ref):
@@ -290,18 +335,22 @@ class PallasKernels:
         b, u, v = g.shape
         grid = self._grid(g.shape, blocks)
         r, c = blocks.rows, blocks.cols
-        su, sv = self._call(
+        return self._call(
             functools.partial(_row_col_sums_kernel, u_size=u, v_size=v), "adafac_row_col_sums",
             blocks, grid=grid,
             in_specs=[pl.BlockSpec((None, r, c), lambda i, j, k: (i, j, k))],
-            out_specs=[pl.BlockSpec((None, None, r), lambda i, j, k: (i, k, j)),
-                       pl.BlockSpec((None, None, c), lambda i, j, k: (i, j, k))],
-            out_shape=[jax.ShapeDtypeStruct((b, grid[2], u), jnp.float32),
-                       jax.ShapeDtypeStruct((b, grid[1], v), jnp.float32)],
+            out_specs=[pl.BlockSpec((None, None, r), lambda i, j, k: (k, i, j)),
+                       pl.BlockSpec((None, None, c), lambda i, j, k: (j, i, k))],
+            out_shape=[jax.ShapeDtypeStruct((grid[2], b, u), jnp.float32),
+                       jax.ShapeDtypeStruct((grid[1], b, v), jnp.float32)],
         )(g)
-        return jnp.sum(su, axis=1), jnp.sum(sv, axis=1)
 
-    def _factored_specs(self, blocks):
+    @staticmethod
+    def _whole(x):
+        """A flat side's BlockSpec: the whole array (read at the tile's offsets in-kernel)."""
+        return pl.BlockSpec(x.shape, lambda *idx: (0,) * x.ndim)
+
+    def _factored_specs(self, blocks, fu, fv):
         r, c = blocks.rows, blocks.cols
         return [
             pl.BlockSpec((plan.NUM_CONSTS,), lambda i, j, k: (0,)),  # consts
@@ -309,16 +358,15 @@ class PallasKernels:
             pl.BlockSpec((None, r, c), lambda i, j, k: (i, j, k)),  # g
             pl.BlockSpec((3, None, r, c), lambda i, j, k: (0, i, j, k)),  # mom
             pl.BlockSpec((1, None, r, c), lambda i, j, k: (0, i, j, k)),  # rms
-            pl.BlockSpec((3, None, r), lambda i, j, k: (0, i, j)),  # fu
-            pl.BlockSpec((3, None, c), lambda i, j, k: (0, i, k)),  # fv
+            self._whole(fu), self._whole(fv),
         ]
 
-    def factored_moments(self, p, g, mom, rms, fu, fv, consts, blocks: BlockSizes):
+    def factored_moments(self, p, g, mom, rms, fu, fv, consts, offsets, blocks: BlockSizes):
         b, u, v = p.shape
         grid = self._grid(p.shape, blocks)
         return self._call(
-            functools.partial(_factored_moments_kernel, u_size=u, v_size=v), "adafac_moments",
-            blocks, grid=grid, in_specs=self._factored_specs(blocks),
+            functools.partial(_factored_moments_kernel, u_size=u, v_size=v, offsets=offsets),
+            "adafac_moments", blocks, grid=grid, in_specs=self._factored_specs(blocks, fu, fv),
             out_specs=pl.BlockSpec((None, 1, plan.NUM_SUMS),
                                    lambda i, j, k: (i, j * grid[2] + k, 0)),
             out_shape=jax.ShapeDtypeStruct((b, grid[1] * grid[2], plan.NUM_SUMS), jnp.float32),
@@ -337,30 +385,32 @@ class PallasKernels:
         del zero
         return specs, args
 
-    def factored_apply(self, p, g, mom, rms, fu, fv, consts, tu, tv, w_ew, mlp, mults,
-                       blocks: BlockSizes):
+    def factored_apply(self, p, g, mom, rms, fu, fv, consts, tu, tv, w_ew, mlp, mults, new_u,
+                       new_v, offsets, blocks: BlockSizes):
         b, u, v = p.shape
-        hp = tu.shape[-1]
         r, c = blocks.rows, blocks.cols
         mlp_specs, mlp_args = self._mlp_specs(mlp, 3)
-        in_specs = self._factored_specs(blocks) + [
-            pl.BlockSpec((None, r, hp), lambda i, j, k: (i, j, 0)),  # tu
-            pl.BlockSpec((None, c, hp), lambda i, j, k: (i, k, 0)),  # tv
+        in_specs = self._factored_specs(blocks, fu, fv) + [
+            self._whole(tu), self._whole(tv),
             pl.BlockSpec(w_ew.shape, lambda i, j, k: (0, 0)),  # w_ew
-        ] + mlp_specs
+        ] + mlp_specs + [self._whole(new_u), self._whole(new_v)]
         kernel = functools.partial(_factored_apply_kernel, mults=mults, precision=self.precision,
                                    layer1=self.layer1, hidden=mlp.w_hidden is not None,
-                                   u_size=u, v_size=v)
+                                   u_size=u, v_size=v, offsets=offsets)
         return self._call(
             kernel, "adafac_apply", blocks, grid=self._grid(p.shape, blocks), in_specs=in_specs,
             out_specs=[pl.BlockSpec((None, r, c), lambda i, j, k: (i, j, k)),
                        pl.BlockSpec((3, None, r, c), lambda i, j, k: (0, i, j, k)),
-                       pl.BlockSpec((1, None, r, c), lambda i, j, k: (0, i, j, k))],
+                       pl.BlockSpec((1, None, r, c), lambda i, j, k: (0, i, j, k)),
+                       pl.BlockSpec((3, None, r), lambda i, j, k: (0, i, j)),
+                       pl.BlockSpec((3, None, c), lambda i, j, k: (0, i, k))],
             out_shape=[jax.ShapeDtypeStruct(p.shape, p.dtype),
                        jax.ShapeDtypeStruct(mom.shape, jnp.float32),
-                       jax.ShapeDtypeStruct(rms.shape, jnp.float32)],
+                       jax.ShapeDtypeStruct(rms.shape, jnp.float32),
+                       jax.ShapeDtypeStruct((3, b, u), jnp.float32),
+                       jax.ShapeDtypeStruct((3, b, v), jnp.float32)],
             input_output_aliases=plan.in_place_aliases(plan.FACTORED_APPLY_ALIASES, self.in_place),
-        )(consts, p, g, mom, rms, fu, fv, tu, tv, w_ew, *mlp_args)
+        )(consts, p, g, mom, rms, fu, fv, tu, tv, w_ew, *mlp_args, new_u, new_v)
 
     # Packed non-factored tensors: grid (tiles,).
     def _packed_specs(self, blocks):

@@ -174,14 +174,18 @@ def mlp_weights(nn, hp: int) -> tuple[MLPWeights, jax.Array]:
 class Kernels(NamedTuple):
     """The launchers a backend provides (all arrays canonical, see module docstring).
 
-    Factored tensors, either per tensor:
-    row_col_sums(g[B,U,V], blocks) -> (sum over V [B,U], sum over U [B,V]) of g^2 + 1e-30
-    factored_moments(p, g, mom, rms, fu, fv, consts, blocks) -> partial sums [..., 32]
-    factored_apply(p, g, mom, rms, fu, fv, consts, tu, tv, w_ew, mlp, mults, blocks)
-        -> (new_p [B,U,V] in p.dtype, new_mom [3,B,U,V], new_rms [1,B,U,V])
+    Factored tensors, either per tensor, the per-row / per-column operands whole on the
+    flat U / V sides (fu [3, sum BU], tu [sum BU, TW], ..., see below), read at the
+    tensor's `offsets` (its `FactoredGroup.u_offsets`, `v_offsets`):
+    row_col_sums(g[B,U,V], blocks) -> partial sums over V [KV, B, U] and over U [KU, B, V]
+        of g^2 + 1e-30 (KV column blocks, KU row blocks)
+    factored_moments(p, g, mom, rms, fu, fv, consts, offsets, blocks) -> partial sums [..., 32]
+    factored_apply(p, g, mom, rms, fu, fv, consts, tu, tv, w_ew, mlp, mults, new_u, new_v,
+                   offsets, blocks)
+        -> (new_p [B,U,V] in p.dtype, new_mom [3,B,U,V], new_rms [1,B,U,V], the U side's
+            [3, B, U] and the V side's [3, B, V] of new_u / new_v)
     or for all of them together (a `FactoredGroup`; `PerTensorGroup` makes these from the
-    per-tensor launchers), with tuples over the tensors and their per-row / per-column
-    operands on the flat U / V sides (fu [3, sum BU], tu [sum BU, TW], ...):
+    per-tensor launchers), with tuples over the tensors:
     group_row_col_sums(g, group) -> (su [sum BU], sv [sum BV])
     group_sides(g, v_u, v_v, consts, group) (optional) -> (new_u, new_v, f_u, f_v), the new
         accumulators and factors on the flat sides from each tensor's state v_u [3, B U],
@@ -293,48 +297,42 @@ def starts(sizes) -> tuple[int, ...]:
 
 class PerTensorGroup:
     """A group's launchers (`Kernels.group_*`) from a backend's per-tensor ones: each pass
-    one launch per tensor, on its slices of the flat U / V side vectors."""
+    one launch per tensor, which reads its rows and columns of the flat U / V side arrays
+    at its offsets (`FactoredGroup.u_offsets`), so that no XLA kernel runs per tensor."""
 
     def __init__(self, kernels: Kernels):
         self.kernels = kernels
 
-    @staticmethod
-    def _sides(group: FactoredGroup, x_u, x_v, j: int, lead: tuple = ()):
-        """Tensor j's planes of the flat U / V side arrays x_u [*lead, sum BU, ...]."""
-        lay, ou, ov = group.layouts[j], group.u_offsets[j], group.v_offsets[j]
-        n = len(lead)
-        u = lax.slice_in_dim(x_u, ou, ou + lay.B * lay.U, axis=n)
-        v = lax.slice_in_dim(x_v, ov, ov + lay.B * lay.V, axis=n)
-        return (u.reshape(lead + (lay.B, lay.U) + x_u.shape[n + 1:]),
-                v.reshape(lead + (lay.B, lay.V) + x_v.shape[n + 1:]))
-
     def group_row_col_sums(self, g, group: FactoredGroup):
         sums = [self.kernels.row_col_sums(x, blk) for x, blk in zip(g, group.reduce_blocks,
                                                                       strict=True)]
-        return (jnp.concatenate([su.reshape(-1) for su, _ in sums]),
-                jnp.concatenate([sv.reshape(-1) for _, sv in sums]))
+        return _part_major_sums([su for su, _ in sums]), _part_major_sums([sv for _, sv in sums])
 
     def group_moments(self, p, g, mom, rms, fu, fv, new_u, new_v, consts, group: FactoredGroup):
-        out = []
-        for j, blk in enumerate(group.reduce_blocks):
-            fu_j, fv_j = self._sides(group, fu, fv, j, (3,))
-            partial = self.kernels.factored_moments(p[j], g[j], mom[j], rms[j], fu_j, fv_j,
-                                                    consts, blk)
-            out.append(jnp.sum(partial.reshape(-1, NUM_SUMS), axis=0)[:NUM_EW_FACTORED])
-        return jnp.concatenate([jnp.stack(out), _side_square_sums(new_u, group.u_sizes),
+        partials = [self.kernels.factored_moments(p[j], g[j], mom[j], rms[j], fu, fv, consts,
+                                                  (group.u_offsets[j], group.v_offsets[j]), blk
+                                                  ).reshape(-1, NUM_SUMS)
+                    for j, blk in enumerate(group.reduce_blocks)]
+        sums = segment_sums(jnp.concatenate(partials), [x.shape[0] for x in partials])
+        return jnp.concatenate([sums[:, :NUM_EW_FACTORED], _side_square_sums(new_u, group.u_sizes),
                                 _side_square_sums(new_v, group.v_sizes),
-                                jnp.zeros((len(out), NUM_SUMS - SIDE_LANES_V - 6))], axis=1)
+                                jnp.zeros((len(partials), NUM_SUMS - SIDE_LANES_V - 6))], axis=1)
 
     def group_apply(self, p, g, mom, rms, fu, fv, consts, tu, tv, w, mlp, mults, new_u, new_v,
                     group: FactoredGroup):
-        outs = []
-        for j, blk in enumerate(group.blocks):
-            fu_j, fv_j = self._sides(group, fu, fv, j, (3,))
-            tu_j, tv_j = self._sides(group, tu, tv, j)
-            outs.append((*self.kernels.factored_apply(p[j], g[j], mom[j], rms[j], fu_j, fv_j,
-                                                      consts, tu_j, tv_j, w[j], mlp, mults, blk),
-                         *self._sides(group, new_u, new_v, j, (3,))))
+        outs = [self.kernels.factored_apply(p[j], g[j], mom[j], rms[j], fu, fv, consts, tu, tv,
+                                            w[j], mlp, mults, new_u, new_v,
+                                            (group.u_offsets[j], group.v_offsets[j]), blk)
+                for j, blk in enumerate(group.blocks)]
         return tuple(tuple(o[k] for o in outs) for k in range(5))
+
+
+def _part_major_sums(partials):
+    """Whole sums [sum n_j] from each tensor's partial sums [K_j, ..., n_j], K_j parts of
+    its n_j lines each: padded to the most parts, side by side, one reduction."""
+    flat = [x.reshape(x.shape[0], -1) for x in partials]
+    parts = max(x.shape[0] for x in flat)
+    return jnp.sum(jnp.concatenate([_pad_axis(x, 0, parts) for x in flat], axis=1), axis=0)
 
 
 def _side_square_sums(new, sizes):
