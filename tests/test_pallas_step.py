@@ -22,6 +22,7 @@ import pytest
 from lopt_fast.learned import AdafacMLPLOpt, reference_update
 from lopt_fast.pallas import BlockSizes, block_sizes, pallas_update
 from lopt_fast.pallas import plan as pallas_plan
+from lopt_fast.pallas.blocks import member_runs
 from tests.helpers import ROOT, precise_reference, random_theta
 
 
@@ -266,7 +267,9 @@ def test_segment_sums_match_segment_sum():
 
 @pytest.mark.parametrize("in_place", [True, False])
 def test_lowers_for_cuda_through_triton(lopt, in_place):
-    """The real (non-interpreted) kernels lower for CUDA on this CPU-only machine; in place,
+    """The real (non-interpreted) kernels lower for CUDA on this CPU-only machine, each pass
+    one launch per run of factored tensors alike in tile and dtype (here 2: the float32 m
+    and c share a tile, the bf16 w runs alone) and one for the packed vectors; in place,
     each apply launch aliases its p, mom, rms (packed: and v_diag) operands to its outputs,
     and with `in_place=False` none does (fresh outputs: nothing for XLA to copy when the
     state is not donated)."""
@@ -280,7 +283,7 @@ def test_lowers_for_cuda_through_triton(lopt, in_place):
     batched = jax.tree.map(lambda x: jnp.stack([x, x]), (state, params))
     lowered = jax.jit(fn).trace(theta, *batched).lower(lowering_platforms=("cuda",))
     launches = [line for line in lowered.as_text().splitlines() if "__gpu$xla.gpu.triton" in line]
-    assert len(launches) == 3 * 3 + 2, "one Triton launch per kernel"
+    assert len(launches) == 3 * 2 + 2, "one Triton launch per pass and run"
     aliases = sum(line.count("output_operand_alias<") for line in launches)
     assert aliases == (3 * 3 + 4 if in_place else 0), f"{aliases} aliased operands"
 
@@ -351,29 +354,37 @@ def test_reduction_passes_take_their_own_tiles(lopt):
         BlockSizes(1, 256), BlockSizes(1, 1024))
     assert reduction_block_sizes(3, 5) == BlockSizes(4, 8)  # the tensor, rounded to powers of 2
     theta = lopt.init(jax.random.key(0))
-    params = {"w": jnp.ones((300, 700))}
+    params = {"w": jnp.ones((600, 700))}  # too big to share a tile (`group_block_sizes`)
     state = lopt.opt_fn(theta, backend="reference").init(params, num_steps=10)
     kernels = PallasKernels(interpret=True)
     seen = {}
 
-    def recording(name):  # the launcher, noting its tile (the last argument)
+    def recording(name):  # the launcher, noting the tile of its pass (in its group, last)
         launch = getattr(kernels, name)
 
         def record(*args):
-            seen[name] = args[-1]
+            group = args[-1]
+            seen[name] = group.blocks[0] if name == "group_apply" else group.reduce_blocks[0]
             return launch(*args)
 
         return record
 
     hp = pallas_plan.padded_hidden(lopt.hidden_size)
-    for blocks, want in ((None, {"row_col_sums": reduction_block_sizes(300, 700),
-                                 "factored_moments": reduction_block_sizes(300, 700),
-                                 "factored_apply": block_sizes(300, 700, hp)}),
-                         (SMALL_TILES, dict.fromkeys(("row_col_sums", "factored_moments",
-                                                      "factored_apply"), SMALL_TILES))):
+    for blocks, want in ((None, {"group_row_col_sums": reduction_block_sizes(600, 700),
+                                 "group_moments": reduction_block_sizes(600, 700),
+                                 "group_apply": block_sizes(600, 700, hp)}),
+                         (SMALL_TILES, dict.fromkeys(("group_row_col_sums", "group_moments",
+                                                      "group_apply"), SMALL_TILES))):
         seen.clear()
         recorder = pallas_plan.Kernels(**{**pallas_plan.Kernels.of(kernels)._asdict(),
                                           **{name: recording(name) for name in want}})
         jax.eval_shape(lambda t, s, g, r=recorder, b=blocks: pallas_plan.fused_update(
             r, lopt, t, s, g, blocks=b), theta, state, params)
         assert seen == want, (blocks, seen)
+
+
+def test_member_runs_split_at_a_new_dtype_and_at_the_cap():
+    keys = ["f32", "f32", "bf16", "f32", "f32", "f32"]
+    assert member_runs(keys, max_members=2) == [range(0, 2), range(2, 3), range(3, 5), range(5, 6)]
+    assert member_runs(keys) == [range(0, 2), range(2, 3), range(3, 6)]
+    assert member_runs([]) == []

@@ -75,17 +75,6 @@ BF16_DOTS_TOLERANCE = Tolerance({jnp.dtype(jnp.float32): (2e-3, 2e-3),
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed (pip install 'lopt-fast[gpu]')")
-def test_member_runs_split_at_a_new_dtype_and_at_the_cap():
-    from lopt_fast.kernels import members
-
-    keys = ["f32", "f32", "bf16", "f32", "f32", "f32"]
-    assert members.member_runs(keys, max_members=2) == [range(0, 2), range(2, 3), range(3, 5),
-                                                        range(5, 6)]
-    assert members.member_runs(keys) == [range(0, 2), range(2, 3), range(3, 6)]
-    assert members.member_runs([]) == []
-
-
-@pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed (pip install 'lopt-fast[gpu]')")
 @pytest.mark.parametrize("hidden_layers", [1, 2])
 def test_kernels_compile_for_sm90(hidden_layers):
     from lopt_fast.kernels import adafac_triton as at
@@ -120,7 +109,7 @@ def test_kernels_compile_for_sm90(hidden_layers):
         (at.factored_apply_kernel((130, 9), sides + (("SEG", (0, 1)),), persistent=True), {},
          dict(R=1, C=256, **apply("dot_all", PREC="bf16"), TASKS=1, STAGES=2)),
         # non-factored tensors of 1, 300 and 257 elements (2x128 tiles), as one launch (a run
-        # of one dtype, `members.member_runs`): bf16 params, then float32 ones
+        # of one dtype, `blocks.member_runs`): bf16 params, then float32 ones
         (at.packed_moments_kernel((1, 300, 257), (1, 2, 2), (0, 1, 2)),
          {f"{x}{i}_ptr": "*bf16" for x in ("p", "g") for i in range(3)}, dict(R=2, C=128)),
         (at.packed_apply_kernel((1, 300), (1, 2), (3, 4)),

@@ -246,7 +246,7 @@ if __name__ == "__main__":
                     help="the persistent apply kernel, with 2 programs so each loops over "
                          "many tiles")
     ap.add_argument("--max-members", type=int, default=None,
-                    help="at most this many small tensors per member launch (members.MAX_MEMBERS)")
+                    help="at most this many small tensors per member launch (blocks.MAX_MEMBERS)")
     ap.add_argument("--no-whole-planes", action="store_true",
                     help="the row / column sums pass and XLA's between-pass math even where "
                          "the planes fit one tile (PLANE_TILE_MAX = 0)")
@@ -256,9 +256,9 @@ if __name__ == "__main__":
 
         adafac_triton.PLANE_TILE_MAX = 0  # this process only
     if args.max_members:
-        from lopt_fast.kernels import members
+        from lopt_fast.pallas import blocks
 
-        members.MAX_MEMBERS = args.max_members  # this process only
+        blocks.MAX_MEMBERS = args.max_members  # this process only
     _round_bf16_stores_to_nearest_even()
     _bf16_dots_from_bf16_values()
     _scalar_tensors_index()

@@ -77,6 +77,7 @@ from lopt_fast.pallas.blocks import (
     TRITON_LAUNCHER_ENV_VAR,
     TRITON_LAUNCHERS,
     BlockSizes,
+    member_runs,
     next_pow2,
 )
 
@@ -746,7 +747,7 @@ class TritonKernels:
     @staticmethod
     def _runs(p, g, group: plan.FactoredGroup) -> list[range]:
         """The factored tensors that share launches: alike in tiles and dtypes."""
-        return members.member_runs([(group.blocks[j], group.reduce_blocks[j], p[j].dtype,
+        return member_runs([(group.blocks[j], group.reduce_blocks[j], p[j].dtype,
                                      g[j].dtype) for j in range(len(p))])
 
     def group_sides(self, g, v_u, v_v, consts, group: plan.FactoredGroup):
@@ -760,7 +761,7 @@ class TritonKernels:
         if rows * cols > PLANE_TILE_MAX:
             return None
         outs = [self._sides_run(g, v_u, v_v, consts, group, run, rows, cols)
-                for run in members.member_runs([x.dtype for x in g])]
+                for run in member_runs([x.dtype for x in g])]
         return tuple(jnp.concatenate([out[k] for out in outs], axis=-1) if len(outs) > 1
                      else outs[0][k] for k in range(4))
 
@@ -896,11 +897,11 @@ class TritonKernels:
                            new_v)
 
     def _member_launches(self, p, g, blocks: BlockSizes):
-        """The members' runs that share a launch (`members.member_runs`: their p and g
+        """The members' runs that share a launch (`blocks.member_runs`: their p and g
         dtypes alike), and each member's size and tiles."""
         sizes = [x.size for x in p]
         tiles = [-(-n // (blocks.rows * blocks.cols)) for n in sizes]
-        runs = members.member_runs([(a.dtype, b.dtype) for a, b in zip(p, g, strict=True)])
+        runs = member_runs([(a.dtype, b.dtype) for a, b in zip(p, g, strict=True)])
         return runs, sizes, tiles
 
     def member_moments(self, p, g, mom, rms, vd, consts, blocks: BlockSizes):

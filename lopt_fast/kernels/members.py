@@ -14,7 +14,7 @@ The member structure (sizes, tiles, segment ids) is bound into the kernel's sour
 each tree shape gets its own kernel (cached here), and the selection is a few scalar
 compares and selects per member and operand. Arrays of different dtypes cannot share a
 select, and a kernel's parameters are limited (4 KB on older CUDA): launchers split the
-members into runs (`member_runs`).
+members into runs (`blocks.member_runs`).
 
     body(task, tile, *values, *before, *member inputs, *between, *member outputs,
          *after, *constexprs)
@@ -28,24 +28,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import linecache
-from collections.abc import Sequence
 
 import numpy as np
-
-MAX_MEMBERS = 32  # per launch: 9 pointers each in the apply pass, 2.3 KB of parameters
-
-
-def member_runs(keys: Sequence, max_members: int | None = None) -> list[range]:
-    """Consecutive runs of members with equal `keys` (e.g. their dtypes), at most
-    `max_members` (default `MAX_MEMBERS`) long: the members that can share a launch, in
-    order."""
-    max_members = max_members or MAX_MEMBERS
-    runs, start = [], 0
-    for i in range(1, len(keys) + 1):
-        if i == len(keys) or keys[i] != keys[start] or i - start == max_members:
-            runs.append(range(start, i))
-            start = i
-    return runs
 
 
 def _names(base: str, count: int) -> list[str]:

@@ -18,8 +18,12 @@ Math per parameter (decays b_m [3], c_r = clip(b_r), c_f = clip(b_f) [3]; see
     h = relu(pre0); h = relu(h W_l + b_l) ...; (d, mag) = h W_out + b_out
     p <- p - d exp(mag exp_mult) step_mult
 
-Kernels (all `pl.pallas_call`s are named; grid = (B, U / rows, V / cols), a leading
-task axis when vmapped):
+Kernels (all `pl.pallas_call`s are named). A factored pass is one launch per run of up
+to 32 tensors alike in tile and dtype (`lopt_fast.pallas.members.MemberTiles`: a 1-D grid
+over their tiles, each program loading its tensor's blocks through a `lax.switch`), and
+reads each tensor's rows and columns of the flat U / V sides (`plan.FactoredGroup`) in
+place; the packed vectors take one launch per pass. `jax.vmap` adds a leading task axis
+to every grid.
     adafac_row_col_sums      reads g                         4 B / param
     adafac_moments           reads p, g, m, rms              24 B / param (+ packed: v 12 B)
     adafac_apply             reads p, g, m, rms; writes p, m, rms   24 + 20 B / param
@@ -46,7 +50,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from lopt_fast.pallas import plan
-from lopt_fast.pallas.blocks import PALLAS_LAYER1_FORMS, BlockSizes
+from lopt_fast.pallas.blocks import PALLAS_LAYER1_FORMS, BlockSizes, member_runs
+from lopt_fast.pallas.members import MemberTiles
 
 C_MOM, C_RMS, C_FAC, C_BOUT = plan.C_MOM, plan.C_RMS, plan.C_FAC, plan.C_BOUT
 
@@ -100,13 +105,12 @@ def _side_load(ref, start, ok, plane=None):
     return x.astype(jnp.float32)
 
 
-def _accumulators(c_ref, g, mom_ref, rms_ref, mask=None):
-    """New momenta (3 planes) and rms from the gradient tile g [rows, cols]."""
-    m = [c_ref[C_MOM + k] * _load(mom_ref, mask, k) + (1 - c_ref[C_MOM + k]) * g
-         for k in range(3)]
+def _accumulators(c_ref, g, mom, rms):
+    """New momenta (3 planes) and rms from the gradient tile g [rows, cols] and the old
+    ones (float32 tiles)."""
+    m = [c_ref[C_MOM + k] * mom[k] + (1 - c_ref[C_MOM + k]) * g for k in range(3)]
     c_r = c_ref[C_RMS]
-    rms = c_r * _load(rms_ref, mask, 0) + (1 - c_r) * (g * g)
-    return m, rms
+    return m, c_r * rms + (1 - c_r) * (g * g)
 
 
 def _features_factored(g, p, m, rms, fu_ref, fv_ref, starts, row_ok, col_ok):
@@ -182,88 +186,112 @@ def _mlp_step(pre0, feats, w_ref, mlp_refs, c_ref, mults, precision, layer1):
     return (direction * jnp.exp(magnitude * exp_mult) * step_mult).reshape(rows, cols)
 
 
-def _tile_masks(shape, u_size, v_size):
-    """Which rows [rows], columns [cols] and elements [rows, cols] of this tile exist."""
-    rows, cols = shape
-    u = pl.program_id(1) * rows + lax.broadcasted_iota(jnp.int32, (rows,), 0)
-    v = pl.program_id(2) * cols + lax.broadcasted_iota(jnp.int32, (cols,), 0)
+def _tile_masks(tile: BlockSizes, j, k, u_size, v_size):
+    """Which rows [rows], columns [cols] and elements [rows, cols] of the tile in row
+    block j and column block k of a [U, V] plane exist."""
+    u = j * tile.rows + lax.broadcasted_iota(jnp.int32, (tile.rows,), 0)
+    v = k * tile.cols + lax.broadcasted_iota(jnp.int32, (tile.cols,), 0)
     row_ok, col_ok = u < u_size, v < v_size
     return row_ok, col_ok, row_ok[:, None] & col_ok[None, :]
 
 
-def _side_starts(shape, u_size, v_size, offsets):
-    """Where this tile's first row and column sit on the flat U / V sides: the tensor's
-    offsets there, plus its earlier [U] / [V] lines (one per B) and earlier tiles."""
-    rows, cols = shape
-    b = pl.program_id(0)
-    return (offsets[0] + b * u_size + pl.program_id(1) * rows,
-            offsets[1] + b * v_size + pl.program_id(2) * cols)
+def _member_tile(tiles: MemberTiles):
+    """This program's member, place (b, row block j, column block k), member sizes and masks."""
+    seg, b, j, k, u_size, v_size = tiles.locate(pl.program_id(0))
+    return seg, b, j, k, u_size, v_size, _tile_masks(tiles.tile, j, k, u_size, v_size)
 
 
-def _row_col_sums_kernel(g_ref, su_ref, sv_ref, *, u_size, v_size):
-    # g_ref [rows, cols]; su_ref [rows] (sum over this tile's cols); sv_ref [cols]
-    # (sum over its rows): one row of the partial sums [column blocks, B, U] / [row
-    # blocks, B, V]
-    row_ok, col_ok, mask = _tile_masks(g_ref.shape, u_size, v_size)
-    g = _load(g_ref, mask)
+def _row_col_sums_kernel(*refs, tiles: MemberTiles):
+    # per member m: g_m [rows, cols]; outputs su_m [rows] (sums over this tile's columns:
+    # a row of its partial sums [column blocks, B, U]) and sv_m [cols] (over its rows)
+    count = len(tiles.shapes)
+    g_refs, su_refs, sv_refs = refs[:count], refs[count:2 * count], refs[2 * count:]
+    seg, _, _, _, _, _, (row_ok, col_ok, mask) = _member_tile(tiles)
+    g = tiles.switch(seg, count, lambda m: _load(g_refs[m], mask))
     sq = jnp.where(mask, g * g + 1e-30, 0.0)
-    _store(su_ref, jnp.sum(sq, axis=1), row_ok)
-    _store(sv_ref, jnp.sum(sq, axis=0), col_ok)
+    su, sv = jnp.sum(sq, axis=1), jnp.sum(sq, axis=0)
+
+    def store(m):
+        _store(su_refs[m], su, row_ok)
+        _store(sv_refs[m], sv, col_ok)
+
+    tiles.each(seg, count, store)
 
 
-def _factored_tile(c_ref, p_ref, g_ref, mom_ref, rms_ref, fu_ref, fv_ref, u_size, v_size,
-                   offsets):
-    """Masks, where its rows / columns sit on the flat sides, p, new accumulators and the
-    16 feature planes of this factored tile."""
-    row_ok, col_ok, mask = _tile_masks(g_ref.shape, u_size, v_size)
-    starts = _side_starts(g_ref.shape, u_size, v_size, offsets)
-    g, p = _load(g_ref, mask), _load(p_ref, mask)
-    m, rms = _accumulators(c_ref, g, mom_ref, rms_ref, mask)
+def _factored_tile(c_ref, state_refs, fu_ref, fv_ref, tiles: MemberTiles, offsets):
+    """This program's factored tile: its member, (row, column) blocks, masks, where its
+    rows / columns sit on the flat sides, p, new accumulators and the 16 feature planes.
+    state_refs: p, g, mom, rms of every member (p_0 .. p_{S-1}, g_0, ...); offsets: each
+    member's (U side offsets, V side offsets) (`FactoredGroup.u_offsets`, `v_offsets`)."""
+    count = len(tiles.shapes)
+    seg, b, j, k, u_size, v_size, (row_ok, col_ok, mask) = _member_tile(tiles)
+    # on the flat sides: the member's offset, its earlier [U] / [V] lines, earlier tiles
+    starts = (tiles.pick(seg, offsets[0]) + b * u_size + j * tiles.tile.rows,
+              tiles.pick(seg, offsets[1]) + b * v_size + k * tiles.tile.cols)
+
+    def load(m):  # only member m's branch reads: the others' blocks are not its tile
+        p_ref, g_ref, mom_ref, rms_ref = (state_refs[a * count + m] for a in range(4))
+        return (_load(g_ref, mask), _load(p_ref, mask),
+                [_load(mom_ref, mask, q) for q in range(3)], _load(rms_ref, mask, 0))
+
+    g, p, mom, rms = tiles.switch(seg, count, load)
+    m, rms = _accumulators(c_ref, g, mom, rms)
     feats = _features_factored(g, p, m, rms, fu_ref, fv_ref, starts, row_ok, col_ok)
-    return (row_ok, col_ok, mask), starts, p, m, rms, feats
+    return seg, (j, k), (row_ok, col_ok, mask), starts, p, m, rms, feats
 
 
-def _factored_moments_kernel(c_ref, p_ref, g_ref, mom_ref, rms_ref, fu_ref, fv_ref, s_ref, *,
-                             u_size, v_size, offsets):
-    # p, g [rows, cols]; mom [3, rows, cols]; rms [1, rows, cols]; fu [3, sum BU] and
-    # fv [3, sum BV] whole (the flat sides); s_ref [1, 32]: this tile's sums of squared features
-    (_, _, mask), _, _, _, _, feats = _factored_tile(c_ref, p_ref, g_ref, mom_ref, rms_ref,
-                                                     fu_ref, fv_ref, u_size, v_size, offsets)
+def _factored_moments_kernel(c_ref, *refs, tiles: MemberTiles, offsets):
+    # per member: p, g [rows, cols]; mom [3, rows, cols]; rms [1, rows, cols]; then fu
+    # [3, sum BU] and fv [3, sum BV] whole (the flat sides); s_ref [1, 32]: this tile's
+    # sums of squared features
+    state_refs, (fu_ref, fv_ref, s_ref) = refs[:-3], refs[-3:]
+    _, _, (_, _, mask), _, _, _, _, feats = _factored_tile(c_ref, state_refs, fu_ref, fv_ref,
+                                                           tiles, offsets)
     s_ref[...] = _sums_vector(feats, mask)
 
 
-def _factored_apply_kernel(c_ref, p_ref, g_ref, mom_ref, rms_ref, fu_ref, fv_ref, tu_ref, tv_ref,
-                           w_ref, *rest, mults, precision, layer1, hidden, u_size, v_size,
-                           offsets):
-    # tu [sum BU, Hp] (row tables + b0), tv [sum BV, Hp], nu [3, sum BU], nv [3, sum BV]
-    # (the new accumulators): the flat sides, whole; w [16, Hp]. Outputs p [rows, cols] in
-    # p's dtype, mom [3, rows, cols], rms [1, rows, cols], and the tensor's new v planes on
-    # its U side [3, rows] and V side [3, cols]
-    mlp_refs, (nu_ref, nv_ref, po_ref, mo_ref, ro_ref, uo_ref, vo_ref) = _split_mlp(rest, hidden)
-    (row_ok, col_ok, mask), starts, p, m, rms, feats = _factored_tile(
-        c_ref, p_ref, g_ref, mom_ref, rms_ref, fu_ref, fv_ref, u_size, v_size, offsets)
+def _factored_apply_kernel(c_ref, *refs, tiles: MemberTiles, offsets, mults, precision, layer1,
+                           hidden):
+    # per member: p, g, mom, rms as in the moments kernel; then fu, fv, tu [sum BU, Hp] (row
+    # tables + b0), tv [sum BV, Hp] whole, w [16, Hp] (the member's), the MLP, nu [3, sum BU]
+    # and nv [3, sum BV] whole (the new accumulators). Outputs per member: p [rows, cols] in
+    # p's dtype, mom [3, rows, cols], rms [1, rows, cols], its new v planes on its U side
+    # [3, rows] and V side [3, cols].
+    count = len(tiles.shapes)
+    state_refs, (fu_ref, fv_ref, tu_ref, tv_ref, w_ref) = refs[:4 * count], refs[4 * count:
+                                                                                 4 * count + 5]
+    mlp_refs, rest = _split_mlp(refs[4 * count + 5:], hidden)
+    (nu_ref, nv_ref), outs = rest[:2], rest[2:]
+    po, mo, ro, uo, vo = (outs[a * count:(a + 1) * count] for a in range(5))
+    seg, (j, k), (row_ok, col_ok, mask), starts, p, m, rms, feats = _factored_tile(
+        c_ref, state_refs, fu_ref, fv_ref, tiles, offsets)
     pre0 = (_side_load(tu_ref, starts[0], row_ok)[:, None, :]
             + _side_load(tv_ref, starts[1], col_ok)[None, :, :])
-    step = _mlp_step(pre0, feats, w_ref, mlp_refs, c_ref, mults, precision, layer1)
-    _store(po_ref, p - step, mask)
-    for k in range(3):
-        _store(mo_ref, m[k], mask, k)
-    _store(ro_ref, rms, mask, 0)
+    new_p = p - _mlp_step(pre0, feats, w_ref, mlp_refs, c_ref, mults, precision, layer1)
+
+    def store(a):
+        _store(po[a], new_p, mask)
+        for q in range(3):
+            _store(mo[a], m[q], mask, q)
+        _store(ro[a], rms, mask, 0)
+
+    tiles.each(seg, count, store)
     # The state's new v_row / v_col, copied here rather than sliced out of the flat sides
     # by an XLA kernel per tensor and side: the first column block's programs write their
     # rows', the first row block's their columns'.
-    for first, src, dst, start, ok in ((pl.program_id(2) == 0, nu_ref, uo_ref, starts[0], row_ok),
-                                       (pl.program_id(1) == 0, nv_ref, vo_ref, starts[1], col_ok)):
-        @pl.when(first)
-        def _copy(src=src, dst=dst, start=start, ok=ok):
-            for k in range(3):
-                _store(dst, _side_load(src, start, ok, k), ok, k)
+    for first, src, dst, start, ok in ((k == 0, nu_ref, uo, starts[0], row_ok),
+                                       (j == 0, nv_ref, vo, starts[1], col_ok)):
+        def copy(a, src=src, dst=dst, start=start, ok=ok):
+            for q in range(3):
+                _store(dst[a], _side_load(src, start, ok, q), ok, q)
+
+        tiles.each(seg, count, copy, when=first)
 
 
 def _packed_moments_kernel(c_ref, p_ref, g_ref, mom_ref, rms_ref, vd_ref, n_ref, s_ref):
     # p, g [rows, cols] of the packed buffer; mom, vd [3, rows, cols]; n [1, 1] valid count
     g, p = g_ref[...], p_ref[...]
-    m, rms = _accumulators(c_ref, g, mom_ref, rms_ref)
+    m, rms = _accumulators(c_ref, g, [mom_ref[q] for q in range(3)], rms_ref[0])
     feats, _ = _features_packed(c_ref, g, p, m, rms, vd_ref)
     rows, cols = g.shape
     flat = (lax.broadcasted_iota(jnp.int32, g.shape, 0) * cols
@@ -276,7 +304,7 @@ def _packed_apply_kernel(c_ref, p_ref, g_ref, mom_ref, rms_ref, vd_ref, w_ref, b
     # w [32, Hp]: this tile's tensor's first-layer rows; b0 [1, Hp]
     mlp_refs, (po_ref, mo_ref, ro_ref, vo_ref) = _split_mlp(rest, hidden)
     g, p = g_ref[...], p_ref[...]
-    m, rms = _accumulators(c_ref, g, mom_ref, rms_ref)
+    m, rms = _accumulators(c_ref, g, [mom_ref[q] for q in range(3)], rms_ref[0])
     feats, v = _features_packed(c_ref, g, p, m, rms, vd_ref)
     rows, cols = g.shape
     pre0 = jnp.broadcast_to(b0_ref[...][None, :, :], (rows, cols, b0_ref.shape[-1]))
@@ -286,6 +314,19 @@ def _packed_apply_kernel(c_ref, p_ref, g_ref, mom_ref, rms_ref, vd_ref, w_ref, b
         mo_ref[k] = m[k]
         vo_ref[k] = v[k]
     ro_ref[0] = rms
+
+
+def _f32(shape):
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
+
+
+def _part_major_sums(partials):
+    """Whole sums [sum n_j] from each tensor's partial sums [K_j, ..., n_j], K_j parts of
+    its n_j lines each: padded to the most parts, side by side, one reduction."""
+    flat = [x.reshape(x.shape[0], -1) for x in partials]
+    parts = max(x.shape[0] for x in flat)
+    return jnp.sum(jnp.concatenate([jnp.pad(x, ((0, parts - x.shape[0]), (0, 0)))
+                                    for x in flat], axis=1), axis=0)
 
 
 def _split_mlp(rest, hidden: bool):
@@ -325,52 +366,117 @@ class PallasKernels:
         params = pltriton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
         return pl.pallas_call(kernel, name=name, compiler_params=params, **kw)
 
-    # Factored tensors: grid (B, U / rows, V / cols).
+    # Factored tensors: one launch per run of them alike in tiles and dtypes, a 1-D grid
+    # over their tiles (`MemberTiles`).
     @staticmethod
-    def _grid(shape3, blocks):
-        b, u, v = shape3
-        return (b, pl.cdiv(u, blocks.rows), pl.cdiv(v, blocks.cols))
-
-    def row_col_sums(self, g, blocks: BlockSizes):
-        b, u, v = g.shape
-        grid = self._grid(g.shape, blocks)
-        r, c = blocks.rows, blocks.cols
-        return self._call(
-            functools.partial(_row_col_sums_kernel, u_size=u, v_size=v), "adafac_row_col_sums",
-            blocks, grid=grid,
-            in_specs=[pl.BlockSpec((None, r, c), lambda i, j, k: (i, j, k))],
-            out_specs=[pl.BlockSpec((None, None, r), lambda i, j, k: (k, i, j)),
-                       pl.BlockSpec((None, None, c), lambda i, j, k: (j, i, k))],
-            out_shape=[jax.ShapeDtypeStruct((grid[2], b, u), jnp.float32),
-                       jax.ShapeDtypeStruct((grid[1], b, v), jnp.float32)],
-        )(g)
+    def _runs(p, g, group: plan.FactoredGroup) -> list[range]:
+        return member_runs([(group.blocks[j], group.reduce_blocks[j], p[j].dtype, g[j].dtype)
+                            for j in range(len(p))])
 
     @staticmethod
     def _whole(x):
         """A flat side's BlockSpec: the whole array (read at the tile's offsets in-kernel)."""
         return pl.BlockSpec(x.shape, lambda *idx: (0,) * x.ndim)
 
-    def _factored_specs(self, blocks, fu, fv):
-        r, c = blocks.rows, blocks.cols
-        return [
-            pl.BlockSpec((plan.NUM_CONSTS,), lambda i, j, k: (0,)),  # consts
-            pl.BlockSpec((None, r, c), lambda i, j, k: (i, j, k)),  # p
-            pl.BlockSpec((None, r, c), lambda i, j, k: (i, j, k)),  # g
-            pl.BlockSpec((3, None, r, c), lambda i, j, k: (0, i, j, k)),  # mom
-            pl.BlockSpec((1, None, r, c), lambda i, j, k: (0, i, j, k)),  # rms
-            self._whole(fu), self._whole(fv),
-        ]
+    @staticmethod
+    def _state_specs(tiles: MemberTiles):
+        """p, g, mom, rms of every member (all p first, then all g, ...)."""
+        r, c, count = tiles.tile.rows, tiles.tile.cols, len(tiles.shapes)
+        return ([tiles.spec(m, (None, r, c), "buv") for m in range(count)] * 2
+                + [tiles.spec(m, (3, None, r, c), "0buv") for m in range(count)]
+                + [tiles.spec(m, (1, None, r, c), "0buv") for m in range(count)])
 
-    def factored_moments(self, p, g, mom, rms, fu, fv, consts, offsets, blocks: BlockSizes):
-        b, u, v = p.shape
-        grid = self._grid(p.shape, blocks)
-        return self._call(
-            functools.partial(_factored_moments_kernel, u_size=u, v_size=v, offsets=offsets),
-            "adafac_moments", blocks, grid=grid, in_specs=self._factored_specs(blocks, fu, fv),
-            out_specs=pl.BlockSpec((None, 1, plan.NUM_SUMS),
-                                   lambda i, j, k: (i, j * grid[2] + k, 0)),
-            out_shape=jax.ShapeDtypeStruct((b, grid[1] * grid[2], plan.NUM_SUMS), jnp.float32),
-        )(consts, p, g, mom, rms, fu, fv)
+    @staticmethod
+    def _offsets(group: plan.FactoredGroup, run: range):
+        return (tuple(group.u_offsets[j] for j in run), tuple(group.v_offsets[j] for j in run))
+
+    @staticmethod
+    def _tiles(group: plan.FactoredGroup, run: range, blocks) -> MemberTiles:
+        lays = [group.layouts[j] for j in run]
+        return MemberTiles(tuple((lay.B, lay.U, lay.V) for lay in lays), blocks[run[0]])
+
+    def group_row_col_sums(self, g, group: plan.FactoredGroup):
+        su, sv = [], []
+        for run in self._runs(g, g, group):
+            tiles = self._tiles(group, run, group.reduce_blocks)
+            r, c, count = tiles.tile.rows, tiles.tile.cols, len(run)
+            out = self._call(
+                functools.partial(_row_col_sums_kernel, tiles=tiles), "adafac_row_col_sums",
+                tiles.tile, grid=(tiles.total,),
+                in_specs=[tiles.spec(m, (None, r, c), "buv") for m in range(count)],
+                out_specs=([tiles.spec(m, (None, None, r), "vbu") for m in range(count)]
+                           + [tiles.spec(m, (None, None, c), "ubv") for m in range(count)]),
+                out_shape=([_f32((nv, b, u)) for (b, u, _), (_, _, nv)
+                            in zip(tiles.shapes, tiles.grids, strict=True)]
+                           + [_f32((nu, b, v)) for (b, _, v), (_, nu, _)
+                              in zip(tiles.shapes, tiles.grids, strict=True)]),
+            )(*(g[j] for j in run))
+            su += out[:count]
+            sv += out[count:]
+        return _part_major_sums(su), _part_major_sums(sv)
+
+    def group_moments(self, p, g, mom, rms, fu, fv, new_u, new_v, consts,
+                      group: plan.FactoredGroup):
+        partials, counts = [], []
+        for run in self._runs(p, g, group):
+            tiles = self._tiles(group, run, group.reduce_blocks)
+            partials.append(self._call(
+                functools.partial(_factored_moments_kernel, tiles=tiles,
+                                  offsets=self._offsets(group, run)),
+                "adafac_moments", tiles.tile, grid=(tiles.total,),
+                in_specs=[pl.BlockSpec((plan.NUM_CONSTS,), lambda i: (0,)),
+                          *self._state_specs(tiles), self._whole(fu), self._whole(fv)],
+                out_specs=pl.BlockSpec((1, plan.NUM_SUMS), lambda i: (i, 0)),
+                out_shape=_f32((tiles.total, plan.NUM_SUMS)),
+            )(consts, *(x[j] for x in (p, g, mom, rms) for j in run), fu, fv))
+            counts += tiles.counts
+        sums = plan.segment_sums(jnp.concatenate(partials), counts)
+        return jnp.concatenate([sums[:, :plan.NUM_EW_FACTORED],
+                                plan.side_square_sums(new_u, group.u_sizes),
+                                plan.side_square_sums(new_v, group.v_sizes),
+                                jnp.zeros((len(p), plan.NUM_SUMS - plan.SIDE_LANES_V - 6))],
+                               axis=1)
+
+    def group_apply(self, p, g, mom, rms, fu, fv, consts, tu, tv, w, mlp, mults, new_u, new_v,
+                    group: plan.FactoredGroup):
+        outs = [self._apply_run(p, g, mom, rms, fu, fv, consts, tu, tv, w, mlp, mults, new_u,
+                                new_v, group, run) for run in self._runs(p, g, group)]
+        return tuple(tuple(x for out in outs for x in out[o]) for o in range(5))
+
+    def _apply_run(self, p, g, mom, rms, fu, fv, consts, tu, tv, w, mlp, mults, new_u, new_v,
+                   group, run: range):
+        tiles = self._tiles(group, run, group.blocks)
+        r, c, count = tiles.tile.rows, tiles.tile.cols, len(run)
+        mlp_specs, mlp_args = self._mlp_specs(mlp, 1)
+        in_specs = [
+            pl.BlockSpec((plan.NUM_CONSTS,), lambda i: (0,)), *self._state_specs(tiles),
+            self._whole(fu), self._whole(fv), self._whole(tu), self._whole(tv),
+            pl.BlockSpec((None,) + w.shape[1:],  # the member's first-layer rows
+                         lambda i: (run.start + tiles.segment(i), 0, 0)),
+            *mlp_specs, self._whole(new_u), self._whole(new_v)]
+        kernel = functools.partial(_factored_apply_kernel, tiles=tiles,
+                                   offsets=self._offsets(group, run), mults=mults,
+                                   precision=self.precision, layer1=self.layer1,
+                                   hidden=mlp.w_hidden is not None)
+        # p, mom, rms of member m (operands 1 + m, 1 + 2 count + m, 1 + 3 count + m) into
+        # its outputs m, count + m, 2 count + m
+        aliases = {1 + a * count + m: o * count + m for a, o in ((0, 0), (2, 1), (3, 2))
+                   for m in range(count)} if self.in_place else {}
+        out = self._call(
+            kernel, "adafac_apply", tiles.tile, grid=(tiles.total,), in_specs=in_specs,
+            out_specs=([tiles.spec(m, (None, r, c), "buv") for m in range(count)]
+                       + [tiles.spec(m, (3, None, r, c), "0buv") for m in range(count)]
+                       + [tiles.spec(m, (1, None, r, c), "0buv") for m in range(count)]
+                       + [tiles.spec(m, (3, None, r), "0bu") for m in range(count)]
+                       + [tiles.spec(m, (3, None, c), "0bv") for m in range(count)]),
+            out_shape=([jax.ShapeDtypeStruct(p[j].shape, p[j].dtype) for j in run]
+                       + [_f32(mom[j].shape) for j in run] + [_f32(rms[j].shape) for j in run]
+                       + [_f32((3, b, u)) for b, u, _ in tiles.shapes]
+                       + [_f32((3, b, v)) for b, _, v in tiles.shapes]),
+            input_output_aliases=aliases,
+        )(consts, *(x[j] for x in (p, g, mom, rms) for j in run), fu, fv, tu, tv, w, *mlp_args,
+          new_u, new_v)
+        return [out[o * count:(o + 1) * count] for o in range(5)]
 
     @staticmethod
     def _mlp_specs(mlp: plan.MLPWeights, ngrid: int):
@@ -384,33 +490,6 @@ class PallasKernels:
         args.append(mlp.w_out_t)
         del zero
         return specs, args
-
-    def factored_apply(self, p, g, mom, rms, fu, fv, consts, tu, tv, w_ew, mlp, mults, new_u,
-                       new_v, offsets, blocks: BlockSizes):
-        b, u, v = p.shape
-        r, c = blocks.rows, blocks.cols
-        mlp_specs, mlp_args = self._mlp_specs(mlp, 3)
-        in_specs = self._factored_specs(blocks, fu, fv) + [
-            self._whole(tu), self._whole(tv),
-            pl.BlockSpec(w_ew.shape, lambda i, j, k: (0, 0)),  # w_ew
-        ] + mlp_specs + [self._whole(new_u), self._whole(new_v)]
-        kernel = functools.partial(_factored_apply_kernel, mults=mults, precision=self.precision,
-                                   layer1=self.layer1, hidden=mlp.w_hidden is not None,
-                                   u_size=u, v_size=v, offsets=offsets)
-        return self._call(
-            kernel, "adafac_apply", blocks, grid=self._grid(p.shape, blocks), in_specs=in_specs,
-            out_specs=[pl.BlockSpec((None, r, c), lambda i, j, k: (i, j, k)),
-                       pl.BlockSpec((3, None, r, c), lambda i, j, k: (0, i, j, k)),
-                       pl.BlockSpec((1, None, r, c), lambda i, j, k: (0, i, j, k)),
-                       pl.BlockSpec((3, None, r), lambda i, j, k: (0, i, j)),
-                       pl.BlockSpec((3, None, c), lambda i, j, k: (0, i, k))],
-            out_shape=[jax.ShapeDtypeStruct(p.shape, p.dtype),
-                       jax.ShapeDtypeStruct(mom.shape, jnp.float32),
-                       jax.ShapeDtypeStruct(rms.shape, jnp.float32),
-                       jax.ShapeDtypeStruct((3, b, u), jnp.float32),
-                       jax.ShapeDtypeStruct((3, b, v), jnp.float32)],
-            input_output_aliases=plan.in_place_aliases(plan.FACTORED_APPLY_ALIASES, self.in_place),
-        )(consts, p, g, mom, rms, fu, fv, tu, tv, w_ew, *mlp_args, new_u, new_v)
 
     # Packed non-factored tensors: grid (tiles,).
     def _packed_specs(self, blocks):

@@ -20,6 +20,7 @@ Constraints behind the numbers:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 TILE_VALUES = 8192  # float32 activations per program in pass 3
 MAX_TILE = 1024
@@ -51,6 +52,22 @@ TRITON_LAUNCHER_ENV_VAR = "LOPT_FAST_TRITON_LAUNCHER"
 # Compiled for sm_90 (H = 32, 1x256 or 4x64 tiles, 4 warps, 2-3 stages) it needs 178-255
 # registers, so two programs of 4 warps fit on an SM.
 PERSISTENT_PROGRAMS_PER_SM = 2
+# Tensors per multi-tensor launch (both backends' member launches): the Triton apply pass
+# takes 9 pointers per member, 2.3 KB of kernel parameters at 32 (4 KB on older CUDA).
+MAX_MEMBERS = 32
+
+
+def member_runs(keys: Sequence, max_members: int | None = None) -> list[range]:
+    """Consecutive runs of members with equal `keys` (e.g. their dtypes), at most
+    `max_members` (default `MAX_MEMBERS`, read at call time) long: the members that can
+    share a launch, in order."""
+    max_members = max_members or MAX_MEMBERS
+    runs, start = [], 0
+    for i in range(1, len(keys) + 1):
+        if i == len(keys) or keys[i] != keys[start] or i - start == max_members:
+            runs.append(range(start, i))
+            start = i
+    return runs
 
 
 def next_pow2(n: int) -> int:

@@ -13,10 +13,10 @@ The kernels see two kinds of operand, both chosen so every access is a plain til
   [rows, 128] buffer, each tensor padded to whole tiles, so they take one launch per
   pass instead of one per tensor. Each tile knows its tensor through a static
   block -> segment map (the first-layer weights of its tensor) and its count of
-  valid elements (masking pass 2's sums). Backends with **member** launchers (Triton,
-  `lopt_fast.kernels.members`) tile the tensors the same way but read and write them
-  where they lie, which saves the packing and unpacking kernels (17 of a 1e7-parameter
-  step's 30 compiled for an H100).
+  valid elements (masking pass 2's sums). Backends with **member** launchers for them
+  (Triton, `lopt_fast.kernels.members`) tile the tensors the same way but read and write
+  them where they lie, which saves the packing and unpacking kernels (17 of a
+  1e7-parameter step's 30 compiled for an H100).
 
 The factored tensors take three passes, the non-factored ones two:
   1. `row_col_sums`: sum over V and over U of G = g^2 + 1e-30 (Adafactor's means);
@@ -28,9 +28,9 @@ The factored tensors take three passes, the non-factored ones two:
      [V, H] tables, b0 and the time features into the row table), the rest of the
      MLP, and write params (in their dtype) and float32 accumulators.
 Between passes the wrapper does only O(rows + cols) work per tensor, once for all
-factored tensors together on flat row / column sides (`FactoredGroup`). A backend
-launches each pass once per tensor (`PerTensorGroup`: Pallas) or once per run of
-tensors alike in tile and dtype (`Kernels.group_*`: Triton).
+factored tensors together on flat row / column sides (`FactoredGroup`). Both backends
+launch each pass once per run of (up to `blocks.MAX_MEMBERS`) factored tensors alike in
+tile and dtype (`Kernels.group_*`: Triton's member kernels, Pallas' `MemberTiles`).
 
 `jax.vmap` over a task axis (with per-task theta) batches every `pallas_call` into
 a leading grid axis, so all tasks share these launches.
@@ -174,18 +174,9 @@ def mlp_weights(nn, hp: int) -> tuple[MLPWeights, jax.Array]:
 class Kernels(NamedTuple):
     """The launchers a backend provides (all arrays canonical, see module docstring).
 
-    Factored tensors, either per tensor, the per-row / per-column operands whole on the
-    flat U / V sides (fu [3, sum BU], tu [sum BU, TW], ..., see below), read at the
-    tensor's `offsets` (its `FactoredGroup.u_offsets`, `v_offsets`):
-    row_col_sums(g[B,U,V], blocks) -> partial sums over V [KV, B, U] and over U [KU, B, V]
-        of g^2 + 1e-30 (KV column blocks, KU row blocks)
-    factored_moments(p, g, mom, rms, fu, fv, consts, offsets, blocks) -> partial sums [..., 32]
-    factored_apply(p, g, mom, rms, fu, fv, consts, tu, tv, w_ew, mlp, mults, new_u, new_v,
-                   offsets, blocks)
-        -> (new_p [B,U,V] in p.dtype, new_mom [3,B,U,V], new_rms [1,B,U,V], the U side's
-            [3, B, U] and the V side's [3, B, V] of new_u / new_v)
-    or for all of them together (a `FactoredGroup`; `PerTensorGroup` makes these from the
-    per-tensor launchers), with tuples over the tensors:
+    Factored tensors, all of them together (a `FactoredGroup`): p, g, mom, rms are tuples
+    over the tensors, their per-row / per-column operands live on the flat U / V sides
+    (fu [3, sum BU], tu [sum BU, TW], ...) at each tensor's offsets:
     group_row_col_sums(g, group) -> (su [sum BU], sv [sum BV])
     group_sides(g, v_u, v_v, consts, group) (optional) -> (new_u, new_v, f_u, f_v), the new
         accumulators and factors on the flat sides from each tensor's state v_u [3, B U],
@@ -216,9 +207,6 @@ class Kernels(NamedTuple):
     tv [.., V, 8], with w_ew [32, Hp] (`_row_col_features`, `_row_col_weights`).
     """
 
-    row_col_sums: Any = None
-    factored_moments: Any = None
-    factored_apply: Any = None
     group_row_col_sums: Any = None
     group_sides: Any = None
     group_moments: Any = None
@@ -295,47 +283,7 @@ def starts(sizes) -> tuple[int, ...]:
     return tuple(int(x) for x in np.cumsum((0,) + tuple(sizes[:-1])))
 
 
-class PerTensorGroup:
-    """A group's launchers (`Kernels.group_*`) from a backend's per-tensor ones: each pass
-    one launch per tensor, which reads its rows and columns of the flat U / V side arrays
-    at its offsets (`FactoredGroup.u_offsets`), so that no XLA kernel runs per tensor."""
-
-    def __init__(self, kernels: Kernels):
-        self.kernels = kernels
-
-    def group_row_col_sums(self, g, group: FactoredGroup):
-        sums = [self.kernels.row_col_sums(x, blk) for x, blk in zip(g, group.reduce_blocks,
-                                                                      strict=True)]
-        return _part_major_sums([su for su, _ in sums]), _part_major_sums([sv for _, sv in sums])
-
-    def group_moments(self, p, g, mom, rms, fu, fv, new_u, new_v, consts, group: FactoredGroup):
-        partials = [self.kernels.factored_moments(p[j], g[j], mom[j], rms[j], fu, fv, consts,
-                                                  (group.u_offsets[j], group.v_offsets[j]), blk
-                                                  ).reshape(-1, NUM_SUMS)
-                    for j, blk in enumerate(group.reduce_blocks)]
-        sums = segment_sums(jnp.concatenate(partials), [x.shape[0] for x in partials])
-        return jnp.concatenate([sums[:, :NUM_EW_FACTORED], _side_square_sums(new_u, group.u_sizes),
-                                _side_square_sums(new_v, group.v_sizes),
-                                jnp.zeros((len(partials), NUM_SUMS - SIDE_LANES_V - 6))], axis=1)
-
-    def group_apply(self, p, g, mom, rms, fu, fv, consts, tu, tv, w, mlp, mults, new_u, new_v,
-                    group: FactoredGroup):
-        outs = [self.kernels.factored_apply(p[j], g[j], mom[j], rms[j], fu, fv, consts, tu, tv,
-                                            w[j], mlp, mults, new_u, new_v,
-                                            (group.u_offsets[j], group.v_offsets[j]), blk)
-                for j, blk in enumerate(group.blocks)]
-        return tuple(tuple(o[k] for o in outs) for k in range(5))
-
-
-def _part_major_sums(partials):
-    """Whole sums [sum n_j] from each tensor's partial sums [K_j, ..., n_j], K_j parts of
-    its n_j lines each: padded to the most parts, side by side, one reduction."""
-    flat = [x.reshape(x.shape[0], -1) for x in partials]
-    parts = max(x.shape[0] for x in flat)
-    return jnp.sum(jnp.concatenate([_pad_axis(x, 0, parts) for x in flat], axis=1), axis=0)
-
-
-def _side_square_sums(new, sizes):
+def side_square_sums(new, sizes):
     """Each tensor's sums of new^2 and rsqrt(new + 1e-8)^2 over its stretch of a flat side
     new [3, n]: [S, 6] (the lanes `Kernels.group_moments` adds)."""
     return segment_sums(jnp.concatenate([jnp.square(new), 1 / (new + 1e-8)]).T, list(sizes))
@@ -372,12 +320,10 @@ def _factored_group(kernels, items, consts, c_fac, nn, iteration, mlp, mults, hp
     """items: [(p, g, acc)] of factored tensors -> [(new_p, new_acc)], every pass once for
     all of them (see `FactoredGroup`)."""
     lays = [factored_layout(p.shape) for p, _, _ in items]
-    launch = kernels if kernels.group_apply is not None else PerTensorGroup(kernels)
     if blocks:
         tiles = reduce_tiles = [blocks] * len(lays)
     else:  # small tensors share a tile where they share launches
-        tiles, reduce_tiles = group_block_sizes([(lay.B, lay.U, lay.V) for lay in lays], hp,
-                                                share=launch is kernels)
+        tiles, reduce_tiles = group_block_sizes([(lay.B, lay.U, lay.V) for lay in lays], hp)
     # Tensors alike in tiles and dtypes next to each other: a backend launches each such
     # run of them together.
     order = sorted(range(len(items)), key=lambda j: (
@@ -411,16 +357,16 @@ def _factored_group(kernels, items, consts, c_fac, nn, iteration, mlp, mults, hp
     sides = None
     if kernels.group_sides is not None:  # one launch, when the tensors' planes fit a tile
         with jax.named_scope("adafac_row_col_sides"):
-            sides = launch.group_sides(g3, v_u, v_v, consts, group)
+            sides = kernels.group_sides(g3, v_u, v_v, consts, group)
     if sides is None:
         with jax.named_scope("adafac_row_col_sums"):
-            su, sv = launch.group_row_col_sums(g3, group)  # [sum BU] over V, [sum BV] over U
+            su, sv = kernels.group_row_col_sums(g3, group)  # [sum BU] over V, [sum BV] over U
         sides = _new_sides(jnp.concatenate(v_u, axis=1), jnp.concatenate(v_v, axis=1), su, sv,
                            c_fac, lays, u_is_row, seg_u, seg_v)
     new_u, new_v, f_u, f_v = sides
 
     with jax.named_scope("adafac_moments"):
-        sums = launch.group_moments(p3, g3, mom3, rms3, f_u, f_v, new_u, new_v, consts, group)
+        sums = kernels.group_moments(p3, g3, mom3, rms3, f_u, f_v, new_u, new_v, consts, group)
     ew = sums[:, :NUM_EW_FACTORED] / np.asarray([p.size for p, _, _ in items], np.float32)[:, None]
     ms_u = sums[:, SIDE_LANES_U:SIDE_LANES_U + 6] / np.asarray(group.u_sizes, np.float32)[:, None]
     ms_v = sums[:, SIDE_LANES_V:SIDE_LANES_V + 6] / np.asarray(group.v_sizes, np.float32)[:, None]
@@ -444,7 +390,7 @@ def _factored_group(kernels, items, consts, c_fac, nn, iteration, mlp, mults, hp
     w_ew = _pad_last(w_ew, hp)
 
     with jax.named_scope("adafac_apply"):
-        new_p3, new_mom3, new_rms3, sides_u, sides_v = launch.group_apply(
+        new_p3, new_mom3, new_rms3, sides_u, sides_v = kernels.group_apply(
             p3, g3, mom3, rms3, f_u, f_v, consts, tu, tv, w_ew, mlp, mults, new_u, new_v, group)
     out = []
     for j, ((p, _, a), lay) in enumerate(zip(items, lays, strict=True)):

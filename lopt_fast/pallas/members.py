@@ -1,0 +1,110 @@
+"""Multi-tensor `pallas_call`s: one 1-D grid over the tiles of several [B, U, V] tensors.
+
+A Pallas kernel sees each operand through a BlockSpec, so it cannot pick one of several
+arrays by a pointer select as the Triton member kernels do (`lopt_fast.kernels.members`).
+Instead each member tensor gets a BlockSpec of its own whose index map sends program `i`
+to its tile `i - start` of that member, clamped into the member's tiles; the kernel finds
+its member `seg` by comparing `i` with the members' first tiles, loads through a
+`lax.switch` on `seg` (only the member's own branch reads memory) and stores under
+`pl.when(seg == m)`. On a GPU the other members' refs are pointers nobody touches. In
+Pallas' interpreter every program copies every member's (clamped) block in and out, and
+a program that does not store writes back the block as it read it, so a tile is only
+ever overwritten with its own values or its member's result.
+
+Tiles of a member walk its [B, U / rows, V / cols] grid in row-major order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from lopt_fast.pallas.blocks import BlockSizes
+
+
+@dataclasses.dataclass(frozen=True)
+class MemberTiles:
+    """Static tiling of member tensors [B, U, V] that share one launch and one tile."""
+
+    shapes: tuple[tuple[int, int, int], ...]
+    tile: BlockSizes
+
+    @property
+    def grids(self) -> tuple[tuple[int, int, int], ...]:
+        """Each member's tile grid: (B, row blocks, column blocks)."""
+        r, c = self.tile.rows, self.tile.cols
+        return tuple((b, -(-u // r), -(-v // c)) for b, u, v in self.shapes)
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        return tuple(int(np.prod(g)) for g in self.grids)
+
+    @property
+    def starts(self) -> tuple[int, ...]:
+        return tuple(int(x) for x in np.cumsum((0,) + self.counts[:-1]))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    def segment(self, i):
+        """The member that tile `i` (traced) of the launch belongs to."""
+        seg = jnp.int32(0)
+        for start in self.starts[1:]:
+            seg = seg + (i >= start).astype(jnp.int32)
+        return seg
+
+    def pick(self, seg, values):
+        """values[seg] of one static int per member, for a traced `seg`."""
+        out = jnp.int32(values[0])
+        for m in range(1, len(values)):
+            out = jnp.where(seg == m, values[m], out)
+        return out
+
+    def _block(self, i, m: int):
+        """(b, row block, column block) of launch tile i within member m, clamped."""
+        _, nu, nv = self.grids[m]
+        t = jnp.clip(i - self.starts[m], 0, self.counts[m] - 1)
+        return t // (nu * nv), (t // nv) % nu, t % nv
+
+    def index_map(self, m: int, spec: str):
+        """Member m's block index map for a ref whose block dims are `spec`: "b" the tile's
+        B (squeezed), "u" / "v" its row / column block, "0" the whole dim (all of it in
+        one block), "U" / "V" the row / column block as the leading dim of a partial-sum
+        output over the other axis."""
+        def index(*grid):
+            b, j, k = self._block(grid[-1], m)
+            return tuple({"b": b, "u": j, "v": k, "0": 0, "U": j, "V": k}[d] for d in spec)
+        return index
+
+    def spec(self, m: int, block_shape, dims: str) -> pl.BlockSpec:
+        return pl.BlockSpec(block_shape, self.index_map(m, dims))
+
+    def locate(self, i):
+        """(member, b, row block, column block, U, V) of launch tile i, all traced."""
+        seg = self.segment(i)
+        t = i - self.pick(seg, self.starts)
+        nu = self.pick(seg, [g[1] for g in self.grids])
+        nv = self.pick(seg, [g[2] for g in self.grids])
+        u = self.pick(seg, [s[1] for s in self.shapes])
+        v = self.pick(seg, [s[2] for s in self.shapes])
+        return seg, t // (nu * nv), (t // nv) % nu, t % nv, u, v
+
+    @staticmethod
+    def switch(seg, count: int, branch):
+        """branch(m) of member `seg` (traced): only that member's refs are read."""
+        if count == 1:
+            return branch(0)
+        return lax.switch(seg, [functools.partial(branch, m) for m in range(count)])
+
+    @staticmethod
+    def each(seg, count: int, body, when=None):
+        """body(m) for member `seg` only (and only where `when`): its stores."""
+        for m in range(count):
+            cond = seg == m if when is None else (seg == m) & when
+            pl.when(cond)(functools.partial(body, m))
