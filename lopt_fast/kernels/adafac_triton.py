@@ -870,7 +870,7 @@ class TritonKernels:
         hp = w.shape[-1]
         nhid, wh, bh = self._hidden(mlp, hp)
         k = len(run)
-        aliases = _run_aliases(k, (0, 2, 3)) if self.in_place else {}  # p, mom, rms
+        aliases = plan.in_place_aliases(k, (plan.P, plan.MOM, plan.RMS), self.in_place)
 
         def launch(tasks, consts, *arrays):
             lead = lambda x: jax.ShapeDtypeStruct((tasks, *x.shape), x.dtype)  # noqa: E731
@@ -938,7 +938,8 @@ class TritonKernels:
         hp = b0.shape[-1]
         nhid, wh, bh = self._hidden(mlp, hp)
         k = len(run)
-        aliases = _run_aliases(k, (0, 2, 3, 4)) if self.in_place else {}  # p, mom, rms, v_diag
+        aliases = plan.in_place_aliases(k, (plan.P, plan.MOM, plan.RMS, plan.V_DIAG),
+                                        self.in_place)
 
         def launch(tasks, consts, *arrays):
             lead = lambda x: jax.ShapeDtypeStruct((tasks, *x.shape), x.dtype)  # noqa: E731
@@ -954,13 +955,6 @@ class TritonKernels:
 
         state = [x[i] for x in (p, g, mom, rms, vd) for i in run]
         return _over_tasks(launch, consts, *state, w_seg, b0, wh, bh, mlp.w_out_t)
-
-
-def _run_aliases(k: int, operands: tuple[int, ...]) -> dict[int, int]:
-    """A member launch's operand -> output aliases: its operands are consts, then each
-    state array of its k tensors (p_0..p_k-1, g_0.., mom.., ...); output group o updates
-    state array operands[o] in place (p is 0, g 1, mom 2, ...)."""
-    return {1 + q * k + i: o * k + i for o, q in enumerate(operands) for i in range(k)}
 
 
 # ----------------------------------------------------------------------------- public op

@@ -18,12 +18,11 @@ Math per parameter (decays b_m [3], c_r = clip(b_r), c_f = clip(b_f) [3]; see
     h = relu(pre0); h = relu(h W_l + b_l) ...; (d, mag) = h W_out + b_out
     p <- p - d exp(mag exp_mult) step_mult
 
-Kernels (all `pl.pallas_call`s are named). A factored pass is one launch per run of up
-to 32 tensors alike in tile and dtype (`lopt_fast.pallas.members.MemberTiles`: a 1-D grid
-over their tiles, each program loading its tensor's blocks through a `lax.switch`), and
-reads each tensor's rows and columns of the flat U / V sides (`plan.FactoredGroup`) in
-place; the packed vectors take one launch per pass. `jax.vmap` adds a leading task axis
-to every grid.
+Kernels (all `pl.pallas_call`s are named). Each pass is one launch per run of up to 32
+tensors alike in tile and dtype (`lopt_fast.pallas.members.MemberTiles`: a 1-D grid over
+their tiles, each program loading its tensor's blocks through a `lax.switch`); the
+factored kernels read each tensor's rows and columns of the flat U / V sides
+(`plan.FactoredGroup`) in place. `jax.vmap` adds a leading task axis to every grid.
     adafac_row_col_sums      reads g                         4 B / param
     adafac_moments           reads p, g, m, rms              24 B / param (+ packed: v 12 B)
     adafac_apply             reads p, g, m, rms; writes p, m, rms   24 + 20 B / param
@@ -61,14 +60,11 @@ C_MOM, C_RMS, C_FAC, C_BOUT = plan.C_MOM, plan.C_RMS, plan.C_FAC, plan.C_BOUT
 # Pallas' Triton lowering neither masks nor clips the blocks at the ragged edge of a grid
 # (a tile past the last row or column reads, and writes, other elements of the array, or
 # past its end), while the interpreter pads them: every access of a factored tile is
-# masked explicitly (`mask` [rows, cols], or None for the packed buffer, whose tiles are
-# whole). The kernels therefore lower through Triton only.
+# masked explicitly (`mask` [rows, cols]). The kernels therefore lower through Triton only.
 
 def _load(ref, mask, plane=None):
     """This program's block of `ref` (or plane `plane` of it) as float32, zeros outside."""
-    if mask is None:
-        x = ref[...] if plane is None else ref[plane]
-    elif plane is None:
+    if plane is None:
         x = pltriton.load(ref, mask=jnp.broadcast_to(mask, ref.shape), other=0)
     else:
         block = ref.shape[1:]
@@ -80,9 +76,7 @@ def _load(ref, mask, plane=None):
 def _store(ref, value, mask, plane=None):
     """Write `value` into this program's block of `ref` (or plane `plane`) where `mask`."""
     value = value.astype(ref.dtype)
-    if mask is None:
-        ref[...] = value
-    elif plane is None:
+    if plane is None:
         pltriton.store(ref, value, mask=jnp.broadcast_to(mask, value.shape))
     else:
         pltriton.store(ref.at[pl.ds(plane, 1)], value[None],
@@ -124,10 +118,11 @@ def _features_factored(g, p, m, rms, fu_ref, fv_ref, starts, row_ok, col_ok):
             + [g * f for f in fac] + [mk * f for mk, f in zip(m, fac, strict=True)])
 
 
-def _features_packed(c_ref, g, p, m, rms, vd_ref):
-    """22 per-element planes of a non-factored tile, and the new v planes."""
+def _features_packed(c_ref, g, p, m, rms, vd):
+    """22 per-element planes of a non-factored tile, and the new v planes (from the old
+    ones, vd: 3 tiles)."""
     g2 = g * g + 1e-30
-    v = [c_ref[C_FAC + k] * vd_ref[k] + (1 - c_ref[C_FAC + k]) * g2 for k in range(3)]
+    v = [c_ref[C_FAC + k] * vd[k] + (1 - c_ref[C_FAC + k]) * g2 for k in range(3)]
     r = lax.rsqrt(rms + 1e-6)
     feats = ([g, p, *m, rms, *(mk * r for mk in m), r]
              + [g * lax.rsqrt(jnp.maximum(vk + 1e-9, 1e-9)) for vk in v]
@@ -288,32 +283,53 @@ def _factored_apply_kernel(c_ref, *refs, tiles: MemberTiles, offsets, mults, pre
         tiles.each(seg, count, copy, when=first)
 
 
-def _packed_moments_kernel(c_ref, p_ref, g_ref, mom_ref, rms_ref, vd_ref, n_ref, s_ref):
-    # p, g [rows, cols] of the packed buffer; mom, vd [3, rows, cols]; n [1, 1] valid count
-    g, p = g_ref[...], p_ref[...]
-    m, rms = _accumulators(c_ref, g, [mom_ref[q] for q in range(3)], rms_ref[0])
-    feats, _ = _features_packed(c_ref, g, p, m, rms, vd_ref)
-    rows, cols = g.shape
-    flat = (lax.broadcasted_iota(jnp.int32, g.shape, 0) * cols
-            + lax.broadcasted_iota(jnp.int32, g.shape, 1))
-    s_ref[...] = _sums_vector(feats, flat < n_ref[...])
+def _vector_tile(c_ref, state_refs, tiles: MemberTiles):
+    """This program's tile of a non-factored tensor (each viewed as [1, 1, n]): its member,
+    mask, p, new accumulators (m, rms, v) and the 22 feature planes. state_refs: p, g,
+    mom, rms, v_diag of every member."""
+    count = len(tiles.shapes)
+    seg, _, _, _, _, _, (_, _, mask) = _member_tile(tiles)
+
+    def load(m):  # only member m's branch reads: the others' blocks are not its tile
+        p_ref, g_ref, mom_ref, rms_ref, vd_ref = (state_refs[a * count + m] for a in range(5))
+        return (_load(g_ref, mask), _load(p_ref, mask),
+                [_load(mom_ref, mask, q) for q in range(3)], _load(rms_ref, mask, 0),
+                [_load(vd_ref, mask, q) for q in range(3)])
+
+    g, p, mom, rms, vd = tiles.switch(seg, count, load)
+    m, rms = _accumulators(c_ref, g, mom, rms)
+    feats, v = _features_packed(c_ref, g, p, m, rms, vd)
+    return seg, mask, p, m, rms, v, feats
 
 
-def _packed_apply_kernel(c_ref, p_ref, g_ref, mom_ref, rms_ref, vd_ref, w_ref, b0_ref, *rest,
-                         mults, precision, layer1, hidden):
-    # w [32, Hp]: this tile's tensor's first-layer rows; b0 [1, Hp]
-    mlp_refs, (po_ref, mo_ref, ro_ref, vo_ref) = _split_mlp(rest, hidden)
-    g, p = g_ref[...], p_ref[...]
-    m, rms = _accumulators(c_ref, g, [mom_ref[q] for q in range(3)], rms_ref[0])
-    feats, v = _features_packed(c_ref, g, p, m, rms, vd_ref)
-    rows, cols = g.shape
+def _packed_moments_kernel(c_ref, *refs, tiles: MemberTiles):
+    # per member: p, g [1, T]; mom, v_diag [3, 1, T]; rms [1, 1, T] (T = the tile's
+    # elements); s_ref [1, 32]: this tile's sums of squared features
+    _, mask, _, _, _, _, feats = _vector_tile(c_ref, refs[:-1], tiles)
+    refs[-1][...] = _sums_vector(feats, mask)
+
+
+def _packed_apply_kernel(c_ref, *refs, tiles: MemberTiles, mults, precision, layer1, hidden):
+    # per member: p, g, mom, rms, v_diag as in the moments kernel; then w [32, Hp] (this
+    # tile's tensor's first-layer rows), b0 [1, Hp], the MLP. Outputs per member: p [1, T]
+    # in p's dtype, mom [3, 1, T], rms [1, 1, T], v_diag [3, 1, T]
+    count = len(tiles.shapes)
+    w_ref, b0_ref = refs[5 * count:5 * count + 2]
+    mlp_refs, outs = _split_mlp(refs[5 * count + 2:], hidden)
+    po, mo, ro, vo = (outs[a * count:(a + 1) * count] for a in range(4))
+    seg, mask, p, m, rms, v, feats = _vector_tile(c_ref, refs[:5 * count], tiles)
+    rows, cols = p.shape
     pre0 = jnp.broadcast_to(b0_ref[...][None, :, :], (rows, cols, b0_ref.shape[-1]))
-    step = _mlp_step(pre0, feats, w_ref, mlp_refs, c_ref, mults, precision, layer1)
-    po_ref[...] = p - step
-    for k in range(3):
-        mo_ref[k] = m[k]
-        vo_ref[k] = v[k]
-    ro_ref[0] = rms
+    new_p = p - _mlp_step(pre0, feats, w_ref, mlp_refs, c_ref, mults, precision, layer1)
+
+    def store(a):
+        _store(po[a], new_p, mask)
+        for q in range(3):
+            _store(mo[a], m[q], mask, q)
+            _store(vo[a], v[q], mask, q)
+        _store(ro[a], rms, mask, 0)
+
+    tiles.each(seg, count, store)
 
 
 def _f32(shape):
@@ -458,10 +474,7 @@ class PallasKernels:
                                    offsets=self._offsets(group, run), mults=mults,
                                    precision=self.precision, layer1=self.layer1,
                                    hidden=mlp.w_hidden is not None)
-        # p, mom, rms of member m (operands 1 + m, 1 + 2 count + m, 1 + 3 count + m) into
-        # its outputs m, count + m, 2 count + m
-        aliases = {1 + a * count + m: o * count + m for a, o in ((0, 0), (2, 1), (3, 2))
-                   for m in range(count)} if self.in_place else {}
+        aliases = plan.in_place_aliases(count, (plan.P, plan.MOM, plan.RMS), self.in_place)
         out = self._call(
             kernel, "adafac_apply", tiles.tile, grid=(tiles.total,), in_specs=in_specs,
             out_specs=([tiles.spec(m, (None, r, c), "buv") for m in range(count)]
@@ -491,57 +504,66 @@ class PallasKernels:
         del zero
         return specs, args
 
-    # Packed non-factored tensors: grid (tiles,).
-    def _packed_specs(self, blocks):
-        r, c = blocks.rows, blocks.cols
-        return [
-            pl.BlockSpec((plan.NUM_CONSTS,), lambda i: (0,)),
-            pl.BlockSpec((r, c), lambda i: (i, 0)),  # p
-            pl.BlockSpec((r, c), lambda i: (i, 0)),  # g
-            pl.BlockSpec((3, r, c), lambda i: (0, i, 0)),  # mom
-            pl.BlockSpec((1, r, c), lambda i: (0, i, 0)),  # rms
-            pl.BlockSpec((3, r, c), lambda i: (0, i, 0)),  # v_diag
-        ]
+    # Non-factored tensors where they lie, each viewed as [1, 1, n] in tiles of the packed
+    # layout's elements: one launch per pass and run of them alike in dtype.
+    @staticmethod
+    def _vector_runs(p, g, blocks: BlockSizes):
+        """(run, its MemberTiles): the members alike in dtypes, in tiles of `blocks`' elements."""
+        tile = BlockSizes(1, blocks.rows * blocks.cols, blocks.num_warps, blocks.num_stages)
+        return [(run, MemberTiles(tuple((1, 1, p[j].size) for j in run), tile))
+                for run in member_runs([(a.dtype, b.dtype) for a, b in zip(p, g, strict=True)])]
 
-    def packed_moments(self, p, g, mom, rms, vd, counts, consts, blocks: BlockSizes):
-        n = p.shape[0] // blocks.rows
-        return self._call(
-            _packed_moments_kernel, "adafac_packed_moments", blocks, grid=(n,),
-            in_specs=self._packed_specs(blocks) + [pl.BlockSpec((1, 1), lambda i: (i, 0))],
-            out_specs=pl.BlockSpec((1, plan.NUM_SUMS), lambda i: (i, 0)),
-            out_shape=jax.ShapeDtypeStruct((n, plan.NUM_SUMS), jnp.float32),
-        )(consts, p, g, mom, rms, vd, counts)
+    @staticmethod
+    def _vector_state(run: range, p, g, mom, rms, vd):
+        """p, g [1, 1, n] and mom, rms, vd [planes, 1, 1, n] of the run's members."""
+        return ([p[j].reshape(1, 1, -1) for j in run] + [g[j].reshape(1, 1, -1) for j in run]
+                + [x[j].reshape(x[j].shape[0], 1, 1, -1) for x in (mom, rms, vd) for j in run])
 
-    def packed_apply(self, p, g, mom, rms, vd, consts, w_seg, b0, seg_starts, mlp, mults,
-                     blocks: BlockSizes):
-        n = p.shape[0] // blocks.rows
-        r, c = blocks.rows, blocks.cols
+    def member_moments(self, p, g, mom, rms, vd, consts, blocks: BlockSizes):
+        partials = []
+        for run, tiles in self._vector_runs(p, g, blocks):
+            t = tiles.tile.cols
+            specs = [tiles.spec(m, (None, 1, t), "buv") for m in range(len(run))] * 2 + [
+                tiles.spec(m, (k, None, 1, t), "0buv") for k in (3, 1, 3) for m in range(len(run))]
+            partials.append(self._call(
+                functools.partial(_packed_moments_kernel, tiles=tiles), "adafac_packed_moments",
+                tiles.tile, grid=(tiles.total,),
+                in_specs=[pl.BlockSpec((plan.NUM_CONSTS,), lambda i: (0,)), *specs],
+                out_specs=pl.BlockSpec((1, plan.NUM_SUMS), lambda i: (i, 0)),
+                out_shape=_f32((tiles.total, plan.NUM_SUMS)),
+            )(consts, *self._vector_state(run, p, g, mom, rms, vd)))
+        return jnp.concatenate(partials) if len(partials) > 1 else partials[0]
 
-        def segment(i):  # static block -> tensor map: segments are contiguous block ranges
-            s = jnp.int32(0)
-            for start in seg_starts[1:]:
-                s = s + (i >= start).astype(jnp.int32)
-            return s
-
-        mlp_specs, mlp_args = self._mlp_specs(mlp, 1)
-        in_specs = self._packed_specs(blocks) + [
-            pl.BlockSpec((None,) + w_seg.shape[1:], lambda i: (segment(i), 0, 0)),
-            pl.BlockSpec(b0.shape, lambda i: (0, 0)),
-        ] + mlp_specs
-        kernel = functools.partial(_packed_apply_kernel, mults=mults, precision=self.precision,
-                                   layer1=self.layer1, hidden=mlp.w_hidden is not None)
-        return self._call(
-            kernel, "adafac_packed_apply", blocks, grid=(n,), in_specs=in_specs,
-            out_specs=[pl.BlockSpec((r, c), lambda i: (i, 0)),
-                       pl.BlockSpec((3, r, c), lambda i: (0, i, 0)),
-                       pl.BlockSpec((1, r, c), lambda i: (0, i, 0)),
-                       pl.BlockSpec((3, r, c), lambda i: (0, i, 0))],
-            out_shape=[jax.ShapeDtypeStruct(p.shape, jnp.float32),
-                       jax.ShapeDtypeStruct(mom.shape, jnp.float32),
-                       jax.ShapeDtypeStruct(rms.shape, jnp.float32),
-                       jax.ShapeDtypeStruct(vd.shape, jnp.float32)],
-            input_output_aliases=plan.in_place_aliases(plan.PACKED_APPLY_ALIASES, self.in_place),
-        )(consts, p, g, mom, rms, vd, w_seg, b0, *mlp_args)
+    def member_apply(self, p, g, mom, rms, vd, consts, w_seg, b0, mlp, mults, blocks: BlockSizes):
+        outs = []
+        for run, tiles in self._vector_runs(p, g, blocks):
+            t, count = tiles.tile.cols, len(run)
+            state = [tiles.spec(m, (None, 1, t), "buv") for m in range(count)]
+            planes = [[tiles.spec(m, (k, None, 1, t), "0buv") for m in range(count)]
+                      for k in (3, 1, 3)]  # mom, rms, v_diag
+            mlp_specs, mlp_args = self._mlp_specs(mlp, 1)
+            in_specs = [pl.BlockSpec((plan.NUM_CONSTS,), lambda i: (0,)), *state, *state,
+                        *planes[0], *planes[1], *planes[2],
+                        pl.BlockSpec((None,) + w_seg.shape[1:],  # the member's first layer
+                                     lambda i, run=run, tiles=tiles: (run.start + tiles.segment(i),
+                                                                      0, 0)),
+                        pl.BlockSpec(b0.shape, lambda i: (0, 0)), *mlp_specs]
+            kernel = functools.partial(_packed_apply_kernel, tiles=tiles, mults=mults,
+                                       precision=self.precision, layer1=self.layer1,
+                                       hidden=mlp.w_hidden is not None)
+            aliases = plan.in_place_aliases(count, (plan.P, plan.MOM, plan.RMS, plan.V_DIAG),
+                                            self.in_place)
+            operands = self._vector_state(run, p, g, mom, rms, vd)
+            out = self._call(
+                kernel, "adafac_packed_apply", tiles.tile, grid=(tiles.total,), in_specs=in_specs,
+                out_specs=state + planes[0] + planes[1] + planes[2],
+                out_shape=([jax.ShapeDtypeStruct(x.shape, x.dtype) for x in operands[:count]]
+                           + [_f32(x.shape) for x in operands[2 * count:]]),
+                input_output_aliases=aliases,
+            )(consts, *operands, w_seg, b0, *mlp_args)
+            outs.append([[x.reshape(x.shape[0], -1) if o else x.reshape(-1)
+                          for x in out[o * count:(o + 1) * count]] for o in range(4)])
+        return tuple(tuple(x for out in outs for x in out[o]) for o in range(4))
 
 
 # ----------------------------------------------------------------------------- public op
