@@ -156,6 +156,35 @@ def test_tree_of_shape_classes_multi_tile(lopt, ref_fn, layer1):
     run_trajectories(lopt, theta, params, TREE_SHAPES, rng, kernel, ref_fn)
 
 
+# More factored tensors than one Pallas launch takes (`blocks.PALLAS_MAX_MEMBERS`), and
+# more vectors than it reads in place, so they are packed.
+MANY_SHAPES = {**{f"matrix{i}": (5 + i, 9) for i in range(6)},
+               **{f"vector{i}": (3 + 4 * i,) for i in range(5)}, "scalar": ()}
+
+
+def test_many_tensors_take_several_launches_and_pack_their_vectors(lopt, ref_fn):
+    from lopt_fast.pallas.blocks import PALLAS_MAX_MEMBERS
+
+    matrices = sum(name.startswith("matrix") for name in MANY_SHAPES)
+    assert PALLAS_MAX_MEMBERS < matrices <= 2 * PALLAS_MAX_MEMBERS
+    assert len(MANY_SHAPES) - matrices > PALLAS_MAX_MEMBERS
+    seed = _seed()
+    rng = np.random.default_rng(seed)
+    theta = random_theta(lopt, jax.random.key(seed))
+    params = random_tree(rng, MANY_SHAPES)
+
+    def step(t, s, g, interpret=True):
+        return pallas_update(lopt, t, s, g, interpret=interpret, mlp_precision="ieee",
+                             blocks=SMALL_TILES, packed_blocks=SMALL_PACKED)
+
+    run_trajectories(lopt, theta, params, MANY_SHAPES, rng, jax.jit(step), ref_fn)
+    # compiled for a GPU: 2 launches per factored pass, 1 per pass for the packed vectors
+    state = lopt.opt_fn(theta, backend="reference").init(params, num_steps=10)
+    lowered = jax.jit(lambda t, s, g: step(t, s, g, interpret=False)).trace(
+        theta, state, params).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 3 * 2 + 2
+
+
 VMAP_SHAPES = {
     "three_d": (4, 6, 5),
     "factored_axes_not_adjacent": (6, 2, 9),  # d1 = 0, d0 = 2: transposed in and out

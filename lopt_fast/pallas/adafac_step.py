@@ -18,11 +18,13 @@ Math per parameter (decays b_m [3], c_r = clip(b_r), c_f = clip(b_f) [3]; see
     h = relu(pre0); h = relu(h W_l + b_l) ...; (d, mag) = h W_out + b_out
     p <- p - d exp(mag exp_mult) step_mult
 
-Kernels (all `pl.pallas_call`s are named). Each pass is one launch per run of up to 32
-tensors alike in tile and dtype (`lopt_fast.pallas.members.MemberTiles`: a 1-D grid over
-their tiles, each program loading its tensor's blocks through a `lax.switch`); the
-factored kernels read each tensor's rows and columns of the flat U / V sides
-(`plan.FactoredGroup`) in place. `jax.vmap` adds a leading task axis to every grid.
+Kernels (all `pl.pallas_call`s are named). Each pass is one launch per run of up to
+`blocks.PALLAS_MAX_MEMBERS` (4) tensors alike in tile and dtype
+(`lopt_fast.pallas.members.MemberTiles`: a 1-D grid over their tiles, each program loading
+its tensor's blocks through a `lax.switch`; compile time grows with the square of the
+members), or, for more vectors than that, one launch over all of them packed into one
+buffer. The factored kernels read each tensor's rows and columns of the flat U / V
+sides (`plan.FactoredGroup`) in place. `jax.vmap` adds a leading task axis to every grid.
     adafac_row_col_sums      reads g                         4 B / param
     adafac_moments           reads p, g, m, rms              24 B / param (+ packed: v 12 B)
     adafac_apply             reads p, g, m, rms; writes p, m, rms   24 + 20 B / param
@@ -49,7 +51,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from lopt_fast.pallas import plan
-from lopt_fast.pallas.blocks import PALLAS_LAYER1_FORMS, BlockSizes, member_runs
+from lopt_fast.pallas.blocks import (
+    PALLAS_LAYER1_FORMS,
+    PALLAS_MAX_MEMBERS,
+    BlockSizes,
+    member_runs,
+)
 from lopt_fast.pallas.members import MemberTiles
 
 C_MOM, C_RMS, C_FAC, C_BOUT = plan.C_MOM, plan.C_RMS, plan.C_FAC, plan.C_BOUT
@@ -274,13 +281,19 @@ def _factored_apply_kernel(c_ref, *refs, tiles: MemberTiles, offsets, mults, pre
     # The state's new v_row / v_col, copied here rather than sliced out of the flat sides
     # by an XLA kernel per tensor and side: the first column block's programs write their
     # rows', the first row block's their columns'.
+    # (Loaded once, outside the members' branches: each memory operation in a branch
+    # costs compile time, `blocks.PALLAS_MAX_MEMBERS`.)
     for first, src, dst, start, ok in ((k == 0, nu_ref, uo, starts[0], row_ok),
                                        (j == 0, nv_ref, vo, starts[1], col_ok)):
-        def copy(a, src=src, dst=dst, start=start, ok=ok):
-            for q in range(3):
-                _store(dst[a], _side_load(src, start, ok, q), ok, q)
+        @pl.when(first)
+        def _copy(src=src, dst=dst, start=start, ok=ok):
+            planes = [_side_load(src, start, ok, q) for q in range(3)]
 
-        tiles.each(seg, count, copy, when=first)
+            def store(a):
+                for q in range(3):
+                    _store(dst[a], planes[q], ok, q)
+
+            tiles.each(seg, count, store)
 
 
 def _vector_tile(c_ref, state_refs, tiles: MemberTiles):
@@ -302,14 +315,14 @@ def _vector_tile(c_ref, state_refs, tiles: MemberTiles):
     return seg, mask, p, m, rms, v, feats
 
 
-def _packed_moments_kernel(c_ref, *refs, tiles: MemberTiles):
+def _vector_moments_kernel(c_ref, *refs, tiles: MemberTiles):
     # per member: p, g [1, T]; mom, v_diag [3, 1, T]; rms [1, 1, T] (T = the tile's
     # elements); s_ref [1, 32]: this tile's sums of squared features
     _, mask, _, _, _, _, feats = _vector_tile(c_ref, refs[:-1], tiles)
     refs[-1][...] = _sums_vector(feats, mask)
 
 
-def _packed_apply_kernel(c_ref, *refs, tiles: MemberTiles, mults, precision, layer1, hidden):
+def _vector_apply_kernel(c_ref, *refs, tiles: MemberTiles, mults, precision, layer1, hidden):
     # per member: p, g, mom, rms, v_diag as in the moments kernel; then w [32, Hp] (this
     # tile's tensor's first-layer rows), b0 [1, Hp], the MLP. Outputs per member: p [1, T]
     # in p's dtype, mom [3, 1, T], rms [1, 1, T], v_diag [3, 1, T]
@@ -330,6 +343,35 @@ def _packed_apply_kernel(c_ref, *refs, tiles: MemberTiles, mults, precision, lay
         _store(ro[a], rms, mask, 0)
 
     tiles.each(seg, count, store)
+
+
+def _packed_moments_kernel(c_ref, p_ref, g_ref, mom_ref, rms_ref, vd_ref, n_ref, s_ref):
+    # p, g [rows, cols] of the packed buffer (whole tiles: no masks); mom, vd [3, rows,
+    # cols]; n [1, 1] valid count
+    g, p = g_ref[...], p_ref[...]
+    m, rms = _accumulators(c_ref, g, [mom_ref[q] for q in range(3)], rms_ref[0])
+    feats, _ = _features_packed(c_ref, g, p, m, rms, [vd_ref[q] for q in range(3)])
+    rows, cols = g.shape
+    flat = (lax.broadcasted_iota(jnp.int32, g.shape, 0) * cols
+            + lax.broadcasted_iota(jnp.int32, g.shape, 1))
+    s_ref[...] = _sums_vector(feats, flat < n_ref[...])
+
+
+def _packed_apply_kernel(c_ref, p_ref, g_ref, mom_ref, rms_ref, vd_ref, w_ref, b0_ref, *rest,
+                         mults, precision, layer1, hidden):
+    # w [32, Hp]: this tile's tensor's first-layer rows; b0 [1, Hp]
+    mlp_refs, (po_ref, mo_ref, ro_ref, vo_ref) = _split_mlp(rest, hidden)
+    g, p = g_ref[...], p_ref[...]
+    m, rms = _accumulators(c_ref, g, [mom_ref[q] for q in range(3)], rms_ref[0])
+    feats, v = _features_packed(c_ref, g, p, m, rms, [vd_ref[q] for q in range(3)])
+    rows, cols = g.shape
+    pre0 = jnp.broadcast_to(b0_ref[...][None, :, :], (rows, cols, b0_ref.shape[-1]))
+    step = _mlp_step(pre0, feats, w_ref, mlp_refs, c_ref, mults, precision, layer1)
+    po_ref[...] = p - step
+    for k in range(3):
+        mo_ref[k] = m[k]
+        vo_ref[k] = v[k]
+    ro_ref[0] = rms
 
 
 def _f32(shape):
@@ -372,6 +414,7 @@ class PallasKernels:
         if layer1 not in PALLAS_LAYER1_FORMS:
             raise ValueError(f"layer1 must be one of {PALLAS_LAYER1_FORMS}, got {layer1!r}")
         self.interpret = interpret
+        self.member_limit = PALLAS_MAX_MEMBERS  # more vectors than this are packed
         self.precision = lax.Precision.DEFAULT if mlp_precision == "tf32" else lax.Precision.HIGHEST
         self.layer1 = layer1
         self.in_place = in_place
@@ -387,7 +430,7 @@ class PallasKernels:
     @staticmethod
     def _runs(p, g, group: plan.FactoredGroup) -> list[range]:
         return member_runs([(group.blocks[j], group.reduce_blocks[j], p[j].dtype, g[j].dtype)
-                            for j in range(len(p))])
+                            for j in range(len(p))], PALLAS_MAX_MEMBERS)
 
     @staticmethod
     def _whole(x):
@@ -463,7 +506,7 @@ class PallasKernels:
                    group, run: range):
         tiles = self._tiles(group, run, group.blocks)
         r, c, count = tiles.tile.rows, tiles.tile.cols, len(run)
-        mlp_specs, mlp_args = self._mlp_specs(mlp, 1)
+        mlp_specs, mlp_args = self._mlp_specs(mlp)
         in_specs = [
             pl.BlockSpec((plan.NUM_CONSTS,), lambda i: (0,)), *self._state_specs(tiles),
             self._whole(fu), self._whole(fv), self._whole(tu), self._whole(tv),
@@ -492,8 +535,8 @@ class PallasKernels:
         return [out[o * count:(o + 1) * count] for o in range(5)]
 
     @staticmethod
-    def _mlp_specs(mlp: plan.MLPWeights, ngrid: int):
-        zero = lambda *idx: (0,) * ngrid  # noqa: E731
+    def _mlp_specs(mlp: plan.MLPWeights):
+        """The MLP's layers after the first, whole in every program."""
         specs, args = [], []
         if mlp.w_hidden is not None:
             specs += [pl.BlockSpec(mlp.w_hidden.shape, lambda *i: (0, 0, 0)),
@@ -501,8 +544,61 @@ class PallasKernels:
             args += [mlp.w_hidden, mlp.b_hidden]
         specs.append(pl.BlockSpec(mlp.w_out_t.shape, lambda *i: (0, 0)))
         args.append(mlp.w_out_t)
-        del zero
         return specs, args
+
+    # Non-factored tensors packed into one [rows, 128] buffer: grid (tiles,).
+    def _packed_specs(self, blocks):
+        r, c = blocks.rows, blocks.cols
+        return [
+            pl.BlockSpec((plan.NUM_CONSTS,), lambda i: (0,)),
+            pl.BlockSpec((r, c), lambda i: (i, 0)),  # p
+            pl.BlockSpec((r, c), lambda i: (i, 0)),  # g
+            pl.BlockSpec((3, r, c), lambda i: (0, i, 0)),  # mom
+            pl.BlockSpec((1, r, c), lambda i: (0, i, 0)),  # rms
+            pl.BlockSpec((3, r, c), lambda i: (0, i, 0)),  # v_diag
+        ]
+
+    def packed_moments(self, p, g, mom, rms, vd, counts, consts, blocks: BlockSizes):
+        n = p.shape[0] // blocks.rows
+        return self._call(
+            _packed_moments_kernel, "adafac_packed_moments", blocks, grid=(n,),
+            in_specs=self._packed_specs(blocks) + [pl.BlockSpec((1, 1), lambda i: (i, 0))],
+            out_specs=pl.BlockSpec((1, plan.NUM_SUMS), lambda i: (i, 0)),
+            out_shape=jax.ShapeDtypeStruct((n, plan.NUM_SUMS), jnp.float32),
+        )(consts, p, g, mom, rms, vd, counts)
+
+    def packed_apply(self, p, g, mom, rms, vd, consts, w_seg, b0, seg_starts, mlp, mults,
+                     blocks: BlockSizes):
+        n = p.shape[0] // blocks.rows
+        r, c = blocks.rows, blocks.cols
+
+        def segment(i):  # static block -> tensor map: segments are contiguous block ranges
+            s = jnp.int32(0)
+            for start in seg_starts[1:]:
+                s = s + (i >= start).astype(jnp.int32)
+            return s
+
+        mlp_specs, mlp_args = self._mlp_specs(mlp)
+        in_specs = self._packed_specs(blocks) + [
+            pl.BlockSpec((None,) + w_seg.shape[1:], lambda i: (segment(i), 0, 0)),
+            pl.BlockSpec(b0.shape, lambda i: (0, 0)),
+        ] + mlp_specs
+        kernel = functools.partial(_packed_apply_kernel, mults=mults, precision=self.precision,
+                                   layer1=self.layer1, hidden=mlp.w_hidden is not None)
+        return self._call(
+            kernel, "adafac_packed_apply", blocks, grid=(n,), in_specs=in_specs,
+            out_specs=[pl.BlockSpec((r, c), lambda i: (i, 0)),
+                       pl.BlockSpec((3, r, c), lambda i: (0, i, 0)),
+                       pl.BlockSpec((1, r, c), lambda i: (0, i, 0)),
+                       pl.BlockSpec((3, r, c), lambda i: (0, i, 0))],
+            out_shape=[jax.ShapeDtypeStruct(p.shape, jnp.float32),
+                       jax.ShapeDtypeStruct(mom.shape, jnp.float32),
+                       jax.ShapeDtypeStruct(rms.shape, jnp.float32),
+                       jax.ShapeDtypeStruct(vd.shape, jnp.float32)],
+            input_output_aliases=plan.in_place_aliases(
+                1, (plan.P, plan.MOM, plan.RMS, plan.V_DIAG), self.in_place),
+        )(consts, p, g, mom, rms, vd, w_seg, b0, *mlp_args)
+
 
     # Non-factored tensors where they lie, each viewed as [1, 1, n] in tiles of the packed
     # layout's elements: one launch per pass and run of them alike in dtype.
@@ -511,7 +607,8 @@ class PallasKernels:
         """(run, its MemberTiles): the members alike in dtypes, in tiles of `blocks`' elements."""
         tile = BlockSizes(1, blocks.rows * blocks.cols, blocks.num_warps, blocks.num_stages)
         return [(run, MemberTiles(tuple((1, 1, p[j].size) for j in run), tile))
-                for run in member_runs([(a.dtype, b.dtype) for a, b in zip(p, g, strict=True)])]
+                for run in member_runs([(a.dtype, b.dtype) for a, b in zip(p, g, strict=True)],
+                                       PALLAS_MAX_MEMBERS)]
 
     @staticmethod
     def _vector_state(run: range, p, g, mom, rms, vd):
@@ -526,7 +623,7 @@ class PallasKernels:
             specs = [tiles.spec(m, (None, 1, t), "buv") for m in range(len(run))] * 2 + [
                 tiles.spec(m, (k, None, 1, t), "0buv") for k in (3, 1, 3) for m in range(len(run))]
             partials.append(self._call(
-                functools.partial(_packed_moments_kernel, tiles=tiles), "adafac_packed_moments",
+                functools.partial(_vector_moments_kernel, tiles=tiles), "adafac_packed_moments",
                 tiles.tile, grid=(tiles.total,),
                 in_specs=[pl.BlockSpec((plan.NUM_CONSTS,), lambda i: (0,)), *specs],
                 out_specs=pl.BlockSpec((1, plan.NUM_SUMS), lambda i: (i, 0)),
@@ -541,14 +638,14 @@ class PallasKernels:
             state = [tiles.spec(m, (None, 1, t), "buv") for m in range(count)]
             planes = [[tiles.spec(m, (k, None, 1, t), "0buv") for m in range(count)]
                       for k in (3, 1, 3)]  # mom, rms, v_diag
-            mlp_specs, mlp_args = self._mlp_specs(mlp, 1)
+            mlp_specs, mlp_args = self._mlp_specs(mlp)
             in_specs = [pl.BlockSpec((plan.NUM_CONSTS,), lambda i: (0,)), *state, *state,
                         *planes[0], *planes[1], *planes[2],
                         pl.BlockSpec((None,) + w_seg.shape[1:],  # the member's first layer
                                      lambda i, run=run, tiles=tiles: (run.start + tiles.segment(i),
                                                                       0, 0)),
                         pl.BlockSpec(b0.shape, lambda i: (0, 0)), *mlp_specs]
-            kernel = functools.partial(_packed_apply_kernel, tiles=tiles, mults=mults,
+            kernel = functools.partial(_vector_apply_kernel, tiles=tiles, mults=mults,
                                        precision=self.precision, layer1=self.layer1,
                                        hidden=mlp.w_hidden is not None)
             aliases = plan.in_place_aliases(count, (plan.P, plan.MOM, plan.RMS, plan.V_DIAG),

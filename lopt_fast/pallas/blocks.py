@@ -55,6 +55,15 @@ PERSISTENT_PROGRAMS_PER_SM = 2
 # Tensors per multi-tensor launch (both backends' member launches): the Triton apply pass
 # takes 9 pointers per member, 2.3 KB of kernel parameters at 32 (4 KB on older CUDA).
 MAX_MEMBERS = 32
+# Pallas' member launches give each tensor refs and memory operations of its own, and
+# Triton's coalescing pass walks the whole kernel once per memory operation, so compile
+# time grows with the square of the members. Compiled for sm_90 on the 2-core CPU machine
+# (triton 3.6.0, H = 32, layer 1 as a dot): the apply kernel of 1 / 4 / 8 factored
+# tensors took 1.9 / 7.3 / 34.9 s, the vectors' 1.2 / 3.4 / 15.7 / 88.8 s at 1 / 4 / 8 /
+# 16. At 4 a launch costs what its tensors' own launches would; Pallas packs more
+# vectors than this into one buffer instead (`plan._packed_leaves`). Triton's member
+# kernels select one set of pointers instead, so their compile time does not grow so.
+PALLAS_MAX_MEMBERS = 4
 
 
 def member_runs(keys: Sequence, max_members: int | None = None) -> list[range]:

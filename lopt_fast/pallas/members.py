@@ -103,8 +103,7 @@ class MemberTiles:
         return lax.switch(seg, [functools.partial(branch, m) for m in range(count)])
 
     @staticmethod
-    def each(seg, count: int, body, when=None):
-        """body(m) for member `seg` only (and only where `when`): its stores."""
+    def each(seg, count: int, body):
+        """body(m) for member `seg` only: its stores."""
         for m in range(count):
-            cond = seg == m if when is None else (seg == m) & when
-            pl.when(cond)(functools.partial(body, m))
+            pl.when(seg == m)(functools.partial(body, m))

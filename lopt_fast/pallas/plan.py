@@ -9,11 +9,15 @@ The kernels see two kinds of operand, both chosen so every access is a plain til
   the tensor is transposed once on the way in and once on the way out. Whether U is
   the d1 axis (`u_is_row`) only decides which small per-row / per-column tables the
   wrapper hands the kernel, so the kernels never branch on it.
-* each **non-factored** tensor (scalar or vector) flat, in tiles of the "packed" shape
-  (`blocks.packed_block_sizes`, rows x 128 elements); all of them (alike in dtype) share
-  one launch per pass, read and written where they lie. (They were once packed into one
-  [rows, 128] buffer; the packing and unpacking were 17 of a 1e7-parameter step's 30
-  kernels compiled for an H100, so the name stayed and the copies went.)
+* all **non-factored** tensors (scalars and vectors) of a model **packed** into one
+  [rows, 128] buffer, each tensor padded to whole tiles, so they take one launch per
+  pass instead of one per tensor. Each tile knows its tensor through a static
+  block -> segment map (the first-layer weights of its tensor) and its count of
+  valid elements (masking pass 2's sums). Backends with **member** launchers (Triton,
+  `lopt_fast.kernels.members`; Pallas for up to `blocks.PALLAS_MAX_MEMBERS` of them)
+  tile the tensors the same way but read and write them where they lie, which saves
+  the packing and unpacking kernels (17 of a 1e7-parameter step's 30 compiled for an
+  H100).
 
 The factored tensors take three passes, the non-factored ones two:
   1. `row_col_sums`: sum over V and over U of G = g^2 + 1e-30 (Adafactor's means);
@@ -27,7 +31,8 @@ The factored tensors take three passes, the non-factored ones two:
 Between passes the wrapper does only O(rows + cols) work per tensor, once for all
 factored tensors together on flat row / column sides (`FactoredGroup`). Both backends
 launch each pass once per run of (up to `blocks.MAX_MEMBERS`) tensors alike in tile and
-dtype (Triton's member kernels, `lopt_fast.kernels.members`; Pallas' `MemberTiles`).
+dtype (Triton's member kernels, `lopt_fast.kernels.members`; Pallas' `MemberTiles`, at
+most `blocks.PALLAS_MAX_MEMBERS` per launch).
 
 `jax.vmap` over a task axis (with per-task theta) batches every `pallas_call` into
 a leading grid axis, so all tasks share these launches.
@@ -187,11 +192,16 @@ class Kernels(NamedTuple):
                 new_v, group)
         -> (new_p, new_mom, new_rms, U side, V side), tuples; the last two each tensor's
         [3, B, U] / [3, B, V] planes of the new accumulators new_u [3, sum BU], new_v
-    Non-factored tensors where they lie (member launchers), each in tiles of `blocks`'
-    elements (the packed layout's shape):
+    Non-factored tensors, either in the packed buffer:
+    packed_moments(p, g, mom, rms, vd, counts, consts, blocks) -> partial sums [nblocks, 32]
+        (counts: a static numpy [nblocks, 1], the valid elements of each tile)
+    packed_apply(p, g, mom, rms, vd, consts, w_seg, b0, seg_starts, mlp, mults, blocks)
+        -> (new_p, new_mom, new_rms, new_vd), all float32, packed
+    or where they lie (member launchers, no packing; at most `member_limit` tensors, else
+    packed), each in tiles of `blocks`' elements:
     member_moments(p, g, mom, rms, vd, consts, blocks), each a tuple over the tensors
         (p_i, g_i [n_i], mom_i, vd_i [3, n_i], rms_i [1, n_i]) -> partial sums [nblocks, 32],
-        a row per tile, the tensors' tiles in order
+        the same rows as packed_moments'
     member_apply(p, g, mom, rms, vd, consts, w_seg, b0, mlp, mults, blocks)
         -> (new_p, new_mom, new_rms, new_vd), each a tuple like its input (p_i in its dtype)
     `mults` is the static (exp_mult, step_mult) pair.
@@ -206,8 +216,11 @@ class Kernels(NamedTuple):
     group_sides: Any = None
     group_moments: Any = None
     group_apply: Any = None
+    packed_moments: Any = None
+    packed_apply: Any = None
     member_moments: Any = None
     member_apply: Any = None
+    member_limit: int | None = None
     row_col_in_dot: bool = False
 
     @classmethod
@@ -435,12 +448,58 @@ def _packed_first_layer(partial, nblocks, sizes, nn, iteration, hp):
 
 
 def _packed_leaves(kernels, items, consts, nn, iteration, mlp, mults, hp, blocks):
-    """items: [(p, g, acc)] of non-factored tensors -> [(new_p, new_acc)], read and written
-    where they lie (member launchers), in tiles of the packed layout's shape."""
+    """items: [(p, g, acc)] of non-factored tensors -> [(new_p, new_acc)]: read and written
+    where they lie by a backend's member launchers when it has them (and takes this many
+    tensors, `Kernels.member_limit`), else packed into one [rows, 128] buffer."""
     blk = blocks or packed_block_sizes(hp)
     tile = blk.rows * blk.cols
     sizes = [max(1, int(np.prod(p.shape))) for p, _, _ in items]
     nblocks = [-(-n // tile) for n in sizes]
+    if kernels.member_moments is not None and len(items) <= (kernels.member_limit or len(items)):
+        return _member_leaves(kernels, items, sizes, nblocks, consts, nn, iteration, mlp, mults,
+                              hp, blk)
+    padded = [n * tile for n in nblocks]
+    seg_ids = np.repeat(np.arange(len(items)), nblocks)
+    seg_starts = starts(nblocks)
+    counts = np.minimum(np.asarray(sizes)[seg_ids]
+                        - (np.arange(len(seg_ids)) - np.asarray(seg_starts)[seg_ids]) * tile,
+                        tile).astype(np.int32)[:, None]
+    rows = sum(padded) // blk.cols
+
+    def pack(xs, lead):
+        flat = [_pad_last(jnp.asarray(x, jnp.float32).reshape(x.shape[:lead] + (-1,)), n)
+                for x, n in zip(xs, padded, strict=True)]
+        out = jnp.concatenate(flat, axis=-1)
+        return out.reshape(out.shape[:lead] + (rows, blk.cols))
+
+    p = pack([p for p, _, _ in items], 0)
+    g = pack([g for _, g, _ in items], 0)
+    mom = pack([a.mom for _, _, a in items], 1)
+    rms = pack([a.rms for _, _, a in items], 1)
+    vd = pack([a.v_diag for _, _, a in items], 1)
+
+    with jax.named_scope("adafac_packed_moments"):
+        partial = kernels.packed_moments(p, g, mom, rms, vd, counts, consts, blk)
+    w_seg, b0 = _packed_first_layer(partial, nblocks, sizes, nn, iteration, hp)
+    with jax.named_scope("adafac_packed_apply"):
+        new_p, new_mom, new_rms, new_vd = kernels.packed_apply(
+            p, g, mom, rms, vd, consts, w_seg, b0, seg_starts, mlp, mults, blk)
+
+    out, start = [], 0
+    new_p, new_mom, new_rms, new_vd = (_flat(new_p, 0), _flat(new_mom, 1), _flat(new_rms, 1),
+                                       _flat(new_vd, 1))
+    for (p0, _, a0), n, npad in zip(items, sizes, padded, strict=True):
+        sl = lambda x: x[..., start:start + n]  # noqa: B023, E731
+        out.append((sl(new_p).reshape(p0.shape).astype(p0.dtype),
+                    am.LeafAccumulators(sl(new_mom).reshape(a0.mom.shape),
+                                        sl(new_rms).reshape(a0.rms.shape), a0.v_row, a0.v_col,
+                                        sl(new_vd).reshape(a0.v_diag.shape))))
+        start += npad
+    return out
+
+
+def _member_leaves(kernels, items, sizes, nblocks, consts, nn, iteration, mlp, mults, hp, blk):
+    """`_packed_leaves` through member launchers: every tensor flattened (free), no packing."""
     p = tuple(_flat(p, 0) for p, _, _ in items)
     g = tuple(_flat(g, 0) for _, g, _ in items)
     mom, rms, vd = (tuple(_flat(getattr(a, k), 1) for _, _, a in items)
