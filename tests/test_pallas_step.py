@@ -346,11 +346,10 @@ def test_kernels_compile_for_sm90():
 
 
 def test_small_factored_tensors_share_a_tile_where_it_costs_little():
-    """Where tensors share launches (`share`), those of up to SHARED_TILE_MAX_ELEMENTS take
-    the full-size apply tile (rows of >= 32 floats) that covers them with the fewest lanes
-    and a reduction tile as wide as the widest one, unless that covers > 2x their own
-    tiles' lanes (a tall, narrow tensor); a larger tensor keeps its own; without `share`
-    all do."""
+    """Tensors of up to SHARED_TILE_MAX_ELEMENTS take the full-size apply tile (rows of
+    >= 32 floats) that covers them with the fewest lanes and a reduction tile as wide as
+    the widest one, unless that covers > 2x their own tiles' lanes (a tall, narrow
+    tensor); a larger tensor keeps its own."""
     from lopt_fast.pallas.blocks import (
         SHARED_TILE_MAX_ELEMENTS,
         group_block_sizes,
@@ -369,9 +368,6 @@ def test_small_factored_tensors_share_a_tile_where_it_costs_little():
     # a wide matrix among narrow tensors: the widest reduction tile that all of them take
     assert group_block_sizes([(1, 130, 290), (9, 16, 32), (1, 20, 6)], 32)[1] == [
         BlockSizes(16, 64)] * 3
-    own = group_block_sizes(views, 32, share=False)
-    assert own == ([block_sizes(u, v, 32) for _, u, v in views],
-                   [reduction_block_sizes(u, v) for _, u, v in views]), own
 
 
 def test_reduction_passes_take_their_own_tiles(lopt):

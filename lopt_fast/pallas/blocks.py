@@ -147,25 +147,25 @@ def _shared_tile(views: list[tuple[int, int, int]], elements: int) -> BlockSizes
     return min(tiles, key=lambda t: (sum(_lanes(x, t) for x in views), -t.cols))
 
 
-def group_block_sizes(views: list[tuple[int, int, int]], hidden: int, share: bool = True
+def group_block_sizes(views: list[tuple[int, int, int]], hidden: int
                       ) -> tuple[list[BlockSizes], list[BlockSizes]]:
     """Apply and reduction tiles of factored tensors [B, U, V] updated together.
 
-    Each gets its own, except that with `share` the tensors of at most
-    `SHARED_TILE_MAX_ELEMENTS` elements take one tile where it costs them little: a
-    launch covers tensors of one tile (Triton's member kernels), and small tensors are
-    many (a convnet's 4 took 9 launches with their own tiles, 3 with one). The shared
-    tile is the full-size one that covers the small tensors with the fewest lanes; a
-    tensor keeps its own if the shared one would cover more than twice its own tiles'
-    lanes and over `SHARED_TILE_SLACK` of them (a tall, narrow tensor under a wide
-    tile). The reduction passes' shared tile is instead the widest, up to the small
-    tensors' widest rows, that all of them take. The small convnet's 4 share 8 x 32
-    (apply, 95% of the lanes used) and 16 x 64 tiles.
+    Each gets its own, except that the tensors of at most `SHARED_TILE_MAX_ELEMENTS`
+    elements take one tile where it costs them little: a launch covers tensors of one
+    tile (both backends' member launches), and small tensors are many (a convnet's 4
+    took 9 launches with their own tiles, 3 with one). The shared tile is the full-size
+    one that covers the small tensors with the fewest lanes; a tensor keeps its own if
+    the shared one would cover more than twice its own tiles' lanes and over
+    `SHARED_TILE_SLACK` of them (a tall, narrow tensor under a wide tile). The reduction
+    passes' shared tile is instead the widest, up to the small tensors' widest rows,
+    that all of them take. The small convnet's 4 share 8 x 32 (apply, 95% of the lanes
+    used) and 16 x 64 tiles.
     """
     apply = [block_sizes(u, v, hidden) for _, u, v in views]
     reduce = [reduction_block_sizes(u, v) for _, u, v in views]
     small = [j for j, (b, u, v) in enumerate(views) if b * u * v <= SHARED_TILE_MAX_ELEMENTS]
-    if not (share and small):
+    if not small:
         return apply, reduce
 
     def fits(j, tile, own):

@@ -72,18 +72,14 @@ class MemberTiles:
         t = jnp.clip(i - self.starts[m], 0, self.counts[m] - 1)
         return t // (nu * nv), (t // nv) % nu, t % nv
 
-    def index_map(self, m: int, spec: str):
-        """Member m's block index map for a ref whose block dims are `spec`: "b" the tile's
-        B (squeezed), "u" / "v" its row / column block, "0" the whole dim (all of it in
-        one block), "U" / "V" the row / column block as the leading dim of a partial-sum
-        output over the other axis."""
-        def index(*grid):
-            b, j, k = self._block(grid[-1], m)
-            return tuple({"b": b, "u": j, "v": k, "0": 0, "U": j, "V": k}[d] for d in spec)
-        return index
-
     def spec(self, m: int, block_shape, dims: str) -> pl.BlockSpec:
-        return pl.BlockSpec(block_shape, self.index_map(m, dims))
+        """Member m's BlockSpec for a ref whose block dims are `dims`: "b" the tile's B
+        (squeezed), "u" / "v" its row / column block (also as the leading dim of partial
+        sums over the other axis), "0" the whole dim in one block."""
+        def index(i):
+            b, j, k = self._block(i, m)
+            return tuple({"b": b, "u": j, "v": k, "0": 0}[d] for d in dims)
+        return pl.BlockSpec(block_shape, index)
 
     def locate(self, i):
         """(member, b, row block, column block, U, V) of launch tile i, all traced."""
