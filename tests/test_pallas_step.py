@@ -173,7 +173,7 @@ def test_many_tensors_take_several_launches_and_pack_their_vectors(lopt, ref_fn)
     theta = random_theta(lopt, jax.random.key(seed))
     params = random_tree(rng, MANY_SHAPES)
 
-    def step(t, s, g, interpret=True):
+    def step(t, s, g, interpret=None):  # None: compiled on a GPU, interpreted on CPU
         return pallas_update(lopt, t, s, g, interpret=interpret, mlp_precision="ieee",
                              blocks=SMALL_TILES, packed_blocks=SMALL_PACKED)
 
