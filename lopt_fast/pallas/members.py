@@ -11,6 +11,10 @@ Pallas' interpreter every program copies every member's (clamped) block in and o
 a program that does not store writes back the block as it read it, so a tile is only
 ever overwritten with its own values or its member's result.
 
+Every member brings memory operations of its own, and Triton's coalescing pass walks the
+whole kernel once per memory operation, so compile time grows with the square of the
+members: launchers take at most `blocks.PALLAS_MAX_MEMBERS` (the measurements are there).
+
 Tiles of a member walk its [B, U / rows, V / cols] grid in row-major order.
 """
 
