@@ -57,7 +57,7 @@ from lopt_fast.pallas.blocks import (
     BlockSizes,
     member_runs,
 )
-from lopt_fast.pallas.members import MemberTiles
+from lopt_fast.pallas.members import MemberTiles, segment
 
 C_MOM, C_RMS, C_FAC, C_BOUT = plan.C_MOM, plan.C_RMS, plan.C_FAC, plan.C_BOUT
 
@@ -414,10 +414,11 @@ class PallasKernels:
         if layer1 not in PALLAS_LAYER1_FORMS:
             raise ValueError(f"layer1 must be one of {PALLAS_LAYER1_FORMS}, got {layer1!r}")
         self.interpret = interpret
-        self.member_limit = PALLAS_MAX_MEMBERS  # more vectors than this are packed
         self.precision = lax.Precision.DEFAULT if mlp_precision == "tf32" else lax.Precision.HIGHEST
         self.layer1 = layer1
         self.in_place = in_place
+
+    member_limit = PALLAS_MAX_MEMBERS  # more vectors than this are packed (`plan.Kernels`)
 
     def _call(self, kernel, name, blocks: BlockSizes, **kw):
         if self.interpret:
@@ -439,11 +440,10 @@ class PallasKernels:
 
     @staticmethod
     def _state_specs(tiles: MemberTiles):
-        """p, g, mom, rms of every member (all p first, then all g, ...)."""
-        r, c, count = tiles.tile.rows, tiles.tile.cols, len(tiles.shapes)
-        return ([tiles.spec(m, (None, r, c), "buv") for m in range(count)] * 2
-                + [tiles.spec(m, (3, None, r, c), "0buv") for m in range(count)]
-                + [tiles.spec(m, (1, None, r, c), "0buv") for m in range(count)])
+        """Every member's BlockSpecs of p (and g), mom and rms [3 | 1, B, U, V]."""
+        r, c = tiles.tile.rows, tiles.tile.cols
+        return (tiles.specs((None, r, c), "buv"), tiles.specs((3, None, r, c), "0buv"),
+                tiles.specs((1, None, r, c), "0buv"))
 
     @staticmethod
     def _offsets(group: plan.FactoredGroup, run: range):
@@ -461,10 +461,9 @@ class PallasKernels:
             r, c, count = tiles.tile.rows, tiles.tile.cols, len(run)
             out = self._call(
                 functools.partial(_row_col_sums_kernel, tiles=tiles), "adafac_row_col_sums",
-                tiles.tile, grid=(tiles.total,),
-                in_specs=[tiles.spec(m, (None, r, c), "buv") for m in range(count)],
-                out_specs=([tiles.spec(m, (None, None, r), "vbu") for m in range(count)]
-                           + [tiles.spec(m, (None, None, c), "ubv") for m in range(count)]),
+                tiles.tile, grid=(tiles.total,), in_specs=tiles.specs((None, r, c), "buv"),
+                out_specs=(tiles.specs((None, None, r), "vbu")
+                           + tiles.specs((None, None, c), "ubv")),
                 out_shape=([_f32((nv, b, u)) for (b, u, _), (_, _, nv)
                             in zip(tiles.shapes, tiles.grids, strict=True)]
                            + [_f32((nu, b, v)) for (b, _, v), (_, nu, _)
@@ -479,12 +478,13 @@ class PallasKernels:
         partials, counts = [], []
         for run in self._runs(p, g, group):
             tiles = self._tiles(group, run, group.reduce_blocks)
+            p_specs, mom_specs, rms_specs = self._state_specs(tiles)
             partials.append(self._call(
                 functools.partial(_factored_moments_kernel, tiles=tiles,
                                   offsets=self._offsets(group, run)),
                 "adafac_moments", tiles.tile, grid=(tiles.total,),
-                in_specs=[pl.BlockSpec((plan.NUM_CONSTS,), lambda i: (0,)),
-                          *self._state_specs(tiles), self._whole(fu), self._whole(fv)],
+                in_specs=[pl.BlockSpec((plan.NUM_CONSTS,), lambda i: (0,)), *p_specs, *p_specs,
+                          *mom_specs, *rms_specs, self._whole(fu), self._whole(fv)],
                 out_specs=pl.BlockSpec((1, plan.NUM_SUMS), lambda i: (i, 0)),
                 out_shape=_f32((tiles.total, plan.NUM_SUMS)),
             )(consts, *(x[j] for x in (p, g, mom, rms) for j in run), fu, fv))
@@ -506,12 +506,12 @@ class PallasKernels:
                    group, run: range):
         tiles = self._tiles(group, run, group.blocks)
         r, c, count = tiles.tile.rows, tiles.tile.cols, len(run)
+        p_specs, mom_specs, rms_specs = self._state_specs(tiles)
         mlp_specs, mlp_args = self._mlp_specs(mlp)
         in_specs = [
-            pl.BlockSpec((plan.NUM_CONSTS,), lambda i: (0,)), *self._state_specs(tiles),
-            self._whole(fu), self._whole(fv), self._whole(tu), self._whole(tv),
-            pl.BlockSpec((None,) + w.shape[1:],  # the member's first-layer rows
-                         lambda i: (run.start + tiles.segment(i), 0, 0)),
+            pl.BlockSpec((plan.NUM_CONSTS,), lambda i: (0,)), *p_specs, *p_specs, *mom_specs,
+            *rms_specs, self._whole(fu), self._whole(fv), self._whole(tu), self._whole(tv),
+            tiles.stacked_spec(w, run.start),  # the member's first-layer rows
             *mlp_specs, self._whole(new_u), self._whole(new_v)]
         kernel = functools.partial(_factored_apply_kernel, tiles=tiles,
                                    offsets=self._offsets(group, run), mults=mults,
@@ -520,11 +520,8 @@ class PallasKernels:
         aliases = plan.in_place_aliases(count, (plan.P, plan.MOM, plan.RMS), self.in_place)
         out = self._call(
             kernel, "adafac_apply", tiles.tile, grid=(tiles.total,), in_specs=in_specs,
-            out_specs=([tiles.spec(m, (None, r, c), "buv") for m in range(count)]
-                       + [tiles.spec(m, (3, None, r, c), "0buv") for m in range(count)]
-                       + [tiles.spec(m, (1, None, r, c), "0buv") for m in range(count)]
-                       + [tiles.spec(m, (3, None, r), "0bu") for m in range(count)]
-                       + [tiles.spec(m, (3, None, c), "0bv") for m in range(count)]),
+            out_specs=(p_specs + mom_specs + rms_specs + tiles.specs((3, None, r), "0bu")
+                       + tiles.specs((3, None, c), "0bv")),
             out_shape=([jax.ShapeDtypeStruct(p[j].shape, p[j].dtype) for j in run]
                        + [_f32(mom[j].shape) for j in run] + [_f32(rms[j].shape) for j in run]
                        + [_f32((3, b, u)) for b, u, _ in tiles.shapes]
@@ -572,15 +569,10 @@ class PallasKernels:
         n = p.shape[0] // blocks.rows
         r, c = blocks.rows, blocks.cols
 
-        def segment(i):  # static block -> tensor map: segments are contiguous block ranges
-            s = jnp.int32(0)
-            for start in seg_starts[1:]:
-                s = s + (i >= start).astype(jnp.int32)
-            return s
-
         mlp_specs, mlp_args = self._mlp_specs(mlp)
         in_specs = self._packed_specs(blocks) + [
-            pl.BlockSpec((None,) + w_seg.shape[1:], lambda i: (segment(i), 0, 0)),
+            # static block -> tensor map: segments are contiguous block ranges
+            pl.BlockSpec((None,) + w_seg.shape[1:], lambda i: (segment(i, seg_starts), 0, 0)),
             pl.BlockSpec(b0.shape, lambda i: (0, 0)),
         ] + mlp_specs
         kernel = functools.partial(_packed_apply_kernel, mults=mults, precision=self.precision,
@@ -599,7 +591,6 @@ class PallasKernels:
                 1, (plan.P, plan.MOM, plan.RMS, plan.V_DIAG), self.in_place),
         )(consts, p, g, mom, rms, vd, w_seg, b0, *mlp_args)
 
-
     # Non-factored tensors where they lie, each viewed as [1, 1, n] in tiles of the packed
     # layout's elements: one launch per pass and run of them alike in dtype.
     @staticmethod
@@ -611,6 +602,14 @@ class PallasKernels:
                                        PALLAS_MAX_MEMBERS)]
 
     @staticmethod
+    def _vector_specs(tiles: MemberTiles):
+        """Every member's BlockSpecs of p (and g) [1, 1, n], then of mom, rms and v_diag
+        [3 | 1 | 3, 1, 1, n] (all mom first, ...)."""
+        t = tiles.tile.cols
+        return (tiles.specs((None, 1, t), "buv"),
+                [spec for k in (3, 1, 3) for spec in tiles.specs((k, None, 1, t), "0buv")])
+
+    @staticmethod
     def _vector_state(run: range, p, g, mom, rms, vd):
         """p, g [1, 1, n] and mom, rms, vd [planes, 1, 1, n] of the run's members."""
         return ([p[j].reshape(1, 1, -1) for j in run] + [g[j].reshape(1, 1, -1) for j in run]
@@ -619,13 +618,12 @@ class PallasKernels:
     def member_moments(self, p, g, mom, rms, vd, consts, blocks: BlockSizes):
         partials = []
         for run, tiles in self._vector_runs(p, g, blocks):
-            t = tiles.tile.cols
-            specs = [tiles.spec(m, (None, 1, t), "buv") for m in range(len(run))] * 2 + [
-                tiles.spec(m, (k, None, 1, t), "0buv") for k in (3, 1, 3) for m in range(len(run))]
+            p_specs, plane_specs = self._vector_specs(tiles)
             partials.append(self._call(
                 functools.partial(_vector_moments_kernel, tiles=tiles), "adafac_packed_moments",
                 tiles.tile, grid=(tiles.total,),
-                in_specs=[pl.BlockSpec((plan.NUM_CONSTS,), lambda i: (0,)), *specs],
+                in_specs=[pl.BlockSpec((plan.NUM_CONSTS,), lambda i: (0,)), *p_specs, *p_specs,
+                          *plane_specs],
                 out_specs=pl.BlockSpec((1, plan.NUM_SUMS), lambda i: (i, 0)),
                 out_shape=_f32((tiles.total, plan.NUM_SUMS)),
             )(consts, *self._vector_state(run, p, g, mom, rms, vd)))
@@ -634,16 +632,11 @@ class PallasKernels:
     def member_apply(self, p, g, mom, rms, vd, consts, w_seg, b0, mlp, mults, blocks: BlockSizes):
         outs = []
         for run, tiles in self._vector_runs(p, g, blocks):
-            t, count = tiles.tile.cols, len(run)
-            state = [tiles.spec(m, (None, 1, t), "buv") for m in range(count)]
-            planes = [[tiles.spec(m, (k, None, 1, t), "0buv") for m in range(count)]
-                      for k in (3, 1, 3)]  # mom, rms, v_diag
+            count = len(run)
+            p_specs, plane_specs = self._vector_specs(tiles)
             mlp_specs, mlp_args = self._mlp_specs(mlp)
-            in_specs = [pl.BlockSpec((plan.NUM_CONSTS,), lambda i: (0,)), *state, *state,
-                        *planes[0], *planes[1], *planes[2],
-                        pl.BlockSpec((None,) + w_seg.shape[1:],  # the member's first layer
-                                     lambda i, run=run, tiles=tiles: (run.start + tiles.segment(i),
-                                                                      0, 0)),
+            in_specs = [pl.BlockSpec((plan.NUM_CONSTS,), lambda i: (0,)), *p_specs, *p_specs,
+                        *plane_specs, tiles.stacked_spec(w_seg, run.start),  # its first layer
                         pl.BlockSpec(b0.shape, lambda i: (0, 0)), *mlp_specs]
             kernel = functools.partial(_vector_apply_kernel, tiles=tiles, mults=mults,
                                        precision=self.precision, layer1=self.layer1,
@@ -653,7 +646,7 @@ class PallasKernels:
             operands = self._vector_state(run, p, g, mom, rms, vd)
             out = self._call(
                 kernel, "adafac_packed_apply", tiles.tile, grid=(tiles.total,), in_specs=in_specs,
-                out_specs=state + planes[0] + planes[1] + planes[2],
+                out_specs=p_specs + plane_specs,
                 out_shape=([jax.ShapeDtypeStruct(x.shape, x.dtype) for x in operands[:count]]
                            + [_f32(x.shape) for x in operands[2 * count:]]),
                 input_output_aliases=aliases,

@@ -28,7 +28,17 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from lopt_fast.pallas import plan
 from lopt_fast.pallas.blocks import BlockSizes
+
+
+def segment(i, starts) -> jnp.ndarray:
+    """Which of the consecutive ranges beginning at the static `starts` (the first at 0)
+    the traced index `i` falls in."""
+    seg = jnp.int32(0)
+    for start in starts[1:]:
+        seg = seg + (i >= start).astype(jnp.int32)
+    return seg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +60,7 @@ class MemberTiles:
 
     @property
     def starts(self) -> tuple[int, ...]:
-        return tuple(int(x) for x in np.cumsum((0,) + self.counts[:-1]))
+        return plan.starts(self.counts)
 
     @property
     def total(self) -> int:
@@ -58,10 +68,7 @@ class MemberTiles:
 
     def segment(self, i):
         """The member that tile `i` (traced) of the launch belongs to."""
-        seg = jnp.int32(0)
-        for start in self.starts[1:]:
-            seg = seg + (i >= start).astype(jnp.int32)
-        return seg
+        return segment(i, self.starts)
 
     def pick(self, seg, values):
         """values[seg] of one static int per member, for a traced `seg`."""
@@ -76,14 +83,23 @@ class MemberTiles:
         t = jnp.clip(i - self.starts[m], 0, self.counts[m] - 1)
         return t // (nu * nv), (t // nv) % nu, t % nv
 
-    def spec(self, m: int, block_shape, dims: str) -> pl.BlockSpec:
-        """Member m's BlockSpec for a ref whose block dims are `dims`: "b" the tile's B
+    def specs(self, block_shape, dims: str) -> list[pl.BlockSpec]:
+        """Each member's BlockSpec for a ref whose block dims are `dims`: "b" the tile's B
         (squeezed), "u" / "v" its row / column block (also as the leading dim of partial
         sums over the other axis), "0" the whole dim in one block."""
-        def index(i):
-            b, j, k = self._block(i, m)
-            return tuple({"b": b, "u": j, "v": k, "0": 0}[d] for d in dims)
-        return pl.BlockSpec(block_shape, index)
+        def spec(m):
+            def index(i):
+                b, j, k = self._block(i, m)
+                return tuple({"b": b, "u": j, "v": k, "0": 0}[d] for d in dims)
+            return pl.BlockSpec(block_shape, index)
+        return [spec(m) for m in range(len(self.shapes))]
+
+    def stacked_spec(self, array, first: int) -> pl.BlockSpec:
+        """The BlockSpec of a per-tensor array [tensors, ...] (e.g. first-layer weights):
+        each program's member's entry, this launch's members being `first`, `first + 1`,
+        ... of its tensors."""
+        return pl.BlockSpec((None,) + array.shape[1:],
+                            lambda i: (first + self.segment(i),) + (0,) * (array.ndim - 1))
 
     def locate(self, i):
         """(member, b, row block, column block, U, V) of launch tile i, all traced."""
