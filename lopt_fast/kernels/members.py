@@ -29,7 +29,7 @@ import functools
 import hashlib
 import linecache
 
-import numpy as np
+from lopt_fast.pallas import plan
 
 
 def _names(base: str, count: int) -> list[str]:
@@ -58,7 +58,7 @@ def member_kernel(body, name: str, tiles: tuple[int, ...], values: tuple[tuple[s
     count = len(tiles)
     if any(len(v) != count for _, v in values):
         raise ValueError(f"every value needs one entry per member ({count}): {values}")
-    starts = np.cumsum((0,) + tuple(tiles[:-1])).tolist()
+    starts = plan.starts(tiles)
     per_member = [(base, _names(base, count)) for base in member_in + member_out]
     params = [*before, *(n for base, names in per_member[:len(member_in)] for n in names),
               *between, *(n for base, names in per_member[len(member_in):] for n in names),

@@ -295,12 +295,6 @@ def side_square_sums(new, sizes):
     return segment_sums(jnp.concatenate([jnp.square(new), 1 / (new + 1e-8)]).T, list(sizes))
 
 
-def gather_sums(x, index):
-    """out[i] = sum_k x[index[i, k]] over the axis-0 rows of x; index -1 reads a zero row."""
-    padded = jnp.concatenate([x, jnp.zeros_like(x[:1])])
-    return jnp.sum(padded[np.where(index < 0, x.shape[0], index)], axis=1)
-
-
 def _new_sides(v_u, v_v, su, sv, c_fac, lays, u_is_row, seg_u, seg_v):
     """The flat sides' new Adafactor accumulators c v + (1 - c) mean(G) from the row /
     column sums su, sv, and their factors: the row side's rsqrt(v / v's mean over its line,
@@ -425,9 +419,8 @@ def segment_sums(partial, nblocks: list[int]):
     if len(nblocks) * longest > 4 * n:
         ids = np.repeat(np.arange(len(nblocks)), nblocks)
         return jax.ops.segment_sum(partial, jnp.asarray(ids), num_segments=len(nblocks))
-    starts = np.cumsum([0] + nblocks[:-1])
     index = np.full((len(nblocks), longest), n)  # n: the zero row
-    for s, (start, count) in enumerate(zip(starts, nblocks, strict=True)):
+    for s, (start, count) in enumerate(zip(starts(nblocks), nblocks, strict=True)):
         index[s, :count] = np.arange(start, start + count)
     padded = jnp.concatenate([partial, jnp.zeros_like(partial[:1])])
     return jnp.sum(padded[index], axis=1)
