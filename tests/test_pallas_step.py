@@ -22,7 +22,7 @@ import pytest
 from lopt_fast.learned import AdafacMLPLOpt, reference_update
 from lopt_fast.pallas import BlockSizes, block_sizes, pallas_update
 from lopt_fast.pallas import plan as pallas_plan
-from lopt_fast.pallas.blocks import member_runs
+from lopt_fast.pallas.blocks import member_runs, plane_tile
 from tests.helpers import ROOT, precise_reference, random_theta
 
 
@@ -157,9 +157,17 @@ def test_tree_of_shape_classes_multi_tile(lopt, ref_fn, layer1):
 
 
 # More factored tensors than one Pallas launch takes (`blocks.PALLAS_MAX_MEMBERS`), and
-# more vectors than it reads in place, so they are packed.
-MANY_SHAPES = {**{f"matrix{i}": (5 + i, 9) for i in range(6)},
+# more vectors than it reads in place, so they are packed. The last matrix's plane does
+# not fit one tile (`blocks.plane_tile`), so all of them take the row / column sums pass,
+# not the sides pass of TREE_SHAPES and VMAP_SHAPES.
+MANY_SHAPES = {**{f"matrix{i}": (5 + i, 9) for i in range(5)}, "matrix5": (33, 65),
                **{f"vector{i}": (3 + 4 * i,) for i in range(5)}, "scalar": ()}
+
+
+def _plane_tile(shapes):
+    """The sides pass's tile of the factored tensors of `shapes`, None if it does not run."""
+    lays = [pallas_plan.factored_layout(s) for s in shapes.values() if len(s) >= 2]
+    return plane_tile([(lay.U, lay.V) for lay in lays])
 
 
 def test_many_tensors_take_several_launches_and_pack_their_vectors(lopt, ref_fn):
@@ -167,6 +175,7 @@ def test_many_tensors_take_several_launches_and_pack_their_vectors(lopt, ref_fn)
 
     matrices = sum(name.startswith("matrix") for name in MANY_SHAPES)
     assert PALLAS_MAX_MEMBERS < matrices <= 2 * PALLAS_MAX_MEMBERS
+    assert _plane_tile(MANY_SHAPES) is None and _plane_tile(TREE_SHAPES) is not None
     assert len(MANY_SHAPES) - matrices > PALLAS_MAX_MEMBERS
     seed = _seed()
     rng = np.random.default_rng(seed)
@@ -178,7 +187,8 @@ def test_many_tensors_take_several_launches_and_pack_their_vectors(lopt, ref_fn)
                              blocks=SMALL_TILES, packed_blocks=SMALL_PACKED)
 
     run_trajectories(lopt, theta, params, MANY_SHAPES, rng, jax.jit(step), ref_fn)
-    # compiled for a GPU: 2 launches per factored pass, 1 per pass for the packed vectors
+    # compiled for a GPU: 2 launches per factored pass (row / column sums, moments,
+    # apply), 1 per pass for the packed vectors
     state = lopt.opt_fn(theta, backend="reference").init(params, num_steps=10)
     lowered = jax.jit(lambda t, s, g: step(t, s, g, interpret=False)).trace(
         theta, state, params).lower(lowering_platforms=("cuda",))
@@ -321,10 +331,11 @@ def test_lowers_for_cuda_through_triton(lopt, in_place):
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                     reason="triton not installed (pip install 'lopt-fast[gpu]')")
 def test_kernels_compile_for_sm90():
-    """Each pallas_call's Triton module, as Pallas' Triton lowering emits it for CUDA,
-    compiles to sm_90 machine code with triton (`profiling/pallas_resources.py`): what XLA
-    does on a GPU, so a kernel that lowers but does not compile fails here, on CPU. Layer 1
-    as a dot adds its own tensor-core MMAs to the hidden layer's."""
+    """Each pallas_call's Triton module (the sides pass's too), as Pallas' Triton lowering
+    emits it for CUDA, compiles to sm_90 machine code with triton
+    (`profiling/pallas_resources.py`): what XLA does on a GPU, so a kernel that lowers but
+    does not compile fails here, on CPU. Layer 1 as a dot adds its own tensor-core MMAs
+    to the hidden layer's."""
     sys.path.insert(0, os.path.join(ROOT, "profiling"))
     from pallas_resources import compile_module, step_modules, unavailable_reason
 
@@ -343,6 +354,10 @@ def test_kernels_compile_for_sm90():
     for name in ("adafac_apply", "adafac_packed_apply"):
         assert mma["fma", name] > 0, f"{name}: the hidden layer's dot is not on tensor cores"
         assert mma["dot", name] > mma["fma", name], f"{name}: layer 1 as a dot has no MMA"
+    # Factored tensors whose planes all fit one tile: the sides pass replaces the sums pass.
+    modules = dict(step_modules({"conv": (3, 3, 16, 32), "w": (20, 6)}, hidden=32))
+    assert "adafac_row_col_sums" not in modules, set(modules)
+    assert compile_module(modules["adafac_row_col_sides"]).asm.get("cubin"), "sides: no machine code"
 
 
 def test_small_factored_tensors_share_a_tile_where_it_costs_little():

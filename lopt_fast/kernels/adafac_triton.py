@@ -72,13 +72,12 @@ from lopt_fast.pallas.blocks import (
     LAYER1_FORMS,
     MLP_PRECISIONS,
     PERSISTENT_PROGRAMS_PER_SM,
-    PLANE_TILE_MAX,
     REDUCTION_ROW_CHUNKS,
     TRITON_LAUNCHER_ENV_VAR,
     TRITON_LAUNCHERS,
     BlockSizes,
     member_runs,
-    next_pow2,
+    plane_tile,
 )
 
 NUM_SUMS = tl.constexpr(plan.NUM_SUMS)
@@ -755,17 +754,15 @@ class TritonKernels:
         tensor's [U, V] plane fits one tile of at most `PLANE_TILE_MAX` elements (else None:
         `row_col_sums` and XLA compute them). v_u, v_v: each tensor's state on its U / V
         side, [3, B U] / [3, B V]."""
-        lays = group.layouts
-        rows = next_pow2(max(lay.U for lay in lays))
-        cols = max(16 // rows, next_pow2(max(lay.V for lay in lays)))
-        if rows * cols > PLANE_TILE_MAX:
+        tile = plane_tile([(lay.U, lay.V) for lay in group.layouts])
+        if tile is None:
             return None
-        outs = [self._sides_run(g, v_u, v_v, consts, group, run, rows, cols)
+        outs = [self._sides_run(g, v_u, v_v, consts, group, run, tile)
                 for run in member_runs([x.dtype for x in g])]
         return tuple(jnp.concatenate([out[k] for out in outs], axis=-1) if len(outs) > 1
                      else outs[0][k] for k in range(4))
 
-    def _sides_run(self, g, v_u, v_v, consts, group, run: range, rows: int, cols: int):
+    def _sides_run(self, g, v_u, v_v, consts, group, run: range, tile: BlockSizes):
         lays = [group.layouts[j] for j in run]
         u_sizes = [lay.B * lay.U for lay in lays]
         v_sizes = [lay.B * lay.V for lay in lays]
@@ -774,14 +771,13 @@ class TritonKernels:
             ("V", tuple(lay.V for lay in lays)), ("OU", plan.starts(u_sizes)),
             ("OV", plan.starts(v_sizes)), ("ROWU", tuple(int(lay.u_is_row) for lay in lays))))
         tu, tv = sum(u_sizes), sum(v_sizes)
-        warps = 4 if rows * cols <= 2048 else 8
 
         def launch(tasks, consts, *arrays):
             sides = [_f32((tasks, 3, tu)), _f32((tasks, 3, tv))] * 2
             return self._call(consts, *arrays, kernel=kernel, out_shape=sides,
-                              grid=(tasks * sum(lay.B for lay in lays),), num_warps=warps,
-                              num_stages=1, TU=tu, TV=tv, R=rows, C=cols,
-                              name="adafac_row_col_sides")
+                              grid=(tasks * sum(lay.B for lay in lays),),
+                              num_warps=tile.num_warps, num_stages=tile.num_stages, TU=tu,
+                              TV=tv, R=tile.rows, C=tile.cols, name="adafac_row_col_sides")
 
         return _over_tasks(launch, consts, *(g[j] for j in run), *(v_u[j] for j in run),
                            *(v_v[j] for j in run))

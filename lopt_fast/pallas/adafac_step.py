@@ -26,6 +26,9 @@ members), or, for more vectors than that, one launch over all of them packed int
 buffer. The factored kernels read each tensor's rows and columns of the flat U / V
 sides (`plan.FactoredGroup`) in place. `jax.vmap` adds a leading task axis to every grid.
     adafac_row_col_sums      reads g                         4 B / param
+      or, when every factored tensor's [U, V] plane fits one tile (`blocks.plane_tile`),
+    adafac_row_col_sides     reads g, old v; writes the new v and their factors
+                             (the sums and the math between the passes, one program a plane)
     adafac_moments           reads p, g, m, rms              24 B / param (+ packed: v 12 B)
     adafac_apply             reads p, g, m, rms; writes p, m, rms   24 + 20 B / param
   = 72 B / param of float32 traffic for a factored tensor (the issue's floor), plus
@@ -56,6 +59,7 @@ from lopt_fast.pallas.blocks import (
     PALLAS_MAX_MEMBERS,
     BlockSizes,
     member_runs,
+    plane_tile,
 )
 from lopt_fast.pallas.members import MemberTiles, segment
 
@@ -104,6 +108,13 @@ def _side_load(ref, start, ok, plane=None):
         x = pltriton.load(ref.at[pl.ds(plane, 1), pl.ds(start, size)], mask=ok[None],
                           other=0)[0]
     return x.astype(jnp.float32)
+
+
+def _side_store(ref, start, ok, plane, value):
+    """Write value [len(ok)] into entries start .. start + len(ok) of plane `plane` of a
+    flat side ref [3, n] where `ok` (`_side_load`'s counterpart)."""
+    pltriton.store(ref.at[pl.ds(plane, 1), pl.ds(start, ok.shape[0])], value[None],
+                   mask=ok[None])
 
 
 def _accumulators(c_ref, g, mom, rms):
@@ -220,6 +231,45 @@ def _row_col_sums_kernel(*refs, tiles: MemberTiles):
     tiles.each(seg, count, store)
 
 
+def _new_side(c_ref, v_old, mean_g, ok, normalise, new_ref, f_ref, start):
+    """One line's new Adafactor accumulators c v_old + (1 - c) mean_g (3 planes of [L],
+    valid where `ok`) and their factors rsqrt(v / mean(v)) (`normalise`: the row side) or
+    rsqrt(v), floored as `adafac_math.safe_rsqrt`, into the flat sides new_ref / f_ref at
+    `start`."""
+    count = jnp.sum(ok.astype(jnp.float32))
+    for q in range(3):
+        c = c_ref[C_FAC + q]
+        new = c * v_old[q] + (1 - c) * mean_g
+        mean = jnp.sum(jnp.where(ok, new, 0.0)) / count
+        f = lax.rsqrt(jnp.maximum(jnp.where(normalise, new / (mean + 1e-9), new), 1e-9))
+        _side_store(new_ref, start, ok, q, new)
+        _side_store(f_ref, start, ok, q, f)
+
+
+def _row_col_sides_kernel(c_ref, *refs, tiles: MemberTiles, offsets, u_is_row):
+    # per member m: g_m [rows, cols] (a whole [U, V] plane b, padded to the tile), its
+    # state's v planes on its U side vu_m [3, rows] and V side vv_m [3, cols]; outputs
+    # the flat sides nu, fu [3, sum BU] and nv, fv [3, sum BV], whole, written at the
+    # member's offsets + b U / b V (a later launch's inputs before them: the earlier
+    # launches' sides, aliased to the outputs)
+    count = len(tiles.shapes)
+    g_refs, vu_refs, vv_refs = (refs[a * count:(a + 1) * count] for a in range(3))
+    nu_ref, nv_ref, fu_ref, fv_ref = refs[-4:]
+    seg, b, _, _, u_size, v_size, (row_ok, col_ok, mask) = _member_tile(tiles)
+
+    def load(m):  # only member m's branch reads
+        return (_load(g_refs[m], mask), [_load(vu_refs[m], row_ok, q) for q in range(3)],
+                [_load(vv_refs[m], col_ok, q) for q in range(3)])
+
+    g, vu, vv = tiles.switch(seg, count, load)
+    sq = jnp.where(mask, g * g + 1e-30, 0.0)
+    row_is_u = tiles.pick(seg, u_is_row) == 1
+    _new_side(c_ref, vu, jnp.sum(sq, axis=1) / v_size.astype(jnp.float32), row_ok, row_is_u,
+              nu_ref, fu_ref, tiles.pick(seg, offsets[0]) + b * u_size)
+    _new_side(c_ref, vv, jnp.sum(sq, axis=0) / u_size.astype(jnp.float32), col_ok, ~row_is_u,
+              nv_ref, fv_ref, tiles.pick(seg, offsets[1]) + b * v_size)
+
+
 def _factored_tile(c_ref, state_refs, fu_ref, fv_ref, tiles: MemberTiles, offsets):
     """This program's factored tile: its member, (row, column) blocks, masks, where its
     rows / columns sit on the flat sides, p, new accumulators and the 16 feature planes.
@@ -242,14 +292,31 @@ def _factored_tile(c_ref, state_refs, fu_ref, fv_ref, tiles: MemberTiles, offset
     return seg, (j, k), (row_ok, col_ok, mask), starts, p, m, rms, feats
 
 
+def _side_lanes(sums, new_ref, start, ok, lane0):
+    """sums [1, 32] with lanes lane0 + q and lane0 + 3 + q (q < 3) = the sums of n^2 and
+    rsqrt(n + 1e-8)^2 over the entries `ok` of plane q of the line n of a flat side of new
+    accumulators new_ref [3, sum BU | sum BV] that starts at `start`."""
+    lane = lax.broadcasted_iota(jnp.int32, (1, plan.NUM_SUMS), 1)
+    for q in range(3):
+        n = _side_load(new_ref, start, ok, q)
+        sums = jnp.where(lane == lane0 + q, jnp.sum(jnp.where(ok, n * n, 0.0)), sums)
+        sums = jnp.where(lane == lane0 + 3 + q, jnp.sum(jnp.where(ok, 1 / (n + 1e-8), 0.0)),
+                         sums)
+    return sums
+
+
 def _factored_moments_kernel(c_ref, *refs, tiles: MemberTiles, offsets):
     # per member: p, g [rows, cols]; mom [3, rows, cols]; rms [1, rows, cols]; then fu
-    # [3, sum BU] and fv [3, sum BV] whole (the flat sides); s_ref [1, 32]: this tile's
-    # sums of squared features
-    state_refs, (fu_ref, fv_ref, s_ref) = refs[:-3], refs[-3:]
-    _, _, (_, _, mask), _, _, _, _, feats = _factored_tile(c_ref, state_refs, fu_ref, fv_ref,
-                                                           tiles, offsets)
-    s_ref[...] = _sums_vector(feats, mask)
+    # [3, sum BU], fv [3, sum BV], nu [3, sum BU] and nv [3, sum BV] whole (the flat
+    # sides' factors and new accumulators); s_ref [1, 32]: this tile's sums of squared
+    # features (lanes 0-15), and, in the first column block, of its rows' side features
+    # (lanes 16-21, from nu), in the first row block of its columns' (lanes 22-27, from nv)
+    state_refs, (fu_ref, fv_ref, nu_ref, nv_ref, s_ref) = refs[:-5], refs[-5:]
+    _, (j, k), (row_ok, col_ok, mask), starts, _, _, _, feats = _factored_tile(
+        c_ref, state_refs, fu_ref, fv_ref, tiles, offsets)
+    sums = _side_lanes(_sums_vector(feats, mask), nu_ref, starts[0], row_ok & (k == 0),
+                       plan.SIDE_LANES_U)
+    s_ref[...] = _side_lanes(sums, nv_ref, starts[1], col_ok & (j == 0), plan.SIDE_LANES_V)
 
 
 def _factored_apply_kernel(c_ref, *refs, tiles: MemberTiles, offsets, mults, precision, layer1,
@@ -454,6 +521,40 @@ class PallasKernels:
         lays = [group.layouts[j] for j in run]
         return MemberTiles(tuple((lay.B, lay.U, lay.V) for lay in lays), blocks[run[0]])
 
+    def group_sides(self, g, v_u, v_v, consts, group: plan.FactoredGroup):
+        """(new_u, new_v, f_u, f_v) on the flat sides, one program per [U, V] plane, when
+        every tensor's plane fits one tile of at most `PLANE_TILE_MAX` elements (else None:
+        `group_row_col_sums` and XLA compute them). v_u, v_v: each tensor's state on its U
+        / V side, [3, B U] / [3, B V]."""
+        lays = group.layouts
+        tile = plane_tile([(lay.U, lay.V) for lay in lays])
+        if tile is None:
+            return None
+        tu, tv = sum(group.u_sizes), sum(group.v_sizes)
+        sides = [_f32((3, tu)), _f32((3, tv))] * 2
+        outs = None
+        for run in member_runs([x.dtype for x in g], PALLAS_MAX_MEMBERS):
+            tiles = MemberTiles(tuple((lays[j].B, lays[j].U, lays[j].V) for j in run), tile)
+            vu = [v_u[j].reshape(3, lays[j].B, lays[j].U) for j in run]
+            vv = [v_v[j].reshape(3, lays[j].B, lays[j].V) for j in run]
+            # Every launch writes its tensors' stretches of the flat sides, the later ones
+            # into the earlier ones' outputs.
+            aliases = {} if outs is None else {1 + 3 * len(run) + o: o for o in range(4)}
+            outs = self._call(
+                functools.partial(_row_col_sides_kernel, tiles=tiles,
+                                  offsets=self._offsets(group, run),
+                                  u_is_row=tuple(int(lays[j].u_is_row) for j in run)),
+                "adafac_row_col_sides", tile, grid=(tiles.total,),
+                in_specs=[pl.BlockSpec((plan.NUM_CONSTS,), lambda i: (0,)),
+                          *tiles.specs((None, tile.rows, tile.cols), "buv"),
+                          *tiles.specs((3, None, tile.rows), "0bu"),
+                          *tiles.specs((3, None, tile.cols), "0bv"),
+                          *(self._whole(x) for x in sides[:len(aliases)])],
+                out_specs=[self._whole(x) for x in sides], out_shape=sides,
+                input_output_aliases=aliases,
+            )(consts, *(g[j] for j in run), *vu, *vv, *(outs or ()))
+        return tuple(outs)
+
     def group_row_col_sums(self, g, group: plan.FactoredGroup):
         su, sv = [], []
         for run in self._runs(g, g, group):
@@ -484,17 +585,13 @@ class PallasKernels:
                                   offsets=self._offsets(group, run)),
                 "adafac_moments", tiles.tile, grid=(tiles.total,),
                 in_specs=[pl.BlockSpec((plan.NUM_CONSTS,), lambda i: (0,)), *p_specs, *p_specs,
-                          *mom_specs, *rms_specs, self._whole(fu), self._whole(fv)],
+                          *mom_specs, *rms_specs,
+                          *(self._whole(x) for x in (fu, fv, new_u, new_v))],
                 out_specs=pl.BlockSpec((1, plan.NUM_SUMS), lambda i: (i, 0)),
                 out_shape=_f32((tiles.total, plan.NUM_SUMS)),
-            )(consts, *(x[j] for x in (p, g, mom, rms) for j in run), fu, fv))
+            )(consts, *(x[j] for x in (p, g, mom, rms) for j in run), fu, fv, new_u, new_v))
             counts += tiles.counts
-        sums = plan.segment_sums(jnp.concatenate(partials), counts)
-        return jnp.concatenate([sums[:, :plan.NUM_EW_FACTORED],
-                                plan.side_square_sums(new_u, group.u_sizes),
-                                plan.side_square_sums(new_v, group.v_sizes),
-                                jnp.zeros((len(p), plan.NUM_SUMS - plan.SIDE_LANES_V - 6))],
-                               axis=1)
+        return plan.segment_sums(jnp.concatenate(partials), counts)
 
     def group_apply(self, p, g, mom, rms, fu, fv, consts, tu, tv, w, mlp, mults, new_u, new_v,
                     group: plan.FactoredGroup):

@@ -27,8 +27,8 @@ MAX_TILE = 1024
 PACKED_COLS = 128  # lane width of the packed buffer for non-factored tensors
 REDUCTION_TILE = 1024  # elements per program of the reduction passes (`reduction_block_sizes`)
 # Factored tensors whose [U, V] planes all fit one tile of this many elements get their
-# row / column sums, new Adafactor accumulators and factors from one Triton launch
-# (`TritonKernels.group_sides`), not the sums pass and XLA's kernels between the passes.
+# row / column sums, new Adafactor accumulators and factors from one launch (`plane_tile`,
+# `Kernels.group_sides`), not the sums pass and XLA's kernels between the passes.
 PLANE_TILE_MAX = 4096
 SHARED_TILE_MAX_ELEMENTS = 1 << 18  # factored tensors this small share a tile (`group_block_sizes`)
 SHARED_TILE_SLACK = 1 << 14  # lanes a shared tile may cover whatever the tensor's own cover
@@ -184,6 +184,18 @@ def group_block_sizes(views: list[tuple[int, int, int]], hidden: int
         for j in [j for j in small if fits(j, shared, tiles)]:
             tiles[j] = shared
     return apply, reduce
+
+
+def plane_tile(planes: Sequence[tuple[int, int]]) -> BlockSizes | None:
+    """The one tile that holds each of the [U, V] `planes` of factored tensors whole (the
+    row / column sides pass, `Kernels.group_sides`), or None past `PLANE_TILE_MAX`
+    elements."""
+    rows = next_pow2(max(u for u, _ in planes))
+    cols = max(16 // rows, next_pow2(max(v for _, v in planes)))
+    if rows * cols > PLANE_TILE_MAX:
+        return None
+    return BlockSizes(rows=rows, cols=cols, num_warps=4 if rows * cols <= 2048 else 8,
+                      num_stages=1)
 
 
 def packed_block_sizes(hidden: int) -> BlockSizes:

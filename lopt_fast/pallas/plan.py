@@ -289,12 +289,6 @@ def starts(sizes) -> tuple[int, ...]:
     return tuple(int(x) for x in np.cumsum((0,) + tuple(sizes[:-1])))
 
 
-def side_square_sums(new, sizes):
-    """Each tensor's sums of new^2 and rsqrt(new + 1e-8)^2 over its stretch of a flat side
-    new [3, n]: [S, 6] (the lanes `Kernels.group_moments` adds)."""
-    return segment_sums(jnp.concatenate([jnp.square(new), 1 / (new + 1e-8)]).T, list(sizes))
-
-
 def _new_sides(v_u, v_v, su, sv, c_fac, lays, u_is_row, seg_u, seg_v):
     """The flat sides' new Adafactor accumulators c v + (1 - c) mean(G) from the row /
     column sums su, sv, and their factors: the row side's rsqrt(v / v's mean over its line,
