@@ -3,7 +3,8 @@
     python profiling/compare_pallas_kernels.py
 
 When the whole step disagrees with the reference on a GPU but not on CPU, this says
-which kernel, which output and which shape class (B = 1 or more, tiles that divide the
+which kernel (the sides pass, or the row / column sums, moments and apply passes), which
+output and which shape class (B = 1 or more, tiles that divide the
 tensor or not, one tensor per launch or several, vmapped tasks) is wrong. Inputs are
 fresh random values; both sides run on the default device with float32 dots ("ieee").
 """
@@ -30,10 +31,12 @@ CASES = [  # one launch's members [(B, U, V), ...], tile
 
 
 def _group(shapes, tile) -> plan.FactoredGroup:
-    """Members [B, U, V] already canonical, all in one launch of `tile`."""
-    lays = tuple(plan.FactoredLayout(shape=(b, u, v), perm=None, B=b, U=u, V=v, u_is_row=True,
-                                     row_perm=None, col_perm=None, row_shape=(b, u),
-                                     col_shape=(b, v)) for b, u, v in shapes)
+    """Members [B, U, V] already canonical, all in one launch of `tile`; U is the row side
+    of every other member (the sides pass normalises the row side's factors)."""
+    lays = tuple(plan.FactoredLayout(shape=(b, u, v), perm=None, B=b, U=u, V=v,
+                                     u_is_row=j % 2 == 0, row_perm=None, col_perm=None,
+                                     row_shape=(b, u), col_shape=(b, v))
+                 for j, (b, u, v) in enumerate(shapes))
     return plan.FactoredGroup(lays, (tile,) * len(lays), (tile,) * len(lays))
 
 
@@ -48,10 +51,14 @@ def _inputs(key, shapes):
                 mom=tuple(n(3, *s) for s in shapes), rms=tuple(pos(1, *s) for s in shapes),
                 fu=pos(3, su), fv=pos(3, sv), consts=consts, tu=0.3 * n(su, HP),
                 tv=0.3 * n(sv, HP), w=0.3 * n(len(shapes), plan.NUM_EW_FACTORED, HP), mlp=mlp,
-                new_u=pos(3, su), new_v=pos(3, sv))
+                new_u=pos(3, su), new_v=pos(3, sv),
+                v_u=tuple(pos(3, b * u) for b, u, _ in shapes),
+                v_v=tuple(pos(3, b * v) for b, _, v in shapes))
 
 
 def _run(kern, name, x, group):
+    if name == "sides":  # every plane of CASES fits one tile (`blocks.plane_tile`)
+        return kern.group_sides(x["g"], x["v_u"], x["v_v"], x["consts"], group)
     if name == "row_col_sums":
         return kern.group_row_col_sums(x["g"], group)
     args = [x[a] for a in ("p", "g", "mom", "rms", "fu", "fv")]
@@ -76,7 +83,7 @@ def main():
                 x = jax.tree.map(lambda *a: jnp.stack(a), *xs)
             else:
                 x = _inputs(key, shapes)
-            for name in ("row_col_sums", "moments", "apply"):
+            for name in ("sides", "row_col_sums", "moments", "apply"):
                 def f(kern, x, name=name, group=group):
                     return _run(kern, name, x, group)
                 if vmapped:
