@@ -751,8 +751,8 @@ class TritonKernels:
 
     def group_sides(self, g, v_u, v_v, consts, group: plan.FactoredGroup):
         """(new_u, new_v, f_u, f_v) on the flat sides in one launch per run, when every
-        tensor's [U, V] plane fits one tile of at most `PLANE_TILE_MAX` elements (else None:
-        `row_col_sums` and XLA compute them). v_u, v_v: each tensor's state on its U / V
+        tensor's [U, V] plane fits one tile (`blocks.plane_tile`; else None: `row_col_sums`
+        and XLA compute them). v_u, v_v: each tensor's state on its U / V
         side, [3, B U] / [3, B V]."""
         tile = plane_tile([(lay.U, lay.V) for lay in group.layouts])
         if tile is None:

@@ -231,16 +231,15 @@ def _row_col_sums_kernel(*refs, tiles: MemberTiles):
     tiles.each(seg, count, store)
 
 
-def _new_side(c_ref, v_old, mean_g, ok, normalise, new_ref, f_ref, start):
-    """One line's new Adafactor accumulators c v_old + (1 - c) mean_g (3 planes of [L],
-    valid where `ok`) and their factors rsqrt(v / mean(v)) (`normalise`: the row side) or
-    rsqrt(v), floored as `adafac_math.safe_rsqrt`, into the flat sides new_ref / f_ref at
-    `start`."""
-    count = jnp.sum(ok.astype(jnp.float32))
+def _new_side(c_ref, v_old, mean_g, ok, length, normalise, new_ref, f_ref, start):
+    """One line's new Adafactor accumulators c v_old + (1 - c) mean_g (3 planes, valid
+    where `ok`: the line's `length` entries) and their factors rsqrt(v / mean(v))
+    (`normalise`: the row side) or rsqrt(v), floored as `adafac_math.safe_rsqrt`, into the
+    flat sides new_ref / f_ref at `start`."""
     for q in range(3):
         c = c_ref[C_FAC + q]
         new = c * v_old[q] + (1 - c) * mean_g
-        mean = jnp.sum(jnp.where(ok, new, 0.0)) / count
+        mean = jnp.sum(jnp.where(ok, new, 0.0)) / length
         f = lax.rsqrt(jnp.maximum(jnp.where(normalise, new / (mean + 1e-9), new), 1e-9))
         _side_store(new_ref, start, ok, q, new)
         _side_store(f_ref, start, ok, q, f)
@@ -263,11 +262,12 @@ def _row_col_sides_kernel(c_ref, *refs, tiles: MemberTiles, offsets, u_is_row):
 
     g, vu, vv = tiles.switch(seg, count, load)
     sq = jnp.where(mask, g * g + 1e-30, 0.0)
+    u_len, v_len = u_size.astype(jnp.float32), v_size.astype(jnp.float32)
     row_is_u = tiles.pick(seg, u_is_row) == 1
-    _new_side(c_ref, vu, jnp.sum(sq, axis=1) / v_size.astype(jnp.float32), row_ok, row_is_u,
-              nu_ref, fu_ref, tiles.pick(seg, offsets[0]) + b * u_size)
-    _new_side(c_ref, vv, jnp.sum(sq, axis=0) / u_size.astype(jnp.float32), col_ok, ~row_is_u,
-              nv_ref, fv_ref, tiles.pick(seg, offsets[1]) + b * v_size)
+    _new_side(c_ref, vu, jnp.sum(sq, axis=1) / v_len, row_ok, u_len, row_is_u, nu_ref, fu_ref,
+              tiles.pick(seg, offsets[0]) + b * u_size)
+    _new_side(c_ref, vv, jnp.sum(sq, axis=0) / u_len, col_ok, v_len, ~row_is_u, nv_ref, fv_ref,
+              tiles.pick(seg, offsets[1]) + b * v_size)
 
 
 def _factored_tile(c_ref, state_refs, fu_ref, fv_ref, tiles: MemberTiles, offsets):
@@ -523,7 +523,7 @@ class PallasKernels:
 
     def group_sides(self, g, v_u, v_v, consts, group: plan.FactoredGroup):
         """(new_u, new_v, f_u, f_v) on the flat sides, one program per [U, V] plane, when
-        every tensor's plane fits one tile of at most `PLANE_TILE_MAX` elements (else None:
+        every tensor's plane fits one tile (`blocks.plane_tile`; else None:
         `group_row_col_sums` and XLA compute them). v_u, v_v: each tensor's state on its U
         / V side, [3, B U] / [3, B V]."""
         lays = group.layouts
@@ -532,14 +532,14 @@ class PallasKernels:
             return None
         tu, tv = sum(group.u_sizes), sum(group.v_sizes)
         sides = [_f32((3, tu)), _f32((3, tv))] * 2
-        outs = None
+        outs = ()
         for run in member_runs([x.dtype for x in g], PALLAS_MAX_MEMBERS):
             tiles = MemberTiles(tuple((lays[j].B, lays[j].U, lays[j].V) for j in run), tile)
             vu = [v_u[j].reshape(3, lays[j].B, lays[j].U) for j in run]
             vv = [v_v[j].reshape(3, lays[j].B, lays[j].V) for j in run]
-            # Every launch writes its tensors' stretches of the flat sides, the later ones
-            # into the earlier ones' outputs.
-            aliases = {} if outs is None else {1 + 3 * len(run) + o: o for o in range(4)}
+            # Each launch writes its tensors' stretches of the flat sides: a later one
+            # into the earlier ones' outputs (`outs`, aliased).
+            aliases = {1 + 3 * len(run) + o: o for o in range(len(outs))}
             outs = self._call(
                 functools.partial(_row_col_sides_kernel, tiles=tiles,
                                   offsets=self._offsets(group, run),
@@ -549,10 +549,10 @@ class PallasKernels:
                           *tiles.specs((None, tile.rows, tile.cols), "buv"),
                           *tiles.specs((3, None, tile.rows), "0bu"),
                           *tiles.specs((3, None, tile.cols), "0bv"),
-                          *(self._whole(x) for x in sides[:len(aliases)])],
+                          *(self._whole(x) for x in outs)],
                 out_specs=[self._whole(x) for x in sides], out_shape=sides,
                 input_output_aliases=aliases,
-            )(consts, *(g[j] for j in run), *vu, *vv, *(outs or ()))
+            )(consts, *(g[j] for j in run), *vu, *vv, *outs)
         return tuple(outs)
 
     def group_row_col_sums(self, g, group: plan.FactoredGroup):
