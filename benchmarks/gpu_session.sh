@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Everything a lent GPU machine should run, in one call (the machine keeps nothing):
 #
-#   bash benchmarks/gpu_session.sh [SECTION ...]   # default: env graphs tests step xla_step donated sweep
+#   bash benchmarks/gpu_session.sh [SECTION ...]
+#   # default: env launchers tests step xla_step graphs donated sweep
 #
-# Sections: env, graphs, tests, compare, step, xla_step, donated, sweep, profile, meta. Each writes
-# $OUT/<section>.log (OUT defaults to ./out) and runs under its own time limit, so one
-# failure or hang does not cost the rest. The default list (about 9-10 minutes on an H100,
-# inside one 10-minute call; the sweep last, as it is the first to give up) is what issue 3
-# still needs: a one-step check of each Triton launcher (else jax-triton's legacy call for
-# the rest) and the host launches per step of the 64-task convnet (graphs), the kernels
-# tested on the GPU, step.py, its Triton rows with launcher="xla" (xla_step), the
-# donated-state step (step.py --donate: state updated in place, as in a training loop),
-# and the tile / layer-1 / persistent sweep with Adam timed in the same run;
+# Sections: env, launchers, tests, compare, step, xla_step, graphs, donated, sweep, profile,
+# meta. Each writes $OUT/<section>.log (OUT defaults to ./out) and runs under its own time
+# limit, so one failure or hang does not cost the rest. The default list (about 9-10
+# minutes on an H100, inside one 10-minute call; the most needed first, the sweep last as
+# the first to give up) is what issue 3 still needs: a one-step check of each Triton
+# launcher (else jax-triton's legacy call for the rest: launchers), the kernels tested on
+# the GPU (the multi-tensor kernels of sessions 12-14 have never run on one), step.py,
+# its Triton rows with launcher="xla" (xla_step), the host launches per step of the
+# 64-task convnet (graphs), the donated-state step (step.py --donate: state updated in
+# place, as in a training loop), and the tile / layer-1 / persistent sweep with Adam
+# timed in the same run;
 # it leaves out the diagnostic compare, the profiles and meta-training. jax-triton is not
 # in the device image: carry its wheel in .whl/ (docs/KERNELS.md).
 set -u
@@ -23,7 +26,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1
 SECTIONS=("$@")
-[ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=(env graphs tests step xla_step donated sweep)
+[ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=(env launchers tests step xla_step graphs donated sweep)
 
 run() {  # run SECONDS SECTION CMD...: time-limited, logged, never stops the script
   local limit=$1 name=$2
@@ -42,16 +45,17 @@ for s in "${SECTIONS[@]}"; do
       run 60 env python3 -c "import jax, jaxlib, triton, jax_triton; print('jax', jax.__version__, \
 'jaxlib', jaxlib.__version__, 'triton', triton.__version__, 'jax_triton', \
 jax_triton.__version__); print(jax.devices())" ;;
-    graphs)
+    launchers)
       # How the Triton backend launches (session 11, never run on a GPU): one step per
       # launcher against the reference; if the default (jax-triton through jaxlib's FFI
       # call) fails, every later section uses jax-triton's legacy call.
-      run 150 graphs python3 benchmarks/launcher_check.py
-      if ! grep -q "rc=0" <(tail -1 "$OUT/graphs.log"); then
+      run 150 launchers python3 benchmarks/launcher_check.py
+      if ! grep -q "rc=0" <(tail -1 "$OUT/launchers.log"); then
         export LOPT_FAST_TRITON_LAUNCHER=jax_triton_legacy
-        echo "=== graphs: default launcher failed; LOPT_FAST_TRITON_LAUNCHER=jax_triton_legacy from here" \
-          | tee -a "$OUT/graphs.log"
-      fi
+        echo "=== launchers: default launcher failed; LOPT_FAST_TRITON_LAUNCHER=jax_triton_legacy from here" \
+          | tee -a "$OUT/launchers.log"
+      fi ;;
+    graphs)
       # What the host launches per step, compiled for this GPU (compiled for an H100 on jax
       # 0.10.2: jax-triton 40 host launches for the 64-task convnet, launcher="xla" and
       # Pallas 1 CUDA graph).
@@ -109,6 +113,6 @@ jax_triton.__version__); print(jax.devices())" ;;
         run 150 meta python3 -m lopt_fast.cli bench --task cifar10_conv --synthetic-data \
           --num-tasks 32 --trunc-length 10 --steps 50 --backend "$b"
       done ;;
-    *) echo "unknown section $s (env graphs tests compare step xla_step donated sweep profile meta)" ;;
+    *) echo "unknown section $s (env launchers tests compare step xla_step graphs donated sweep profile meta)" ;;
   esac
 done
