@@ -7,7 +7,7 @@ run raises `BackendUnavailableError` saying why.
   reference  pure JAX (`lopt_fast.learned.adafac_mlp.reference_update`); runs everywhere.
   pallas     fused Pallas kernels (`lopt_fast.pallas`): on an NVIDIA GPU through Pallas'
              Triton lowering; on CPU in Pallas' interpreter (correct, slow: for tests
-             and debugging, never picked by "auto").
+             and debugging, never picked by "auto"; asking for it warns).
   triton     fused Triton kernels through jax-triton (`lopt_fast.kernels`): an NVIDIA
              GPU and the `gpu` extra (`jax-triton`, `triton`).
 
@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import importlib.util
 import os
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -134,4 +135,8 @@ def resolve_backend(backend: str = "auto", in_place: bool = True) -> Backend:
     reason = _unavailable_reason(requested)
     if reason is not None:
         raise BackendUnavailableError(f"backend {requested!r} cannot run: {reason}")
+    if requested == "pallas" and _platform() == "cpu":
+        warnings.warn("backend 'pallas' on CPU runs the kernels in Pallas' interpreter: "
+                      "correct, but orders of magnitude slower than 'reference' (for tests "
+                      "and debugging; 'auto' picks 'reference' here)", UserWarning, stacklevel=2)
     return _make(requested, in_place)

@@ -47,7 +47,8 @@ def test_auto_on_nvidia_gpu_prefers_triton_then_pallas(monkeypatch):
 
 @pytest.mark.skipif(not ON_CPU, reason="checks the CPU choice")
 def test_explicit_pallas_on_cpu_runs_interpreted():
-    b = resolve_backend("pallas")
+    with pytest.warns(UserWarning, match="Pallas' interpreter"):
+        b = resolve_backend("pallas")
     assert b.name == "pallas-interpret"
     assert b.update.keywords == {"interpret": True, "in_place": True}
     assert "pallas" in backends.available_backends()
