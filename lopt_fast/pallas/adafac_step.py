@@ -314,9 +314,13 @@ def _factored_moments_kernel(c_ref, *refs, tiles: MemberTiles, offsets):
     state_refs, (fu_ref, fv_ref, nu_ref, nv_ref, s_ref) = refs[:-5], refs[-5:]
     _, (j, k), (row_ok, col_ok, mask), starts, _, _, _, feats = _factored_tile(
         c_ref, state_refs, fu_ref, fv_ref, tiles, offsets)
-    sums = _side_lanes(_sums_vector(feats, mask), nu_ref, starts[0], row_ok & (k == 0),
-                       plan.SIDE_LANES_U)
-    s_ref[...] = _side_lanes(sums, nv_ref, starts[1], col_ok & (j == 0), plan.SIDE_LANES_V)
+    # Branches, not masks: the other tiles (most of them) skip the 12 block-wide sums.
+    sums = lax.cond(k == 0, lambda s: _side_lanes(s, nu_ref, starts[0], row_ok,
+                                                  plan.SIDE_LANES_U),
+                    lambda s: s, _sums_vector(feats, mask))
+    s_ref[...] = lax.cond(j == 0, lambda s: _side_lanes(s, nv_ref, starts[1], col_ok,
+                                                        plan.SIDE_LANES_V),
+                          lambda s: s, sums)
 
 
 def _factored_apply_kernel(c_ref, *refs, tiles: MemberTiles, offsets, mults, precision, layer1,
