@@ -316,10 +316,10 @@ def _factored_tile(task, t, B, U, V, OU, OV, c_ptr, p_ptr, g_ptr, mom_ptr, rms_p
 
 
 @triton.jit
-def _side_lanes(vec, L0: tl.constexpr, src_ptr, T, x, L, take):
+def _side_lanes(vec, L0: tl.constexpr, src_ptr, T, x, L):
     """vec [32]: lanes L0 + k and L0 + 3 + k (k < 3) = the sums of n^2 and rsqrt(n + 1e-8)^2
-    over positions x < L of plane k of a line n of the flat side src [3, T], if `take`."""
-    m = (x < L) & take
+    over positions x < L of plane k of a line n of the flat side src [3, T]."""
+    m = x < L
     lane = tl.arange(0, NUM_SUMS)
     for k in tl.static_range(3):
         n = tl.load(src_ptr + k * T + x, mask=m, other=1.0)
@@ -348,9 +348,12 @@ def _factored_moments_body(task, t, B, U, VQ, OU, OV, c_ptr, p_ptr, g_ptr, mom_p
     s = _lane(s, 13, m0 * f0, mask)
     s = _lane(s, 14, m1 * f1, mask)
     s = _lane(s, 15, m2 * f2, mask)
+    # Branches, not masks: the other tiles (most of them) skip the 12 block-wide sums.
     first_col_block, first_row_block = _first_blocks(t, U, V, R, C)
-    s = _side_lanes(s, 16, su_ptr + task * 3 * TU + OU + b * U, TU, u, U, first_col_block)
-    s = _side_lanes(s, 22, sv_ptr + task * 3 * TV + OV + b * V, TV, v, V, first_row_block)
+    if first_col_block:
+        s = _side_lanes(s, 16, su_ptr + task * 3 * TU + OU + b * U, TU, u, U)
+    if first_row_block:
+        s = _side_lanes(s, 22, sv_ptr + task * 3 * TV + OV + b * V, TV, v, V)
     tl.store(s_ptr + tl.program_id(0).to(tl.int64) * NUM_SUMS + tl.arange(0, NUM_SUMS), s)
 
 
