@@ -114,27 +114,36 @@ def _l1_shared(pre, g, p, m0, m1, m2, rms, r, w_ptr, HP: tl.constexpr):
 
 
 @triton.jit
-def _lane(vec, f: tl.constexpr, x, mask):
-    """vec [32]: lane f = sum over the tile of x^2 (masked)."""
-    s = tl.sum(tl.sum(tl.where(mask, x * x, 0.0), axis=1), axis=0)
-    return tl.where(tl.arange(0, NUM_SUMS) == f, s, vec)
+def _add8(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7):
+    return a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4, a5 + b5, a6 + b6, a7 + b7
 
 
 @triton.jit
-def _shared_lanes(g, p, m0, m1, m2, rms, r, mask):
-    """Lanes 0-9, the same in factored and packed tiles: g, p, m, rms, m r, r
-    (r = rsqrt(rms + 1e-6))."""
-    s = tl.zeros((NUM_SUMS,), tl.float32)
-    s = _lane(s, 0, g, mask)
-    s = _lane(s, 1, p, mask)
-    s = _lane(s, 2, m0, mask)
-    s = _lane(s, 3, m1, mask)
-    s = _lane(s, 4, m2, mask)
-    s = _lane(s, 5, rms, mask)
-    s = _lane(s, 6, m0 * r, mask)
-    s = _lane(s, 7, m1 * r, mask)
-    s = _lane(s, 8, m2 * r, mask)
-    return _lane(s, 9, r, mask)
+def _sq(x, mask):
+    return tl.where(mask, x * x, 0.0)
+
+
+@triton.jit
+def _lanes8(vec, L0: tl.constexpr, x0, x1, x2, x3, x4, x5, x6, x7, mask, N: tl.constexpr = 8):
+    """vec [32]: lane L0 + k = the sum over the [R, C] tile of x_k^2 (masked), k < N.
+    One reduction of 8 operands, not 8 reductions: they share its shared-memory round
+    trips and barriers."""
+    s = tl.reduce((_sq(x0, mask), _sq(x1, mask), _sq(x2, mask), _sq(x3, mask), _sq(x4, mask),
+                   _sq(x5, mask), _sq(x6, mask), _sq(x7, mask)), 1, _add8)
+    s = tl.reduce(s, 0, _add8)
+    lane = tl.arange(0, NUM_SUMS)
+    for k in tl.static_range(N):
+        vec = tl.where(lane == L0 + k, s[k], vec)
+    return vec
+
+
+@triton.jit
+def _element_lanes(g, p, m0, m1, m2, rms, r, x10, x11, x12, x13, x14, x15, mask):
+    """Lanes 0-15: g, p, m, rms, m r, r (r = rsqrt(rms + 1e-6)), the same in factored and
+    packed tiles, then the tile's own 6 (factored: g f_k, m_k f_k)."""
+    s = _lanes8(tl.zeros((NUM_SUMS,), tl.float32), 0, g, p, m0, m1, m2, rms, m0 * r, m1 * r,
+                mask)
+    return _lanes8(s, 8, m2 * r, r, x10, x11, x12, x13, x14, x15, mask)
 
 
 @triton.jit
@@ -319,14 +328,12 @@ def _factored_tile(task, t, B, U, V, OU, OV, c_ptr, p_ptr, g_ptr, mom_ptr, rms_p
 def _side_lanes(vec, L0: tl.constexpr, src_ptr, T, x, L):
     """vec [32]: lanes L0 + k and L0 + 3 + k (k < 3) = the sums of n^2 and rsqrt(n + 1e-8)^2
     over positions x < L of plane k of a line n of the flat side src [3, T]."""
-    m = x < L
-    lane = tl.arange(0, NUM_SUMS)
-    for k in tl.static_range(3):
-        n = tl.load(src_ptr + k * T + x, mask=m, other=1.0)
-        r2 = 1.0 / (n + 1e-8)  # rsqrt(n + 1e-8)^2
-        vec = tl.where(lane == L0 + k, tl.sum(tl.where(m, n * n, 0.0), axis=0), vec)
-        vec = tl.where(lane == L0 + 3 + k, tl.sum(tl.where(m, r2, 0.0), axis=0), vec)
-    return vec
+    m = (x < L)[None, :]  # the line as a [1, L] tile
+    n0 = tl.load(src_ptr + x[None, :], mask=m, other=1.0)
+    n1 = tl.load(src_ptr + T + x[None, :], mask=m, other=1.0)
+    n2 = tl.load(src_ptr + 2 * T + x[None, :], mask=m, other=1.0)
+    return _lanes8(vec, L0, n0, n1, n2, tl.rsqrt(n0 + 1e-8), tl.rsqrt(n1 + 1e-8),
+                   tl.rsqrt(n2 + 1e-8), n0, n0, m, 6)
 
 
 @triton.jit
@@ -341,13 +348,8 @@ def _factored_moments_body(task, t, B, U, VQ, OU, OV, c_ptr, p_ptr, g_ptr, mom_p
     b, u, v, mask, off, n, c_ptr, g, p, m0, m1, m2, rms, r, f0, f1, f2 = _factored_tile(
         task, t, B, U, V, OU, OV, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, TU, TV,
         R, C)
-    s = _shared_lanes(g, p, m0, m1, m2, rms, r, mask)
-    s = _lane(s, 10, g * f0, mask)
-    s = _lane(s, 11, g * f1, mask)
-    s = _lane(s, 12, g * f2, mask)
-    s = _lane(s, 13, m0 * f0, mask)
-    s = _lane(s, 14, m1 * f1, mask)
-    s = _lane(s, 15, m2 * f2, mask)
+    s = _element_lanes(g, p, m0, m1, m2, rms, r, g * f0, g * f1, g * f2, m0 * f0, m1 * f1,
+                       m2 * f2, mask)
     # Branches, not masks: the other tiles (most of them) skip the 12 block-wide sums.
     first_col_block, first_row_block = _first_blocks(t, U, V, R, C)
     if first_col_block:
@@ -514,20 +516,9 @@ def _packed_moments_body(task, t, n, seg, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr,
     off, mask, c_ptr, g, p, m0, m1, m2, rms, v0, v1, v2 = _packed_common(
         task, t, n, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, R, C)
     r = tl.rsqrt(rms + 1e-6)
-    s = _shared_lanes(g, p, m0, m1, m2, rms, r, mask)
     fg0, fg1, fg2, fm0, fm1, fm2, s0, s1, s2 = _packed_factor_planes(g, m0, m1, m2, v0, v1, v2)
-    s = _lane(s, 10, fg0, mask)
-    s = _lane(s, 11, fg1, mask)
-    s = _lane(s, 12, fg2, mask)
-    s = _lane(s, 13, fm0, mask)
-    s = _lane(s, 14, fm1, mask)
-    s = _lane(s, 15, fm2, mask)
-    s = _lane(s, 16, v0, mask)
-    s = _lane(s, 17, v1, mask)
-    s = _lane(s, 18, v2, mask)
-    s = _lane(s, 19, s0, mask)
-    s = _lane(s, 20, s1, mask)
-    s = _lane(s, 21, s2, mask)
+    s = _element_lanes(g, p, m0, m1, m2, rms, r, fg0, fg1, fg2, fm0, fm1, fm2, mask)
+    s = _lanes8(s, 16, v0, v1, v2, s0, s1, s2, v0, v0, mask, 6)
     tl.store(s_ptr + tl.program_id(0).to(tl.int64) * NUM_SUMS + tl.arange(0, NUM_SUMS), s)
 
 
