@@ -333,7 +333,7 @@ def _side_lanes(vec, L0: tl.constexpr, src_ptr, T, x, L):
     n1 = tl.load(src_ptr + T + x[None, :], mask=m, other=1.0)
     n2 = tl.load(src_ptr + 2 * T + x[None, :], mask=m, other=1.0)
     return _lanes8(vec, L0, n0, n1, n2, tl.rsqrt(n0 + 1e-8), tl.rsqrt(n1 + 1e-8),
-                   tl.rsqrt(n2 + 1e-8), n0, n0, m, 6)
+                   tl.rsqrt(n2 + 1e-8), n0, n0, m, 6)  # 6 lanes: the last 2 operands fill
 
 
 @triton.jit
@@ -518,7 +518,7 @@ def _packed_moments_body(task, t, n, seg, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr,
     r = tl.rsqrt(rms + 1e-6)
     fg0, fg1, fg2, fm0, fm1, fm2, s0, s1, s2 = _packed_factor_planes(g, m0, m1, m2, v0, v1, v2)
     s = _element_lanes(g, p, m0, m1, m2, rms, r, fg0, fg1, fg2, fm0, fm1, fm2, mask)
-    s = _lanes8(s, 16, v0, v1, v2, s0, s1, s2, v0, v0, mask, 6)
+    s = _lanes8(s, 16, v0, v1, v2, s0, s1, s2, v0, v0, mask, 6)  # the last 2 operands fill
     tl.store(s_ptr + tl.program_id(0).to(tl.int64) * NUM_SUMS + tl.arange(0, NUM_SUMS), s)
 
 
