@@ -90,8 +90,9 @@ jax_triton.__version__); print(jax.devices())" ;;
       # shellcheck disable=SC2086
       # triton: 8 one-program-per-tile configurations and 8 persistent ones (2 stages; 3 with
       # SWEEP_ARGS), + default + adam, at 1e7 and 1e8; pallas: layer 1 as FMAs (its default)
-      # against a dot (profiling/pallas_resources.py: 1376 SASS instructions per thread
-      # against 2352 on sm_90).
+      # against a dot (profiling/pallas_resources.py, session 14: 2336 SASS instructions
+      # and 45 barriers per thread against 1352 and 11 on sm_90; make "dot" the default if
+      # it wins and the GPU tests pass).
       run "${SWEEP_LIMIT:-240}" sweep python3 benchmarks/tile_sweep.py \
         ${SWEEP_ARGS:---tiles 1x256 4x64 --warps 4 --layer1 dot dot_all --precision tf32 bf16 \
           --persistent off on --stages 2}
