@@ -145,6 +145,41 @@ def _scalar_tensors_index():
     interpreter._patch_lang_tensor = patched
 
 
+def _pairwise_sums_in_numpy():
+    """Run a `tl.reduce` whose combine function adds its operands pair by pair (the
+    moments kernels' `_lanes8`) as one NumPy sum per operand.
+
+    Triton 3.6's interpreter runs any combine function but its own sum's one element at
+    a time in Python (`ReduceOps.generic_reduce`), which made the interpreted tests
+    several times slower. A probe first checks that the function returns a_k + b_k for
+    each operand k, so a wrong pairing still runs (and fails) the slow way."""
+    import triton.language as tl
+    from triton.runtime.interpreter import ReduceOps
+
+    apply_impl = ReduceOps.apply_impl
+    pairwise = {}
+
+    def adds_pairwise(ops, count):
+        key = (ops.combine_fn, count)
+        if key not in pairwise:
+            a = [ops.to_tensor(np.float32(1 + k), tl.float32) for k in range(count)]
+            b = [ops.to_tensor(np.float32(100 * (1 + k)), tl.float32) for k in range(count)]
+            out = ops.combine_fn.fn(*a, *b)
+            out = out if isinstance(out, tuple) else (out,)
+            pairwise[key] = len(out) == count and all(
+                o.handle.data.item() == 101 * (1 + k) for k, o in enumerate(out))
+        return pairwise[key]
+
+    def patched(self, input):
+        if (all(x.dtype.scalar == tl.float32 for x in input)
+                and adds_pairwise(self, len(input))):
+            return [self.to_tensor(np.sum(x.handle.data, axis=self.axis,
+                                          keepdims=self.keep_dims), x.dtype) for x in input]
+        return apply_impl(self, input)
+
+    ReduceOps.apply_impl = patched
+
+
 def interpreted_triton_update(*args, **kwargs):
     """`triton_update` with interpreted launches (needs TRITON_INTERPRET=1)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
@@ -252,9 +287,10 @@ if __name__ == "__main__":
                          "the planes fit one tile (PLANE_TILE_MAX = 0)")
     args = ap.parse_args()
     if args.no_whole_planes:
-        from lopt_fast.kernels import adafac_triton
+        from lopt_fast.pallas import blocks
 
-        adafac_triton.PLANE_TILE_MAX = 0  # this process only
+        blocks.PLANE_TILE_MAX = 0  # this process only
+        assert blocks.plane_tile([(1, 16)]) is None, "the sides pass would still run"
     if args.max_members:
         from lopt_fast.pallas import blocks
 
@@ -262,6 +298,7 @@ if __name__ == "__main__":
     _round_bf16_stores_to_nearest_even()
     _bf16_dots_from_bf16_values()
     _scalar_tensors_index()
+    _pairwise_sums_in_numpy()
     if args.persistent:
         from lopt_fast.kernels import adafac_triton
 
