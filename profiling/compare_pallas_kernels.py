@@ -17,7 +17,7 @@ import numpy as np
 
 from lopt_fast.pallas import plan
 from lopt_fast.pallas.adafac_step import PallasKernels
-from lopt_fast.pallas.blocks import BlockSizes
+from lopt_fast.pallas.blocks import BlockSizes, plane_tile
 
 HP = 16
 CASES = [  # one launch's members [(B, U, V), ...], tile
@@ -57,8 +57,9 @@ def _inputs(key, shapes):
 
 
 def _run(kern, name, x, group):
-    if name == "sides":  # every plane of CASES fits one tile (`blocks.plane_tile`)
-        return kern.group_sides(x["g"], x["v_u"], x["v_v"], x["consts"], group)
+    if name == "sides":  # every plane of CASES fits one tile
+        tile = plane_tile([(lay.U, lay.V) for lay in group.layouts])
+        return kern.group_sides(x["g"], x["v_u"], x["v_v"], x["consts"], group, tile)
     if name == "row_col_sums":
         return kern.group_row_col_sums(x["g"], group)
     args = [x[a] for a in ("p", "g", "mom", "rms", "fu", "fv")]

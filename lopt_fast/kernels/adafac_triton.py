@@ -77,7 +77,6 @@ from lopt_fast.pallas.blocks import (
     TRITON_LAUNCHERS,
     BlockSizes,
     member_runs,
-    plane_tile,
 )
 
 NUM_SUMS = tl.constexpr(plan.NUM_SUMS)
@@ -743,14 +742,10 @@ class TritonKernels:
         return member_runs([(group.blocks[j], group.reduce_blocks[j], p[j].dtype,
                                      g[j].dtype) for j in range(len(p))])
 
-    def group_sides(self, g, v_u, v_v, consts, group: plan.FactoredGroup):
-        """(new_u, new_v, f_u, f_v) on the flat sides in one launch per run, when every
-        tensor's [U, V] plane fits one tile (`blocks.plane_tile`; else None: `row_col_sums`
-        and XLA compute them). v_u, v_v: each tensor's state on its U / V
-        side, [3, B U] / [3, B V]."""
-        tile = plane_tile([(lay.U, lay.V) for lay in group.layouts])
-        if tile is None:
-            return None
+    def group_sides(self, g, v_u, v_v, consts, group: plan.FactoredGroup, tile: BlockSizes):
+        """(new_u, new_v, f_u, f_v) on the flat sides in one launch per run, each tensor's
+        [U, V] plane in one `tile` (`blocks.plane_tile`). v_u, v_v: each tensor's state on
+        its U / V side, [3, B U] / [3, B V]."""
         outs = [self._sides_run(g, v_u, v_v, consts, group, run, tile)
                 for run in member_runs([x.dtype for x in g])]
         return tuple(jnp.concatenate([out[k] for out in outs], axis=-1) if len(outs) > 1

@@ -59,7 +59,6 @@ from lopt_fast.pallas.blocks import (
     PALLAS_MAX_MEMBERS,
     BlockSizes,
     member_runs,
-    plane_tile,
 )
 from lopt_fast.pallas.members import MemberTiles, segment
 
@@ -531,15 +530,11 @@ class PallasKernels:
         lays = [group.layouts[j] for j in run]
         return MemberTiles(tuple((lay.B, lay.U, lay.V) for lay in lays), blocks[run[0]])
 
-    def group_sides(self, g, v_u, v_v, consts, group: plan.FactoredGroup):
-        """(new_u, new_v, f_u, f_v) on the flat sides, one program per [U, V] plane, when
-        every tensor's plane fits one tile (`blocks.plane_tile`; else None:
-        `group_row_col_sums` and XLA compute them). v_u, v_v: each tensor's state on its U
-        / V side, [3, B U] / [3, B V]."""
+    def group_sides(self, g, v_u, v_v, consts, group: plan.FactoredGroup, tile: BlockSizes):
+        """(new_u, new_v, f_u, f_v) on the flat sides, one program per [U, V] plane, each in
+        one `tile` (`blocks.plane_tile`). v_u, v_v: each tensor's state on its U / V side,
+        [3, B U] / [3, B V]."""
         lays = group.layouts
-        tile = plane_tile([(lay.U, lay.V) for lay in lays])
-        if tile is None:
-            return None
         tu, tv = sum(group.u_sizes), sum(group.v_sizes)
         sides = [_f32((3, tu)), _f32((3, tv))] * 2
         outs = ()

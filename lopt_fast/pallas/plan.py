@@ -55,6 +55,7 @@ from lopt_fast.pallas.blocks import (
     group_block_sizes,
     packed_block_sizes,
     padded_hidden,
+    plane_tile,
 )
 
 NUM_SUMS = 32  # per-tile partial sums: 16 (factored) or 22 (packed) features, padded to 2^k
@@ -182,9 +183,10 @@ class Kernels(NamedTuple):
     over the tensors, their per-row / per-column operands live on the flat U / V sides
     (fu [3, sum BU], tu [sum BU, TW], ...) at each tensor's offsets:
     group_row_col_sums(g, group) -> (su [sum BU], sv [sum BV])
-    group_sides(g, v_u, v_v, consts, group) (optional) -> (new_u, new_v, f_u, f_v), the new
-        accumulators and factors on the flat sides from each tensor's state v_u [3, B U],
-        v_v [3, B V], or None where the backend cannot (then row_col_sums and XLA do it)
+    group_sides(g, v_u, v_v, consts, group, tile) (optional) -> (new_u, new_v, f_u, f_v),
+        the new accumulators and factors on the flat sides from each tensor's state v_u
+        [3, B U], v_v [3, B V]; called when every tensor's [U, V] plane fits `tile`
+        (`blocks.plane_tile`), else row_col_sums and XLA do it
     group_moments(p, g, mom, rms, fu, fv, new_u, new_v, consts, group) -> per-tensor
         sums [S, 32]: of the 16 squared per-element features, then (lanes 16-21 and
         22-27) of the squares of the U / V side features new and rsqrt(new + 1e-8)
@@ -348,11 +350,12 @@ def _factored_group(kernels, items, consts, c_fac, nn, iteration, mlp, mults, hp
     seg_v = np.repeat(np.arange(len(lays)), group.v_sizes)
     u_is_row = np.asarray([lay.u_is_row for lay in lays])
 
-    sides = None
-    if kernels.group_sides is not None:  # one launch, when the tensors' planes fit a tile
+    plane = (plane_tile([(lay.U, lay.V) for lay in lays]) if kernels.group_sides is not None
+             else None)
+    if plane is not None:  # every tensor's [U, V] plane fits one tile
         with jax.named_scope("adafac_row_col_sides"):
-            sides = kernels.group_sides(g3, v_u, v_v, consts, group)
-    if sides is None:
+            sides = kernels.group_sides(g3, v_u, v_v, consts, group, plane)
+    else:
         with jax.named_scope("adafac_row_col_sums"):
             su, sv = kernels.group_row_col_sums(g3, group)  # [sum BU] over V, [sum BV] over U
         sides = _new_sides(jnp.concatenate(v_u, axis=1), jnp.concatenate(v_v, axis=1), su, sv,
