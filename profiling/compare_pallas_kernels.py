@@ -4,8 +4,8 @@
 
 When the whole step disagrees with the reference on a GPU but not on CPU, this says
 which kernel (the sides pass, or the row / column sums, moments and apply passes), which
-output and which shape class (B = 1 or more, tiles that divide the
-tensor or not, one tensor per launch or several, vmapped tasks) is wrong. Inputs are
+output and which shape class (B = 1 or more, tiles that divide the tensor or not, one
+tensor per launch or several, vmapped tasks) is wrong. Inputs are
 fresh random values; both sides run on the default device with float32 dots ("ieee").
 """
 
@@ -41,7 +41,7 @@ def _group(shapes, tile) -> plan.FactoredGroup:
 
 
 def _inputs(key, shapes):
-    k = iter(jax.random.split(key, 16 + 4 * len(shapes)))
+    k = iter(jax.random.split(key, 11 + 6 * len(shapes)))  # 11 shared, 6 per member
     n = lambda *s: jax.random.normal(next(k), s, jnp.float32)  # noqa: E731
     pos = lambda *s: jax.random.uniform(next(k), s, jnp.float32, 0.5, 2.0)  # noqa: E731
     consts = jax.random.uniform(next(k), (plan.NUM_CONSTS,), jnp.float32, 0.5, 0.99)
