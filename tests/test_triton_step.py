@@ -230,12 +230,17 @@ def test_launchers_and_the_jax_triton_call_target(monkeypatch):
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed (pip install 'lopt-fast[gpu]')")
 @pytest.mark.parametrize("tasks, in_place", [(None, True), (3, True), (3, False)])
-def test_xla_launcher_lowers_for_cuda(tasks, in_place):
+def test_xla_launcher_lowers_for_cuda(tasks, in_place, monkeypatch):
     """launcher="xla" needs no jax-triton: triton builds each kernel's Triton IR (for sm_90,
     here on the CPU), jaxlib's Triton dialect reads it, and the step lowers for CUDA to one
-    `__gpu$xla.gpu.triton` call per kernel (vmapped tasks in the grid), in place or not."""
+    `__gpu$xla.gpu.triton` call per kernel (vmapped tasks in the grid), in place or not;
+    also after jax-triton's import has set TRITON_CACHE_DIR="" (on an H200 that made
+    triton.compile raise "Could not create or locate cache dir")."""
+    from lopt_fast.kernels import xla_call
     from tests import triton_cuda_lowering as lowering  # its shapes, with launcher="xla"
 
+    monkeypatch.setenv("TRITON_CACHE_DIR", "")
+    xla_call._ttir.cache_clear()  # compile afresh, under that setting
     launches = lowering.lowered_step(tasks=tasks, in_place=in_place, launcher="xla")
     assert all("__gpu$xla.gpu.triton" in line for line in launches), launches[0][:300]
     assert len(launches) == lowering.EXPECTED_LAUNCHES, len(launches)  # 3 per factored run + 2

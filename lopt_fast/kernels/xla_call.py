@@ -87,8 +87,13 @@ def _ttir(kernel, pointers: tuple, constexprs: tuple, capability: int, num_warps
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants,
                                     attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+    with triton.knobs.cache.scope():
+        # Importing jax_triton sets TRITON_CACHE_DIR="" (it keeps no cache), and then
+        # triton.compile raises "Could not create or locate cache dir": use triton's default.
+        if not triton.knobs.cache.dir:
+            triton.knobs.cache.dir = triton.knobs.cache.get_triton_dir("cache")
+        compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                                  options={"num_warps": num_warps, "num_stages": num_stages})
     return compiled.asm["ttir"]
 
 
