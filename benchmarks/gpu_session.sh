@@ -65,9 +65,12 @@ jax_triton.__version__); print(jax.devices())" ;;
         --backend triton --launcher xla ;;
     tests)
       # The kernels compiled for this GPU; the interpreted Triton tests are CI's (CPU) job.
-      run "${TESTS_LIMIT:-300}" tests python3 -m pytest -q -rs --tb=line -p no:cacheprovider \
-        -k "not interpreted" tests/test_pallas_step.py tests/test_triton_step.py \
-        tests/test_backends.py ;;
+      # Workers compile in parallel (compiling, not the GPU, is most of the time); without
+      # preallocation each worker's JAX takes only the GPU memory it uses.
+      run "${TESTS_LIMIT:-300}" tests env XLA_PYTHON_CLIENT_PREALLOCATE=false \
+        python3 -m pytest -q -rs --tb=short --durations=10 -p no:cacheprovider \
+        -n "${TESTS_WORKERS:-8}" -k "not interpreted" tests/test_pallas_step.py \
+        tests/test_triton_step.py tests/test_backends.py ;;
     compare)
       run 120 compare python3 profiling/compare_pallas_kernels.py ;;
     step)
