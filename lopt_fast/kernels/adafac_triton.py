@@ -72,11 +72,11 @@ from lopt_fast.pallas.blocks import (
     LAYER1_FORMS,
     MLP_PRECISIONS,
     PERSISTENT_PROGRAMS_PER_SM,
-    REDUCTION_ROW_CHUNKS,
     TRITON_LAUNCHER_ENV_VAR,
     TRITON_LAUNCHERS,
     BlockSizes,
     member_runs,
+    sums_row_chunks,
 )
 
 NUM_SUMS = tl.constexpr(plan.NUM_SUMS)
@@ -781,7 +781,7 @@ class TritonKernels:
         sums, [column blocks, sum BU] and [row blocks, sum BV], summed over blocks."""
         lays = [group.layouts[j] for j in run]
         blk = group.reduce_blocks[run[0]]
-        loop = max(min(REDUCTION_ROW_CHUNKS, -(-lay.U // blk.rows)) for lay in lays)
+        loop = sums_row_chunks(blk, [lay.U for lay in lays])
         va = min(_row_alignment(lay.V) for lay in lays)
         nv = [-(-lay.V // blk.cols) for lay in lays]
         nu = [-(-lay.U // (blk.rows * loop)) for lay in lays]

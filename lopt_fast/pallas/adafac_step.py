@@ -26,6 +26,8 @@ members), or, for more vectors than that, one launch over all of them packed int
 buffer. The factored kernels read each tensor's rows and columns of the flat U / V
 sides (`plan.FactoredGroup`) in place. `jax.vmap` adds a leading task axis to every grid.
     adafac_row_col_sums      reads g                         4 B / param
+                             (`blocks.sums_tile`: up to 8 reduction tiles of rows, so
+                             up to 8x fewer partial column sums than elements)
       or, when every factored tensor's [U, V] plane fits one tile (`blocks.plane_tile`),
     adafac_row_col_sides     reads g, old v; writes the new v and their factors
                              (the sums and the math between the passes, one program a plane)
@@ -45,6 +47,7 @@ GPU: |rel err| ~ 3e-4; "ieee" for full float32). CPU: `interpret=True` (the test
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -59,6 +62,7 @@ from lopt_fast.pallas.blocks import (
     PALLAS_MAX_MEMBERS,
     BlockSizes,
     member_runs,
+    sums_tile,
 )
 from lopt_fast.pallas.members import MemberTiles, segment
 
@@ -564,6 +568,8 @@ class PallasKernels:
         su, sv = [], []
         for run in self._runs(g, g, group):
             tiles = self._tiles(group, run, group.reduce_blocks)
+            tiles = dataclasses.replace(tiles, tile=sums_tile(tiles.tile,
+                                                               [u for _, u, _ in tiles.shapes]))
             r, c, count = tiles.tile.rows, tiles.tile.cols, len(run)
             out = self._call(
                 functools.partial(_row_col_sums_kernel, tiles=tiles), "adafac_row_col_sums",

@@ -32,10 +32,10 @@ REDUCTION_TILE = 1024  # elements per program of the reduction passes (`reductio
 PLANE_TILE_MAX = 4096
 SHARED_TILE_MAX_ELEMENTS = 1 << 18  # factored tensors this small share a tile (`group_block_sizes`)
 SHARED_TILE_SLACK = 1 << 14  # lanes a shared tile may cover whatever the tensor's own cover
-# The Triton row / column sums pass runs up to this many tiles of rows per program, adding
-# up their column sums in registers: its per-column partial sums (summed afterwards) are
-# then up to 8x fewer than the tensor's elements, where one 1 x 1024 tile per program
-# wrote as many as it read (8 B / param of extra traffic for a large matrix).
+# The row / column sums pass sums up to this many reduction tiles of rows per program
+# (`sums_row_chunks`): its per-column partial sums (summed afterwards) are then up to 8x
+# fewer than the tensor's elements, where one 1 x 1024 tile per program wrote as many as
+# it read (8 B / param of extra traffic for a large matrix).
 REDUCTION_ROW_CHUNKS = 8
 # How the Triton apply kernel runs layer 1 and the dots' operands (`triton_update`'s
 # `layer1` / `mlp_precision`; lopt_fast/kernels/adafac_triton.py says what each does).
@@ -131,6 +131,23 @@ def reduction_block_sizes(u: int, v: int) -> BlockSizes:
     for sm_90 at 4 warps the Triton moments kernel issues 133 instructions per parameter
     at 1024 elements against 348 at 256 (96 registers, 20 warps per SM)."""
     return _tile_of(u, v, REDUCTION_TILE)
+
+
+def sums_row_chunks(tile: BlockSizes, us: Sequence[int]) -> int:
+    """Reduction tiles of rows that one program of the row / column sums pass sums, for
+    tensors of `us` rows sharing `tile`: up to `REDUCTION_ROW_CHUNKS`, never more than the
+    tallest has. Triton loops over them; Pallas takes them as one taller tile
+    (`sums_tile`)."""
+    return max(min(REDUCTION_ROW_CHUNKS, -(-u // tile.rows)) for u in us)
+
+
+def sums_tile(tile: BlockSizes, us: Sequence[int]) -> BlockSizes:
+    """The Pallas row / column sums pass's tile: `tile` with `sums_row_chunks` (rounded up to
+    a power of two) times its rows, at 8 warps past 4096 elements (the tile is loaded
+    whole: 32 floats per thread)."""
+    rows = tile.rows * next_pow2(sums_row_chunks(tile, us))
+    return dataclasses.replace(tile, rows=rows,
+                               num_warps=8 if rows * tile.cols > 4096 else tile.num_warps)
 
 
 def _lanes(view: tuple[int, int, int], tile: BlockSizes) -> int:
