@@ -233,7 +233,8 @@ def test_launchers_and_the_jax_triton_call_target(monkeypatch):
 def test_xla_launcher_lowers_for_cuda(tasks, in_place, monkeypatch):
     """launcher="xla" needs no jax-triton: triton builds each kernel's Triton IR (for sm_90,
     here on the CPU), jaxlib's Triton dialect reads it, and the step lowers for CUDA to one
-    `__gpu$xla.gpu.triton` call per kernel (vmapped tasks in the grid), in place or not;
+    `__gpu$xla.gpu.triton` call per kernel (vmapped tasks in the grid), row-major, in place
+    or not;
     also after jax-triton's import has set TRITON_CACHE_DIR="" (on an H200 that made
     triton.compile raise "Could not create or locate cache dir")."""
     from lopt_fast.kernels import xla_call
@@ -243,6 +244,9 @@ def test_xla_launcher_lowers_for_cuda(tasks, in_place, monkeypatch):
     xla_call._ttir.cache_clear()  # compile afresh, under that setting
     launches = lowering.lowered_step(tasks=tasks, in_place=in_place, launcher="xla")
     assert all("__gpu$xla.gpu.triton" in line for line in launches), launches[0][:300]
+    # row-major operands and results: left free, XLA gave a [1, 3, 16, 32] operand the
+    # layout {3,1,0,2} and the kernels read the wrong elements (seen on an H200)
+    assert all("operand_layouts" in line and "result_layouts" in line for line in launches)
     assert len(launches) == lowering.EXPECTED_LAUNCHES, len(launches)  # 3 per factored run + 2
     aliases = sum(line.count("output_operand_alias<") for line in launches)
     assert aliases == (lowering.EXPECTED_ALIASES if in_place else 0), aliases
