@@ -12,7 +12,7 @@ whether it is the persistent kernel (`persistent`, its tile loop pipelined `num_
 deep); an explicit tile is the tile of all three passes. "default" is the library's
 choice: `blocks.block_sizes` for the apply pass and `reduction_block_sizes`, 4x bigger,
 for the two reduction passes; triton: layer 1 as "dot", TF32, one program per tile;
-pallas: layer 1 as "fma". All configurations of a size, and `optax.adam` on the same
+pallas: layer 1 as "dot". All configurations of a size, and `optax.adam` on the same
 tree (the issue's <= 3x target), are timed in alternation (one call of each per round:
 `timing.interleaved_median_and_iqr`), compile and warm-up excluded, so their ratios hold
 on a noisy machine. No state is donated, so the kernels write fresh outputs
@@ -82,7 +82,7 @@ def main(argv=None):
         bad = set(args.layer1 or []) - set(PALLAS_LAYER1_FORMS)
         if bad:
             ap.error(f"--backend pallas has layer 1 as {PALLAS_LAYER1_FORMS}, not {sorted(bad)}")
-        kernel_forms = [{"layer1": l1} for l1 in args.layer1 or ["fma"]]
+        kernel_forms = [{"layer1": l1} for l1 in args.layer1 or ["dot"]]
     configs = {"default": {}}
     for tile in args.tiles:
         rows, cols = (int(x) for x in tile.split("x"))

@@ -78,7 +78,7 @@ def _triton_modules():
         lowering.lower_jaxpr_to_triton_module = lower
 
 
-def step_modules(shapes: dict, hidden: int = 32, layer1: str = "fma",
+def step_modules(shapes: dict, hidden: int = 32, layer1: str = "dot",
                  blocks: BlockSizes | None = None) -> list[tuple[str, str]]:
     """(pallas_call name, Triton IR) of each launch of one step on float32 params `shapes`."""
     lopt = AdafacMLPLOpt(hidden_size=hidden)

@@ -482,12 +482,13 @@ class PallasKernels:
       interpret: run the kernels in Pallas' interpreter (CPU).
       mlp_precision: "tf32" (`lax.Precision.DEFAULT`) or "ieee" (`HIGHEST`) for the
         MLP's dots.
-      layer1: the first MLP layer as "fma" (a multiply-add per feature) or "dot" (the
-        features as one [tile, K] x [K, Hp] dot).
+      layer1: the first MLP layer as "dot" (the features as one [tile, K] x [K, Hp] dot,
+        at `mlp_precision`) or "fma" (a multiply-add per feature). On an H200 the step
+        with "dot" took 1.23 / 8.76 ms at 1e7 / 1e8 parameters, with "fma" 2.25 / 17.6.
       in_place: the apply kernels write into their p / state operands (`plan.in_place_aliases`).
     """
 
-    def __init__(self, interpret: bool, mlp_precision: str = "tf32", layer1: str = "fma",
+    def __init__(self, interpret: bool, mlp_precision: str = "tf32", layer1: str = "dot",
                  in_place: bool = True):
         if mlp_precision not in ("tf32", "ieee"):
             raise ValueError(f"mlp_precision must be 'tf32' or 'ieee', got {mlp_precision!r}")
@@ -791,7 +792,7 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 def pallas_update(lopt, theta, state, grad, *, interpret: bool | None = None,
                   mlp_precision: str = "tf32", blocks: BlockSizes | None = None,
-                  packed_blocks: BlockSizes | None = None, layer1: str = "fma",
+                  packed_blocks: BlockSizes | None = None, layer1: str = "dot",
                   in_place: bool = True):
     """Fused Pallas `AdafacMLPLOpt` update: the signature of `reference_update`.
 
@@ -804,7 +805,7 @@ def pallas_update(lopt, theta, state, grad, *, interpret: bool | None = None,
       mlp_precision: "tf32" or "ieee" dots for the H x H layers (and layer 1 as "dot")
         on GPU.
       blocks, packed_blocks: override `blocks.block_sizes` / `packed_block_sizes` tiles.
-      layer1: the first MLP layer as "fma" or "dot" (see `PallasKernels`).
+      layer1: the first MLP layer as "dot" or "fma" (see `PallasKernels`).
       in_place: update p and the state in their buffers: right when the caller donates
         the state (or carries it through `lax.scan`); otherwise XLA copies them first,
         and `in_place=False` (fresh outputs) saves those copies (`plan.in_place_aliases`).
