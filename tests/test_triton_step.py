@@ -58,9 +58,12 @@ def every_shape_class(lopt, seed, large=True):
 
 
 # TF32 hidden-layer dots (the default): operands keep a 10-bit mantissa. Measured on an
-# H100 (2026-11-25) against the CPU reference: params up to 3.1e-5 off after 3 steps, and
-# a step relative error of 3.2e-3 against a TF32 reference.
-TF32_TOLERANCE = Tolerance({jnp.dtype(jnp.float32): (1e-4, 1e-4),
+# H100 (2026-11-25) against the CPU reference: params up to 3.1e-5 off after 3 steps
+# (layer 1 as FMAs), and a step relative error of 3.2e-3 against a TF32 reference. With
+# layer 1 as a dot (the default since; the features are TF32 operands too) one element
+# in one of 13 runs on an H200 (2026-11-30) was 1.48e-4 off where 1e-4 / 1e-4 allowed 1.07e-4:
+# the bounds below leave 2x over it.
+TF32_TOLERANCE = Tolerance({jnp.dtype(jnp.float32): (3e-4, 3e-4),
                             jnp.dtype(jnp.bfloat16): (1e-2, 1.6e-2)}, step_rel=1e-2)
 # bf16 dot operands (`mlp_precision="bf16"`, float32 accumulation): an 8-bit mantissa. In
 # Triton's interpreter (bf16 products exact in float32, as on a GPU) the error has a heavy
