@@ -12,8 +12,8 @@ run raises `BackendUnavailableError` saying why.
              GPU and the `gpu` extra (`jax-triton`, `triton`).
 
 "auto": the reference on CPU (the kernels only pay off on a GPU; interpreted they are
-orders of magnitude slower); on an NVIDIA GPU "triton" when jax-triton is installed,
-else "pallas"; the reference elsewhere.
+orders of magnitude slower); on an NVIDIA GPU "pallas", else (a JAX without Pallas'
+Triton lowering) "triton" when jax-triton is installed; the reference elsewhere.
 
 A backend is an object with `name` and
 `update(lopt, theta, state, grad) -> (new_params, LeafAccumulators of trees)`.
@@ -64,8 +64,10 @@ def _unavailable_reason(name: str) -> str | None:
         return None
     platform = _platform()
     if name == "pallas":
-        if platform in ("cpu", "cuda"):
+        if platform == "cpu":
             return None
+        if platform == "cuda":  # JAX 0.11 deprecates Pallas' Triton lowering
+            return _import_error("jax.experimental.pallas.triton")
         return (f"the Pallas kernels lower through Pallas' Triton backend (NVIDIA GPUs) or run "
                 f"interpreted on CPU; the default device here is {platform!r}")
     if name == "triton":
@@ -114,13 +116,15 @@ def available_backends() -> list[str]:
 
 
 def auto_backend_name() -> str:
-    """What "auto" resolves to on the default device: on an NVIDIA GPU the Triton kernels
-    when jax-triton is installed (on an H100 1.3-1.6x faster than the Pallas ones at 1e7
-    and 1e8 parameters, as fast on 64 tasks x the small convnet: benchmarks/RESULTS.md),
-    else the Pallas kernels; the reference elsewhere."""
+    """What "auto" resolves to on the default device: on an NVIDIA GPU the Pallas kernels
+    (on an H200 as fast as or faster than the Triton ones: 12-13% at 1e8 parameters and
+    7-13% at 64 tasks x the small convnet in two runs, as fast in PES meta-training:
+    benchmarks/RESULTS.md; and they need no jax-triton), else the Triton kernels when
+    they can run; the reference elsewhere."""
     if _platform() != "cuda":
         return "reference"
-    return "triton" if _unavailable_reason("triton") is None else "pallas"
+    return next((b for b in ("pallas", "triton") if _unavailable_reason(b) is None),
+                "reference")
 
 
 def resolve_backend(backend: str = "auto", in_place: bool = True) -> Backend:

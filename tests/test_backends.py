@@ -23,7 +23,7 @@ def test_auto_is_reference_on_cpu():
     assert backends.auto_backend_name() == "reference"
 
 
-def test_auto_on_nvidia_gpu_prefers_triton_then_pallas(monkeypatch):
+def test_auto_on_nvidia_gpu_prefers_pallas_then_triton(monkeypatch):
     """The GPU choice, decided on this machine by pretending the platform is CUDA."""
     assert backends._import_error("json") is None
     assert "does not import" in backends._import_error("lopt_fast.no_such_module")
@@ -32,16 +32,25 @@ def test_auto_on_nvidia_gpu_prefers_triton_then_pallas(monkeypatch):
     monkeypatch.setattr(backends.importlib.util, "find_spec",
                         lambda name: object() if name in ("triton", "jax_triton")
                         else real_find_spec(name))
-    monkeypatch.setattr(backends, "_import_error", lambda module: None)
-    assert backends.auto_backend_name() == "triton"
-    # Installed but broken (e.g. built against another jax): auto falls back, an explicit
-    # choice says why.
-    monkeypatch.setattr(backends, "_import_error", lambda module: f"{module}: ImportError")
+    broken = set()
+    monkeypatch.setattr(backends, "_import_error",
+                        lambda module: f"{module}: ImportError" if module in broken else None)
     assert backends.auto_backend_name() == "pallas"
+    # A JAX without Pallas' Triton lowering: auto takes the Triton kernels, and an explicit
+    # "pallas" says why it cannot run.
+    broken.add("jax.experimental.pallas.triton")
+    assert backends.auto_backend_name() == "triton"
+    with pytest.raises(BackendUnavailableError, match="pallas.triton: ImportError"):
+        resolve_backend("pallas")
+    # jax-triton installed but broken (e.g. built against another jax) too: the reference.
+    broken.add("jax_triton")
+    assert backends.auto_backend_name() == "reference"
     with pytest.raises(BackendUnavailableError, match="jax_triton: ImportError"):
         resolve_backend("triton")
+    broken.clear()
     monkeypatch.setattr(backends.importlib.util, "find_spec",
                         lambda name: None if name == "jax_triton" else real_find_spec(name))
+    assert "jax-triton" in backends._unavailable_reason("triton")
     assert backends.auto_backend_name() == "pallas"
 
 
