@@ -2,21 +2,19 @@
 # Everything a lent GPU machine should run, in one call (the machine keeps nothing):
 #
 #   bash benchmarks/gpu_session.sh [SECTION ...]
-#   # default: env launchers tests step xla_step graphs donated sweep
+#   # default: env tests launchers step donated profile sweep
 #
 # Sections: env, launchers, tests, compare, step, xla_step, graphs, donated, sweep, profile,
 # meta. Each writes $OUT/<section>.log (OUT defaults to ./out) and runs under its own time
-# limit, so one failure or hang does not cost the rest. The default list (about 9-10
-# minutes on an H100, inside one 10-minute call; the most needed first, the sweep last as
-# the first to give up) is what issue 3 still needs: a one-step check of each Triton
-# launcher (else jax-triton's legacy call for the rest: launchers), the kernels tested on
-# the GPU (the multi-tensor kernels of sessions 12-14 have never run on one), step.py,
-# its Triton rows with launcher="xla" (xla_step), the host launches per step of the
-# 64-task convnet (graphs), the donated-state step (step.py --donate: state updated in
-# place, as in a training loop), and the tile / layer-1 / persistent sweep with Adam
-# timed in the same run;
-# it leaves out the diagnostic compare, the profiles and meta-training. jax-triton is not
-# in the device image: carry its wheel in .whl/ (docs/KERNELS.md).
+# limit, so one failure or hang does not cost the rest. The default list (about 5 minutes
+# on an H200 in session 15; the most needed first, the sweep last as the first to give
+# up): the kernels tested on the GPU, a one-step check of each Triton launcher (else
+# jax-triton's legacy call for the rest), step.py with the state kept and donated (as a
+# training loop runs), where the time goes (profile), and the tile / precision /
+# persistent / layer-1 sweep with Adam timed in the same run. Left out: the diagnostic
+# compare, xla_step (step.py's Triton rows through XLA's own Triton calls), graphs (host
+# launches per step) and meta-training. jax-triton is not in the device image: carry its
+# wheel in .whl/ (docs/KERNELS.md).
 set -u
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -26,7 +24,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1
 SECTIONS=("$@")
-[ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=(env launchers tests step xla_step graphs donated sweep)
+[ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=(env tests launchers step donated profile sweep)
 
 run() {  # run SECONDS SECTION CMD...: time-limited, logged, never stops the script
   local limit=$1 name=$2
@@ -46,9 +44,9 @@ for s in "${SECTIONS[@]}"; do
 'jaxlib', jaxlib.__version__, 'triton', triton.__version__, 'jax_triton', \
 jax_triton.__version__); print(jax.devices())" ;;
     launchers)
-      # How the Triton backend launches (session 11, never run on a GPU): one step per
-      # launcher against the reference; if the default (jax-triton through jaxlib's FFI
-      # call) fails, every later section uses jax-triton's legacy call.
+      # How the Triton backend launches (all three right on an H200 since session 15): one
+      # step per launcher against the reference; if the default (jax-triton through
+      # jaxlib's FFI call) fails, every later section uses jax-triton's legacy call.
       run 150 launchers python3 benchmarks/launcher_check.py
       if ! grep -q "rc=0" <(tail -1 "$OUT/launchers.log"); then
         export LOPT_FAST_TRITON_LAUNCHER=jax_triton_legacy
@@ -75,10 +73,11 @@ jax_triton.__version__); print(jax.devices())" ;;
       run 120 compare python3 profiling/compare_pallas_kernels.py ;;
     step)
       # The default sizes fit the limit (all of step.py's GPU defaults at 20 repeats took
-      # over 200 s on an H100; 1e7 + 1e8 + 64 tasks at 10 repeats took 95 s).
+      # over 200 s on an H100; 1e7 + 1e8 + 64 tasks at 10 repeats took 95 s there with the
+      # reference, 34-48 s on an H200 without it: its >= 5x target was met in session 5).
       # shellcheck disable=SC2086
       run "${STEP_LIMIT:-240}" step python3 benchmarks/step.py --json "$OUT/step.json" \
-        ${STEP_ARGS:---sizes 1e7 1e8 --tasks 64 --repeats 10} ;;
+        ${STEP_ARGS:---sizes 1e7 1e8 --tasks 64 --repeats 10 --backends pallas triton} ;;
     xla_step)
       # step.py's Triton rows again with launcher="xla" (XLA's own Triton calls, inside CUDA
       # graphs): compare with step.log's triton rows and Adam in each run.
@@ -88,20 +87,21 @@ jax_triton.__version__); print(jax.devices())" ;;
     donated)
       # shellcheck disable=SC2086
       run "${STEP_LIMIT:-240}" donated python3 benchmarks/step.py --donate \
-        --json "$OUT/step_donated.json" ${DONATED_ARGS:---sizes 1e7 1e8 --tasks 64 --repeats 10} ;;
+        --json "$OUT/step_donated.json" \
+        ${DONATED_ARGS:---sizes 1e7 1e8 --tasks 64 --repeats 10 --backends pallas triton} ;;
     sweep)
       # shellcheck disable=SC2086
       # triton: 8 one-program-per-tile configurations and 8 persistent ones (2 stages; 3 with
-      # SWEEP_ARGS), + default + adam, at 1e7 and 1e8; pallas: layer 1 as FMAs (its default)
-      # against a dot (profiling/pallas_resources.py, session 14: 2336 SASS instructions
-      # and 45 barriers per thread against 1352 and 11 on sm_90; make "dot" the default if
-      # it wins and the GPU tests pass).
+      # SWEEP_ARGS), + default + adam, at 1e7 and 1e8 (session 15 on an H200: bf16 operands
+      # 1.2-1.3x faster, the rest within noise); pallas: its default (layer 1 as a dot since
+      # session 15) at 1x128 / 1x256 tiles and 4 / 8 warps: 208 registers at 1x256 and 4
+      # warps allow 8 warps per SM (profiling/pallas_resources.py), does more occupancy pay?
       run "${SWEEP_LIMIT:-240}" sweep python3 benchmarks/tile_sweep.py \
         ${SWEEP_ARGS:---tiles 1x256 4x64 --warps 4 --layer1 dot dot_all --precision tf32 bf16 \
           --persistent off on --stages 2}
       # shellcheck disable=SC2086
       run 120 sweep python3 benchmarks/tile_sweep.py --backend pallas \
-        ${PALLAS_SWEEP_ARGS:---tiles 1x256 --warps 4 --layer1 fma dot} ;;
+        ${PALLAS_SWEEP_ARGS:---tiles 1x128 1x256 --warps 4 8 --layer1 dot} ;;
     profile)
       # 1e7 parameters, and the meta-training shape (64 tasks x the convnet), where the
       # wall time against the device's busy time says whether launches dominate
