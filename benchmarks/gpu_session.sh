@@ -94,14 +94,15 @@ jax_triton.__version__); print(jax.devices())" ;;
       # triton: 8 one-program-per-tile configurations and 8 persistent ones (2 stages; 3 with
       # SWEEP_ARGS), + default + adam, at 1e7 and 1e8 (session 15 on an H200: bf16 operands
       # 1.2-1.3x faster, the rest within noise); pallas: its default (layer 1 as a dot since
-      # session 15) at 1x128 / 1x256 tiles and 4 / 8 warps: 208 registers at 1x256 and 4
-      # warps allow 8 warps per SM (profiling/pallas_resources.py), does more occupancy pay?
+      # session 15) at 1x128 / 1x256 tiles, 4 / 8 warps, TF32 / bf16 operands: 208 registers
+      # at 1x256 and 4 warps allow 8 warps per SM (profiling/pallas_resources.py): does more
+      # occupancy pay? and bf16 as for Triton?
       run "${SWEEP_LIMIT:-240}" sweep python3 benchmarks/tile_sweep.py \
         ${SWEEP_ARGS:---tiles 1x256 4x64 --warps 4 --layer1 dot dot_all --precision tf32 bf16 \
           --persistent off on --stages 2}
       # shellcheck disable=SC2086
       run 120 sweep python3 benchmarks/tile_sweep.py --backend pallas \
-        ${PALLAS_SWEEP_ARGS:---tiles 1x128 1x256 --warps 4 8 --layer1 dot} ;;
+        ${PALLAS_SWEEP_ARGS:---tiles 1x128 1x256 --warps 4 8 --layer1 dot --precision tf32 bf16} ;;
     profile)
       # 1e7 parameters, and the meta-training shape (64 tasks x the convnet), where the
       # wall time against the device's busy time says whether launches dominate

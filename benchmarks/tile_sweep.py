@@ -2,12 +2,12 @@
 
     python benchmarks/tile_sweep.py                                  # triton, 1e7 and 1e8
     python benchmarks/tile_sweep.py --tiles 1x256 2x128 --layer1 dot dot_all --precision tf32 bf16
-    python benchmarks/tile_sweep.py --backend pallas --tiles 1x128 1x256 --warps 4 8 --layer1 fma dot
+    python benchmarks/tile_sweep.py --backend pallas --tiles 1x128 1x256 --warps 4 8 --precision tf32 bf16
     python benchmarks/tile_sweep.py --layer1 dot_all --precision bf16 --persistent off on --stages 2 3
 
 Each configuration overrides the tile of every factored tensor (`blocks=BlockSizes(rows,
 cols, num_warps, num_stages)`) of a square matrix plus its bias, how the apply kernel runs
-the first MLP layer (`layer1`) and, for triton, the dots' operands (`mlp_precision`) and
+the first MLP layer (`layer1`), the dots' operands (`mlp_precision`) and, for triton,
 whether it is the persistent kernel (`persistent`, its tile loop pipelined `num_stages`
 deep); an explicit tile is the tile of all three passes. "default" is the library's
 choice: `blocks.block_sizes` for the apply pass and `reduction_block_sizes`, 4x bigger,
@@ -59,7 +59,7 @@ def main(argv=None):
                          "(triton only) of all 28 (lopt_fast/kernels/adafac_triton.py); "
                          "default: the backend's default")
     ap.add_argument("--precision", nargs="*", choices=MLP_PRECISIONS, default=["tf32"],
-                    help="triton only: the dots' operands (mlp_precision)")
+                    help="the dots' operands (mlp_precision)")
     ap.add_argument("--stages", nargs="*", type=int, default=[2],
                     help="num_stages of the persistent kernel's tile loop (the other kernels "
                          "have no loop)")
@@ -82,7 +82,8 @@ def main(argv=None):
         bad = set(args.layer1 or []) - set(PALLAS_LAYER1_FORMS)
         if bad:
             ap.error(f"--backend pallas has layer 1 as {PALLAS_LAYER1_FORMS}, not {sorted(bad)}")
-        kernel_forms = [{"layer1": l1} for l1 in args.layer1 or ["dot"]]
+        kernel_forms = [{"layer1": l1, "mlp_precision": prec}
+                        for l1 in args.layer1 or ["dot"] for prec in args.precision]
     configs = {"default": {}}
     for tile in args.tiles:
         rows, cols = (int(x) for x in tile.split("x"))

@@ -33,7 +33,11 @@ from triton_resources import resources, warps_per_sm  # noqa: E402
 
 from lopt_fast.learned import AdafacMLPLOpt  # noqa: E402
 from lopt_fast.pallas import BlockSizes, block_sizes, pallas_update  # noqa: E402
-from lopt_fast.pallas.blocks import PALLAS_LAYER1_FORMS, reduction_block_sizes  # noqa: E402
+from lopt_fast.pallas.blocks import (  # noqa: E402
+    MLP_PRECISIONS,
+    PALLAS_LAYER1_FORMS,
+    reduction_block_sizes,
+)
 
 
 def _lowering_module():
@@ -79,14 +83,15 @@ def _triton_modules():
 
 
 def step_modules(shapes: dict, hidden: int = 32, layer1: str = "dot",
-                 blocks: BlockSizes | None = None) -> list[tuple[str, str]]:
+                 blocks: BlockSizes | None = None, mlp_precision: str = "tf32"
+                 ) -> list[tuple[str, str]]:
     """(pallas_call name, Triton IR) of each launch of one step on float32 params `shapes`."""
     lopt = AdafacMLPLOpt(hidden_size=hidden)
     theta = lopt.init(jax.random.key(0))
     params = {k: jnp.full(s, 0.5, jnp.float32) for k, s in shapes.items()}
     state = lopt.opt_fn(theta, backend="reference").init(params, num_steps=50)
     step = jax.jit(lambda t, s, g: pallas_update(lopt, t, s, g, interpret=False, layer1=layer1,
-                                                 blocks=blocks))
+                                                 blocks=blocks, mlp_precision=mlp_precision))
     with _triton_modules() as modules:
         step.trace(theta, state, params).lower(lowering_platforms=("cuda",))
     return modules
@@ -110,11 +115,14 @@ def main(argv=None):
     ap.add_argument("--layer1", nargs="*", choices=PALLAS_LAYER1_FORMS,
                     default=list(PALLAS_LAYER1_FORMS))
     ap.add_argument("--warps", nargs="*", type=int, default=[4])
+    ap.add_argument("--precision", choices=MLP_PRECISIONS, default="tf32",
+                    help="the dots' operands (mlp_precision)")
     args = ap.parse_args(argv)
 
     shapes = {"w": tuple(args.shape), "b": (args.shape[1],)}
     tile, reduction = block_sizes(*args.shape, args.hidden), reduction_block_sizes(*args.shape)
     print(f"sm_90, triton {triton.__version__}, jax {jax.__version__}, H={args.hidden}, "
+          f"{args.precision} dots, "
           f"params {shapes}; apply tile {tile.rows}x{tile.cols}, reduction tile "
           f"{reduction.rows}x{reduction.cols} (the library's choice at 4 warps; other warps "
           f"set the apply tile for all three passes)")
@@ -124,7 +132,8 @@ def main(argv=None):
     for layer1 in args.layer1:
         for warps in args.warps:
             blocks = None if warps == 4 else BlockSizes(tile.rows, tile.cols, num_warps=warps)
-            for name, ir_text in step_modules(shapes, args.hidden, layer1, blocks):
+            for name, ir_text in step_modules(shapes, args.hidden, layer1, blocks,
+                                              args.precision):
                 # packed kernels launch with their own blocks' warps (the default, 4)
                 w = warps if "packed" not in name else 4
                 regs, st, ld, ops = resources(compile_module(ir_text, w))

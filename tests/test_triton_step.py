@@ -29,6 +29,7 @@ import pytest
 from lopt_fast.learned import AdafacMLPLOpt
 from tests.helpers import ROOT, precise_reference, random_theta, run_python
 from tests.test_pallas_step import (
+    BF16_DOTS_TOLERANCE,
     KERNEL_TOLERANCE,
     SMALL_PACKED,
     SMALL_TILES,
@@ -65,16 +66,7 @@ def every_shape_class(lopt, seed, large=True):
 # the bounds below leave 2x over it.
 TF32_TOLERANCE = Tolerance({jnp.dtype(jnp.float32): (3e-4, 3e-4),
                             jnp.dtype(jnp.bfloat16): (1e-2, 1.6e-2)}, step_rel=1e-2)
-# bf16 dot operands (`mlp_precision="bf16"`, float32 accumulation): an 8-bit mantissa. In
-# Triton's interpreter (bf16 products exact in float32, as on a GPU) the error has a heavy
-# tail: elements whose step direction is near zero. Set first from 3 seeds (3e-4 / 3e-4,
-# step 3e-2), which then failed about 1 run in 10; over 38 runs with layer 1 as "dot_all"
-# (2026-11-30) the worst element was 2.6x that bound (factored tensors, the code of
-# 2026-11-25 and of 2026-11-30 alike) and the worst step relative error 3.4e-2, with the
-# next worst at 1.5x and 3.1e-2. The bounds below leave 2.5x over the worst element and
-# 2.4x over the worst step (steps here are ~1e-2 per element).
-BF16_DOTS_TOLERANCE = Tolerance({jnp.dtype(jnp.float32): (2e-3, 2e-3),
-                                 jnp.dtype(jnp.bfloat16): (1e-2, 1.6e-2)}, step_rel=8e-2)
+
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed (pip install 'lopt-fast[gpu]')")

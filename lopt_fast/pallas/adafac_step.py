@@ -42,7 +42,8 @@ FLOPs per parameter: pass 1 ~3, pass 2 ~60, pass 3 ~40 + 2 (16 H) + 2 H^2 (L - 1
 
 GPU: lowered through Pallas' Triton backend (`pltriton.CompilerParams`); see
 docs/KERNELS.md for why not Mosaic GPU. Dots run at `mlp_precision` ("tf32" default on
-GPU: |rel err| ~ 3e-4; "ieee" for full float32). CPU: `interpret=True` (the tests).
+GPU: |rel err| ~ 3e-4; "ieee" for full float32; "bf16" operands: faster, coarser, see
+docs/KERNELS.md's tolerance table). CPU: `interpret=True` (the tests).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from lopt_fast.pallas import plan
 from lopt_fast.pallas.blocks import (
+    MLP_PRECISIONS,
     PALLAS_LAYER1_FORMS,
     PALLAS_MAX_MEMBERS,
     BlockSizes,
@@ -179,6 +181,18 @@ def _columns(planes):
     return jnp.stack([even, odd], axis=-1).reshape(even.shape[0], len(planes))
 
 
+_DOT_PRECISIONS = {"tf32": lax.Precision.DEFAULT, "ieee": lax.Precision.HIGHEST}
+
+
+def _dot(a, b, precision: str):
+    """a @ b, accumulated in float32, at `mlp_precision` ("tf32", "ieee", or "bf16": the
+    operands rounded to bf16)."""
+    if precision == "bf16":
+        return jnp.dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
+                       preferred_element_type=jnp.float32)
+    return jnp.dot(a, b, precision=_DOT_PRECISIONS[precision], preferred_element_type=jnp.float32)
+
+
 def _mlp_step(pre0, feats, w_ref, mlp_refs, c_ref, mults, precision, layer1):
     """pre0 [rows, cols, Hp] (tables and bias) + layer 1 -> step [rows, cols].
 
@@ -190,8 +204,7 @@ def _mlp_step(pre0, feats, w_ref, mlp_refs, c_ref, mults, precision, layer1):
         k = w_ref.shape[0]
         planes = [x.reshape(rows * cols) for x in feats]
         planes += [jnp.zeros_like(planes[0])] * (k - len(planes))
-        pre = jnp.dot(_columns(planes), w_ref[...], precision=precision,
-                      preferred_element_type=jnp.float32)
+        pre = _dot(_columns(planes), w_ref[...], precision)
         h = jnp.maximum(pre0.reshape(rows * cols, hp) + pre, 0.0)
     else:
         for f, x in enumerate(feats):
@@ -200,7 +213,7 @@ def _mlp_step(pre0, feats, w_ref, mlp_refs, c_ref, mults, precision, layer1):
     wh_ref, bh_ref, wo_ref = mlp_refs
     if wh_ref is not None:
         for layer in range(wh_ref.shape[0]):
-            h = jnp.dot(h, wh_ref[layer], precision=precision, preferred_element_type=jnp.float32)
+            h = _dot(h, wh_ref[layer], precision)
             h = jnp.maximum(h + bh_ref[layer, :][None, :], 0.0)
     direction = jnp.sum(h * wo_ref[0, :][None, :], axis=1) + c_ref[C_BOUT]
     magnitude = jnp.sum(h * wo_ref[1, :][None, :], axis=1) + c_ref[C_BOUT + 1]
@@ -480,8 +493,9 @@ class PallasKernels:
 
     Args:
       interpret: run the kernels in Pallas' interpreter (CPU).
-      mlp_precision: "tf32" (`lax.Precision.DEFAULT`) or "ieee" (`HIGHEST`) for the
-        MLP's dots.
+      mlp_precision: the MLP's dots: "tf32" (`lax.Precision.DEFAULT`), "ieee"
+        (`HIGHEST`), or "bf16" (operands rounded to bf16, float32 accumulation: Triton's
+        step was 1.2-1.3x faster so on an H200, at a precision cost: docs/KERNELS.md).
       layer1: the first MLP layer as "dot" (the features as one [tile, K] x [K, Hp] dot,
         at `mlp_precision`) or "fma" (a multiply-add per feature). On an H200 the step
         with "dot" took 1.23 / 8.76 ms at 1e7 / 1e8 parameters, with "fma" 2.25 / 17.6.
@@ -490,12 +504,12 @@ class PallasKernels:
 
     def __init__(self, interpret: bool, mlp_precision: str = "tf32", layer1: str = "dot",
                  in_place: bool = True):
-        if mlp_precision not in ("tf32", "ieee"):
-            raise ValueError(f"mlp_precision must be 'tf32' or 'ieee', got {mlp_precision!r}")
+        if mlp_precision not in MLP_PRECISIONS:
+            raise ValueError(f"mlp_precision must be one of {MLP_PRECISIONS}, got {mlp_precision!r}")
         if layer1 not in PALLAS_LAYER1_FORMS:
             raise ValueError(f"layer1 must be one of {PALLAS_LAYER1_FORMS}, got {layer1!r}")
         self.interpret = interpret
-        self.precision = lax.Precision.DEFAULT if mlp_precision == "tf32" else lax.Precision.HIGHEST
+        self.precision = mlp_precision
         self.layer1 = layer1
         self.in_place = in_place
 
@@ -802,8 +816,8 @@ def pallas_update(lopt, theta, state, grad, *, interpret: bool | None = None,
     Args:
       lopt, theta, state, grad: as `lopt_fast.learned.adafac_mlp.reference_update`.
       interpret: run in Pallas' interpreter; default: when the default backend is CPU.
-      mlp_precision: "tf32" or "ieee" dots for the H x H layers (and layer 1 as "dot")
-        on GPU.
+      mlp_precision: "tf32", "ieee" or "bf16" dots for the H x H layers (and layer 1 as
+        "dot") on GPU (see `PallasKernels`).
       blocks, packed_blocks: override `blocks.block_sizes` / `packed_block_sizes` tiles.
       layer1: the first MLP layer as "dot" or "fma" (see `PallasKernels`).
       in_place: update p and the state in their buffers: right when the caller donates

@@ -37,9 +37,9 @@ SHARED_TILE_SLACK = 1 << 14  # lanes a shared tile may cover whatever the tensor
 # fewer than the tensor's elements, where one 1 x 1024 tile per program wrote as many as
 # it read (8 B / param of extra traffic for a large matrix).
 REDUCTION_ROW_CHUNKS = 8
-# How the Triton apply kernel runs layer 1 and the dots' operands (`triton_update`'s
-# `layer1` / `mlp_precision`; lopt_fast/kernels/adafac_triton.py says what each does).
-# Here, not there, so tools can offer them without importing triton.
+# How the apply kernels run layer 1 and the dots' operands (`triton_update`'s and
+# `pallas_update`'s `layer1` / `mlp_precision`; lopt_fast/kernels/adafac_triton.py says
+# what each does). Here, not there, so tools can offer them without importing triton.
 LAYER1_FORMS = ("fma", "dot", "dot_all")
 MLP_PRECISIONS = ("tf32", "ieee", "bf16")
 PALLAS_LAYER1_FORMS = ("fma", "dot")  # `pallas_update`'s `layer1`
