@@ -494,8 +494,8 @@ class PallasKernels:
     Args:
       interpret: run the kernels in Pallas' interpreter (CPU).
       mlp_precision: the MLP's dots: "tf32" (`lax.Precision.DEFAULT`), "ieee"
-        (`HIGHEST`), or "bf16" (operands rounded to bf16, float32 accumulation: Triton's
-        step was 1.2-1.3x faster so on an H200, at a precision cost: docs/KERNELS.md).
+        (`HIGHEST`), or "bf16" (operands rounded to bf16, float32 accumulation; Triton's
+        step was 1.2-1.3x faster with them on an H200, at a precision cost: docs/KERNELS.md).
       layer1: the first MLP layer as "dot" (the features as one [tile, K] x [K, Hp] dot,
         at `mlp_precision`) or "fma" (a multiply-add per feature). On an H200 the step
         with "dot" took 1.23 / 8.76 ms at 1e7 / 1e8 parameters, with "fma" 2.25 / 17.6.
