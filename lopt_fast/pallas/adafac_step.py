@@ -48,7 +48,6 @@ docs/KERNELS.md's tolerance table). CPU: `interpret=True` (the tests).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -545,9 +544,10 @@ class PallasKernels:
         return (tuple(group.u_offsets[j] for j in run), tuple(group.v_offsets[j] for j in run))
 
     @staticmethod
-    def _tiles(group: plan.FactoredGroup, run: range, blocks) -> MemberTiles:
-        lays = [group.layouts[j] for j in run]
-        return MemberTiles(tuple((lay.B, lay.U, lay.V) for lay in lays), blocks[run[0]])
+    def _tiles(group: plan.FactoredGroup, run: range, tile: BlockSizes) -> MemberTiles:
+        """The run's tensors [B, U, V], in `tile`."""
+        return MemberTiles(tuple((group.layouts[j].B, group.layouts[j].U, group.layouts[j].V)
+                                 for j in run), tile)
 
     def group_sides(self, g, v_u, v_v, consts, group: plan.FactoredGroup, tile: BlockSizes):
         """(new_u, new_v, f_u, f_v) on the flat sides, one program per [U, V] plane, each in
@@ -558,7 +558,7 @@ class PallasKernels:
         sides = [_f32((3, tu)), _f32((3, tv))] * 2
         outs = ()
         for run in member_runs([x.dtype for x in g], PALLAS_MAX_MEMBERS):
-            tiles = MemberTiles(tuple((lays[j].B, lays[j].U, lays[j].V) for j in run), tile)
+            tiles = self._tiles(group, run, tile)
             vu = [v_u[j].reshape(3, lays[j].B, lays[j].U) for j in run]
             vv = [v_v[j].reshape(3, lays[j].B, lays[j].V) for j in run]
             # Each launch writes its tensors' stretches of the flat sides: a later one
@@ -582,9 +582,8 @@ class PallasKernels:
     def group_row_col_sums(self, g, group: plan.FactoredGroup):
         su, sv = [], []
         for run in self._runs(g, g, group):
-            tiles = self._tiles(group, run, group.reduce_blocks)
-            tiles = dataclasses.replace(tiles, tile=sums_tile(tiles.tile,
-                                                               [u for _, u, _ in tiles.shapes]))
+            tiles = self._tiles(group, run, sums_tile(group.reduce_blocks[run[0]],
+                                                      [group.layouts[j].U for j in run]))
             r, c, count = tiles.tile.rows, tiles.tile.cols, len(run)
             out = self._call(
                 functools.partial(_row_col_sums_kernel, tiles=tiles), "adafac_row_col_sums",
@@ -604,7 +603,7 @@ class PallasKernels:
                       group: plan.FactoredGroup):
         partials, counts = [], []
         for run in self._runs(p, g, group):
-            tiles = self._tiles(group, run, group.reduce_blocks)
+            tiles = self._tiles(group, run, group.reduce_blocks[run[0]])
             p_specs, mom_specs, rms_specs = self._state_specs(tiles)
             partials.append(self._call(
                 functools.partial(_factored_moments_kernel, tiles=tiles,
@@ -627,7 +626,7 @@ class PallasKernels:
 
     def _apply_run(self, p, g, mom, rms, fu, fv, consts, tu, tv, w, mlp, mults, new_u, new_v,
                    group, run: range):
-        tiles = self._tiles(group, run, group.blocks)
+        tiles = self._tiles(group, run, group.blocks[run[0]])
         r, c, count = tiles.tile.rows, tiles.tile.cols, len(run)
         p_specs, mom_specs, rms_specs = self._state_specs(tiles)
         mlp_specs, mlp_args = self._mlp_specs(mlp)
@@ -690,10 +689,9 @@ class PallasKernels:
     def packed_apply(self, p, g, mom, rms, vd, consts, w_seg, b0, seg_starts, mlp, mults,
                      blocks: BlockSizes):
         n = p.shape[0] // blocks.rows
-        r, c = blocks.rows, blocks.cols
-
+        packed = self._packed_specs(blocks)  # consts, p, g, mom, rms, v_diag
         mlp_specs, mlp_args = self._mlp_specs(mlp)
-        in_specs = self._packed_specs(blocks) + [
+        in_specs = packed + [
             # static block -> tensor map: segments are contiguous block ranges
             pl.BlockSpec((None,) + w_seg.shape[1:], lambda i: (segment(i, seg_starts), 0, 0)),
             pl.BlockSpec(b0.shape, lambda i: (0, 0)),
@@ -702,14 +700,8 @@ class PallasKernels:
                                    layer1=self.layer1, hidden=mlp.w_hidden is not None)
         return self._call(
             kernel, "adafac_packed_apply", blocks, grid=(n,), in_specs=in_specs,
-            out_specs=[pl.BlockSpec((r, c), lambda i: (i, 0)),
-                       pl.BlockSpec((3, r, c), lambda i: (0, i, 0)),
-                       pl.BlockSpec((1, r, c), lambda i: (0, i, 0)),
-                       pl.BlockSpec((3, r, c), lambda i: (0, i, 0))],
-            out_shape=[jax.ShapeDtypeStruct(p.shape, jnp.float32),
-                       jax.ShapeDtypeStruct(mom.shape, jnp.float32),
-                       jax.ShapeDtypeStruct(rms.shape, jnp.float32),
-                       jax.ShapeDtypeStruct(vd.shape, jnp.float32)],
+            out_specs=[packed[1], *packed[3:]],  # p, mom, rms, v_diag, as read
+            out_shape=[_f32(x.shape) for x in (p, mom, rms, vd)],
             input_output_aliases=plan.in_place_aliases(
                 1, (plan.P, plan.MOM, plan.RMS, plan.V_DIAG), self.in_place),
         )(consts, p, g, mom, rms, vd, w_seg, b0, *mlp_args)
