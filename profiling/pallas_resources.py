@@ -26,7 +26,9 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import triton
+from triton._C.libtriton import ir
 from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import IRSource, make_backend
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from triton_resources import resources, warps_per_sm  # noqa: E402
@@ -98,13 +100,27 @@ def step_modules(shapes: dict, hidden: int = 32, layer1: str = "dot",
 
 
 def compile_module(ir_text: str, num_warps: int = 4, num_stages: int = 2):
-    """A Pallas Triton module compiled for sm_90 (`triton.compile` of its IR text)."""
+    """A Pallas Triton module compiled for sm_90 as XLA compiles it.
+
+    `triton.compile` of an IR file skips the passes of its first stage (make_ttir:
+    canonicalisation, Triton's combine patterns such as dot(a, b, 0) + c -> dot(a, b, c),
+    CSE), which XLA's Triton pipeline runs on a Pallas module before the rest
+    (xla/backends/gpu/codegen/triton/compilation_pipeline_cuda.cc): so they run here
+    first, and the result is compiled from TTIR on."""
+    target = GPUTarget("cuda", 90, 32)
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    backend = make_backend(target)
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "kernel.ttir")
         with open(path, "w") as f:
             f.write(ir_text)
-        return triton.compile(path, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+        context = ir.context()
+        module = IRSource(path, context, backend).module
+        module.context = context  # as triton.compile's IRSource.make_ir sets it
+        backend.make_ttir(module, {}, backend.parse_options(options), target.arch)
+        with open(path, "w") as f:
+            f.write(str(module))
+        return triton.compile(path, target=target, options=options)
 
 
 def main(argv=None):
