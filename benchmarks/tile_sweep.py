@@ -33,7 +33,6 @@ from lopt_fast.learned import AdafacMLPLOpt
 from lopt_fast.pallas.blocks import (
     LAYER1_FORMS,
     MLP_PRECISIONS,
-    PALLAS_LAYER1_FORMS,
     BlockSizes,
 )
 
@@ -56,8 +55,8 @@ def main(argv=None):
     ap.add_argument("--warps", nargs="*", type=int, default=[4, 8])
     ap.add_argument("--layer1", nargs="*", choices=LAYER1_FORMS, default=None,
                     help="first layer as FMAs, as a dot of the per-element features, or "
-                         "(triton only) of all 28 (lopt_fast/kernels/adafac_triton.py); "
-                         "default: the backend's default")
+                         "of all 28 (lopt_fast/kernels/adafac_triton.py); default: the "
+                         "backend's default")
     ap.add_argument("--precision", nargs="*", choices=MLP_PRECISIONS, default=["tf32"],
                     help="the dots' operands (mlp_precision)")
     ap.add_argument("--stages", nargs="*", type=int, default=[2],
@@ -79,9 +78,6 @@ def main(argv=None):
                         for l1 in args.layer1 or ["dot"] for prec in args.precision
                         for pers in args.persistent]
     else:
-        bad = set(args.layer1 or []) - set(PALLAS_LAYER1_FORMS)
-        if bad:
-            ap.error(f"--backend pallas has layer 1 as {PALLAS_LAYER1_FORMS}, not {sorted(bad)}")
         kernel_forms = [{"layer1": l1, "mlp_precision": prec}
                         for l1 in args.layer1 or ["dot"] for prec in args.precision]
     configs = {"default": {}}

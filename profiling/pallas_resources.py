@@ -36,8 +36,8 @@ from triton_resources import resources, warps_per_sm  # noqa: E402
 from lopt_fast.learned import AdafacMLPLOpt  # noqa: E402
 from lopt_fast.pallas import BlockSizes, block_sizes, pallas_update  # noqa: E402
 from lopt_fast.pallas.blocks import (  # noqa: E402
+    LAYER1_FORMS,
     MLP_PRECISIONS,
-    PALLAS_LAYER1_FORMS,
     reduction_block_sizes,
 )
 
@@ -128,8 +128,8 @@ def main(argv=None):
     ap.add_argument("--shape", nargs=2, type=int, default=[4096, 4096],
                     help="the matrix (a bias of its last size comes with it)")
     ap.add_argument("--hidden", type=int, default=32)
-    ap.add_argument("--layer1", nargs="*", choices=PALLAS_LAYER1_FORMS,
-                    default=list(PALLAS_LAYER1_FORMS))
+    ap.add_argument("--layer1", nargs="*", choices=LAYER1_FORMS,
+                    default=list(LAYER1_FORMS))
     ap.add_argument("--warps", nargs="*", type=int, default=[4])
     ap.add_argument("--precision", choices=MLP_PRECISIONS, default="tf32",
                     help="the dots' operands (mlp_precision)")

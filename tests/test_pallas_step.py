@@ -11,6 +11,7 @@ across steps (interpret mode compiles slowly on a small CPU).
 
 import importlib.util
 import os
+import re
 import sys
 from typing import NamedTuple
 
@@ -157,7 +158,7 @@ def ref_fn(lopt):
 
 @pytest.mark.parametrize("layer1, mlp_precision, tol", [
     ("fma", "ieee", KERNEL_TOLERANCE), ("dot", "ieee", KERNEL_TOLERANCE),
-    ("dot", "bf16", BF16_DOTS_TOLERANCE)])
+    ("dot_all", "ieee", KERNEL_TOLERANCE), ("dot", "bf16", BF16_DOTS_TOLERANCE)])
 def test_tree_of_shape_classes_multi_tile(lopt, ref_fn, layer1, mlp_precision, tol):
     seed = _seed()
     rng = np.random.default_rng(seed)
@@ -221,9 +222,10 @@ VMAP_SHAPES = {
 VMAP_DTYPES = {"bias_bf16": jnp.bfloat16, "matrix_bf16": jnp.bfloat16}
 
 
-def test_vmapped_tasks_per_task_theta_bf16(lopt):
-    """Default tiles (each tensor smaller than one tile), 3 tasks with their own theta;
-    layer 1 as a dot."""
+@pytest.mark.parametrize("layer1", ["dot", "dot_all"])
+def test_vmapped_tasks_per_task_theta_bf16(lopt, layer1):
+    """Default tiles (each tensor smaller than one tile), 3 tasks with their own theta
+    (and their own first-layer rows, which "dot_all" reorders); layer 1 as a dot."""
     seed, tasks = _seed(), 3
     rng = np.random.default_rng(seed)
     thetas = [random_theta(lopt, jax.random.key(seed + t)) for t in range(tasks)]
@@ -231,7 +233,7 @@ def test_vmapped_tasks_per_task_theta_bf16(lopt):
     params = {k: jnp.asarray(rng.normal(size=(tasks,) + s), VMAP_DTYPES.get(k, jnp.float32))
               for k, s in VMAP_SHAPES.items()}
     kernel = jax.jit(jax.vmap(lambda t, s, g: pallas_update(lopt, t, s, g, mlp_precision="ieee",
-                                                            layer1="dot")))
+                                                            layer1=layer1)))
     run_trajectories(lopt, theta, params, VMAP_SHAPES, rng, kernel,
                      precise_reference(lopt, vmapped=True), vmapped=True)
 
@@ -352,7 +354,7 @@ def test_kernels_compile_for_sm90():
     emits it for CUDA, compiles to sm_90 machine code with triton
     (`profiling/pallas_resources.py`): what XLA does on a GPU, so a kernel that lowers but
     does not compile fails here, on CPU. Layer 1 as a dot adds its own tensor-core MMAs
-    to the hidden layer's."""
+    to the hidden layer's; as "dot_all" a second dot that accumulates onto the first."""
     sys.path.insert(0, os.path.join(ROOT, "profiling"))
     from pallas_resources import compile_module, step_modules, unavailable_reason
 
@@ -371,6 +373,14 @@ def test_kernels_compile_for_sm90():
     for name in ("adafac_apply", "adafac_packed_apply"):
         assert mma["fma", name] > 0, f"{name}: the hidden layer's dot is not on tensor cores"
         assert mma["dot", name] > mma["fma", name], f"{name}: layer 1 as a dot has no MMA"
+    # "dot_all" changes only the factored apply kernel. Its row / column dot takes the
+    # per-element dot's result as its accumulator: Triton's combine pass (dot(a, b, 0) + c
+    # -> dot(a, b, c)) ran, as XLA runs it, not only the passes after TTIR.
+    compiled = compile_module(dict(step_modules(shapes, hidden=32, layer1="dot_all"))[
+        "adafac_apply"])
+    assert compiled.asm["ptx"].count("wgmma.mma_async") > mma["dot", "adafac_apply"]
+    dots = re.findall(r"(%\w+) = ttng\.warp_group_dot %\w+, %\w+, (%\w+)", compiled.asm["ttgir"])
+    assert any(acc in {res for res, _ in dots} for _, acc in dots), dots
     # Factored tensors whose planes all fit one tile: the sides pass replaces the sums pass.
     modules = dict(step_modules({"conv": (3, 3, 16, 32), "w": (20, 6)}, hidden=32))
     assert "adafac_row_col_sums" not in modules, set(modules)

@@ -14,7 +14,9 @@ Math per parameter (decays b_m [3], c_r = clip(b_r), c_f = clip(b_f) [3]; see
     x = [g, p, m, rms, m r, r, fac_g, fac_m (, v, rsqrt(v + 1e-8))]   16 or 22 planes
     pre0 = tu[u] + tv[v] + sum_f x_f w_f      (w = w0 rows scaled by rsqrt(1e-5 + E[x_f^2]),
                                                tu / tv = per-row / per-column features @ w0
-                                               plus b0 with the time features)
+                                               plus b0 with the time features; with
+                                               layer1="dot_all" the 12 features and a 1
+                                               for b0 are a second dot's operand instead)
     h = relu(pre0); h = relu(h W_l + b_l) ...; (d, mag) = h W_out + b_out
     p <- p - d exp(mag exp_mult) step_mult
 
@@ -37,8 +39,8 @@ sides (`plan.FactoredGroup`) in place. `jax.vmap` adds a leading task axis to ev
     O(rows + cols) for the tables.
 FLOPs per parameter: pass 1 ~3, pass 2 ~60, pass 3 ~40 + 2 (16 H) + 2 H^2 (L - 1) + 4 H + 5
   (H = 32, 2 layers: ~3.2 kFLOP; layer 1 runs as FMAs on the vector units, or with
-  `layer1="dot"` as one `jnp.dot` of the stacked features, the H x H layers through
-  `jnp.dot` -> tensor cores on GPU).
+  `layer1="dot"` (the default) as one `jnp.dot` of the stacked features, with "dot_all"
+  as two, the H x H layers through `jnp.dot` -> tensor cores on GPU).
 
 GPU: lowered through Pallas' Triton backend (`pltriton.CompilerParams`); see
 docs/KERNELS.md for why not Mosaic GPU. Dots run at `mlp_precision` ("tf32" default on
@@ -52,14 +54,15 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from lopt_fast.pallas import plan
 from lopt_fast.pallas.blocks import (
+    LAYER1_FORMS,
     MLP_PRECISIONS,
-    PALLAS_LAYER1_FORMS,
     PALLAS_MAX_MEMBERS,
     BlockSizes,
     member_runs,
@@ -192,24 +195,52 @@ def _dot(a, b, precision: str):
     return jnp.dot(a, b, precision=_DOT_PRECISIONS[precision], preferred_element_type=jnp.float32)
 
 
-def _mlp_step(pre0, feats, w_ref, mlp_refs, c_ref, mults, precision, layer1):
-    """pre0 [rows, cols, Hp] (tables and bias) + layer 1 -> step [rows, cols].
+def _first_layer(pre0, feats, w_ref, precision, layer1):
+    """Layer 1's pre-activations [rows cols, Hp] of feats (planes [rows, cols]).
 
-    layer1 "fma": one multiply-add per feature on the vector units; "dot": the features
-    as [rows cols, K] x w [K, Hp] (K = 16 factored, 32 packed: the 22 features padded
-    with zero planes, whose rows of w are zero too)."""
-    rows, cols, hp = pre0.shape
-    if layer1 == "dot":
-        k = w_ref.shape[0]
-        planes = [x.reshape(rows * cols) for x in feats]
-        planes += [jnp.zeros_like(planes[0])] * (k - len(planes))
-        pre = _dot(_columns(planes), w_ref[...], precision)
-        h = jnp.maximum(pre0.reshape(rows * cols, hp) + pre, 0.0)
-    else:
+    layer1 "fma": pre0 [rows, cols, Hp] (tables and bias) + one multiply-add per feature
+    on the vector units; "dot": pre0 + the features as [rows cols, K] x w [K, Hp] (K = 16
+    factored, 32 packed: the 22 features padded with zero planes, whose rows of w are zero
+    too); "dot_all" (factored): pre0 is the per-row / per-column features [rows cols, 16]
+    (`_row_col_operand`), a second dot with w's rows 16-31, instead of tables."""
+    if layer1 == "fma":
         for f, x in enumerate(feats):
             pre0 = pre0 + x[:, :, None] * w_ref[f, :][None, None, :]
-        h = jnp.maximum(pre0, 0.0).reshape(rows * cols, hp)
-    wh_ref, bh_ref, wo_ref = mlp_refs
+        return pre0.reshape(-1, pre0.shape[-1])
+    planes = [x.reshape(x.size) for x in feats]
+    if layer1 == "dot_all":
+        k = plan.NUM_EW_FACTORED
+        return (_dot(_columns(planes), w_ref[pl.ds(0, k), :], precision)
+                + _dot(pre0, w_ref[pl.ds(k, k), :], precision))
+    k = w_ref.shape[0]
+    planes += [jnp.zeros_like(planes[0])] * (k - len(planes))
+    return pre0.reshape(-1, pre0.shape[-1]) + _dot(_columns(planes), w_ref[...], precision)
+
+
+def _row_col_operand(fu, fv):
+    """[rows cols, 16] from the per-row fu [rows, 8] and per-column fv [cols, 8] features
+    (`plan._row_col_features`): column 2 i holds fu[:, i], column 2 i + 1 fv[:, i] (the
+    join's order; `_row_col_rows` orders w's rows to match)."""
+    shape = (fu.shape[0], fv.shape[0], fu.shape[1])
+    xu = jnp.broadcast_to(fu[:, None, :], shape).reshape(-1, shape[2])
+    xv = jnp.broadcast_to(fv[None, :, :], shape).reshape(-1, shape[2])
+    return jnp.stack([xu, xv], axis=-1).reshape(xu.shape[0], 2 * shape[2])
+
+
+def _row_col_rows():
+    """w's row order for "dot_all": the 16 per-element rows, then for column j of
+    `_row_col_operand` the U side's row j // 2 (rows 16-23 of `plan._row_col_weights`) or
+    the V side's (24-31)."""
+    k, width = plan.NUM_EW_FACTORED, plan.ROW_COL_TABLE_WIDTH
+    return np.concatenate([np.arange(k), k + np.arange(2 * width).reshape(2, width).T.ravel()])
+
+
+def _mlp_step(pre, h_refs, c_ref, mults, precision):
+    """Layer 1's pre-activations pre [n, Hp] -> the step [n]: relu, the H x H layers
+    (h_refs: their weights, biases, then the output layer's), the output layer and
+    direction exp(magnitude exp_mult) step_mult."""
+    h = jnp.maximum(pre, 0.0)
+    wh_ref, bh_ref, wo_ref = h_refs
     if wh_ref is not None:
         for layer in range(wh_ref.shape[0]):
             h = _dot(h, wh_ref[layer], precision)
@@ -217,7 +248,17 @@ def _mlp_step(pre0, feats, w_ref, mlp_refs, c_ref, mults, precision, layer1):
     direction = jnp.sum(h * wo_ref[0, :][None, :], axis=1) + c_ref[C_BOUT]
     magnitude = jnp.sum(h * wo_ref[1, :][None, :], axis=1) + c_ref[C_BOUT + 1]
     exp_mult, step_mult = mults
-    return (direction * jnp.exp(magnitude * exp_mult) * step_mult).reshape(rows, cols)
+    return direction * jnp.exp(magnitude * exp_mult) * step_mult
+
+
+def _packed_step(feats, w_ref, b0_ref, h_refs, c_ref, mults, precision, layer1):
+    """The step [rows, cols] of a non-factored tile from its 22 feature planes, w [32, Hp]
+    its tensor's first-layer rows and b0 [1, Hp]. They have no per-row / per-column
+    features: "dot_all" runs their layer 1 as "dot"."""
+    rows, cols = feats[0].shape
+    pre0 = jnp.broadcast_to(b0_ref[...][None, :, :], (rows, cols, b0_ref.shape[-1]))
+    pre = _first_layer(pre0, feats, w_ref, precision, "fma" if layer1 == "fma" else "dot")
+    return _mlp_step(pre, h_refs, c_ref, mults, precision).reshape(rows, cols)
 
 
 def _tile_masks(tile: BlockSizes, j, k, u_size, v_size):
@@ -359,9 +400,10 @@ def _factored_apply_kernel(c_ref, *refs, tiles: MemberTiles, offsets, mults, pre
     po, mo, ro, uo, vo = (outs[a * count:(a + 1) * count] for a in range(5))
     seg, (j, k), (row_ok, col_ok, mask), starts, p, m, rms, feats = _factored_tile(
         c_ref, state_refs, fu_ref, fv_ref, tiles, offsets)
-    pre0 = (_side_load(tu_ref, starts[0], row_ok)[:, None, :]
-            + _side_load(tv_ref, starts[1], col_ok)[None, :, :])
-    new_p = p - _mlp_step(pre0, feats, w_ref, mlp_refs, c_ref, mults, precision, layer1)
+    tu, tv = _side_load(tu_ref, starts[0], row_ok), _side_load(tv_ref, starts[1], col_ok)
+    pre0 = _row_col_operand(tu, tv) if layer1 == "dot_all" else tu[:, None, :] + tv[None, :, :]
+    pre = _first_layer(pre0, feats, w_ref, precision, layer1)
+    new_p = p - _mlp_step(pre, mlp_refs, c_ref, mults, precision).reshape(p.shape)
 
     def store(a):
         _store(po[a], new_p, mask)
@@ -423,9 +465,7 @@ def _vector_apply_kernel(c_ref, *refs, tiles: MemberTiles, mults, precision, lay
     mlp_refs, outs = _split_mlp(refs[5 * count + 2:], hidden)
     po, mo, ro, vo = (outs[a * count:(a + 1) * count] for a in range(4))
     seg, mask, p, m, rms, v, feats = _vector_tile(c_ref, refs[:5 * count], tiles)
-    rows, cols = p.shape
-    pre0 = jnp.broadcast_to(b0_ref[...][None, :, :], (rows, cols, b0_ref.shape[-1]))
-    new_p = p - _mlp_step(pre0, feats, w_ref, mlp_refs, c_ref, mults, precision, layer1)
+    new_p = p - _packed_step(feats, w_ref, b0_ref, mlp_refs, c_ref, mults, precision, layer1)
 
     def store(a):
         _store(po[a], new_p, mask)
@@ -456,10 +496,8 @@ def _packed_apply_kernel(c_ref, p_ref, g_ref, mom_ref, rms_ref, vd_ref, w_ref, b
     g, p = g_ref[...], p_ref[...]
     m, rms = _accumulators(c_ref, g, [mom_ref[q] for q in range(3)], rms_ref[0])
     feats, v = _features_packed(c_ref, g, p, m, rms, [vd_ref[q] for q in range(3)])
-    rows, cols = g.shape
-    pre0 = jnp.broadcast_to(b0_ref[...][None, :, :], (rows, cols, b0_ref.shape[-1]))
-    step = _mlp_step(pre0, feats, w_ref, mlp_refs, c_ref, mults, precision, layer1)
-    po_ref[...] = p - step
+    po_ref[...] = p - _packed_step(feats, w_ref, b0_ref, mlp_refs, c_ref, mults, precision,
+                                   layer1)
     for k in range(3):
         mo_ref[k] = m[k]
         vo_ref[k] = v[k]
@@ -496,8 +534,12 @@ class PallasKernels:
         (`HIGHEST`), or "bf16" (operands rounded to bf16, float32 accumulation; Triton's
         step was 1.2-1.3x faster with them on an H200, at a precision cost: docs/KERNELS.md).
       layer1: the first MLP layer as "dot" (the features as one [tile, K] x [K, Hp] dot,
-        at `mlp_precision`) or "fma" (a multiply-add per feature). On an H200 the step
-        with "dot" took 1.23 / 8.76 ms at 1e7 / 1e8 parameters, with "fma" 2.25 / 17.6.
+        at `mlp_precision`, plus the per-row / per-column tables), "dot_all" (the factored
+        tensors' 12 per-row / per-column features and b0 through a second [tile, 16] x
+        [16, Hp] dot instead of [U, Hp] / [V, Hp] tables: 8 floats a column read, not Hp,
+        and no table sums) or "fma" (a multiply-add per feature). On an H200 the step with
+        "dot" took 1.23 / 8.76 ms at 1e7 / 1e8 parameters, with "fma" 2.25 / 17.6;
+        "dot_all" is not timed yet.
       in_place: the apply kernels write into their p / state operands (`plan.in_place_aliases`).
     """
 
@@ -505,12 +547,13 @@ class PallasKernels:
                  in_place: bool = True):
         if mlp_precision not in MLP_PRECISIONS:
             raise ValueError(f"mlp_precision must be one of {MLP_PRECISIONS}, got {mlp_precision!r}")
-        if layer1 not in PALLAS_LAYER1_FORMS:
-            raise ValueError(f"layer1 must be one of {PALLAS_LAYER1_FORMS}, got {layer1!r}")
+        if layer1 not in LAYER1_FORMS:
+            raise ValueError(f"layer1 must be one of {LAYER1_FORMS}, got {layer1!r}")
         self.interpret = interpret
         self.precision = mlp_precision
         self.layer1 = layer1
         self.in_place = in_place
+        self.row_col_in_dot = layer1 == "dot_all"  # what plan hands group_apply
 
     member_limit = PALLAS_MAX_MEMBERS  # more vectors than this are packed (`plan.Kernels`)
 
@@ -620,6 +663,8 @@ class PallasKernels:
 
     def group_apply(self, p, g, mom, rms, fu, fv, consts, tu, tv, w, mlp, mults, new_u, new_v,
                     group: plan.FactoredGroup):
+        if self.row_col_in_dot:  # w's rows in the order of the kernel's operand columns
+            w = w[:, _row_col_rows()]
         outs = [self._apply_run(p, g, mom, rms, fu, fv, consts, tu, tv, w, mlp, mults, new_u,
                                 new_v, group, run) for run in self._runs(p, g, group)]
         return tuple(tuple(x for out in outs for x in out[o]) for o in range(5))
@@ -811,7 +856,7 @@ def pallas_update(lopt, theta, state, grad, *, interpret: bool | None = None,
       mlp_precision: "tf32", "ieee" or "bf16" dots for the H x H layers (and layer 1 as
         "dot") on GPU (see `PallasKernels`).
       blocks, packed_blocks: override `blocks.block_sizes` / `packed_block_sizes` tiles.
-      layer1: the first MLP layer as "dot" or "fma" (see `PallasKernels`).
+      layer1: the first MLP layer as "dot", "dot_all" or "fma" (see `PallasKernels`).
       in_place: update p and the state in their buffers: right when the caller donates
         the state (or carries it through `lax.scan`); otherwise XLA copies them first,
         and `in_place=False` (fresh outputs) saves those copies (`plan.in_place_aliases`).

@@ -42,7 +42,6 @@ REDUCTION_ROW_CHUNKS = 8
 # what each does). Here, not there, so tools can offer them without importing triton.
 LAYER1_FORMS = ("fma", "dot", "dot_all")
 MLP_PRECISIONS = ("tf32", "ieee", "bf16")
-PALLAS_LAYER1_FORMS = ("fma", "dot")  # `pallas_update`'s `layer1`
 # How `triton_update` launches its kernels (`launcher`, or this environment variable):
 # through jax-triton as jaxlib's FFI Triton call (`lopt_fast.kernels.ffi_call`), through
 # jax-triton's own legacy call, or as XLA's own Triton calls (`lopt_fast.kernels.xla_call`).
