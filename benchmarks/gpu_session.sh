@@ -2,16 +2,17 @@
 # Everything a lent GPU machine should run, in one call (the machine keeps nothing):
 #
 #   bash benchmarks/gpu_session.sh [SECTION ...]
-#   # default: env tests launchers step donated profile sweep
+#   # default: env tests launchers step ncu donated profile sweep
 #
-# Sections: env, launchers, tests, compare, step, xla_step, graphs, donated, sweep, profile,
-# meta. Each writes $OUT/<section>.log (OUT defaults to ./out) and runs under its own time
-# limit, so one failure or hang does not cost the rest. The default list (about 5 minutes
-# on an H200 in session 15; the most needed first, the sweep last as the first to give
-# up): the kernels tested on the GPU, a one-step check of each Triton launcher (else
-# jax-triton's legacy call for the rest), step.py with the state kept and donated (as a
-# training loop runs), where the time goes (profile), and the tile / precision /
-# persistent / layer-1 sweep with Adam timed in the same run. Left out: the diagnostic
+# Sections: env, launchers, tests, compare, step, ncu, xla_step, graphs, donated, sweep,
+# profile, meta. Each writes $OUT/<section>.log (OUT defaults to ./out) and runs under its
+# own time limit, so one failure or hang does not cost the rest. The default list (about 5
+# minutes on an H200 in session 15, before ncu; the most needed first, the sweep last as
+# the first to give up): the kernels tested on the GPU, a one-step check of each Triton
+# launcher (else jax-triton's legacy call for the rest), step.py with the state kept,
+# the kernels' hardware counters (ncu, 3 runs, not yet timed), step.py with the state
+# donated (as a training loop runs), where the time goes (profile), and the tile /
+# precision / persistent / layer-1 sweep with Adam timed in the same run. Left out: the diagnostic
 # compare, xla_step (step.py's Triton rows through XLA's own Triton calls), graphs (host
 # launches per step) and meta-training. jax-triton is not in the device image: carry its
 # wheel in .whl/ (docs/KERNELS.md).
@@ -24,7 +25,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1
 SECTIONS=("$@")
-[ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=(env tests launchers step donated profile sweep)
+[ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=(env tests launchers step ncu donated profile sweep)
 
 run() {  # run SECONDS SECTION CMD...: time-limited, logged, never stops the script
   local limit=$1 name=$2
@@ -71,6 +72,19 @@ jax_triton.__version__); print(jax.devices())" ;;
         tests/test_triton_step.py tests/test_backends.py ;;
     compare)
       run 120 compare python3 profiling/compare_pallas_kernels.py ;;
+    ncu)
+      # Hardware counters (Nsight Compute, --set full, clocks as found) of the moments and
+      # apply kernels at 1e7 parameters: what the apply kernel waits on (warp stall
+      # reasons), occupancy, DRAM / L2 traffic (profiling/ncu_step.py). One run per line of
+      # NCU_RUNS; each writes its report, details page and raw metrics to $OUT/ncu_<n>.
+      n=0
+      while IFS= read -r args; do
+        n=$((n + 1))
+        # shellcheck disable=SC2086
+        run "${NCU_LIMIT:-150}" ncu python3 profiling/ncu_step.py --out "$OUT/ncu_$n" $args
+      done <<< "${NCU_RUNS:-"--backend pallas
+--backend pallas --layer1 dot_all --precision bf16
+--backend triton"}" ;;
     step)
       # The default sizes fit the limit (all of step.py's GPU defaults at 20 repeats took
       # over 200 s on an H100; 1e7 + 1e8 + 64 tasks at 10 repeats took 95 s there with the
@@ -121,6 +135,6 @@ jax_triton.__version__); print(jax.devices())" ;;
         run 150 meta python3 -m lopt_fast.cli bench --task cifar10_conv --synthetic-data \
           --num-tasks 32 --trunc-length 10 --steps 50 --backend "$b"
       done ;;
-    *) echo "unknown section $s (env launchers tests compare step xla_step graphs donated sweep profile meta)" ;;
+    *) echo "unknown section $s (env launchers tests compare ncu step xla_step graphs donated sweep profile meta)" ;;
   esac
 done

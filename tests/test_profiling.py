@@ -133,3 +133,36 @@ def test_xla_kernels_reads_the_step_module(tmp_path):
     chosen = _xla_kernels()._step_thunk_sequence(str(tmp_path))
     assert chosen.endswith("module_0007.jit_step.thunk_sequence_after_thunk_passes.txt"), chosen
     assert _xla_kernels()._step_thunk_sequence(str(tmp_path / "nothing")) is None
+
+
+NCU_STEP = os.path.join(ROOT, "profiling", "ncu_step.py")
+
+
+def test_ncu_step_reads_the_raw_page():
+    """profiling/ncu_step.py: ncu's raw CSV (metric-name header, units row, a row per
+    kernel) -> each kernel's headline metrics and its stall reasons, largest first."""
+    mod = _load(NCU_STEP)
+    stalled = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
+    header = ["ID", "Kernel Name", "gpu__time_duration.sum", stalled.format("barrier"),
+              stalled.format("long_scoreboard"), stalled.format("wait")]
+    text = "\n".join(",".join(f'"{x}"' for x in row) for row in [
+        header, ["", "", "usecond", "", "", ""],
+        ["0", "adafac_moments", "93.5", "0.5", "2.25", "1.5"],
+        ["1", "adafac_apply", "1,690.2", "3.5", "7.75", "0.5"]])
+    kernels = mod.parse_raw_csv(text)
+    assert [k["Kernel Name"][0] for k in kernels] == ["adafac_moments", "adafac_apply"]
+    assert kernels[1]["gpu__time_duration.sum"] == ("1,690.2", "usecond")
+    summary = mod.summarize(kernels)
+    apply = summary.split("== adafac_apply")[1]
+    assert "1,690.2 usecond" in apply and "(sum 11.75)" in apply, summary
+    order = [line.split()[0] for line in apply.splitlines() if line.startswith("    ")]
+    assert order == ["long_scoreboard", "barrier", "wait"], summary
+
+
+def test_ncu_step_profiled_workload_runs():
+    """The process ncu_step.py runs under ncu (here: interpreted Pallas on CPU, a small
+    tree, layer 1 and precision passed through)."""
+    stdout = run_python([NCU_STEP, "--target", "--params", "200", "--warmup", "0",
+                         "--layer1", "dot_all", "--precision", "ieee"], "ncu_step.py",
+                        timeout=300)
+    assert "finite: True" in stdout and "'layer1': 'dot_all'" in stdout, stdout[-2000:]
