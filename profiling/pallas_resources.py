@@ -144,7 +144,7 @@ def main(argv=None):
           f"set the apply tile for all three passes)")
     print(f"{'kernel':24s} {'layer 1':7s} {'warps':>5s} {'regs':>5s} {'spill st/ld B':>14s} "
           f"{'warps/SM':>8s} {'SASS':>5s} {'FFMA':>6s} {'HGMMA':>5s} {'MUFU':>5s} {'LDG':>4s} "
-          f"{'STG':>4s}")
+          f"{'STG':>4s} {'RT':>3s}")
     for layer1 in args.layer1:
         for warps in args.warps:
             blocks = None if warps == 4 else BlockSizes(tile.rows, tile.cols, num_warps=warps)
@@ -152,11 +152,11 @@ def main(argv=None):
                                               args.precision):
                 # packed kernels launch with their own blocks' warps (the default, 4)
                 w = warps if "packed" not in name else 4
-                regs, st, ld, ops = resources(compile_module(ir_text, w))
+                regs, st, ld, ops, trips = resources(compile_module(ir_text, w))
                 per_sm = warps_per_sm(regs, w)
                 print(f"{name:24s} {layer1:7s} {w:5d} {regs:5d} {f'{st}/{ld}':>14s} "
                       f"{per_sm:8d} {sum(ops.values()):5d} {ops['FFMA']:6d} {ops['HGMMA']:5d} "
-                      f"{ops['MUFU']:5d} {ops['LDG']:4d} {ops['STG']:4d}")
+                      f"{ops['MUFU']:5d} {ops['LDG']:4d} {ops['STG']:4d} {trips:3d}")
 
 
 if __name__ == "__main__":

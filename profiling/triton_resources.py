@@ -8,9 +8,11 @@ does) and reads ptxas' resource report (`ptxas -v`, the ptxas that ships with tr
 the SASS instruction mix (`nvdisasm` of the cubin): how many registers a thread uses, how
 many bytes spill to local memory, how many instructions a thread runs in all (the kernels
 have no loops, so this is what each thread issues per tile: with 4 schedulers per SM it
-bounds an issue-limited kernel's time) and how many of them are FFMA / HGMMA (wgmma). A
-kernel that spills, or uses so many registers that few warps fit on an SM, is latency
-bound: the first things to read before timing a tile or warp change on a GPU.
+bounds an issue-limited kernel's time) and how many of them are FFMA / HGMMA (wgmma), and
+RT, the global-load round trips a thread waits for one after another (`load_round_trips`).
+A kernel that spills, uses so many registers that few warps fit on an SM, or waits on
+many round trips in sequence is latency bound: the first things to read before timing a
+tile or warp change on a GPU.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 import re
 import subprocess
 import tempfile
+from typing import NamedTuple
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -75,8 +78,45 @@ def warps_per_sm(regs: int, num_warps: int) -> int:
     return min(MAX_WARPS_PER_SM, REGS_PER_SM // (regs * 32) // num_warps * num_warps)
 
 
-def resources(compiled):
-    """ptxas' registers / spill bytes and the SASS opcode counts of a compiled kernel."""
+class Resources(NamedTuple):
+    regs: int
+    spill_stores: int  # bytes
+    spill_loads: int
+    ops: collections.Counter  # SASS opcode -> instructions per thread
+    load_round_trips: int  # `load_round_trips`
+
+
+_SASS_LINE = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9.]+)\s*([^;]*);", re.M)
+
+
+def load_round_trips(sass: str) -> int:
+    """Global-load round trips a thread waits for one after another before its first global
+    store, read off the SASS order: a run of loads (LDG) ends at the first instruction that
+    reads a register one of them writes (the thread waits there for the run's data), and
+    the next load starts another run. An estimate: it does not tell an L2 hit from DRAM,
+    nor count the loads of branches after the first store (the factored apply kernels'
+    side copies, in their first row / column blocks only)."""
+    pending, runs, in_run = set(), 0, False
+    for m in _SASS_LINE.finditer(sass):
+        op, operands = m.group(1), m.group(2).split(",")
+        if op.startswith("STG"):
+            break
+        sources = operands if op.startswith(("ST", "RED", "ATOM")) else operands[1:]
+        if pending & {int(r) for x in sources for r in re.findall(r"\bR(\d+)\b", x)}:
+            pending, in_run = set(), False
+        if op.startswith("LDG"):
+            runs += not in_run
+            in_run = True
+            dest = re.match(r"\s*R(\d+)", operands[0])
+            if dest:
+                width = {"64": 2, "128": 4}.get(op.rsplit(".", 1)[-1], 1)
+                pending |= set(range(int(dest.group(1)), int(dest.group(1)) + width))
+    return runs
+
+
+def resources(compiled) -> Resources:
+    """ptxas' registers / spill bytes, the SASS opcode counts and load round trips of a
+    compiled kernel."""
     with tempfile.TemporaryDirectory() as d:
         ptx = os.path.join(d, "k.ptx")
         with open(ptx, "w") as f:
@@ -94,7 +134,7 @@ def resources(compiled):
     spill_ld = int(re.search(r"(\d+) bytes spill loads", text).group(1))
     ops = collections.Counter(m.group(1) for m in re.finditer(
         r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9]+)", sass, re.M))
-    return regs, spill_st, spill_ld, ops
+    return Resources(regs, spill_st, spill_ld, ops, load_round_trips(sass))
 
 
 def main(argv=None):
@@ -122,7 +162,7 @@ def main(argv=None):
           f"{args.layers} layers; default tile for a large matrix {default.rows}x{default.cols}")
     print(f"{'kernel':30s} {'tile':7s} {'warps':>5s} {'regs':>5s} {'spill st/ld B':>14s} "
           f"{'warps/SM':>8s} {'smem KB':>7s} {'SASS':>5s} {'FFMA':>6s} {'HGMMA':>5s} "
-          f"{'MUFU':>5s} {'LDG':>4s} {'LDGSTS':>6s} {'STG':>4s}")
+          f"{'MUFU':>5s} {'LDG':>4s} {'LDGSTS':>6s} {'STG':>4s} {'RT':>3s}")
     # One 4096 x 4096 matrix (rows a multiple of 16 elements), alone in its launches.
     matrix = (("B", (1,)), ("U", (4096,)), ("VQ", (4096 // 16,)), ("OU", (0,)), ("OV", (0,)))
     sides = dict(TU=4096, TV=4096)
@@ -155,12 +195,13 @@ def main(argv=None):
                   for l1 in ("fma", "dot") for prec in args.precision]
         for label, shown_tile, kernel, constexprs, stages in cases:
             compiled = compile_kernel(kernel, constexprs, {}, warps, stages)
-            regs, st, ld, ops = resources(compiled)
+            regs, st, ld, ops, trips = resources(compiled)
             per_sm = warps_per_sm(regs, warps)
             print(f"{label:30s} {shown_tile:7s} {warps:5d} {regs:5d} "
                   f"{f'{st}/{ld}':>14s} {per_sm:8d} {compiled.metadata.shared / 1024:7.1f} "
                   f"{sum(ops.values()):5d} {ops['FFMA']:6d} {ops['HGMMA']:5d} "
-                  f"{ops['MUFU']:5d} {ops['LDG']:4d} {ops['LDGSTS']:6d} {ops['STG']:4d}")
+                  f"{ops['MUFU']:5d} {ops['LDG']:4d} {ops['LDGSTS']:6d} {ops['STG']:4d} "
+                  f"{trips:3d}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
 """profiling/trace_step.py: a trace of one reference step on CPU reads as named scopes, and
 GPU kernel events (pallas_call names, jax-triton kernel functions) map to their launches.
-profiling/xla_kernels.py: a compiled module's kernels and host launches."""
+profiling/xla_kernels.py: a compiled module's kernels and host launches.
+profiling/ncu_step.py: its reading of ncu's raw page and its profiled workload.
+profiling/triton_resources.py: the load round trips it reads off a kernel's SASS."""
 
 import importlib.util
 import os
 import subprocess
 import sys
+
+import pytest
 
 from tests.helpers import ROOT, run_python
 
@@ -166,3 +170,28 @@ def test_ncu_step_profiled_workload_runs():
                          "--layer1", "dot_all", "--precision", "ieee"], "ncu_step.py",
                         timeout=300)
     assert "finite: True" in stdout and "'layer1': 'dot_all'" in stdout, stdout[-2000:]
+
+
+def test_load_round_trips_reads_the_sass_order():
+    """profiling/triton_resources.py's RT column: runs of global loads, each ended by the
+    first instruction that reads what one of them loaded; loads after the first store are
+    not counted (the factored apply kernels' side copies)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton not installed (pip install 'lopt-fast[gpu]')")
+    sys.path.insert(0, os.path.join(ROOT, "profiling"))
+    from triton_resources import load_round_trips
+
+    sass = "\n".join(f"        /*{16 * i:04x}*/                   {ins} ;" for i, ins in enumerate([
+        "LDG.E.64 R14, desc[UR10][R14.64]",
+        "LDG.E R20, desc[UR10][R4.64]",  # in flight with the first: one run
+        "FADD R2, R3, R4",  # reads nothing loaded
+        "STS [R161+UR6], R15",  # waits for the first run (R15: the 64-bit load's second word)
+        "LDG.E R22, desc[UR10][R6.64]",  # a second run
+        "HGMMA.64x32x8.F32.TF32 R56, R72, gdesc[UR12], R56",
+        "@!P0 FMUL R5, R22, R20",  # waits for it
+        "LDG.E.128 R40, desc[UR10][R8.64]",  # a third
+        "STG.E desc[UR10][R8.64], R40",
+        "LDG.E R30, desc[UR10][R10.64]",  # after the first store: not counted
+        "FADD R31, R30, R30",
+    ]))
+    assert load_round_trips(sass) == 3
