@@ -107,19 +107,21 @@ jax_triton.__version__); print(jax.devices())" ;;
       # shellcheck disable=SC2086
       # triton: 8 one-program-per-tile configurations and 8 persistent ones (2 stages; 3 with
       # SWEEP_ARGS), + default + adam, at 1e7 and 1e8 (session 15 on an H200: bf16 operands
-      # 1.2-1.3x faster, the rest within noise); pallas: its 1x256 tile at 4 / 8 warps,
-      # layer 1 as "dot" (the default since session 15) and "dot_all" (session 16), TF32 /
-      # bf16 operands: compiled for sm_90 (profiling/pallas_resources.py) the apply kernel
-      # has 632 / 612 instructions per element (dot / dot_all, TF32, 4 warps), 528 / 468
-      # with bf16, 140-165 registers (12 warps per SM); at 8 warps 84-93 registers, 16-24
-      # warps per SM, 632-768 instructions per element. Which pays: fewer instructions,
-      # bf16, or more warps?
+      # 1.2-1.3x faster, the rest within noise); pallas: its 1x256 tile at 4 warps, layer 1
+      # as "dot" (the default since session 15) and "dot_all" (session 16), TF32 / bf16
+      # operands, the MLP's biases and output layer read early or where used
+      # (early_weights): compiled for sm_90 (docs/KERNELS.md, "Session 16") the apply
+      # kernel has 640 / 608 instructions per element (dot / dot_all, TF32), 524 / 452 with
+      # bf16; early weights take 2-3 memory round trips in sequence instead of 4, at the
+      # same 12 warps per SM with bf16 and 8 instead of 12 with TF32. Which pays: fewer
+      # instructions, bf16, fewer round trips, or occupancy?
       run "${SWEEP_LIMIT:-240}" sweep python3 benchmarks/tile_sweep.py \
         ${SWEEP_ARGS:---tiles 1x256 4x64 --warps 4 --layer1 dot dot_all --precision tf32 bf16 \
           --persistent off on --stages 2}
       # shellcheck disable=SC2086
-      run 120 sweep python3 benchmarks/tile_sweep.py --backend pallas \
-        ${PALLAS_SWEEP_ARGS:---tiles 1x256 --warps 4 8 --layer1 dot dot_all --precision tf32 bf16} ;;
+      run 150 sweep python3 benchmarks/tile_sweep.py --backend pallas \
+        ${PALLAS_SWEEP_ARGS:---tiles 1x256 --warps 4 --layer1 dot dot_all --precision tf32 bf16 \
+          --early-weights off on} ;;
     profile)
       # 1e7 parameters, and the meta-training shape (64 tasks x the convnet), where the
       # wall time against the device's busy time says whether launches dominate

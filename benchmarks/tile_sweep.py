@@ -2,14 +2,15 @@
 
     python benchmarks/tile_sweep.py                                  # triton, 1e7 and 1e8
     python benchmarks/tile_sweep.py --tiles 1x256 2x128 --layer1 dot dot_all --precision tf32 bf16
-    python benchmarks/tile_sweep.py --backend pallas --tiles 1x128 1x256 --warps 4 8 --precision tf32 bf16
+    python benchmarks/tile_sweep.py --backend pallas --tiles 1x256 --layer1 dot dot_all --early-weights off on
     python benchmarks/tile_sweep.py --layer1 dot_all --precision bf16 --persistent off on --stages 2 3
 
 Each configuration overrides the tile of every factored tensor (`blocks=BlockSizes(rows,
 cols, num_warps, num_stages)`) of a square matrix plus its bias, how the apply kernel runs
 the first MLP layer (`layer1`), the dots' operands (`mlp_precision`) and, for triton,
 whether it is the persistent kernel (`persistent`, its tile loop pipelined `num_stages`
-deep); an explicit tile is the tile of all three passes. "default" is the library's
+deep), for pallas where the apply kernels read the MLP's biases and output layer
+(`early_weights`); an explicit tile is the tile of all three passes. "default" is the library's
 choice: `blocks.block_sizes` for the apply pass and `reduction_block_sizes`, 4x bigger,
 for the two reduction passes; triton: layer 1 as "dot", TF32, one program per tile;
 pallas: layer 1 as "dot". All configurations of a size, and `optax.adam` on the same
@@ -62,6 +63,9 @@ def main(argv=None):
     ap.add_argument("--stages", nargs="*", type=int, default=[2],
                     help="num_stages of the persistent kernel's tile loop (the other kernels "
                          "have no loop)")
+    ap.add_argument("--early-weights", nargs="*", choices=("off", "on"), default=["off"],
+                    help="pallas only: the apply kernels read the MLP's biases and output "
+                         "layer before any math (pallas_update's `early_weights`)")
     ap.add_argument("--persistent", nargs="*", choices=("off", "on"), default=["off"],
                     help="triton only: the apply pass as a persistent kernel (triton_update's "
                          "`persistent`)")
@@ -78,8 +82,9 @@ def main(argv=None):
                         for l1 in args.layer1 or ["dot"] for prec in args.precision
                         for pers in args.persistent]
     else:
-        kernel_forms = [{"layer1": l1, "mlp_precision": prec}
-                        for l1 in args.layer1 or ["dot"] for prec in args.precision]
+        kernel_forms = [{"layer1": l1, "mlp_precision": prec, "early_weights": early == "on"}
+                        for l1 in args.layer1 or ["dot"] for prec in args.precision
+                        for early in args.early_weights]
     configs = {"default": {}}
     for tile in args.tiles:
         rows, cols = (int(x) for x in tile.split("x"))
@@ -87,9 +92,10 @@ def main(argv=None):
             for form in kernel_forms:
                 # Only the persistent kernel has a loop for num_stages to pipeline.
                 for stages in args.stages if form.get("persistent") else [None]:
-                    name = " ".join([f"{tile} w{warps}", form["layer1"],
-                                     form.get("mlp_precision", ""),
-                                     f"persistent s{stages}" if stages else ""]).strip()
+                    parts = [f"{tile} w{warps}", form["layer1"], form.get("mlp_precision"),
+                             "early" if form.get("early_weights") else "",
+                             f"persistent s{stages}" if stages else ""]
+                    name = " ".join(part for part in parts if part)
                     blocks = BlockSizes(rows, cols, num_warps=warps, num_stages=stages or 2)
                     configs[name] = {"blocks": blocks, **form}
 

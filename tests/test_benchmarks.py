@@ -36,9 +36,11 @@ def test_step_benchmark_with_and_without_donation(tmp_path):
 
 def test_tile_sweep_times_configurations_against_adam():
     out = _run("tile_sweep.py", "--backend", "pallas", "--sizes", "2e3", "--tiles", "1x16",
-               "--warps", "4", "--layer1", "dot", "dot_all", "--repeats", "2")
+               "--warps", "4", "--layer1", "dot", "dot_all", "--early-weights", "off", "on",
+               "--repeats", "2")
     rows = [line.split("|")[2].strip() for line in out.splitlines() if line.startswith("| 2,070")]
-    assert sorted(rows) == ["1x16 w4 dot tf32", "1x16 w4 dot_all tf32", "default", "optax.adam"], out
+    assert sorted(rows) == ["1x16 w4 dot tf32", "1x16 w4 dot tf32 early", "1x16 w4 dot_all tf32",
+                            "1x16 w4 dot_all tf32 early", "default", "optax.adam"], out
 
 
 def test_reference_update_benchmark(tmp_path):

@@ -51,6 +51,7 @@ docs/KERNELS.md's tolerance table). CPU: `interpret=True` (the tests).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -132,13 +133,11 @@ def _accumulators(c_ref, g, mom, rms):
     return m, c_r * rms + (1 - c_r) * (g * g)
 
 
-def _features_factored(g, p, m, rms, fu_ref, fv_ref, starts, row_ok, col_ok):
-    """16 per-element feature planes of a factored tile (order of `adafac_math._PER_ELEMENT`);
-    its rows' factors start at starts[0] of the flat fu [3, sum BU], its columns' at
-    starts[1] of fv."""
+def _features_factored(g, p, m, rms, fac_u, fac_v):
+    """16 per-element feature planes of a factored tile (order of `adafac_math._PER_ELEMENT`)
+    from its rows' and columns' factors fac_u [3 x (rows,)], fac_v [3 x (cols,)]."""
     r = lax.rsqrt(rms + 1e-6)
-    fac = [_side_load(fu_ref, starts[0], row_ok, k)[:, None]
-           * _side_load(fv_ref, starts[1], col_ok, k)[None, :] for k in range(3)]
+    fac = [fu[:, None] * fv[None, :] for fu, fv in zip(fac_u, fac_v, strict=True)]
     return ([g, p, *m, rms, *(mk * r for mk in m), r]
             + [g * f for f in fac] + [mk * f for mk, f in zip(m, fac, strict=True)])
 
@@ -195,8 +194,34 @@ def _dot(a, b, precision: str):
     return jnp.dot(a, b, precision=_DOT_PRECISIONS[precision], preferred_element_type=jnp.float32)
 
 
-def _first_layer(pre0, feats, w_ref, precision, layer1):
-    """Layer 1's pre-activations [rows cols, Hp] of feats (planes [rows, cols]).
+def _dot_weights(w_ref, wh_ref, layer1):
+    """The weights of the MLP's dots: layer 1's (w_ref itself for "fma", which reads its
+    rows one by one: Triton lowers no slices of values; w [K, Hp] for "dot"; w's
+    per-element and row / column halves [16, Hp] for "dot_all") and each H x H layer's.
+
+    Triton stages a dot's weights in shared memory right after their load, so the
+    program waits there for that load: read where each is used, each weight cost a
+    round trip after the dot before it. The kernels read them after the tile's own loads
+    and before any math: compiled for sm_90 the apply kernel's chains of memory round
+    trips went from 5-6 to 3-4."""
+    if layer1 == "dot_all":
+        k = plan.NUM_EW_FACTORED
+        first = (w_ref[pl.ds(0, k), :], w_ref[pl.ds(k, k), :])
+    else:
+        first = w_ref[...] if layer1 == "dot" else w_ref
+    return first, [wh_ref[i] for i in range(0 if wh_ref is None else wh_ref.shape[0])]
+
+
+def _vector_weights(bh_ref, wo_ref, c_ref):
+    """The MLP's weights that stay in registers: each H x H layer's bias, the output
+    layer's direction and magnitude rows [Hp] and biases."""
+    biases = [bh_ref[i, :] for i in range(0 if bh_ref is None else bh_ref.shape[0])]
+    return biases, (wo_ref[0, :], wo_ref[1, :], c_ref[C_BOUT], c_ref[C_BOUT + 1])
+
+
+def _first_layer(pre0, feats, w, precision, layer1):
+    """Layer 1's pre-activations [rows cols, Hp] of feats (planes [rows, cols]); w: as
+    `_Weights.first`.
 
     layer1 "fma": pre0 [rows, cols, Hp] (tables and bias) + one multiply-add per feature
     on the vector units; "dot": pre0 + the features as [rows cols, K] x w [K, Hp] (K = 16
@@ -205,16 +230,13 @@ def _first_layer(pre0, feats, w_ref, precision, layer1):
     (`_row_col_operand`), a second dot with w's rows 16-31, instead of tables."""
     if layer1 == "fma":
         for f, x in enumerate(feats):
-            pre0 = pre0 + x[:, :, None] * w_ref[f, :][None, None, :]
+            pre0 = pre0 + x[:, :, None] * w[f, :][None, None, :]
         return pre0.reshape(-1, pre0.shape[-1])
     planes = [x.reshape(x.size) for x in feats]
     if layer1 == "dot_all":
-        k = plan.NUM_EW_FACTORED
-        return (_dot(_columns(planes), w_ref[pl.ds(0, k), :], precision)
-                + _dot(pre0, w_ref[pl.ds(k, k), :], precision))
-    k = w_ref.shape[0]
-    planes += [jnp.zeros_like(planes[0])] * (k - len(planes))
-    return pre0.reshape(-1, pre0.shape[-1]) + _dot(_columns(planes), w_ref[...], precision)
+        return _dot(_columns(planes), w[0], precision) + _dot(pre0, w[1], precision)
+    planes += [jnp.zeros_like(planes[0])] * (w.shape[0] - len(planes))
+    return pre0.reshape(-1, pre0.shape[-1]) + _dot(_columns(planes), w, precision)
 
 
 def _row_col_operand(fu, fv):
@@ -245,30 +267,37 @@ def _relu(x, precision: str, into_dot: bool):
     return jnp.maximum(x, 0.0)
 
 
-def _mlp_step(pre, h_refs, c_ref, mults, precision):
+def _mlp_step(pre, hidden_w, vector_w, mults, precision):
     """Layer 1's pre-activations pre [n, Hp] -> the step [n]: relu, the H x H layers
-    (h_refs: their weights, biases, then the output layer's), the output layer and
+    (hidden_w, `_dot_weights`), the output layer (vector_w: `_vector_weights`) and
     direction exp(magnitude exp_mult) step_mult."""
-    wh_ref, bh_ref, wo_ref = h_refs
-    hidden = 0 if wh_ref is None else wh_ref.shape[0]
-    h = _relu(pre, precision, hidden > 0)
-    for layer in range(hidden):
-        h = _dot(h, wh_ref[layer], precision) + bh_ref[layer, :][None, :]
-        h = _relu(h, precision, layer + 1 < hidden)
-    direction = jnp.sum(h * wo_ref[0, :][None, :], axis=1) + c_ref[C_BOUT]
-    magnitude = jnp.sum(h * wo_ref[1, :][None, :], axis=1) + c_ref[C_BOUT + 1]
+    biases, (w_dir, w_mag, b_dir, b_mag) = vector_w
+    h = _relu(pre, precision, bool(hidden_w))
+    for i, (w, b) in enumerate(zip(hidden_w, biases, strict=True)):
+        h = _relu(_dot(h, w, precision) + b[None, :], precision, i + 1 < len(hidden_w))
+    direction = jnp.sum(h * w_dir[None, :], axis=1) + b_dir
+    magnitude = jnp.sum(h * w_mag[None, :], axis=1) + b_mag
     exp_mult, step_mult = mults
     return direction * jnp.exp(magnitude * exp_mult) * step_mult
 
 
-def _packed_step(feats, w_ref, b0_ref, h_refs, c_ref, mults, precision, layer1):
-    """The step [rows, cols] of a non-factored tile from its 22 feature planes, w [32, Hp]
-    its tensor's first-layer rows and b0 [1, Hp]. They have no per-row / per-column
-    features: "dot_all" runs their layer 1 as "dot"."""
+def _packed_apply(c_ref, loaded, w_ref, b0_ref, mlp_refs, mults, precision, layer1, hidden,
+                  early_weights):
+    """A non-factored tile's new p and accumulators (m, rms, v) from its loads (g, p, mom,
+    rms, v_diag), w_ref [32, Hp] (its tensor's first-layer rows) and b0 [1, Hp]. These
+    tensors have no per-row / per-column features: "dot_all" runs their layer 1 as "dot"."""
+    del hidden  # mlp_refs are split already
+    layer1 = "fma" if layer1 == "fma" else "dot"
+    wh_ref, bh_ref, wo_ref = mlp_refs
+    (first, hidden_w), b0 = _dot_weights(w_ref, wh_ref, layer1), b0_ref[...]
+    vector_w = _vector_weights(bh_ref, wo_ref, c_ref) if early_weights else None
+    m, rms, v, feats = _packed_features(c_ref, *loaded)
     rows, cols = feats[0].shape
-    pre0 = jnp.broadcast_to(b0_ref[...][None, :, :], (rows, cols, b0_ref.shape[-1]))
-    pre = _first_layer(pre0, feats, w_ref, precision, "fma" if layer1 == "fma" else "dot")
-    return _mlp_step(pre, h_refs, c_ref, mults, precision).reshape(rows, cols)
+    pre0 = jnp.broadcast_to(b0[None, :, :], (rows, cols, b0.shape[-1]))
+    pre = _first_layer(pre0, feats, first, precision, layer1)
+    vector_w = vector_w or _vector_weights(bh_ref, wo_ref, c_ref)
+    step = _mlp_step(pre, hidden_w, vector_w, mults, precision)
+    return loaded[1] - step.reshape(rows, cols), m, rms, v
 
 
 def _tile_masks(tile: BlockSizes, j, k, u_size, v_size):
@@ -342,9 +371,24 @@ def _row_col_sides_kernel(c_ref, *refs, tiles: MemberTiles, offsets, u_is_row):
               tiles.pick(seg, offsets[1]) + b * v_size)
 
 
-def _factored_tile(c_ref, state_refs, fu_ref, fv_ref, tiles: MemberTiles, offsets):
+class _FactoredTile(NamedTuple):
+    """What a program reads of its factored tile (`_factored_loads`)."""
+
+    seg: jax.Array  # its member
+    blocks: tuple  # (row block j, column block k)
+    masks: tuple  # rows [rows], columns [cols], elements [rows, cols] that exist
+    starts: tuple  # where its rows / columns sit on the flat U / V sides
+    g: jax.Array
+    p: jax.Array
+    mom: list
+    rms: jax.Array
+    fac_u: list  # its rows' factors, 3 x [rows]
+    fac_v: list  # its columns', 3 x [cols]
+
+
+def _factored_loads(state_refs, fu_ref, fv_ref, tiles: MemberTiles, offsets) -> _FactoredTile:
     """This program's factored tile: its member, (row, column) blocks, masks, where its
-    rows / columns sit on the flat sides, p, new accumulators and the 16 feature planes.
+    rows / columns sit on the flat sides, and its loads: g, p, mom, rms and the factors.
     state_refs: p, g, mom, rms of every member (p_0 .. p_{S-1}, g_0, ...); offsets: each
     member's (U side offsets, V side offsets) (`FactoredGroup.u_offsets`, `v_offsets`)."""
     count = len(tiles.shapes)
@@ -359,9 +403,15 @@ def _factored_tile(c_ref, state_refs, fu_ref, fv_ref, tiles: MemberTiles, offset
                 [_load(mom_ref, mask, q) for q in range(3)], _load(rms_ref, mask, 0))
 
     g, p, mom, rms = tiles.switch(seg, count, load)
-    m, rms = _accumulators(c_ref, g, mom, rms)
-    feats = _features_factored(g, p, m, rms, fu_ref, fv_ref, starts, row_ok, col_ok)
-    return seg, (j, k), (row_ok, col_ok, mask), starts, p, m, rms, feats
+    return _FactoredTile(seg, (j, k), (row_ok, col_ok, mask), starts, g, p, mom, rms,
+                         [_side_load(fu_ref, starts[0], row_ok, q) for q in range(3)],
+                         [_side_load(fv_ref, starts[1], col_ok, q) for q in range(3)])
+
+
+def _factored_features(c_ref, t: _FactoredTile):
+    """The tile's new accumulators m (3 planes), rms and its 16 feature planes."""
+    m, rms = _accumulators(c_ref, t.g, t.mom, t.rms)
+    return m, rms, _features_factored(t.g, t.p, m, rms, t.fac_u, t.fac_v)
 
 
 def _side_lanes(sums, new_ref, start, ok, lane0):
@@ -384,8 +434,9 @@ def _factored_moments_kernel(c_ref, *refs, tiles: MemberTiles, offsets):
     # features (lanes 0-15), and, in the first column block, of its rows' side features
     # (lanes 16-21, from nu), in the first row block of its columns' (lanes 22-27, from nv)
     state_refs, (fu_ref, fv_ref, nu_ref, nv_ref, s_ref) = refs[:-5], refs[-5:]
-    _, (j, k), (row_ok, col_ok, mask), starts, _, _, _, feats = _factored_tile(
-        c_ref, state_refs, fu_ref, fv_ref, tiles, offsets)
+    t = _factored_loads(state_refs, fu_ref, fv_ref, tiles, offsets)
+    (j, k), (row_ok, col_ok, mask), starts = t.blocks, t.masks, t.starts
+    _, _, feats = _factored_features(c_ref, t)
     # Branches, not masks: the other tiles (most of them) skip the 12 block-wide sums.
     sums = lax.cond(k == 0, lambda s: _side_lanes(s, nu_ref, starts[0], row_ok,
                                                   plan.SIDE_LANES_U),
@@ -396,7 +447,7 @@ def _factored_moments_kernel(c_ref, *refs, tiles: MemberTiles, offsets):
 
 
 def _factored_apply_kernel(c_ref, *refs, tiles: MemberTiles, offsets, mults, precision, layer1,
-                           hidden):
+                           hidden, early_weights):
     # per member: p, g, mom, rms as in the moments kernel; then fu, fv, tu [sum BU, Hp] (row
     # tables + b0), tv [sum BV, Hp] whole, w [16, Hp] (the member's), the MLP, nu [3, sum BU]
     # and nv [3, sum BV] whole (the new accumulators). Outputs per member: p [rows, cols] in
@@ -408,12 +459,18 @@ def _factored_apply_kernel(c_ref, *refs, tiles: MemberTiles, offsets, mults, pre
     mlp_refs, rest = _split_mlp(refs[4 * count + 5:], hidden)
     (nu_ref, nv_ref), outs = rest[:2], rest[2:]
     po, mo, ro, uo, vo = (outs[a * count:(a + 1) * count] for a in range(5))
-    seg, (j, k), (row_ok, col_ok, mask), starts, p, m, rms, feats = _factored_tile(
-        c_ref, state_refs, fu_ref, fv_ref, tiles, offsets)
+    # The tile's loads, then the dots' weights (`_dot_weights`), then the math.
+    t = _factored_loads(state_refs, fu_ref, fv_ref, tiles, offsets)
+    seg, (j, k), (row_ok, col_ok, mask), starts, p = t.seg, t.blocks, t.masks, t.starts, t.p
     tu, tv = _side_load(tu_ref, starts[0], row_ok), _side_load(tv_ref, starts[1], col_ok)
+    wh_ref, bh_ref, wo_ref = mlp_refs
+    first, hidden_w = _dot_weights(w_ref, wh_ref, layer1)
+    vector_w = _vector_weights(bh_ref, wo_ref, c_ref) if early_weights else None
+    m, rms, feats = _factored_features(c_ref, t)
     pre0 = _row_col_operand(tu, tv) if layer1 == "dot_all" else tu[:, None, :] + tv[None, :, :]
-    pre = _first_layer(pre0, feats, w_ref, precision, layer1)
-    new_p = p - _mlp_step(pre, mlp_refs, c_ref, mults, precision).reshape(p.shape)
+    pre = _first_layer(pre0, feats, first, precision, layer1)
+    vector_w = vector_w or _vector_weights(bh_ref, wo_ref, c_ref)
+    new_p = p - _mlp_step(pre, hidden_w, vector_w, mults, precision).reshape(p.shape)
 
     def store(a):
         _store(po[a], new_p, mask)
@@ -440,10 +497,10 @@ def _factored_apply_kernel(c_ref, *refs, tiles: MemberTiles, offsets, mults, pre
             tiles.each(seg, count, store)
 
 
-def _vector_tile(c_ref, state_refs, tiles: MemberTiles):
+def _vector_loads(state_refs, tiles: MemberTiles):
     """This program's tile of a non-factored tensor (each viewed as [1, 1, n]): its member,
-    mask, p, new accumulators (m, rms, v) and the 22 feature planes. state_refs: p, g,
-    mom, rms, v_diag of every member."""
+    mask and loads (g, p, mom, rms, v_diag). state_refs: p, g, mom, rms, v_diag of every
+    member."""
     count = len(tiles.shapes)
     seg, _, _, _, _, _, (_, _, mask) = _member_tile(tiles)
 
@@ -453,29 +510,33 @@ def _vector_tile(c_ref, state_refs, tiles: MemberTiles):
                 [_load(mom_ref, mask, q) for q in range(3)], _load(rms_ref, mask, 0),
                 [_load(vd_ref, mask, q) for q in range(3)])
 
-    g, p, mom, rms, vd = tiles.switch(seg, count, load)
+    return seg, mask, tiles.switch(seg, count, load)
+
+
+def _packed_features(c_ref, g, p, mom, rms, vd):
+    """A non-factored tile's new accumulators (m, rms, v) and its 22 feature planes."""
     m, rms = _accumulators(c_ref, g, mom, rms)
     feats, v = _features_packed(c_ref, g, p, m, rms, vd)
-    return seg, mask, p, m, rms, v, feats
+    return m, rms, v, feats
 
 
 def _vector_moments_kernel(c_ref, *refs, tiles: MemberTiles):
     # per member: p, g [1, T]; mom, v_diag [3, 1, T]; rms [1, 1, T] (T = the tile's
     # elements); s_ref [1, 32]: this tile's sums of squared features
-    _, mask, _, _, _, _, feats = _vector_tile(c_ref, refs[:-1], tiles)
-    refs[-1][...] = _sums_vector(feats, mask)
+    _, mask, loaded = _vector_loads(refs[:-1], tiles)
+    refs[-1][...] = _sums_vector(_packed_features(c_ref, *loaded)[3], mask)
 
 
-def _vector_apply_kernel(c_ref, *refs, tiles: MemberTiles, mults, precision, layer1, hidden):
+def _vector_apply_kernel(c_ref, *refs, tiles: MemberTiles, **form):
     # per member: p, g, mom, rms, v_diag as in the moments kernel; then w [32, Hp] (this
     # tile's tensor's first-layer rows), b0 [1, Hp], the MLP. Outputs per member: p [1, T]
     # in p's dtype, mom [3, 1, T], rms [1, 1, T], v_diag [3, 1, T]
     count = len(tiles.shapes)
     w_ref, b0_ref = refs[5 * count:5 * count + 2]
-    mlp_refs, outs = _split_mlp(refs[5 * count + 2:], hidden)
+    mlp_refs, outs = _split_mlp(refs[5 * count + 2:], form["hidden"])
     po, mo, ro, vo = (outs[a * count:(a + 1) * count] for a in range(4))
-    seg, mask, p, m, rms, v, feats = _vector_tile(c_ref, refs[:5 * count], tiles)
-    new_p = p - _packed_step(feats, w_ref, b0_ref, mlp_refs, c_ref, mults, precision, layer1)
+    seg, mask, loaded = _vector_loads(refs[:5 * count], tiles)
+    new_p, m, rms, v = _packed_apply(c_ref, loaded, w_ref, b0_ref, mlp_refs, **form)
 
     def store(a):
         _store(po[a], new_p, mask)
@@ -491,8 +552,8 @@ def _packed_moments_kernel(c_ref, p_ref, g_ref, mom_ref, rms_ref, vd_ref, n_ref,
     # p, g [rows, cols] of the packed buffer (whole tiles: no masks); mom, vd [3, rows,
     # cols]; n [1, 1] valid count
     g, p = g_ref[...], p_ref[...]
-    m, rms = _accumulators(c_ref, g, [mom_ref[q] for q in range(3)], rms_ref[0])
-    feats, _ = _features_packed(c_ref, g, p, m, rms, [vd_ref[q] for q in range(3)])
+    _, _, _, feats = _packed_features(c_ref, g, p, [mom_ref[q] for q in range(3)], rms_ref[0],
+                                      [vd_ref[q] for q in range(3)])
     rows, cols = g.shape
     flat = (lax.broadcasted_iota(jnp.int32, g.shape, 0) * cols
             + lax.broadcasted_iota(jnp.int32, g.shape, 1))
@@ -500,14 +561,12 @@ def _packed_moments_kernel(c_ref, p_ref, g_ref, mom_ref, rms_ref, vd_ref, n_ref,
 
 
 def _packed_apply_kernel(c_ref, p_ref, g_ref, mom_ref, rms_ref, vd_ref, w_ref, b0_ref, *rest,
-                         mults, precision, layer1, hidden):
+                         **form):
     # w [32, Hp]: this tile's tensor's first-layer rows; b0 [1, Hp]
-    mlp_refs, (po_ref, mo_ref, ro_ref, vo_ref) = _split_mlp(rest, hidden)
-    g, p = g_ref[...], p_ref[...]
-    m, rms = _accumulators(c_ref, g, [mom_ref[q] for q in range(3)], rms_ref[0])
-    feats, v = _features_packed(c_ref, g, p, m, rms, [vd_ref[q] for q in range(3)])
-    po_ref[...] = p - _packed_step(feats, w_ref, b0_ref, mlp_refs, c_ref, mults, precision,
-                                   layer1)
+    mlp_refs, (po_ref, mo_ref, ro_ref, vo_ref) = _split_mlp(rest, form["hidden"])
+    loaded = (g_ref[...], p_ref[...], [mom_ref[q] for q in range(3)], rms_ref[0],
+              [vd_ref[q] for q in range(3)])
+    po_ref[...], m, rms, v = _packed_apply(c_ref, loaded, w_ref, b0_ref, mlp_refs, **form)
     for k in range(3):
         mo_ref[k] = m[k]
         vo_ref[k] = v[k]
@@ -551,10 +610,16 @@ class PallasKernels:
         "dot" took 1.23 / 8.76 ms at 1e7 / 1e8 parameters, with "fma" 2.25 / 17.6;
         "dot_all" is not timed yet.
       in_place: the apply kernels write into their p / state operands (`plan.in_place_aliases`).
+      early_weights: the apply kernels read the MLP's biases and output layer with the
+        dots' weights, before any math, not where they are used: fewer memory round trips
+        in sequence per program, more registers. Compiled for sm_90 (1x256 apply tile):
+        "dot" with bf16 dots 2 round trips in sequence instead of 4 at 168 registers
+        (12 warps per SM either way); with TF32 3 instead of 4, at 176 registers instead of
+        159 (8 warps per SM instead of 12). Untimed: for the GPU sweep.
     """
 
     def __init__(self, interpret: bool, mlp_precision: str = "tf32", layer1: str = "dot",
-                 in_place: bool = True):
+                 in_place: bool = True, early_weights: bool = False):
         if mlp_precision not in MLP_PRECISIONS:
             raise ValueError(f"mlp_precision must be one of {MLP_PRECISIONS}, got {mlp_precision!r}")
         if layer1 not in LAYER1_FORMS:
@@ -563,9 +628,15 @@ class PallasKernels:
         self.precision = mlp_precision
         self.layer1 = layer1
         self.in_place = in_place
+        self.early_weights = early_weights
         self.row_col_in_dot = layer1 == "dot_all"  # what plan hands group_apply
 
     member_limit = PALLAS_MAX_MEMBERS  # more vectors than this are packed (`plan.Kernels`)
+
+    def _form(self, mlp: plan.MLPWeights, mults) -> dict:
+        """The apply kernels' static MLP arguments."""
+        return dict(mults=mults, precision=self.precision, layer1=self.layer1,
+                    hidden=mlp.w_hidden is not None, early_weights=self.early_weights)
 
     def _call(self, kernel, name, blocks: BlockSizes, **kw):
         if self.interpret:
@@ -691,9 +762,7 @@ class PallasKernels:
             tiles.stacked_spec(w, run.start),  # the member's first-layer rows
             *mlp_specs, self._whole(new_u), self._whole(new_v)]
         kernel = functools.partial(_factored_apply_kernel, tiles=tiles,
-                                   offsets=self._offsets(group, run), mults=mults,
-                                   precision=self.precision, layer1=self.layer1,
-                                   hidden=mlp.w_hidden is not None)
+                                   offsets=self._offsets(group, run), **self._form(mlp, mults))
         aliases = plan.in_place_aliases(count, (plan.P, plan.MOM, plan.RMS), self.in_place)
         out = self._call(
             kernel, "adafac_apply", tiles.tile, grid=(tiles.total,), in_specs=in_specs,
@@ -751,8 +820,7 @@ class PallasKernels:
             pl.BlockSpec((None,) + w_seg.shape[1:], lambda i: (segment(i, seg_starts), 0, 0)),
             pl.BlockSpec(b0.shape, lambda i: (0, 0)),
         ] + mlp_specs
-        kernel = functools.partial(_packed_apply_kernel, mults=mults, precision=self.precision,
-                                   layer1=self.layer1, hidden=mlp.w_hidden is not None)
+        kernel = functools.partial(_packed_apply_kernel, **self._form(mlp, mults))
         return self._call(
             kernel, "adafac_packed_apply", blocks, grid=(n,), in_specs=in_specs,
             out_specs=[packed[1], *packed[3:]],  # p, mom, rms, v_diag, as read
@@ -808,9 +876,8 @@ class PallasKernels:
             in_specs = [pl.BlockSpec((plan.NUM_CONSTS,), lambda i: (0,)), *p_specs, *p_specs,
                         *plane_specs, tiles.stacked_spec(w_seg, run.start),  # its first layer
                         pl.BlockSpec(b0.shape, lambda i: (0, 0)), *mlp_specs]
-            kernel = functools.partial(_vector_apply_kernel, tiles=tiles, mults=mults,
-                                       precision=self.precision, layer1=self.layer1,
-                                       hidden=mlp.w_hidden is not None)
+            kernel = functools.partial(_vector_apply_kernel, tiles=tiles,
+                                       **self._form(mlp, mults))
             aliases = plan.in_place_aliases(count, (plan.P, plan.MOM, plan.RMS, plan.V_DIAG),
                                             self.in_place)
             operands = self._vector_state(run, p, g, mom, rms, vd)
@@ -830,8 +897,9 @@ class PallasKernels:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
 def _fused(lopt, theta, state, grad, config):
-    interpret, mlp_precision, blocks, packed_blocks, layer1, in_place = config
-    kernels = plan.Kernels.of(PallasKernels(interpret, mlp_precision, layer1, in_place))
+    interpret, mlp_precision, blocks, packed_blocks, layer1, in_place, early_weights = config
+    kernels = plan.Kernels.of(PallasKernels(interpret, mlp_precision, layer1, in_place,
+                                            early_weights))
     return plan.fused_update(kernels, lopt, theta, state, grad, blocks=blocks,
                              packed_blocks=packed_blocks)
 
@@ -854,7 +922,7 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 def pallas_update(lopt, theta, state, grad, *, interpret: bool | None = None,
                   mlp_precision: str = "tf32", blocks: BlockSizes | None = None,
                   packed_blocks: BlockSizes | None = None, layer1: str = "dot",
-                  in_place: bool = True):
+                  in_place: bool = True, early_weights: bool = False):
     """Fused Pallas `AdafacMLPLOpt` update: the signature of `reference_update`.
 
     Forward runs the kernels; the backward pass (`jax.custom_vjp`) differentiates the
@@ -870,6 +938,8 @@ def pallas_update(lopt, theta, state, grad, *, interpret: bool | None = None,
       in_place: update p and the state in their buffers: right when the caller donates
         the state (or carries it through `lax.scan`); otherwise XLA copies them first,
         and `in_place=False` (fresh outputs) saves those copies (`plan.in_place_aliases`).
+      early_weights: where the apply kernels read the MLP's biases and output layer (see
+        `PallasKernels`).
 
     Returns:
       (new params tree, `LeafAccumulators` of accumulator trees).
@@ -881,4 +951,4 @@ def pallas_update(lopt, theta, state, grad, *, interpret: bool | None = None,
         interpret = jax.default_backend() == "cpu"
     return _fused(lopt, theta, state, grad,
                   (bool(interpret), mlp_precision, blocks, packed_blocks, layer1,
-                   bool(in_place)))
+                   bool(in_place), bool(early_weights)))
