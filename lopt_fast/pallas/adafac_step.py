@@ -202,8 +202,8 @@ def _dot_weights(w_ref, wh_ref, layer1):
     Triton stages a dot's weights in shared memory right after their load, so the
     program waits there for that load: read where each is used, each weight cost a
     round trip after the dot before it. The kernels read them after the tile's own loads
-    and before any math: compiled for sm_90 the apply kernel's chains of memory round
-    trips went from 5-6 to 3-4."""
+    and before any math: compiled for sm_90 the factored apply kernel waits on 4 memory
+    round trips in sequence, not 5-6 (`profiling/pallas_resources.py`'s RT)."""
     if layer1 == "dot_all":
         k = plan.NUM_EW_FACTORED
         first = (w_ref[pl.ds(0, k), :], w_ref[pl.ds(k, k), :])
@@ -220,8 +220,8 @@ def _vector_weights(bh_ref, wo_ref, c_ref):
 
 
 def _first_layer(pre0, feats, w, precision, layer1):
-    """Layer 1's pre-activations [rows cols, Hp] of feats (planes [rows, cols]); w: as
-    `_Weights.first`.
+    """Layer 1's pre-activations [rows cols, Hp] of feats (planes [rows, cols]); w: layer
+    1's weights as `_dot_weights` reads them.
 
     layer1 "fma": pre0 [rows, cols, Hp] (tables and bias) + one multiply-add per feature
     on the vector units; "dot": pre0 + the features as [rows cols, K] x w [K, Hp] (K = 16
@@ -281,12 +281,11 @@ def _mlp_step(pre, hidden_w, vector_w, mults, precision):
     return direction * jnp.exp(magnitude * exp_mult) * step_mult
 
 
-def _packed_apply(c_ref, loaded, w_ref, b0_ref, mlp_refs, mults, precision, layer1, hidden,
+def _packed_apply(c_ref, loaded, w_ref, b0_ref, mlp_refs, mults, precision, layer1,
                   early_weights):
     """A non-factored tile's new p and accumulators (m, rms, v) from its loads (g, p, mom,
     rms, v_diag), w_ref [32, Hp] (its tensor's first-layer rows) and b0 [1, Hp]. These
     tensors have no per-row / per-column features: "dot_all" runs their layer 1 as "dot"."""
-    del hidden  # mlp_refs are split already
     layer1 = "fma" if layer1 == "fma" else "dot"
     wh_ref, bh_ref, wo_ref = mlp_refs
     (first, hidden_w), b0 = _dot_weights(w_ref, wh_ref, layer1), b0_ref[...]
@@ -533,7 +532,7 @@ def _vector_apply_kernel(c_ref, *refs, tiles: MemberTiles, **form):
     # in p's dtype, mom [3, 1, T], rms [1, 1, T], v_diag [3, 1, T]
     count = len(tiles.shapes)
     w_ref, b0_ref = refs[5 * count:5 * count + 2]
-    mlp_refs, outs = _split_mlp(refs[5 * count + 2:], form["hidden"])
+    mlp_refs, outs = _split_mlp(refs[5 * count + 2:], form.pop("hidden"))
     po, mo, ro, vo = (outs[a * count:(a + 1) * count] for a in range(4))
     seg, mask, loaded = _vector_loads(refs[:5 * count], tiles)
     new_p, m, rms, v = _packed_apply(c_ref, loaded, w_ref, b0_ref, mlp_refs, **form)
@@ -563,7 +562,7 @@ def _packed_moments_kernel(c_ref, p_ref, g_ref, mom_ref, rms_ref, vd_ref, n_ref,
 def _packed_apply_kernel(c_ref, p_ref, g_ref, mom_ref, rms_ref, vd_ref, w_ref, b0_ref, *rest,
                          **form):
     # w [32, Hp]: this tile's tensor's first-layer rows; b0 [1, Hp]
-    mlp_refs, (po_ref, mo_ref, ro_ref, vo_ref) = _split_mlp(rest, form["hidden"])
+    mlp_refs, (po_ref, mo_ref, ro_ref, vo_ref) = _split_mlp(rest, form.pop("hidden"))
     loaded = (g_ref[...], p_ref[...], [mom_ref[q] for q in range(3)], rms_ref[0],
               [vd_ref[q] for q in range(3)])
     po_ref[...], m, rms, v = _packed_apply(c_ref, loaded, w_ref, b0_ref, mlp_refs, **form)
