@@ -7,8 +7,10 @@
 # Sections: env, launchers, tests, compare, step, ncu, xla_step, graphs, donated, sweep,
 # profile, meta. Each writes $OUT/<section>.log (OUT defaults to ./out) and runs under its
 # own time limit, so one failure or hang does not cost the rest. The default list (about 5
-# minutes on an H200 in session 15, before ncu; the most needed first, the sweep last as
-# the first to give up): the kernels tested on the GPU, a one-step check of each Triton
+# minutes on an H200 in session 15, before ncu and the longer sweeps of session 16: now
+# about 9-10, so run it as two calls of under 600 s, `env tests launchers step ncu` then
+# `donated profile sweep`; the most needed first, the sweep last as the first to give
+# up): the kernels tested on the GPU, a one-step check of each Triton
 # launcher (else jax-triton's legacy call for the rest), step.py with the state kept,
 # the kernels' hardware counters (ncu, 3 runs, not yet timed), step.py with the state
 # donated (as a training loop runs), where the time goes (profile), and the tile /
@@ -77,13 +79,15 @@ jax_triton.__version__); print(jax.devices())" ;;
       # apply kernels at 1e7 parameters: what the apply kernel waits on (warp stall
       # reasons), occupancy, DRAM / L2 traffic (profiling/ncu_step.py). One run per line of
       # NCU_RUNS; each writes its report, details page and raw metrics to $OUT/ncu_<n>.
+      # A run that fails (no ncu, no counters) ends the section: the rest would too.
       n=0
       while IFS= read -r args; do
         n=$((n + 1))
         # shellcheck disable=SC2086
         run "${NCU_LIMIT:-150}" ncu python3 profiling/ncu_step.py --out "$OUT/ncu_$n" $args
+        grep -q "rc=0" <(tail -1 "$OUT/ncu.log") || break
       done <<< "${NCU_RUNS:-"--backend pallas
---backend pallas --layer1 dot_all --precision bf16
+--backend pallas --layer1 dot_all --precision bf16 --early-weights
 --backend triton"}" ;;
     step)
       # The default sizes fit the limit (all of step.py's GPU defaults at 20 repeats took

@@ -1,7 +1,7 @@
 """Hardware counters of the fused step's moments and apply kernels (Nsight Compute, GPU).
 
     python profiling/ncu_step.py                                   # pallas, its defaults, 1e7
-    python profiling/ncu_step.py --backend pallas --layer1 dot_all --precision bf16
+    python profiling/ncu_step.py --backend pallas --layer1 dot_all --precision bf16 --early-weights
     python profiling/ncu_step.py --backend triton --params 1e8 --out /tmp/ncu
 
 The apply kernel moves 44 B / param at a fifth of the copy rate and issues its
@@ -79,8 +79,8 @@ def _target(args):
     shapes = model_shapes(int(args.params))
     params, grad = random_tree(shapes, jax.random.key(1)), random_tree(shapes, jax.random.key(2))
     state = lopt.opt_fn(theta, backend="reference").init(params, num_steps=1000)
-    options = {k: v for k, v in (("layer1", args.layer1), ("mlp_precision", args.precision))
-               if v is not None}
+    options = {k: v for k, v in (("layer1", args.layer1), ("mlp_precision", args.precision),
+                                 ("early_weights", args.early_weights or None)) if v is not None}
     step = jax.jit(lambda s, g: update(lopt, theta, s, g, in_place=False, **options))
     for _ in range(args.warmup + args.steps):
         out = jax.block_until_ready(step(state, grad))
@@ -150,6 +150,8 @@ def main(argv=None):
     ap.add_argument("--hidden-size", type=int, default=32)
     ap.add_argument("--layer1", default=None, help="the backend's default unless given")
     ap.add_argument("--precision", default=None, help="mlp_precision; the default unless given")
+    ap.add_argument("--early-weights", action="store_true",
+                    help="pallas: read the MLP's biases and output layer before the math")
     ap.add_argument("--warmup", type=int, default=2, help="steps before the profiled one")
     ap.add_argument("--steps", type=int, default=1, help="steps profiled")
     ap.add_argument("--out", default="/tmp/lopt_fast_ncu")
