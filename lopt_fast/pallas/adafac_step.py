@@ -212,11 +212,20 @@ def _dot_weights(w_ref, wh_ref, layer1):
     return first, [wh_ref[i] for i in range(0 if wh_ref is None else wh_ref.shape[0])]
 
 
-def _vector_weights(bh_ref, wo_ref, c_ref):
+def _vector_weights(mlp_refs, c_ref):
     """The MLP's weights that stay in registers: each H x H layer's bias, the output
     layer's direction and magnitude rows [Hp] and biases."""
+    _, bh_ref, wo_ref = mlp_refs
     biases = [bh_ref[i, :] for i in range(0 if bh_ref is None else bh_ref.shape[0])]
     return biases, (wo_ref[0, :], wo_ref[1, :], c_ref[C_BOUT], c_ref[C_BOUT + 1])
+
+
+def _mlp_weights(w_ref, mlp_refs, c_ref, layer1, early_weights):
+    """What an apply kernel reads of the MLP before its math: the dots' weights
+    (`_dot_weights`: first, hidden) and, with `early_weights`, the rest
+    (`_vector_weights`; else None, and `_mlp_step` reads them where they are used)."""
+    first, hidden_w = _dot_weights(w_ref, mlp_refs[0], layer1)
+    return first, hidden_w, _vector_weights(mlp_refs, c_ref) if early_weights else None
 
 
 def _first_layer(pre0, feats, w, precision, layer1):
@@ -267,10 +276,12 @@ def _relu(x, precision: str, into_dot: bool):
     return jnp.maximum(x, 0.0)
 
 
-def _mlp_step(pre, hidden_w, vector_w, mults, precision):
+def _mlp_step(pre, hidden_w, vector_w, mlp_refs, c_ref, mults, precision):
     """Layer 1's pre-activations pre [n, Hp] -> the step [n]: relu, the H x H layers
-    (hidden_w, `_dot_weights`), the output layer (vector_w: `_vector_weights`) and
-    direction exp(magnitude exp_mult) step_mult."""
+    (hidden_w, `_dot_weights`), the output layer (vector_w: `_vector_weights`, read here
+    if None) and direction exp(magnitude exp_mult) step_mult."""
+    if vector_w is None:
+        vector_w = _vector_weights(mlp_refs, c_ref)
     biases, (w_dir, w_mag, b_dir, b_mag) = vector_w
     h = _relu(pre, precision, bool(hidden_w))
     for i, (w, b) in enumerate(zip(hidden_w, biases, strict=True)):
@@ -287,15 +298,13 @@ def _packed_apply(c_ref, loaded, w_ref, b0_ref, mlp_refs, mults, precision, laye
     rms, v_diag), w_ref [32, Hp] (its tensor's first-layer rows) and b0 [1, Hp]. These
     tensors have no per-row / per-column features: "dot_all" runs their layer 1 as "dot"."""
     layer1 = "fma" if layer1 == "fma" else "dot"
-    wh_ref, bh_ref, wo_ref = mlp_refs
-    (first, hidden_w), b0 = _dot_weights(w_ref, wh_ref, layer1), b0_ref[...]
-    vector_w = _vector_weights(bh_ref, wo_ref, c_ref) if early_weights else None
+    first, hidden_w, vector_w = _mlp_weights(w_ref, mlp_refs, c_ref, layer1, early_weights)
+    b0 = b0_ref[...]
     m, rms, v, feats = _packed_features(c_ref, *loaded)
     rows, cols = feats[0].shape
     pre0 = jnp.broadcast_to(b0[None, :, :], (rows, cols, b0.shape[-1]))
     pre = _first_layer(pre0, feats, first, precision, layer1)
-    vector_w = vector_w or _vector_weights(bh_ref, wo_ref, c_ref)
-    step = _mlp_step(pre, hidden_w, vector_w, mults, precision)
+    step = _mlp_step(pre, hidden_w, vector_w, mlp_refs, c_ref, mults, precision)
     return loaded[1] - step.reshape(rows, cols), m, rms, v
 
 
@@ -458,18 +467,16 @@ def _factored_apply_kernel(c_ref, *refs, tiles: MemberTiles, offsets, mults, pre
     mlp_refs, rest = _split_mlp(refs[4 * count + 5:], hidden)
     (nu_ref, nv_ref), outs = rest[:2], rest[2:]
     po, mo, ro, uo, vo = (outs[a * count:(a + 1) * count] for a in range(5))
-    # The tile's loads, then the dots' weights (`_dot_weights`), then the math.
+    # The tile's loads, then the MLP's (`_mlp_weights`), then the math.
     t = _factored_loads(state_refs, fu_ref, fv_ref, tiles, offsets)
     seg, (j, k), (row_ok, col_ok, mask), starts, p = t.seg, t.blocks, t.masks, t.starts, t.p
     tu, tv = _side_load(tu_ref, starts[0], row_ok), _side_load(tv_ref, starts[1], col_ok)
-    wh_ref, bh_ref, wo_ref = mlp_refs
-    first, hidden_w = _dot_weights(w_ref, wh_ref, layer1)
-    vector_w = _vector_weights(bh_ref, wo_ref, c_ref) if early_weights else None
+    first, hidden_w, vector_w = _mlp_weights(w_ref, mlp_refs, c_ref, layer1, early_weights)
     m, rms, feats = _factored_features(c_ref, t)
     pre0 = _row_col_operand(tu, tv) if layer1 == "dot_all" else tu[:, None, :] + tv[None, :, :]
     pre = _first_layer(pre0, feats, first, precision, layer1)
-    vector_w = vector_w or _vector_weights(bh_ref, wo_ref, c_ref)
-    new_p = p - _mlp_step(pre, hidden_w, vector_w, mults, precision).reshape(p.shape)
+    step = _mlp_step(pre, hidden_w, vector_w, mlp_refs, c_ref, mults, precision)
+    new_p = p - step.reshape(p.shape)
 
     def store(a):
         _store(po[a], new_p, mask)
