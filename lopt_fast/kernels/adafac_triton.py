@@ -156,15 +156,16 @@ def _dot(a, b, acc, PREC: tl.constexpr):
 
 
 @triton.jit
-def _hidden0(wh_ptr, HP: tl.constexpr, NHID: tl.constexpr, L1: tl.constexpr):
-    """The first H x H layer's weights [HP, HP], read by the apply kernels with layer 1 as
-    a dot before their math (zeros otherwise, which `_mlp_rest` then ignores): Triton
-    stages a dot's weights in shared memory right after their load, so read where used
-    they cost a memory round trip after the dot before (compiled for sm_90, the apply
-    kernel with layer 1 as "dot" waits on 4 round trips in sequence, not 5; as FMAs the
-    early read cost 40 registers in the packed kernel and gained nothing)."""
+def _hidden0(wh_ptr, HP: tl.constexpr, NHID: tl.constexpr):
+    """The first H x H layer's weights [HP, HP] (zeros if there is none), for `_mlp_rest`.
+    The apply kernels with layer 1 as a dot read them before their math: Triton stages a
+    dot's weights in shared memory right after their load, so read where used they cost
+    a memory round trip after the dot before (compiled for sm_90, the apply kernel with
+    layer 1 as "dot" waits on 4 round trips in sequence, not 5). With layer 1 as FMAs
+    they read them just before `_mlp_rest`: early, the packed kernel took 40 registers
+    more and gained nothing."""
     k = tl.arange(0, HP)
-    if NHID > 0 and L1 != "fma":
+    if NHID > 0:
         return tl.load(wh_ptr + k[:, None] * HP + k[None, :])
     else:
         return tl.zeros((HP, HP), tl.float32)
@@ -173,12 +174,12 @@ def _hidden0(wh_ptr, HP: tl.constexpr, NHID: tl.constexpr, L1: tl.constexpr):
 @triton.jit
 def _mlp_rest(pre, wh0, c_ptr, wh_ptr, bh_ptr, wo_ptr, R: tl.constexpr, C: tl.constexpr,
               HP: tl.constexpr, NHID: tl.constexpr, EXP_MULT: tl.constexpr,
-              STEP_MULT: tl.constexpr, PREC: tl.constexpr, L1: tl.constexpr):
+              STEP_MULT: tl.constexpr, PREC: tl.constexpr):
     """pre: the layer-1 pre-activations [R C, HP] -> the step [R, C]; wh0: `_hidden0`."""
     h = tl.maximum(pre, 0.0)
     k = tl.arange(0, HP)
     for layer in tl.static_range(NHID):
-        if layer == 0 and L1 != "fma":
+        if layer == 0:
             w = wh0
         else:
             w = tl.load(wh_ptr + layer * HP * HP + k[:, None] * HP + k[None, :])
@@ -452,8 +453,8 @@ def _factored_apply_body(task, t, B, U, VQ, OU, OV, SEG, c_ptr, p_ptr, g_ptr, mo
     k = tl.arange(0, TW)
     tu = tl.load(tu_ptr + u[:, None] * TW + k[None, :], mask=(u < U)[:, None], other=0.0)
     tv = tl.load(tv_ptr + v[:, None] * TW + k[None, :], mask=(v < V)[:, None], other=0.0)
-    wh0 = _hidden0(wh_ptr, HP, NHID, L1)
     if L1 != "fma":  # the dots' weights before the math (`_hidden0`)
+        wh0 = _hidden0(wh_ptr, HP, NHID)
         w1 = tl.load(w_ptr + _bitrev4(tl.arange(0, 16))[:, None] * HP + h[None, :])
         if L1 == "dot_all":
             w_uv = tl.load(w_ptr + _uv_row(tl.arange(0, 16))[:, None] * HP + h[None, :])
@@ -475,8 +476,10 @@ def _factored_apply_body(task, t, B, U, VQ, OU, OV, SEG, c_ptr, p_ptr, g_ptr, mo
             pre = _dot(_row_col_features16(tu, tv, R, C), w_uv, acc, PREC)
         else:  # the tables' sum reshaped, not the dot's result (sm_90, 1x256: 188 registers, not 228)
             pre = tl.reshape(pre, (R * C, HP)) + acc
+    if L1 == "fma":
+        wh0 = _hidden0(wh_ptr, HP, NHID)
     step = _mlp_rest(pre, wh0, c_ptr, wh_ptr, bh_ptr, wo_ptr, R, C, HP, NHID, EXP_MULT,
-                     STEP_MULT, PREC, L1)
+                     STEP_MULT, PREC)
     po_ptr, mo_ptr, ro_ptr = po_ptr + task * n, mo_ptr + task * 3 * n, ro_ptr + task * n
     tl.store(po_ptr + off, (p - step).to(po_ptr.dtype.element_ty), mask=mask)
     tl.store(mo_ptr + off, m0, mask=mask)
@@ -559,8 +562,8 @@ def _packed_apply_body(task, t, n, seg, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, v
     b0_ptr = b0_ptr + task * HP
     wh_ptr, bh_ptr, wo_ptr = _task_mlp(task, wh_ptr, bh_ptr, wo_ptr, HP, NHID)
     b0 = tl.load(b0_ptr + tl.arange(0, HP))
-    wh0 = _hidden0(wh_ptr, HP, NHID, L1)
     if L1 != "fma":  # the dots' weights before the math (`_hidden0`)
+        wh0 = _hidden0(wh_ptr, HP, NHID)
         col = tl.arange(0, 32)
         w1 = tl.load(w_ptr + ((col & 1) * 16 + _bitrev4(col >> 1))[:, None] * HP
                      + tl.arange(0, HP)[None, :])
@@ -589,8 +592,10 @@ def _packed_apply_body(task, t, n, seg, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, v
             _features16(v0, v1, v2, s0, s1, s2, z, z, z, z, z, z, z, z, z, z, R * C)),
             (R * C, 32))
         pre = _dot(x, w1, tl.zeros((R * C, HP), tl.float32) + b0[None, :], PREC)
+    if L1 == "fma":
+        wh0 = _hidden0(wh_ptr, HP, NHID)
     step = _mlp_rest(pre, wh0, c_ptr, wh_ptr, bh_ptr, wo_ptr, R, C, HP, NHID, EXP_MULT,
-                     STEP_MULT, PREC, L1)
+                     STEP_MULT, PREC)
     po_ptr, mo_ptr = po_ptr + task * n, mo_ptr + task * 3 * n
     ro_ptr, vo_ptr = ro_ptr + task * n, vo_ptr + task * 3 * n
     tl.store(po_ptr + off, (p - step).to(po_ptr.dtype.element_ty), mask=mask)
