@@ -132,8 +132,7 @@ def resources(compiled) -> Resources:
     regs = int(re.search(r"Used (\d+) registers", text).group(1))
     spill_st = int(re.search(r"(\d+) bytes spill stores", text).group(1))
     spill_ld = int(re.search(r"(\d+) bytes spill loads", text).group(1))
-    ops = collections.Counter(m.group(1) for m in re.finditer(
-        r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9]+)", sass, re.M))
+    ops = collections.Counter(m.group(1).split(".")[0] for m in _SASS_LINE.finditer(sass))
     return Resources(regs, spill_st, spill_ld, ops, load_round_trips(sass))
 
 
