@@ -12,7 +12,7 @@
 # `donated profile sweep`; the most needed first, the sweep last as the first to give
 # up): the kernels tested on the GPU, a one-step check of each Triton
 # launcher (else jax-triton's legacy call for the rest), step.py with the state kept,
-# the kernels' hardware counters (ncu, 3 runs, not yet timed), step.py with the state
+# the kernels' hardware counters (ncu, 3 runs, not yet run), step.py with the state
 # donated (as a training loop runs), where the time goes (profile), and the tile /
 # precision / persistent / layer-1 sweep with Adam timed in the same run. Left out: the diagnostic
 # compare, xla_step (step.py's Triton rows through XLA's own Triton calls), graphs (host
@@ -87,7 +87,7 @@ jax_triton.__version__); print(jax.devices())" ;;
         run "${NCU_LIMIT:-150}" ncu python3 profiling/ncu_step.py --out "$OUT/ncu_$n" $args
         grep -q "rc=0" <(tail -1 "$OUT/ncu.log") || break
       done <<< "${NCU_RUNS:-"--backend pallas
---backend pallas --layer1 dot_all --precision bf16 --early-weights
+--backend pallas --precision tf32_fp16
 --backend triton"}" ;;
     step)
       # The default sizes fit the limit (all of step.py's GPU defaults at 20 repeats took
@@ -109,23 +109,24 @@ jax_triton.__version__); print(jax.devices())" ;;
         ${DONATED_ARGS:---sizes 1e7 1e8 --tasks 64 --repeats 10 --backends pallas triton} ;;
     sweep)
       # shellcheck disable=SC2086
-      # triton: 8 one-program-per-tile configurations and 8 persistent ones (2 stages; 3 with
-      # SWEEP_ARGS), + default + adam, at 1e7 and 1e8 (session 15 on an H200: bf16 operands
-      # 1.2-1.3x faster, the rest within noise); pallas: its 1x256 tile at 4 warps, layer 1
-      # as "dot" (the default since session 15) and "dot_all" (session 16), TF32 / bf16
-      # operands, the MLP's biases and output layer read early or where used
-      # (early_weights): compiled for sm_90 (docs/KERNELS.md, "Session 16") the apply
-      # kernel has 640 / 608 instructions per element (dot / dot_all, TF32), 524 / 452 with
-      # bf16; early weights take 2-3 memory round trips in sequence instead of 4, at the
-      # same 12 warps per SM with bf16 and 8 instead of 12 with TF32. Which pays: fewer
-      # instructions, bf16, fewer round trips, or occupancy?
+      # triton: 12 configurations (tile x layer 1 x precision), + default + adam, at 1e7 and
+      # 1e8; session 15 on an H200: bf16 operands 1.2-1.3x faster, the 4x64 tile and the
+      # persistent kernel within noise (add `--persistent off on` to SWEEP_ARGS for it).
+      # pallas: its 1x256 tile at 4 warps, layer 1 as "dot" (the default since session 15)
+      # and "dot_all" (session 16), the MLP's biases and output layer read early or where
+      # used (early_weights), and three precisions: TF32; "tf32_fp16" (session 17: the
+      # H x H layer on fp16 operands, TF32's mantissa, without the TF32 accumulator-to-
+      # operand shuffles); bf16. Compiled for sm_90 (docs/KERNELS.md, "Session 17") the
+      # apply kernel has 640 / 608 instructions per element (dot / dot_all) with TF32,
+      # 556 / 524 with tf32_fp16, 524 / 452 with bf16. Which pays: fewer instructions,
+      # fewer round trips (early weights), or occupancy?
       run "${SWEEP_LIMIT:-240}" sweep python3 benchmarks/tile_sweep.py \
-        ${SWEEP_ARGS:---tiles 1x256 4x64 --warps 4 --layer1 dot dot_all --precision tf32 bf16 \
-          --persistent off on --stages 2}
+        ${SWEEP_ARGS:---tiles 1x256 4x64 --warps 4 --layer1 dot dot_all \
+          --precision tf32 tf32_fp16 bf16 --persistent off --stages 2}
       # shellcheck disable=SC2086
-      run 150 sweep python3 benchmarks/tile_sweep.py --backend pallas \
-        ${PALLAS_SWEEP_ARGS:---tiles 1x256 --warps 4 --layer1 dot dot_all --precision tf32 bf16 \
-          --early-weights off on} ;;
+      run "${PALLAS_SWEEP_LIMIT:-200}" sweep python3 benchmarks/tile_sweep.py --backend pallas \
+        ${PALLAS_SWEEP_ARGS:---tiles 1x256 --warps 4 --layer1 dot dot_all \
+          --precision tf32 tf32_fp16 bf16 --early-weights off on} ;;
     profile)
       # 1e7 parameters, and the meta-training shape (64 tasks x the convnet), where the
       # wall time against the device's busy time says whether launches dominate

@@ -53,6 +53,17 @@ KERNEL_TOLERANCE = GPU_TOLERANCE if jax.default_backend() == "gpu" else TOLERANC
 # Pallas' bf16 dots (interpreted: XLA's CPU dot of bf16 operands) passed them for 6 seeds.
 BF16_DOTS_TOLERANCE = Tolerance({jnp.dtype(jnp.float32): (2e-3, 2e-3),
                                  jnp.dtype(jnp.bfloat16): (1e-2, 1.6e-2)}, step_rel=8e-2)
+# TF32 hidden-layer dots (the default): operands keep a 10-bit mantissa. Measured on an
+# H100 (2026-11-25) against the CPU reference: params up to 3.1e-5 off after 3 steps
+# (layer 1 as FMAs), and a step relative error of 3.2e-3 against a TF32 reference. With
+# layer 1 as a dot (the default since; the features are TF32 operands too) one element
+# in one of 13 runs on an H200 (2026-11-30) was 1.48e-4 off where 1e-4 / 1e-4 allowed 1.07e-4:
+# the bounds below leave 2x over it. "tf32_fp16" (the H x H layers' operands in fp16, the
+# same 10-bit mantissa) shares them; interpreted on a CPU its fp16 operands are the only
+# rounding (the "tf32" dots run in float32 there).
+TF32_TOLERANCE = Tolerance({jnp.dtype(jnp.float32): (3e-4, 3e-4),
+                            jnp.dtype(jnp.bfloat16): (1e-2, 1.6e-2)}, step_rel=1e-2)
+
 NUM_STEPS = 3
 
 
@@ -158,7 +169,8 @@ def ref_fn(lopt):
 
 @pytest.mark.parametrize("layer1, mlp_precision, tol, early_weights", [
     ("fma", "ieee", KERNEL_TOLERANCE, False), ("dot", "ieee", KERNEL_TOLERANCE, False),
-    ("dot_all", "ieee", KERNEL_TOLERANCE, True), ("dot", "bf16", BF16_DOTS_TOLERANCE, False)])
+    ("dot_all", "ieee", KERNEL_TOLERANCE, True), ("dot", "bf16", BF16_DOTS_TOLERANCE, False),
+    ("dot_all", "tf32_fp16", TF32_TOLERANCE, False)])
 def test_tree_of_shape_classes_multi_tile(lopt, ref_fn, layer1, mlp_precision, tol,
                                           early_weights):
     seed = _seed()
@@ -169,10 +181,41 @@ def test_tree_of_shape_classes_multi_tile(lopt, ref_fn, layer1, mlp_precision, t
                                                    blocks=SMALL_TILES, packed_blocks=SMALL_PACKED,
                                                    layer1=layer1, early_weights=early_weights))
     run_trajectories(lopt, theta, params, TREE_SHAPES, rng, kernel, ref_fn, tol=tol)
-    # float32 params: bf16 appears in the kernels only as "bf16" dots' operands
+    # float32 params: bf16 / fp16 appear in the kernels only as those dots' operands
     state = lopt.opt_fn(theta, backend="reference").init(params, num_steps=10)
     jaxpr = str(jax.make_jaxpr(kernel)(theta, state, params))
     assert ("bfloat16" in jaxpr) == (mlp_precision == "bf16")
+    assert bool(re.search(r"(?<!b)float16", jaxpr)) == (mlp_precision == "tf32_fp16")
+
+
+def check_fp16_saturation(lopt, update, seed):
+    """`update(lopt, theta, state, grad, mlp_precision=...)` with "tf32_fp16", whose H x H
+    layers take fp16 operands (largest finite value 65504): layer-1 weights scaled by 1e8
+    put the hidden activations far past it, where a plain cast makes them inf and the
+    next dot inf - inf = NaN. Saturated, every output stays finite, as float32's ("ieee")
+    do (the output layer's magnitude row is zero, so its exp cannot overflow), with
+    steps of the saturated activations' scale."""
+    rng = np.random.default_rng(seed)
+    theta = random_theta(lopt, jax.random.key(seed))
+    nn = theta["nn"]["~"]
+    nn["w0"] = 1e8 * nn["w0"]
+    nn["w2"] = nn["w2"].at[:, 1].set(0.0)
+    params = random_tree(rng, TREE_SHAPES)
+    grad = random_tree(rng, TREE_SHAPES)
+    state = lopt.opt_fn(theta, backend="reference").init(params, num_steps=10)
+    steps = {}
+    for precision in ("ieee", "tf32_fp16"):
+        new_params, acc = update(lopt, theta, state, grad, mlp_precision=precision)
+        assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves((new_params, acc))), \
+            f"{precision}: non-finite outputs (seed {seed})"
+        steps[precision] = max(float(jnp.abs(new_params[k] - params[k]).max()) for k in params)
+    fp16_scale = 65504 * lopt.step_mult  # a step of activations at fp16's largest value
+    assert steps["ieee"] > 100 * fp16_scale, steps  # float32's activations: past it
+    assert steps["tf32_fp16"] > 1e-2 * fp16_scale, steps
+
+
+def test_fp16_hidden_layers_saturate_rather_than_overflow(lopt):
+    check_fp16_saturation(lopt, pallas_update, _seed())
 
 
 # More factored tensors than one Pallas launch takes (`blocks.PALLAS_MAX_MEMBERS`), and
@@ -382,6 +425,11 @@ def test_kernels_compile_for_sm90():
     assert compiled.asm["ptx"].count("wgmma.mma_async") > mma["dot", "adafac_apply"]
     dots = re.findall(r"(%\w+) = ttng\.warp_group_dot %\w+, %\w+, (%\w+)", compiled.asm["ttgir"])
     assert any(acc in {res for res, _ in dots} for _, acc in dots), dots
+    # "tf32_fp16": layer 1 on TF32 operands, the H x H layer on fp16 ones, in both apply kernels.
+    modules = dict(step_modules(shapes, hidden=32, mlp_precision="tf32_fp16"))
+    for name in ("adafac_apply", "adafac_packed_apply"):
+        ptx = compile_module(modules[name]).asm["ptx"]
+        assert ".tf32.tf32" in ptx and ".f16.f16" in ptx, f"{name}: not TF32 then fp16 MMAs"
     # Factored tensors whose planes all fit one tile: the sides pass replaces the sums pass.
     modules = dict(step_modules({"conv": (3, 3, 16, 32), "w": (20, 6)}, hidden=32))
     assert "adafac_row_col_sums" not in modules, set(modules)

@@ -33,8 +33,8 @@ from tests.test_pallas_step import (
     KERNEL_TOLERANCE,
     SMALL_PACKED,
     SMALL_TILES,
+    TF32_TOLERANCE,
     TREE_SHAPES,
-    Tolerance,
     run_trajectories,
 )
 
@@ -57,15 +57,6 @@ def every_shape_class(lopt, seed, large=True):
               for k, s in shapes.items()}
     return theta, params, shapes, rng
 
-
-# TF32 hidden-layer dots (the default): operands keep a 10-bit mantissa. Measured on an
-# H100 (2026-11-25) against the CPU reference: params up to 3.1e-5 off after 3 steps
-# (layer 1 as FMAs), and a step relative error of 3.2e-3 against a TF32 reference. With
-# layer 1 as a dot (the default since; the features are TF32 operands too) one element
-# in one of 13 runs on an H200 (2026-11-30) was 1.48e-4 off where 1e-4 / 1e-4 allowed 1.07e-4:
-# the bounds below leave 2x over it.
-TF32_TOLERANCE = Tolerance({jnp.dtype(jnp.float32): (3e-4, 3e-4),
-                            jnp.dtype(jnp.bfloat16): (1e-2, 1.6e-2)}, step_rel=1e-2)
 
 
 
@@ -101,6 +92,8 @@ def test_kernels_compile_for_sm90(hidden_layers):
          dict(R=2, C=128, **apply("dot_all"))),
         (at.factored_apply_kernel((130, 9), sides + (("SEG", (0, 1)),)), {},
          dict(R=1, C=256, **apply("dot", PREC="bf16"))),
+        (at.factored_apply_kernel((130, 9), sides + (("SEG", (0, 1)),)), {},
+         dict(R=1, C=256, **apply("dot_all", PREC="tf32_fp16"))),
         (at.factored_apply_kernel((130, 9), sides + (("SEG", (0, 1)),), persistent=True), {},
          dict(R=1, C=256, **apply("dot_all", PREC="bf16"), TASKS=1, STAGES=2)),
         # non-factored tensors of 1, 300 and 257 elements (2x128 tiles), as one launch (a run
@@ -112,6 +105,8 @@ def test_kernels_compile_for_sm90(hidden_layers):
          dict(R=2, C=128, L1="fma", SEGS=5, **mlp)),
         (at.packed_apply_kernel((1, 300), (1, 2), (3, 4)), {},
          dict(R=2, C=128, L1="dot", SEGS=5, **mlp)),
+        (at.packed_apply_kernel((1, 300), (1, 2), (3, 4)), {},
+         dict(R=2, C=128, L1="dot", SEGS=5, **dict(mlp, PREC="tf32_fp16"))),
     ]
     for kernel, dtypes, constexprs in cases:
         compiled = compile_kernel(kernel, constexprs, dtypes, num_warps=4)
@@ -119,6 +114,9 @@ def test_kernels_compile_for_sm90(hidden_layers):
         assert "cubin" in compiled.asm, kernel.__name__
         if "apply" in kernel.__name__ and hidden_layers > 1:
             assert "mma" in ptx, f"{kernel.__name__}: expected tensor-core MMA for tl.dot"
+        if constexprs.get("PREC") == "tf32_fp16":  # layer 1 on TF32, the H x H layer on fp16
+            assert ".tf32.tf32" in ptx, kernel.__name__
+            assert (".f16.f16" in ptx) == (hidden_layers > 1), kernel.__name__
         if "persistent" in kernel.__name__:  # the next tiles' loads copied asynchronously
             assert "cp.async" in ptx, f"{kernel.__name__}: the tile loop was not pipelined"
 
@@ -131,6 +129,7 @@ def test_kernels_compile_for_sm90(hidden_layers):
     ("tf32", TF32_TOLERANCE, None, None, "dot_all", False, "jax_triton"),  # row / column features
     ("ieee", KERNEL_TOLERANCE, SMALL_TILES, SMALL_PACKED, "dot_all", False, "jax_triton"),
     ("bf16", BF16_DOTS_TOLERANCE, None, None, "dot", False, "jax_triton"),  # bf16 operands
+    ("tf32_fp16", TF32_TOLERANCE, None, None, "dot", False, "jax_triton"),  # fp16 H x H layers
     ("bf16", BF16_DOTS_TOLERANCE, None, None, "dot_all", True, "jax_triton"),  # persistent apply
     ("ieee", KERNEL_TOLERANCE, SMALL_TILES, SMALL_PACKED, "dot", True, "jax_triton"),
     ("tf32", TF32_TOLERANCE, None, None, "dot", False, "jax_triton_legacy"),  # jax-triton's call
@@ -165,18 +164,21 @@ def test_triton_matches_reference_every_shape_class_and_bf16(mlp_precision, tol,
                                    "--no-whole-planes"],
                                   ["--precision", "tf32"],
                                   ["--precision", "bf16", "--layer1", "dot_all"],
+                                  ["--precision", "tf32_fp16", "--small-tiles"],
                                   ["--vmapped"],
                                   ["--precision", "ieee", "--small-tiles", "--persistent"],
                                   ["--vmapped", "--persistent"]],
                          ids=["ieee-small-tiles", "layer1-fma", "layer1-dot_all",
-                              "tf32-default-tiles", "bf16-dots-dot_all", "vmapped-tasks",
+                              "tf32-default-tiles", "bf16-dots-dot_all",
+                              "tf32_fp16-dots-small-tiles", "vmapped-tasks",
                               "persistent-small-tiles", "persistent-vmapped-tasks"])
 def test_triton_kernels_interpreted_match_reference(case):
     """Small ragged tiles with float32 dots, layer 1 in each form (as FMAs with one small
     tensor per member launch: several launches per pass; "dot_all" with the row / column
     sums pass where the planes would fit one tile); the default tiles and
     code path (TF32 dots on a GPU, float32 in the interpreter); bf16 dot operands (the
-    interpreter rounds them as a GPU does) with the row / column features in the dot; 3
+    interpreter rounds them as a GPU does) with the row / column features in the dot;
+    fp16 operands of the H x H layers, and their saturation (`check_fp16_saturation`); 3
     vmapped tasks with their own theta, and meta-gradients through the custom_vjp under
     vmap. The public `triton_update` with interpreted launches, in a fresh process because
     Triton must start interpreted. About 20 s each with small tiles, 70 s otherwise, on 2

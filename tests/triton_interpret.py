@@ -22,6 +22,7 @@ builds of both are enough.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import threading
 
@@ -195,8 +196,16 @@ def check_against_reference(mlp_precision: str, small_tiles: bool, seed: int,
     """The backend on every shape class and bf16 params, several steps, against the reference."""
     from lopt_fast.learned import AdafacMLPLOpt
     from tests.helpers import precise_reference
-    from tests.test_pallas_step import SMALL_PACKED, SMALL_TILES, TOLERANCE, run_trajectories
-    from tests.test_triton_step import BF16_DOTS_TOLERANCE, every_shape_class
+    from tests.test_pallas_step import (
+        BF16_DOTS_TOLERANCE,
+        SMALL_PACKED,
+        SMALL_TILES,
+        TF32_TOLERANCE,
+        TOLERANCE,
+        check_fp16_saturation,
+        run_trajectories,
+    )
+    from tests.test_triton_step import every_shape_class
 
     lopt = AdafacMLPLOpt(hidden_size=32, exp_mult=0.3, step_mult=0.01)
     # Small tiles on large shapes mean thousands of interpreted programs: small shapes there.
@@ -207,9 +216,14 @@ def check_against_reference(mlp_precision: str, small_tiles: bool, seed: int,
         layer1=layer1, persistent=persistent))
     ref = precise_reference(lopt)
     # The interpreter ignores `input_precision` (float32 dots, so "tf32" gets the float32
-    # tolerances); bf16 operands are rounded in the kernel, so they get their own.
-    tol = BF16_DOTS_TOLERANCE if mlp_precision == "bf16" else TOLERANCE
+    # tolerances); bf16 / fp16 operands are rounded in the kernel, so they get their own.
+    tol = {"bf16": BF16_DOTS_TOLERANCE, "tf32_fp16": TF32_TOLERANCE}.get(mlp_precision,
+                                                                          TOLERANCE)
     run_trajectories(lopt, theta, params, shapes, rng, kernel, ref, tol=tol)
+    if mlp_precision == "tf32_fp16":
+        check_fp16_saturation(lopt, functools.partial(
+            interpreted_triton_update, blocks=blocks, packed_blocks=packed_blocks,
+            layer1=layer1, persistent=persistent), seed)
 
 
 def check_vmapped_against_reference(seed: int, tasks: int = 3, persistent: bool = False):

@@ -31,7 +31,11 @@ MLP, layer 1 of factored tensors (`layer1`; the packed tensors' 22 inputs go thr
     instead of Hp;
   * "fma": 16 outer-product FMAs on the vector units, plus the tables.
 The H x H layers always use `tl.dot`. Tensor cores accumulate in float32; the operands
-(`mlp_precision`) are TF32 ("tf32", the default), float32 ("ieee") or bf16 ("bf16").
+(`mlp_precision`) are TF32 ("tf32", the default), float32 ("ieee"), bf16 ("bf16"), or
+TF32 for layer 1 and fp16 for the H x H layers ("tf32_fp16": fp16 has TF32's 10-bit
+mantissa, and its accumulator converts to the next dot's operand in registers without
+the shuffles TF32's needs; activations saturate at fp16's 65504; compiled for sm_90 the
+apply kernel has 13% fewer instructions and 166 registers instead of 180).
 Compiled for sm_90 (`profiling/triton_resources.py`, H = 32, a 256-element tile at 4
 warps) the apply kernel needs 255 registers and spills with "fma", 188 with "dot", 174
 with "dot_all" (also 84 global-load instructions against 135); on an H100 "dot" made the
@@ -67,7 +71,7 @@ import triton
 import triton.language as tl
 
 from lopt_fast.kernels import ffi_call, members, xla_call
-from lopt_fast.pallas import plan
+from lopt_fast.pallas import blocks, plan
 from lopt_fast.pallas.blocks import (
     LAYER1_FORMS,
     MLP_PRECISIONS,
@@ -81,6 +85,7 @@ from lopt_fast.pallas.blocks import (
 
 NUM_SUMS = tl.constexpr(plan.NUM_SUMS)
 NUM_CONSTS = tl.constexpr(plan.NUM_CONSTS)
+FP16_MAX = tl.constexpr(blocks.FP16_MAX)
 C_FAC = tl.constexpr(plan.C_FAC)
 
 
@@ -147,12 +152,28 @@ def _element_lanes(g, p, m0, m1, m2, rms, r, x10, x11, x12, x13, x14, x15, mask)
 
 @triton.jit
 def _dot(a, b, acc, PREC: tl.constexpr):
-    """a @ b (+ acc) on tensor cores, float32 accumulation; PREC "bf16" rounds both operands
-    to bfloat16, "tf32" / "ieee" is the float32 operands' `input_precision`."""
+    """a @ b (+ acc) on tensor cores for layer 1, float32 accumulation; PREC "bf16" rounds
+    both operands to bfloat16, "tf32" / "ieee" is the float32 operands' `input_precision`
+    ("tf32_fp16": "tf32", its fp16 is the H x H layers', `_hidden_dot`)."""
     if PREC == "bf16":
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    elif PREC == "tf32_fp16":
+        return tl.dot(a, b, acc, input_precision="tf32")
     else:
         return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _hidden_dot(pre, w, PREC: tl.constexpr):
+    """relu(pre) @ w for an H x H layer. "tf32_fp16" rounds both to fp16 (TF32's 10-bit
+    mantissa at twice its tensor rate), the ReLU on fp16 values saturated at fp16's
+    largest (`blocks.FP16_MAX`), w clamped to it; other PRECs as `_dot`."""
+    if PREC == "tf32_fp16":
+        h = pre.to(tl.float16)
+        h = tl.minimum(tl.maximum(h, tl.zeros_like(h)), tl.full((), FP16_MAX, tl.float16))
+        return tl.dot(h, tl.clamp(w, -FP16_MAX, FP16_MAX).to(tl.float16))
+    else:
+        return _dot(tl.maximum(pre, 0.0), w, None, PREC)
 
 
 @triton.jit
@@ -176,15 +197,15 @@ def _mlp_rest(pre, wh0, c_ptr, wh_ptr, bh_ptr, wo_ptr, R: tl.constexpr, C: tl.co
               HP: tl.constexpr, NHID: tl.constexpr, EXP_MULT: tl.constexpr,
               STEP_MULT: tl.constexpr, PREC: tl.constexpr):
     """pre: the layer-1 pre-activations [R C, HP] -> the step [R, C]; wh0: `_hidden0`."""
-    h = tl.maximum(pre, 0.0)
+    h = pre
     k = tl.arange(0, HP)
     for layer in tl.static_range(NHID):
         if layer == 0:
             w = wh0
         else:
             w = tl.load(wh_ptr + layer * HP * HP + k[:, None] * HP + k[None, :])
-        h = _dot(h, w, None, PREC)
-        h = tl.maximum(h + tl.load(bh_ptr + layer * HP + k)[None, :], 0.0)
+        h = _hidden_dot(h, w, PREC) + tl.load(bh_ptr + layer * HP + k)[None, :]
+    h = tl.maximum(h, 0.0)
     d = tl.sum(h * tl.load(wo_ptr + k)[None, :], axis=1) + tl.load(c_ptr + 7)
     mag = tl.sum(h * tl.load(wo_ptr + HP + k)[None, :], axis=1) + tl.load(c_ptr + 8)
     return tl.reshape(d * tl.exp(mag * EXP_MULT) * STEP_MULT, (R, C))
@@ -1009,10 +1030,10 @@ def triton_update(lopt, theta, state, grad, *, mlp_precision: str = "tf32",
     lowering without one (`.lower(lowering_platforms=("cuda",))`); by default jax-triton
     asks the local GPU. `layer1`: the factored tensors' first MLP layer as "dot" (faster
     than "fma" on an H100), "dot_all" or "fma" (the packed small tensors': a dot unless
-    "fma"); `mlp_precision`: the dots' operands,
-    "tf32", "ieee" or "bf16"; `persistent`: run the apply pass of factored tensors as
-    a fixed grid of programs that loop over tiles with their next tiles' loads in flight
-    (`blocks.num_stages` - 1 ahead); see the module docstring. `in_place`: update p and
+    "fma"); `mlp_precision`: the dots' operands, "tf32", "ieee", "tf32_fp16" (layer 1
+    TF32, the H x H layers fp16) or "bf16"; `persistent`: run the apply pass of factored
+    tensors as a fixed grid of programs that loop over tiles with their next tiles' loads
+    in flight (`blocks.num_stages` - 1 ahead); see the module docstring. `in_place`: update p and
     the state in their buffers, right when the caller donates the state (or carries it
     through `lax.scan`); otherwise XLA copies them first, and `in_place=False` (fresh
     outputs) saves those copies (`plan.in_place_aliases`). `launcher` (default

@@ -44,7 +44,8 @@ FLOPs per parameter: pass 1 ~3, pass 2 ~60, pass 3 ~40 + 2 (16 H) + 2 H^2 (L - 1
 
 GPU: lowered through Pallas' Triton backend (`pltriton.CompilerParams`); see
 docs/KERNELS.md for why not Mosaic GPU. Dots run at `mlp_precision` ("tf32" default on
-GPU: |rel err| ~ 3e-4; "ieee" for full float32; "bf16" operands: faster, coarser, see
+GPU: |rel err| ~ 3e-4; "ieee" for full float32; "tf32_fp16": layer 1 TF32, the H x H
+layers on fp16 operands, the same mantissa; "bf16" operands: faster, coarser, see
 docs/KERNELS.md's tolerance table). CPU: `interpret=True` (the tests).
 """
 
@@ -62,6 +63,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from lopt_fast.pallas import plan
 from lopt_fast.pallas.blocks import (
+    FP16_MAX,
     LAYER1_FORMS,
     MLP_PRECISIONS,
     PALLAS_MAX_MEMBERS,
@@ -183,15 +185,35 @@ def _columns(planes):
 
 
 _DOT_PRECISIONS = {"tf32": lax.Precision.DEFAULT, "ieee": lax.Precision.HIGHEST}
+_HALF_TYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16}
+
+
+def _layer_precision(precision: str, hidden: bool) -> str:
+    """The precision of layer 1's dots (hidden False) or the H x H layers' (True) under
+    `mlp_precision`: "tf32_fp16" is TF32 for layer 1 and fp16 for the rest
+    (`blocks.MLP_PRECISIONS`); the others are one precision for all."""
+    if precision == "tf32_fp16":
+        return "fp16" if hidden else "tf32"
+    return precision
 
 
 def _dot(a, b, precision: str):
-    """a @ b, accumulated in float32, at `mlp_precision` ("tf32", "ieee", or "bf16": the
-    operands rounded to bf16)."""
-    if precision == "bf16":
-        return jnp.dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
+    """a @ b, accumulated in float32, at a `_layer_precision` ("tf32", "ieee", or "bf16" /
+    "fp16": the operands rounded to it, `_half`)."""
+    if precision in _HALF_TYPES:
+        return jnp.dot(_half(a, precision), _half(b, precision),
                        preferred_element_type=jnp.float32)
     return jnp.dot(a, b, precision=_DOT_PRECISIONS[precision], preferred_element_type=jnp.float32)
+
+
+def _half(x, precision: str):
+    """x rounded to bf16 / fp16 (fp16: clamped to its finite range first), unless it is."""
+    half = _HALF_TYPES[precision]
+    if x.dtype == half:
+        return x
+    if precision == "fp16":
+        x = jnp.clip(x, -FP16_MAX, FP16_MAX)
+    return x.astype(half)
 
 
 def _dot_weights(w_ref, wh_ref, layer1):
@@ -237,6 +259,7 @@ def _first_layer(pre0, feats, w, precision, layer1):
     factored, 32 packed: the 22 features padded with zero planes, whose rows of w are zero
     too); "dot_all" (factored): pre0 is the per-row / per-column features [rows cols, 16]
     (`_row_col_operand`), a second dot with w's rows 16-31, instead of tables."""
+    precision = _layer_precision(precision, hidden=False)
     if layer1 == "fma":
         for f, x in enumerate(feats):
             pre0 = pre0 + x[:, :, None] * w[f, :][None, None, :]
@@ -267,12 +290,15 @@ def _row_col_rows():
 
 
 def _relu(x, precision: str, into_dot: bool):
-    """max(x, 0); where x goes into a bf16 dot, on x rounded to bf16 first: the dot rounds
-    its operand anyway and rounding commutes with the max, so the values are the same, and
-    a max of packed bf16 pairs (HMNMX2) takes half the instructions of float32's (sm_90,
-    1x256, "dot_all": 904 instructions per thread against 936)."""
-    if into_dot and precision == "bf16":
-        x = x.astype(jnp.bfloat16)
+    """max(x, 0); where x goes into a bf16 / fp16 dot, on x rounded to that type first:
+    the dot rounds its operand anyway and rounding commutes with the max, so the values
+    are the same, and a max of packed 16-bit pairs (HMNMX2) takes half the instructions
+    of float32's (sm_90, 1x256, "dot_all", bf16: 904 instructions per thread against 936).
+    fp16 saturates at its largest finite value (as `_half` clamps a dot's other operands)."""
+    if into_dot and precision in _HALF_TYPES:
+        x = x.astype(_HALF_TYPES[precision])
+        if precision == "fp16":
+            return jnp.clip(x, 0.0, FP16_MAX)
     return jnp.maximum(x, 0.0)
 
 
@@ -283,6 +309,7 @@ def _mlp_step(pre, hidden_w, vector_w, mlp_refs, c_ref, mults, precision):
     if vector_w is None:
         vector_w = _vector_weights(mlp_refs, c_ref)
     biases, (w_dir, w_mag, b_dir, b_mag) = vector_w
+    precision = _layer_precision(precision, hidden=True)
     h = _relu(pre, precision, bool(hidden_w))
     for i, (w, b) in enumerate(zip(hidden_w, biases, strict=True)):
         h = _relu(_dot(h, w, precision) + b[None, :], precision, i + 1 < len(hidden_w))
@@ -606,7 +633,10 @@ class PallasKernels:
     Args:
       interpret: run the kernels in Pallas' interpreter (CPU).
       mlp_precision: the MLP's dots: "tf32" (`lax.Precision.DEFAULT`), "ieee"
-        (`HIGHEST`), or "bf16" (operands rounded to bf16, float32 accumulation; Triton's
+        (`HIGHEST`), "tf32_fp16" (layer 1 TF32, the H x H layers' operands rounded to fp16,
+        which has TF32's 10-bit mantissa, saturating at 65504; compiled for sm_90 the
+        apply kernel then needs 13% fewer instructions: no TF32 accumulator-to-operand
+        shuffles), or "bf16" (operands rounded to bf16, float32 accumulation; Triton's
         step was 1.2-1.3x faster with them on an H200, at a precision cost: docs/KERNELS.md).
       layer1: the first MLP layer as "dot" (the features as one [tile, K] x [K, Hp] dot,
         at `mlp_precision`, plus the per-row / per-column tables), "dot_all" (the factored
@@ -937,8 +967,8 @@ def pallas_update(lopt, theta, state, grad, *, interpret: bool | None = None,
     Args:
       lopt, theta, state, grad: as `lopt_fast.learned.adafac_mlp.reference_update`.
       interpret: run in Pallas' interpreter; default: when the default backend is CPU.
-      mlp_precision: "tf32", "ieee" or "bf16" dots for the H x H layers (and layer 1 as
-        "dot") on GPU (see `PallasKernels`).
+      mlp_precision: "tf32", "ieee", "tf32_fp16" or "bf16" dots for the H x H layers (and
+        layer 1 as "dot"; TF32 for "tf32_fp16") on GPU (see `PallasKernels`).
       blocks, packed_blocks: override `blocks.block_sizes` / `packed_block_sizes` tiles.
       layer1: the first MLP layer as "dot", "dot_all" or "fma" (see `PallasKernels`).
       in_place: update p and the state in their buffers: right when the caller donates

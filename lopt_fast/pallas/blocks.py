@@ -41,7 +41,11 @@ REDUCTION_ROW_CHUNKS = 8
 # `pallas_update`'s `layer1` / `mlp_precision`; lopt_fast/kernels/adafac_triton.py says
 # what each does). Here, not there, so tools can offer them without importing triton.
 LAYER1_FORMS = ("fma", "dot", "dot_all")
-MLP_PRECISIONS = ("tf32", "ieee", "bf16")
+MLP_PRECISIONS = ("tf32", "ieee", "bf16", "tf32_fp16")
+# "tf32_fp16" runs the H x H layers' dots on fp16 operands, whose 10-bit mantissa is
+# TF32's, with activations (and weights) clamped to fp16's largest finite value; layer 1
+# stays TF32, its operands being the raw features, whose range is too wide for fp16.
+FP16_MAX = 65504.0
 # How `triton_update` launches its kernels (`launcher`, or this environment variable):
 # through jax-triton as jaxlib's FFI Triton call (`lopt_fast.kernels.ffi_call`), through
 # jax-triton's own legacy call, or as XLA's own Triton calls (`lopt_fast.kernels.xla_call`).
