@@ -13,8 +13,10 @@ against theoretical occupancy, registers, issue-slot use, and the warp stall rea
 cycles per issued instruction, largest first (`long_scoreboard`: waiting on global
 memory; `barrier`: on the other warps at a `bar.sync`; `wait`: fixed-latency
 dependencies; `math_pipe_throttle`; `mio_throttle` / `short_scoreboard`: shared memory;
-...). `--out` gets the report (`step.ncu-rep`, for the Nsight Compute UI), ncu's details
-page as text (its tables and advice) and the raw metrics as CSV.
+...), then the SASS instructions where its warps' stall samples land, and those samples
+by opcode. `--out` gets the report (`step.ncu-rep`, for the Nsight Compute UI), ncu's
+details page as text (its tables and advice), the raw metrics and the SASS source page
+with its per-instruction counters as CSV.
 
 The state is not advanced (every step updates the same inputs) and not donated
 (`in_place=False`: fresh outputs, no XLA copies), and JAX allocates each buffer on its
@@ -25,6 +27,7 @@ restores those buffers rather than a preallocated pool.
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import glob
 import io
@@ -143,6 +146,57 @@ def summarize(kernels: list[dict[str, tuple[str, str]]], top: int = 12) -> str:
     return "\n".join(lines)
 
 
+def parse_source_csv(text: str) -> list[tuple[list[str], list[list[str]]]]:
+    """ncu's `--page source --csv --print-source sass`: per profiled kernel a table whose
+    header names the columns (the SASS text under "Source", per-instruction metrics such
+    as the warp stall samples) and a row per instruction -> [(header, rows)] in order.
+    Lines that are not part of such a table (a kernel's title) end the one before."""
+    tables, header, rows = [], None, []
+    for row in csv.reader(io.StringIO(text)):
+        if "Source" in row and any("Sampling" in cell for cell in row):
+            if header:
+                tables.append((header, rows))
+            header, rows = row, []
+        elif header and len(row) == len(header):
+            rows.append(row)
+        elif header:
+            tables.append((header, rows))
+            header, rows = None, []
+    if header:
+        tables.append((header, rows))
+    return tables
+
+
+def _opcode(sass: str) -> str:
+    """'@!P0 HGMMA.64x32x8.F32.TF32 R56, ...' -> 'HGMMA'."""
+    words = [w for w in sass.split() if not w.startswith("@")]
+    return words[0].split(".")[0] if words else "?"
+
+
+def source_hotspots(header: list[str], rows: list[list[str]], top: int = 20) -> str:
+    """One kernel's SASS instructions with the most warp stall samples (where its warps
+    wait, and on what: the instruction after a wait is where the sample lands), and the
+    samples summed by opcode."""
+    samples = next((i for i, h in enumerate(header) if "Warp Stall Sampling (All" in h),
+                   next((i for i, h in enumerate(header) if "Sampling" in h), None))
+    source = header.index("Source")
+    address = header.index("Address") if "Address" in header else None
+    counted = [(_number(r[samples]) or 0.0, r) for r in rows]
+    total = sum(n for n, _ in counted)
+    if not total:
+        return f"  no stall samples in '{header[samples]}'"
+    lines = [f"  {header[samples]}: {total:,.0f}; the top {top} instructions:"]
+    for n, r in sorted(counted, key=lambda nr: -nr[0])[:top]:
+        where = f"{r[address]:>8s} " if address is not None else ""
+        lines.append(f"    {100 * n / total:5.1f}%  {where}{r[source].strip()}")
+    by_op = collections.Counter()
+    for n, r in counted:
+        by_op[_opcode(r[source])] += n
+    lines.append("  by opcode: " + ", ".join(f"{op} {100 * n / total:.1f}%"
+                                             for op, n in by_op.most_common(12)))
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--backend", choices=tuple(KERNELS), default="pallas")
@@ -198,8 +252,22 @@ def main(argv=None):
         with open(os.path.join(args.out, f"{page}{suffix}"), "w") as f:
             f.write(text)
     with open(os.path.join(args.out, "raw.csv")) as f:
-        print(summarize(parse_raw_csv(f.read())))
-    print(f"report, details.txt and raw.csv in {args.out}")
+        kernels = parse_raw_csv(f.read())
+    print(summarize(kernels))
+    # Per SASS instruction, where the warps stalled (the report's source counters; an
+    # older ncu without `--print-source` says so here and the rest stands).
+    page = subprocess.run([ncu, "--import", report + ".ncu-rep", "--page", "source", "--csv",
+                           "--print-source", "sass"], capture_output=True, text=True)
+    with open(os.path.join(args.out, "source.csv"), "w") as f:
+        f.write(page.stdout)
+    tables = parse_source_csv(page.stdout)
+    if not tables:
+        print(f"no SASS source page (ncu exit {page.returncode}): {page.stderr[-600:]}")
+    names = [k.get("Kernel Name", ("?",))[0] for k in kernels]
+    for i, (header, rows) in enumerate(tables):
+        name = names[i] if len(names) == len(tables) else f"kernel {i}"
+        print(f"== {name}: stall samples by SASS instruction\n{source_hotspots(header, rows)}")
+    print(f"report, details.txt, raw.csv and source.csv in {args.out}")
     return 0
 
 

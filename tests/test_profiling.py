@@ -163,6 +163,33 @@ def test_ncu_step_reads_the_raw_page():
     assert order == ["long_scoreboard", "barrier", "wait"], summary
 
 
+def test_ncu_step_reads_the_source_page():
+    """profiling/ncu_step.py: ncu's SASS source page (per kernel a header and a row per
+    instruction, a title line between kernels) -> each kernel's instructions with the most
+    stall samples, and the samples by opcode (predicates dropped)."""
+    mod = _load(NCU_STEP)
+    header = ["Address", "Source", "Warp Stall Sampling (All Samples)",
+              "Warp Stall Sampling (Not-issued Samples)"]
+    row = lambda *cells: ",".join(f'"{c}"' for c in cells)  # noqa: E731
+    text = "\n".join([
+        "adafac_moments (1, 1, 1)x(128, 1, 1)", row(*header),
+        row("0x10", "LDG.E R2, desc[UR4][R2.64]", "10", "9"),
+        row("0x20", "FADD R3, R2, R2", "30", "30"),
+        "adafac_apply (1, 1, 1)x(128, 1, 1)", row(*header),
+        row("0x10", "HGMMA.64x32x8.F32.TF32 R56, R72, gdesc[UR12], R56", "5", "1"),
+        row("0x20", "WARPGROUP.DEPBAR.LE gsb0, 0x0", "60", "60"),
+        row("0x30", "@!P0 FMNMX R56, RZ, R56, !PT", "25", "20"),
+        row("0x40", "FMNMX R57, RZ, R57, !PT", "1,010", "1,000")])
+    tables = mod.parse_source_csv(text)
+    assert [len(rows) for _, rows in tables] == [2, 4], tables
+    report = mod.source_hotspots(*tables[1], top=2)
+    lines = report.splitlines()
+    assert "(All Samples): 1,100" in lines[0], report
+    assert lines[1].split()[:2] == ["91.8%", "0x40"] and "DEPBAR" in lines[2], report
+    assert "by opcode: FMNMX 94.1%, WARPGROUP 5.5%, HGMMA 0.5%" in report, report
+    assert "no stall samples" in mod.source_hotspots(header, [["0x10", "NOP", "0", "0"]])
+
+
 def test_ncu_step_profiled_workload_runs():
     """The process ncu_step.py runs under ncu (here: interpreted Pallas on CPU, a small
     tree, layer 1 and precision passed through)."""
