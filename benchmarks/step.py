@@ -4,6 +4,7 @@
     python benchmarks/step.py --sizes 1e7 1e8 --tasks 8 16 32 64 --backends reference pallas triton
     python benchmarks/step.py --json out.json --repeats 20 --hidden-size 32
     python benchmarks/step.py --donate               # state updated in place, as in training
+    python benchmarks/step.py --backends pallas --mlp-precision tf32 tf32_fp16 bf16
 
 Workloads:
   * one model of N parameters: a square matrix plus its bias (N = 1e5 ... 1e8);
@@ -39,6 +40,7 @@ from timing import median_and_iqr, threaded_median_and_iqr  # benchmarks/timing.
 
 from lopt_fast.backends import BackendUnavailableError, _platform, resolve_backend
 from lopt_fast.learned import AdafacMLPLOpt
+from lopt_fast.pallas.blocks import MLP_PRECISIONS
 
 CONV_MODEL = {
     "conv1": {"w": (3, 3, 3, 32), "b": (32,)},
@@ -84,9 +86,10 @@ def random_tree(shapes, key, lead=()):
 # Each step builder returns (jitted fn, carry, rest): fn(*carry, *rest) -> the next carry
 # (a tuple), with the carry donated when asked.
 
-def lopt_step(lopt, backend, shapes, tasks, donate=False):
+def lopt_step(lopt, backend, shapes, tasks, donate=False, mlp_precision="tf32"):
     theta = lopt.init(jax.random.key(0))
-    opt = lopt.opt_fn(theta, backend=backend, in_place=donate)
+    options = dict(backend=backend, in_place=donate, mlp_precision=mlp_precision)
+    opt = lopt.opt_fn(theta, **options)
     lead = () if tasks is None else (tasks,)
     params = random_tree(shapes, jax.random.key(1), lead)
     grad = random_tree(shapes, jax.random.key(2), lead)
@@ -97,7 +100,7 @@ def lopt_step(lopt, backend, shapes, tasks, donate=False):
         state = jax.vmap(lambda p: opt.init(p, num_steps=1000))(params)
 
         def update(s, g, thetas):  # per-task theta, as PES perturbs it
-            one = lambda th, s, g: lopt.opt_fn(th, backend=backend, in_place=donate).update(s, g)  # noqa: E731
+            one = lambda th, s, g: lopt.opt_fn(th, **options).update(s, g)  # noqa: E731
             return jax.vmap(one)(thetas, s, g)
 
         extra = (jax.tree.map(lambda x: jnp.stack([x + 0.01 * i for i in range(tasks)]), theta),)
@@ -139,6 +142,9 @@ def main(argv=None):
     ap.add_argument("--json", default="step_benchmark.json")
     ap.add_argument("--donate", action="store_true",
                     help="donate the state and call each step on its output (in place)")
+    ap.add_argument("--mlp-precision", nargs="*", choices=MLP_PRECISIONS, default=["tf32"],
+                    help="the kernel backends' dot operands, a row each (named after the "
+                         "backend and, unless tf32, the precision); the reference has one")
     args = ap.parse_args(argv)
 
     notes = []
@@ -158,7 +164,7 @@ def main(argv=None):
             "host": platform.processor() or platform.machine(), "jax": jax.__version__,
             "optax": optax.__version__, "numpy": np.__version__,
             "date": datetime.date.today().isoformat(), "hidden_size": args.hidden_size,
-            "donate": args.donate}
+            "donate": args.donate, "mlp_precision": args.mlp_precision}
     ceil = ceilings(on_cpu, args.repeats)
     h = args.hidden_size
     flop_lopt, flop_adam = 2 * (39 * h + h * h + 2 * h), 12
@@ -173,9 +179,10 @@ def main(argv=None):
         t_adam, iqr = time_step(adam_step(shapes, tasks, args.donate), args.repeats, args.donate)
         entries = [("optax.adam", t_adam, iqr, 28, flop_adam)]
         for b in backends:
-            t, iqr = time_step(lopt_step(lopt, b, shapes, tasks, args.donate), args.repeats,
-                               args.donate)
-            entries.append((b, t, iqr, 72, flop_lopt))
+            for prec in ["tf32"] if b == "reference" else args.mlp_precision:
+                t, iqr = time_step(lopt_step(lopt, b, shapes, tasks, args.donate, prec),
+                                   args.repeats, args.donate)
+                entries.append((b if prec == "tf32" else f"{b} {prec}", t, iqr, 72, flop_lopt))
         for name, t, iqr, bpp, fpp in entries:
             floor = max(bpp * nparams / (ceil["copy_GBps"] * 1e9),
                         fpp * nparams / (ceil["matmul_GFLOPs"] * 1e9))

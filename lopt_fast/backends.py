@@ -22,6 +22,11 @@ A backend is an object with `name` and
 which is free when the caller donates the state or carries it through `lax.scan`, and
 costs XLA a copy of them otherwise; `in_place=False` writes fresh buffers, the faster
 choice for a caller that does not donate (`lopt_fast.pallas.plan.in_place_aliases`).
+
+`mlp_precision` (kernel backends): the operands of the MLP's tensor-core dots, one of
+`lopt_fast.pallas.blocks.MLP_PRECISIONS`: "tf32" (the default), "tf32_fp16" (layer 1 on
+TF32, the H x H layers on fp16, the same mantissa), "bf16" (faster, coarser) or "ieee"
+(float32). The reference runs its dots at JAX's default precision whatever this says.
 """
 
 from __future__ import annotations
@@ -93,7 +98,7 @@ def _import_error(module: str) -> str | None:
     return None
 
 
-def _make(name: str, in_place: bool = True) -> Backend:
+def _make(name: str, in_place: bool = True, mlp_precision: str = "tf32") -> Backend:
     if name == "reference":
         from lopt_fast.learned.adafac_mlp import reference_update
 
@@ -103,11 +108,13 @@ def _make(name: str, in_place: bool = True) -> Backend:
 
         interpret = _platform() == "cpu"
         return Backend("pallas-interpret" if interpret else "pallas",
-                       functools.partial(pallas_update, interpret=interpret, in_place=in_place))
+                       functools.partial(pallas_update, interpret=interpret, in_place=in_place,
+                                         mlp_precision=mlp_precision))
     if name == "triton":
         from lopt_fast.kernels import triton_update
 
-        return Backend("triton", functools.partial(triton_update, in_place=in_place))
+        return Backend("triton", functools.partial(triton_update, in_place=in_place,
+                                                   mlp_precision=mlp_precision))
     raise BackendUnavailableError(_unavailable_reason(name))
 
 
@@ -127,15 +134,21 @@ def auto_backend_name() -> str:
                 "reference")
 
 
-def resolve_backend(backend: str = "auto", in_place: bool = True) -> Backend:
+def resolve_backend(backend: str = "auto", in_place: bool = True,
+                    mlp_precision: str = "tf32") -> Backend:
     """The backend to use for `backend` (after the `LOPT_FAST_BACKEND` override); `in_place`
-    as the module docstring says (the reference has no such choice)."""
+    and `mlp_precision` as the module docstring says (the reference has no such choices)."""
+    from lopt_fast.pallas.blocks import MLP_PRECISIONS
+
     requested = os.environ.get(ENV_VAR) or backend
     if requested not in BACKENDS:
         source = f"${ENV_VAR}" if os.environ.get(ENV_VAR) else "backend"
         raise ValueError(f"{source}={requested!r} is not one of {', '.join(BACKENDS)}")
+    if mlp_precision not in MLP_PRECISIONS:
+        raise ValueError(f"mlp_precision={mlp_precision!r} is not one of "
+                         f"{', '.join(MLP_PRECISIONS)}")
     if requested == "auto":
-        return _make(auto_backend_name(), in_place)
+        return _make(auto_backend_name(), in_place, mlp_precision)
     reason = _unavailable_reason(requested)
     if reason is not None:
         raise BackendUnavailableError(f"backend {requested!r} cannot run: {reason}")
@@ -143,4 +156,4 @@ def resolve_backend(backend: str = "auto", in_place: bool = True) -> Backend:
         warnings.warn("backend 'pallas' on CPU runs the kernels in Pallas' interpreter: "
                       "correct, but orders of magnitude slower than 'reference' (for tests "
                       "and debugging; 'auto' picks 'reference' here)", UserWarning, stacklevel=2)
-    return _make(requested, in_place)
+    return _make(requested, in_place, mlp_precision)

@@ -59,12 +59,25 @@ def test_explicit_pallas_on_cpu_runs_interpreted():
     with pytest.warns(UserWarning, match="Pallas' interpreter"):
         b = resolve_backend("pallas")
     assert b.name == "pallas-interpret"
-    assert b.update.keywords == {"interpret": True, "in_place": True}
+    assert b.update.keywords == {"interpret": True, "in_place": True, "mlp_precision": "tf32"}
     assert "pallas" in backends.available_backends()
-    # in_place reaches the kernels from opt_fn (and so from as_optax's keyword arguments).
+    # in_place and mlp_precision reach the kernels from opt_fn (and so from as_optax's
+    # keyword arguments); the fp16 operands of "tf32_fp16" are in the traced step.
     lopt = AdafacMLPLOpt(hidden_size=4)
-    opt = lopt.opt_fn(lopt.init(jax.random.key(0)), backend="pallas", in_place=False)
-    assert opt.backend.update.keywords == {"interpret": True, "in_place": False}
+    theta = lopt.init(jax.random.key(0))
+    opt = lopt.opt_fn(theta, backend="pallas", in_place=False, mlp_precision="tf32_fp16")
+    assert opt.backend.update.keywords == {"interpret": True, "in_place": False,
+                                           "mlp_precision": "tf32_fp16"}
+    tx = lopt.as_optax(theta, num_steps=10, backend="pallas", mlp_precision="tf32_fp16")
+    params = {"w": jnp.ones((3, 5)), "b": jnp.ones((5,))}
+    jaxpr = str(jax.make_jaxpr(tx.update)(params, tx.init(params), params))
+    assert "f16[" in jaxpr.replace("bf16[", ""), "fp16 operands missing from the step"
+
+
+def test_unknown_mlp_precision_lists_choices():
+    lopt = AdafacMLPLOpt(hidden_size=4)
+    with pytest.raises(ValueError, match="'fp8' is not one of tf32, ieee, bf16, tf32_fp16"):
+        lopt.opt_fn(lopt.init(jax.random.key(0)), backend="reference", mlp_precision="fp8")
 
 
 @pytest.mark.skipif(not ON_CPU, reason="no GPU: triton cannot run")

@@ -34,6 +34,16 @@ def test_step_benchmark_with_and_without_donation(tmp_path):
                 assert row["x_adam"] == 1.0
 
 
+def test_step_benchmark_times_each_mlp_precision(tmp_path):
+    path = tmp_path / "step.json"
+    _run("step.py", "--sizes", "2e3", "--tasks", "--repeats", "1", "--backends", "reference",
+         "pallas", "--mlp-precision", "tf32", "tf32_fp16", "--json", str(path))
+    result = json.loads(path.read_text())
+    assert result["info"]["mlp_precision"] == ["tf32", "tf32_fp16"]
+    assert [r["backend"] for r in result["rows"]] == ["optax.adam", "reference", "pallas",
+                                                      "pallas tf32_fp16"], result["rows"]
+
+
 def test_tile_sweep_times_configurations_against_adam():
     out = _run("tile_sweep.py", "--backend", "pallas", "--sizes", "2e3", "--tiles", "1x16",
                "--warps", "4", "--layer1", "dot", "dot_all", "--early-weights", "off", "on",

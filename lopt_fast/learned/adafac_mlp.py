@@ -129,7 +129,8 @@ class AdafacMLPLOpt(LearnedOptimizer):
                              f"  received shapes: {got}")
 
     def opt_fn(self, theta: MetaParams, is_training: bool = False,
-               backend: str = "auto", in_place: bool = True) -> Optimizer:
+               backend: str = "auto", in_place: bool = True,
+               mlp_precision: str = "tf32") -> Optimizer:
         """The optimizer that `theta` defines.
 
         Args:
@@ -140,12 +141,14 @@ class AdafacMLPLOpt(LearnedOptimizer):
           in_place: kernel backends update params and state in their buffers (default:
             best when the state is donated or carried through `lax.scan`); False writes
             fresh buffers, which saves XLA a copy of them when the caller does not donate.
+          mlp_precision: kernel backends' MLP dot operands: "tf32" (default), "tf32_fp16",
+            "bf16" or "ieee" (`lopt_fast.backends`); the reference ignores it.
         """
         del is_training
         self.check_theta(theta)
         from lopt_fast.backends import resolve_backend
 
-        return _AdafacOpt(self, theta, resolve_backend(backend, in_place))
+        return _AdafacOpt(self, theta, resolve_backend(backend, in_place, mlp_precision))
 
 
 def reference_update(lopt: AdafacMLPLOpt, theta, state: AdafacMLPLOptState, grad):

@@ -207,7 +207,8 @@ def _dot(a, b, precision: str):
 
 
 def _half(x, precision: str):
-    """x rounded to bf16 / fp16 (fp16: clamped to its finite range first), unless it is."""
+    """x rounded to bf16 / fp16 (fp16: clamped to its finite range first) unless it already
+    is."""
     half = _HALF_TYPES[precision]
     if x.dtype == half:
         return x
