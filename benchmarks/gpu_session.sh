@@ -7,8 +7,8 @@
 # Sections: env, launchers, tests, compare, step, ncu, xla_step, graphs, donated, sweep,
 # profile, meta. Each writes $OUT/<section>.log (OUT defaults to ./out) and runs under its
 # own time limit, so one failure or hang does not cost the rest. The default list (about 5
-# minutes on an H200 in session 15, before ncu and the longer sweeps of session 16: now
-# about 9-10, so run it as two calls of under 600 s, `env tests launchers step ncu` then
+# minutes on an H200 in session 15, before ncu, the longer sweeps and the tf32_fp16 rows
+# of sessions 16-17: now an estimated 9-11, so run it as two calls of under 600 s, `env tests launchers step ncu` then
 # `donated profile sweep`; the most needed first, the sweep last as the first to give
 # up): the kernels tested on the GPU, a one-step check of each Triton
 # launcher (else jax-triton's legacy call for the rest), step.py with the state kept,
