@@ -87,7 +87,7 @@ jax_triton.__version__); print(jax.devices())" ;;
         run "${NCU_LIMIT:-150}" ncu python3 profiling/ncu_step.py --out "$OUT/ncu_$n" $args
         grep -q "rc=0" <(tail -1 "$OUT/ncu.log") || break
       done <<< "${NCU_RUNS:-"--backend pallas
---backend pallas --precision tf32_fp16
+--backend pallas --layer1 dot_all --precision tf32_fp16
 --backend triton"}" ;;
     step)
       # The default sizes fit the limit (all of step.py's GPU defaults at 20 repeats took
@@ -121,7 +121,7 @@ jax_triton.__version__); print(jax.devices())" ;;
       # H x H layer on fp16 operands, TF32's mantissa, without the TF32 accumulator-to-
       # operand shuffles); bf16. Compiled for sm_90 (docs/KERNELS.md, "Session 17") the
       # apply kernel has 640 / 608 instructions per element (dot / dot_all) with TF32,
-      # 556 / 524 with tf32_fp16, 524 / 452 with bf16. Which pays: fewer instructions,
+      # 556 / 512 with tf32_fp16, 524 / 452 with bf16. Which pays: fewer instructions,
       # fewer round trips (early weights), or occupancy?
       run "${SWEEP_LIMIT:-240}" sweep python3 benchmarks/tile_sweep.py \
         ${SWEEP_ARGS:---tiles 1x256 4x64 --warps 4 --layer1 dot dot_all \

@@ -425,7 +425,7 @@ def test_kernels_compile_for_sm90():
     assert compiled.asm["ptx"].count("wgmma.mma_async") > mma["dot", "adafac_apply"]
     dots = re.findall(r"(%\w+) = ttng\.warp_group_dot %\w+, %\w+, (%\w+)", compiled.asm["ttgir"])
     assert any(acc in {res for res, _ in dots} for _, acc in dots), dots
-    # "tf32_fp16": layer 1 on TF32 operands, the H x H layer on fp16 ones, in both apply kernels.
+    # "tf32_fp16": the features' dot on TF32 operands, the H x H layer's on fp16 ones.
     modules = dict(step_modules(shapes, hidden=32, mlp_precision="tf32_fp16"))
     for name in ("adafac_apply", "adafac_packed_apply"):
         ptx = compile_module(modules[name]).asm["ptx"]

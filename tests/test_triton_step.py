@@ -114,9 +114,10 @@ def test_kernels_compile_for_sm90(hidden_layers):
         assert "cubin" in compiled.asm, kernel.__name__
         if "apply" in kernel.__name__ and hidden_layers > 1:
             assert "mma" in ptx, f"{kernel.__name__}: expected tensor-core MMA for tl.dot"
-        if constexprs.get("PREC") == "tf32_fp16":  # layer 1 on TF32, the H x H layer on fp16
-            assert ".tf32.tf32" in ptx, kernel.__name__
-            assert (".f16.f16" in ptx) == (hidden_layers > 1), kernel.__name__
+        if constexprs.get("PREC") == "tf32_fp16":  # TF32 for the raw features, fp16 for the
+            assert ".tf32.tf32" in ptx, kernel.__name__  # H x H layer and dot_all's rows / columns
+            fp16 = hidden_layers > 1 or constexprs.get("L1") == "dot_all"
+            assert (".f16.f16" in ptx) == fp16, kernel.__name__
         if "persistent" in kernel.__name__:  # the next tiles' loads copied asynchronously
             assert "cp.async" in ptx, f"{kernel.__name__}: the tile loop was not pipelined"
 
@@ -164,13 +165,14 @@ def test_triton_matches_reference_every_shape_class_and_bf16(mlp_precision, tol,
                                    "--no-whole-planes"],
                                   ["--precision", "tf32"],
                                   ["--precision", "bf16", "--layer1", "dot_all"],
-                                  ["--precision", "tf32_fp16", "--small-tiles"],
+                                  ["--precision", "tf32_fp16", "--small-tiles", "--layer1",
+                                   "dot_all"],
                                   ["--vmapped"],
                                   ["--precision", "ieee", "--small-tiles", "--persistent"],
                                   ["--vmapped", "--persistent"]],
                          ids=["ieee-small-tiles", "layer1-fma", "layer1-dot_all",
                               "tf32-default-tiles", "bf16-dots-dot_all",
-                              "tf32_fp16-dots-small-tiles", "vmapped-tasks",
+                              "tf32_fp16-dots-dot_all", "vmapped-tasks",
                               "persistent-small-tiles", "persistent-vmapped-tasks"])
 def test_triton_kernels_interpreted_match_reference(case):
     """Small ragged tiles with float32 dots, layer 1 in each form (as FMAs with one small
@@ -178,7 +180,8 @@ def test_triton_kernels_interpreted_match_reference(case):
     sums pass where the planes would fit one tile); the default tiles and
     code path (TF32 dots on a GPU, float32 in the interpreter); bf16 dot operands (the
     interpreter rounds them as a GPU does) with the row / column features in the dot;
-    fp16 operands of the H x H layers, and their saturation (`check_fp16_saturation`); 3
+    fp16 operands of the H x H layers and of the row / column features, and their
+    saturation (`check_fp16_saturation`); 3
     vmapped tasks with their own theta, and meta-gradients through the custom_vjp under
     vmap. The public `triton_update` with interpreted launches, in a fresh process because
     Triton must start interpreted. About 20 s each with small tiles, 70 s otherwise, on 2

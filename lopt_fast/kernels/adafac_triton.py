@@ -32,7 +32,8 @@ MLP, layer 1 of factored tensors (`layer1`; the packed tensors' 22 inputs go thr
   * "fma": 16 outer-product FMAs on the vector units, plus the tables.
 The H x H layers always use `tl.dot`. Tensor cores accumulate in float32; the operands
 (`mlp_precision`) are TF32 ("tf32", the default), float32 ("ieee"), bf16 ("bf16"), or
-TF32 for layer 1 and fp16 for the H x H layers ("tf32_fp16": fp16 has TF32's 10-bit
+TF32 for the raw per-element features and fp16 for the rest ("tf32_fp16": the H x H
+layers and "dot_all"'s normalised row / column features; fp16 has TF32's 10-bit
 mantissa, and its accumulator converts to the next dot's operand in registers without
 the shuffles TF32's needs; activations saturate at fp16's 65504; compiled for sm_90 the
 apply kernel has 13% fewer instructions and 166 registers instead of 180).
@@ -154,13 +155,26 @@ def _element_lanes(g, p, m0, m1, m2, rms, r, x10, x11, x12, x13, x14, x15, mask)
 def _dot(a, b, acc, PREC: tl.constexpr):
     """a @ b (+ acc) on tensor cores for layer 1, float32 accumulation; PREC "bf16" rounds
     both operands to bfloat16, "tf32" / "ieee" is the float32 operands' `input_precision`
-    ("tf32_fp16": "tf32", its fp16 is the H x H layers', `_hidden_dot`)."""
+    ("tf32_fp16": "tf32", for the raw features; its fp16 is for operands of unit scale,
+    `_unit_dot` and `_hidden_dot`)."""
     if PREC == "bf16":
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
     elif PREC == "tf32_fp16":
         return tl.dot(a, b, acc, input_precision="tf32")
     else:
         return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _unit_dot(a, b, acc, PREC: tl.constexpr):
+    """a @ b (+ acc) for operands of unit scale ("dot_all"'s per-row / per-column features,
+    normalised by `plan`): fp16 ones, clamped to its range, under "tf32_fp16"; as `_dot`
+    otherwise."""
+    if PREC == "tf32_fp16":
+        return tl.dot(tl.clamp(a, -FP16_MAX, FP16_MAX).to(tl.float16),
+                      tl.clamp(b, -FP16_MAX, FP16_MAX).to(tl.float16), acc)
+    else:
+        return _dot(a, b, acc, PREC)
 
 
 @triton.jit
@@ -494,7 +508,7 @@ def _factored_apply_body(task, t, B, U, VQ, OU, OV, SEG, c_ptr, p_ptr, g_ptr, mo
                         g * f2, m0 * f0, m1 * f1, m2 * f2, R * C)
         acc = _dot(x, w1, None, PREC)
         if L1 == "dot_all":  # and [R C, 16] x [16, HP] for the row / column features and b0
-            pre = _dot(_row_col_features16(tu, tv, R, C), w_uv, acc, PREC)
+            pre = _unit_dot(_row_col_features16(tu, tv, R, C), w_uv, acc, PREC)
         else:  # the tables' sum reshaped, not the dot's result (sm_90, 1x256: 188 registers, not 228)
             pre = tl.reshape(pre, (R * C, HP)) + acc
     if L1 == "fma":

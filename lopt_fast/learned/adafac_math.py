@@ -349,10 +349,15 @@ def _sum_times_factor_sq(x_sq: jax.Array, side: _FactorTerms, shape) -> jax.Arra
     return jnp.einsum(spec, x_sq, rf_sq, cf_sq, precision=lax.Precision.HIGHEST)
 
 
+def feature_scale(second_moments):
+    """What normalises each of the 28 features: rsqrt(1e-5 + its second moment)."""
+    return lax.rsqrt(1e-5 + second_moments)
+
+
 def first_layer(nn, second_moments, iteration):
     """w0 with the normalisation folded into its rows, b0 with the time features."""
     w0 = nn["w0"].astype(jnp.float32)
-    scale = lax.rsqrt(1e-5 + second_moments)  # [28]
+    scale = feature_scale(second_moments)  # [28]
     w0_feat = w0[:NUM_NORMALIZED_FEATURES] * scale[:, None]
     b0 = nn["b0"] + tanh_embedding(iteration) @ w0[NUM_NORMALIZED_FEATURES:]
     return w0_feat, b0

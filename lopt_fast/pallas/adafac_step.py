@@ -44,8 +44,8 @@ FLOPs per parameter: pass 1 ~3, pass 2 ~60, pass 3 ~40 + 2 (16 H) + 2 H^2 (L - 1
 
 GPU: lowered through Pallas' Triton backend (`pltriton.CompilerParams`); see
 docs/KERNELS.md for why not Mosaic GPU. Dots run at `mlp_precision` ("tf32" default on
-GPU: |rel err| ~ 3e-4; "ieee" for full float32; "tf32_fp16": layer 1 TF32, the H x H
-layers on fp16 operands, the same mantissa; "bf16" operands: faster, coarser, see
+GPU: |rel err| ~ 3e-4; "ieee" for full float32; "tf32_fp16": the raw features' dot TF32,
+the rest (operands of unit scale) on fp16, the same mantissa; "bf16" operands: faster, coarser, see
 docs/KERNELS.md's tolerance table). CPU: `interpret=True` (the tests).
 """
 
@@ -188,12 +188,13 @@ _DOT_PRECISIONS = {"tf32": lax.Precision.DEFAULT, "ieee": lax.Precision.HIGHEST}
 _HALF_TYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16}
 
 
-def _layer_precision(precision: str, hidden: bool) -> str:
-    """The precision of layer 1's dots (hidden False) or the H x H layers' (True) under
-    `mlp_precision`: "tf32_fp16" is TF32 for layer 1 and fp16 for the rest
-    (`blocks.MLP_PRECISIONS`); the others are one precision for all."""
+def _layer_precision(precision: str, unit_scale: bool) -> str:
+    """The precision of a dot under `mlp_precision`: "tf32_fp16" is fp16 for operands of
+    unit scale (the hidden activations; "dot_all"'s per-row / per-column features,
+    normalised by `plan`) and TF32 for the raw per-element features, whose normalisation
+    is folded into w (`blocks.MLP_PRECISIONS`); the others are one precision for all."""
     if precision == "tf32_fp16":
-        return "fp16" if hidden else "tf32"
+        return "fp16" if unit_scale else "tf32"
     return precision
 
 
@@ -259,17 +260,18 @@ def _first_layer(pre0, feats, w, precision, layer1):
     on the vector units; "dot": pre0 + the features as [rows cols, K] x w [K, Hp] (K = 16
     factored, 32 packed: the 22 features padded with zero planes, whose rows of w are zero
     too); "dot_all" (factored): pre0 is the per-row / per-column features [rows cols, 16]
-    (`_row_col_operand`), a second dot with w's rows 16-31, instead of tables."""
-    precision = _layer_precision(precision, hidden=False)
+    (`_row_col_operand`, normalised), a second dot with w's rows 16-31, instead of tables."""
     if layer1 == "fma":
         for f, x in enumerate(feats):
             pre0 = pre0 + x[:, :, None] * w[f, :][None, None, :]
         return pre0.reshape(-1, pre0.shape[-1])
     planes = [x.reshape(x.size) for x in feats]
+    raw = _layer_precision(precision, unit_scale=False)
     if layer1 == "dot_all":
-        return _dot(_columns(planes), w[0], precision) + _dot(pre0, w[1], precision)
+        return (_dot(_columns(planes), w[0], raw)
+                + _dot(pre0, w[1], _layer_precision(precision, unit_scale=True)))
     planes += [jnp.zeros_like(planes[0])] * (w.shape[0] - len(planes))
-    return pre0.reshape(-1, pre0.shape[-1]) + _dot(_columns(planes), w, precision)
+    return pre0.reshape(-1, pre0.shape[-1]) + _dot(_columns(planes), w, raw)
 
 
 def _row_col_operand(fu, fv):
@@ -310,7 +312,7 @@ def _mlp_step(pre, hidden_w, vector_w, mlp_refs, c_ref, mults, precision):
     if vector_w is None:
         vector_w = _vector_weights(mlp_refs, c_ref)
     biases, (w_dir, w_mag, b_dir, b_mag) = vector_w
-    precision = _layer_precision(precision, hidden=True)
+    precision = _layer_precision(precision, unit_scale=True)
     h = _relu(pre, precision, bool(hidden_w))
     for i, (w, b) in enumerate(zip(hidden_w, biases, strict=True)):
         h = _relu(_dot(h, w, precision) + b[None, :], precision, i + 1 < len(hidden_w))
@@ -634,8 +636,9 @@ class PallasKernels:
     Args:
       interpret: run the kernels in Pallas' interpreter (CPU).
       mlp_precision: the MLP's dots: "tf32" (`lax.Precision.DEFAULT`), "ieee"
-        (`HIGHEST`), "tf32_fp16" (layer 1 TF32, the H x H layers' operands rounded to fp16,
-        which has TF32's 10-bit mantissa, saturating at 65504; compiled for sm_90 the
+        (`HIGHEST`), "tf32_fp16" (the raw per-element features' dot TF32, the H x H layers' and
+        "dot_all"'s row / column operands rounded to fp16, which has TF32's 10-bit
+        mantissa, saturating at 65504; compiled for sm_90 the
         apply kernel then needs 13% fewer instructions: no TF32 accumulator-to-operand
         shuffles), or "bf16" (operands rounded to bf16, float32 accumulation; Triton's
         step was 1.2-1.3x faster with them on an H200, at a precision cost: docs/KERNELS.md).
@@ -969,7 +972,7 @@ def pallas_update(lopt, theta, state, grad, *, interpret: bool | None = None,
       lopt, theta, state, grad: as `lopt_fast.learned.adafac_mlp.reference_update`.
       interpret: run in Pallas' interpreter; default: when the default backend is CPU.
       mlp_precision: "tf32", "ieee", "tf32_fp16" or "bf16" dots for the H x H layers (and
-        layer 1 as "dot"; TF32 for "tf32_fp16") on GPU (see `PallasKernels`).
+        layer 1 as a dot) on GPU (see `PallasKernels`).
       blocks, packed_blocks: override `blocks.block_sizes` / `packed_block_sizes` tiles.
       layer1: the first MLP layer as "dot", "dot_all" or "fma" (see `PallasKernels`).
       in_place: update p and the state in their buffers: right when the caller donates

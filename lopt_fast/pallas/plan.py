@@ -210,8 +210,9 @@ class Kernels(NamedTuple):
 
     `row_col_in_dot` picks what the apply launchers get for the 12 per-row / per-column
     features: False, their layer-1 products as tables tu [.., U, Hp] (b0 included) and
-    tv [.., V, Hp] with w_ew [16, Hp]; True, the features themselves, tu [.., U, 8] and
-    tv [.., V, 8], with w_ew [32, Hp] (`_row_col_features`, `_row_col_weights`).
+    tv [.., V, Hp] with w_ew [16, Hp]; True, the features themselves, normalised, tu
+    [.., U, 8] and tv [.., V, 8], with w_ew [32, Hp] (`_row_col_features`,
+    `_row_col_weights`: w0's rows for them unscaled).
     """
 
     group_row_col_sums: Any = None
@@ -373,15 +374,23 @@ def _factored_group(kernels, items, consts, c_fac, nn, iteration, mlp, mults, hp
                                ms_col[:, 3:], ew[:, 13:16]], axis=1)  # [S, 28]
     w0_feat, b0 = jax.vmap(lambda m: am.first_layer(nn, m, iteration))(moments)
     w_ew = w0_feat[:, np.asarray(am._PER_ELEMENT)]  # [S, 16, H]
-    w_row, w_col = w0_feat[:, np.asarray(am._PER_ROW)], w0_feat[:, np.asarray(am._PER_COL)]
-    w_u = jnp.where(u_is_row[:, None, None], w_row, w_col)  # [S, 6, H]: the U side's rows
-    w_v = jnp.where(u_is_row[:, None, None], w_col, w_row)
     feat_u = jnp.concatenate([new_u, lax.rsqrt(new_u + 1e-8)])  # [6, sum BU]
     feat_v = jnp.concatenate([new_v, lax.rsqrt(new_v + 1e-8)])
+    rows, cols = np.asarray(am._PER_ROW), np.asarray(am._PER_COL)
+    u_side = u_is_row[:, None, None]
     if kernels.row_col_in_dot:
-        tu, tv = _row_col_features(feat_u, feat_v)  # [sum BU, 8], [sum BV, 8]
+        # Normalised here rather than in w's rows, so that the kernels' row / column dot
+        # takes operands of unit scale, which fp16 holds ("tf32_fp16").
+        scale = am.feature_scale(moments)  # [S, 28]
+        s_u = jnp.where(row_side, scale[:, rows], scale[:, cols])  # [S, 6]
+        s_v = jnp.where(row_side, scale[:, cols], scale[:, rows])
+        tu, tv = _row_col_features(feat_u * s_u[seg_u].T, feat_v * s_v[seg_v].T)  # [sum BU, 8]
+        w0 = nn["w0"].astype(jnp.float32)  # the U / V sides' rows of w0, unscaled: [S, 6, H]
+        w_u, w_v = jnp.where(u_side, w0[rows], w0[cols]), jnp.where(u_side, w0[cols], w0[rows])
         w_ew = jax.vmap(_row_col_weights)(w_ew, w_u, w_v, b0)  # [S, 32, H]
     else:
+        w_u = jnp.where(u_side, w0_feat[:, rows], w0_feat[:, cols])  # [S, 6, H]: the U side's
+        w_v = jnp.where(u_side, w0_feat[:, cols], w0_feat[:, rows])
         tu = _pad_last(_table(feat_u, w_u[seg_u].swapaxes(0, 1)) + b0[seg_u], hp)  # [sum BU, Hp]
         tv = _pad_last(_table(feat_v, w_v[seg_v].swapaxes(0, 1)), hp)
     w_ew = _pad_last(w_ew, hp)
