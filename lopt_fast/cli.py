@@ -114,7 +114,8 @@ def _make_trainer(args, task, lopt, *, estimator: str = "pes"):
         sched = meta.ConstantTruncationSchedule(args.inner_steps)
     step = meta.VectorizedLOptTruncatedStep(
         task, lopt, sched, args.num_tasks, random_initial_iteration_offset=args.inner_steps,
-        meta_loss_split=getattr(args, "meta_loss_split", None), backend=args.backend)
+        meta_loss_split=getattr(args, "meta_loss_split", None), backend=args.backend,
+        mlp_precision=args.mlp_precision)
     std = getattr(args, "std", 0.01)
     if estimator == "pes":
         est = meta.TruncatedPES(step, args.trunc_length, std=std)
@@ -235,7 +236,7 @@ def _cmd_demo(args) -> int:
     save_theta(os.path.join(args.out, "theta.npz"), theta)
 
     # 3. The learned optimizer on held-out seeds.
-    opt = lopt.opt_fn(theta, backend=args.backend)
+    opt = lopt.opt_fn(theta, backend=args.backend, mlp_precision=args.mlp_precision)
     lopt_curves = [
         _curves(task, opt, args.inner_steps,
                 jax.random.fold_in(jax.random.key(args.seed + 10_000), s), args.eval_every)
@@ -358,7 +359,7 @@ def _cmd_eval(args) -> int:
         lopt = _make_lopt(args.hidden_size)
         theta = load_theta(args.theta)
         try:
-            opt = lopt.opt_fn(theta, backend=args.backend)
+            opt = lopt.opt_fn(theta, backend=args.backend, mlp_precision=args.mlp_precision)
         except ValueError as e:
             raise UsageError(f"--theta {args.theta!r}: {str(e).splitlines()[0]}") from None
         name = f"learned({args.theta})"
@@ -401,10 +402,15 @@ def _cmd_bench(args) -> int:
 
 
 def _add_common(p, *, outer=True):
+    from lopt_fast.pallas.blocks import MLP_PRECISIONS
+
     p.add_argument("--task", default=DEFAULT_TASK, help=f"task name (default {DEFAULT_TASK})")
     p.add_argument("--inner-steps", type=_positive_int, default=200,
                    help="length of each inner training run (the horizon)")
     p.add_argument("--backend", default="auto", help="auto | reference | pallas | triton")
+    p.add_argument("--mlp-precision", choices=MLP_PRECISIONS, default="tf32",
+                   help="the kernel backends' MLP dot operands (the reference ignores it): "
+                        "tf32 (default), tf32_fp16, bf16 or ieee")
     p.add_argument("--hidden-size", type=_positive_int, default=32,
                    help="AdafacMLPLOpt hidden size")
     if outer:

@@ -63,9 +63,11 @@ def test_meta_train_resume_then_eval(tmp_path, capsys):
 
 
 def test_bench_cifar10_on_synthetic_data(capsys):
-    """The GPU throughput target's command runs without CIFAR-10 (or tfds)."""
+    """The GPU throughput target's command runs without CIFAR-10 (or tfds); the kernels'
+    `--mlp-precision` reaches the optimizer (the reference ignores it)."""
     rc, out, err = _run(["bench", "--task", "cifar10_conv", "--synthetic-data", "--num-tasks", "1",
-                         "--trunc-length", "2", "--inner-steps", "4", "--steps", "1"], capsys)
+                         "--trunc-length", "2", "--inner-steps", "4", "--steps", "1",
+                         "--mlp-precision", "tf32_fp16"], capsys)
     assert rc == 0, err
     assert "task=cifar10_conv data=synthetic" in out
     match = re.search(r"throughput: ([\d,.]+) inner steps x tasks/s, ([\d.]+) outer steps/s", out)
@@ -78,6 +80,7 @@ def test_bench_cifar10_on_synthetic_data(capsys):
     (["demo", "--outer-lr", "-1"], "expected a positive number"),
     (["demo", "--adam-lrs", "0.1,x"], "comma-separated"),
     (["demo", "--backend", "cuda"], "backend"),
+    (["bench", "--mlp-precision", "fp8"], "invalid choice: 'fp8'"),
     (["eval", "--theta", "/no/such/theta.npz"], "no file"),
     (["eval"], "exactly one of --theta"),
     (["meta-train"], "--out"),

@@ -50,6 +50,27 @@ def _leaves_equal(a, b):
                                       err_msg=jax.tree_util.keystr(path))
 
 
+def test_truncated_step_passes_the_optimizer_options():
+    """backend and mlp_precision reach `opt_fn` (mlp_precision only when given, so learned
+    optimizers without it still work)."""
+    seen = []
+
+    class Recording(LearnedLR):
+        def opt_fn(self, theta, is_training=False, **options):
+            seen.append(options)
+            return super().opt_fn(theta, is_training)
+
+    for precision, want in ((None, {"backend": "reference"}),
+                            ("bf16", {"backend": "reference", "mlp_precision": "bf16"})):
+        seen.clear()
+        step = VectorizedLOptTruncatedStep(Regression(), Recording(), ConstantTruncationSchedule(6),
+                                           2, backend="reference", mlp_precision=precision)
+        theta = step.learned_opt.init(None)
+        state = step.init_step_state(theta, jax.random.key(0))
+        step.unroll(theta, state, jax.random.key(1), 2, step.get_data(2))
+        assert seen and all(options == want for options in seen), seen
+
+
 def test_truncation_schedules():
     const = ConstantTruncationSchedule(5)
     s = const.init(jax.random.key(0))

@@ -69,6 +69,8 @@ class VectorizedLOptTruncatedStep(TruncatedStep):
       meta_loss_split: None (training loss of each step) or a split name whose
         batches score the updated params (e.g. "outer_valid").
       backend: passed to `learned_opt.opt_fn` (None: don't pass it).
+      mlp_precision: passed to `learned_opt.opt_fn` unless None (the default): the kernel
+        backends' MLP dot operands (`lopt_fast.backends`).
 
     Example:
         step = VectorizedLOptTruncatedStep(task, AdafacMLPLOpt(hidden_size=32),
@@ -79,7 +81,8 @@ class VectorizedLOptTruncatedStep(TruncatedStep):
     def __init__(self, task_family: TaskFamily | Task, learned_opt: LearnedOptimizer,
                  trunc_sched: TruncationSchedule, num_tasks: int, *,
                  random_initial_iteration_offset: int = 0,
-                 meta_loss_split: str | None = None, backend: str | None = "auto"):
+                 meta_loss_split: str | None = None, backend: str | None = "auto",
+                 mlp_precision: str | None = None):
         if isinstance(task_family, Task):
             task_family = single_task_to_family(task_family)
         if int(num_tasks) < 1:
@@ -93,7 +96,8 @@ class VectorizedLOptTruncatedStep(TruncatedStep):
         self.num_tasks = int(num_tasks)
         self.random_initial_iteration_offset = int(random_initial_iteration_offset)
         self.meta_loss_split = meta_loss_split
-        self._opt_kwargs = {} if backend is None else {"backend": backend}
+        self._opt_kwargs = {k: v for k, v in (("backend", backend),
+                                              ("mlp_precision", mlp_precision)) if v is not None}
         self._pools: dict[str, Any] = {}
         datasets = task_family.datasets
         if datasets is None and meta_loss_split is not None:
