@@ -24,9 +24,10 @@ costs XLA a copy of them otherwise; `in_place=False` writes fresh buffers, the f
 choice for a caller that does not donate (`lopt_fast.pallas.plan.in_place_aliases`).
 
 `mlp_precision` (kernel backends): the operands of the MLP's tensor-core dots, one of
-`lopt_fast.pallas.blocks.MLP_PRECISIONS`: "tf32" (the default), "tf32_fp16" (layer 1 on
-TF32, the H x H layers on fp16, the same mantissa), "bf16" (faster, coarser) or "ieee"
-(float32). The reference runs its dots at JAX's default precision whatever this says.
+`lopt_fast.pallas.blocks.MLP_PRECISIONS`: "tf32" (the default), "tf32_fp16" (the raw
+features' dot on TF32, the operands of unit scale after it on fp16, the same mantissa),
+"bf16" (faster, coarser) or "ieee" (float32). The reference runs its dots at JAX's
+default precision whatever this says.
 """
 
 from __future__ import annotations

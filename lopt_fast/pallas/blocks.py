@@ -42,9 +42,10 @@ REDUCTION_ROW_CHUNKS = 8
 # what each does). Here, not there, so tools can offer them without importing triton.
 LAYER1_FORMS = ("fma", "dot", "dot_all")
 MLP_PRECISIONS = ("tf32", "ieee", "bf16", "tf32_fp16")
-# "tf32_fp16" runs the H x H layers' dots on fp16 operands, whose 10-bit mantissa is
-# TF32's, with activations (and weights) clamped to fp16's largest finite value; layer 1
-# stays TF32, its operands being the raw features, whose range is too wide for fp16.
+# "tf32_fp16" runs the dots whose operands have unit scale (the H x H layers; "dot_all"'s
+# normalised per-row / per-column features) on fp16, whose 10-bit mantissa is TF32's,
+# clamped to fp16's largest finite value; the raw per-element features' dot stays TF32,
+# their range being too wide for fp16.
 FP16_MAX = 65504.0
 # How `triton_update` launches its kernels (`launcher`, or this environment variable):
 # through jax-triton as jaxlib's FFI Triton call (`lopt_fast.kernels.ffi_call`), through

@@ -385,8 +385,9 @@ def _factored_group(kernels, items, consts, c_fac, nn, iteration, mlp, mults, hp
         s_u = jnp.where(row_side, scale[:, rows], scale[:, cols])  # [S, 6]
         s_v = jnp.where(row_side, scale[:, cols], scale[:, rows])
         tu, tv = _row_col_features(feat_u * s_u[seg_u].T, feat_v * s_v[seg_v].T)  # [sum BU, 8]
-        w0 = nn["w0"].astype(jnp.float32)  # the U / V sides' rows of w0, unscaled: [S, 6, H]
-        w_u, w_v = jnp.where(u_side, w0[rows], w0[cols]), jnp.where(u_side, w0[cols], w0[rows])
+        w0 = nn["w0"].astype(jnp.float32)
+        w_u = jnp.where(u_side, w0[rows], w0[cols])  # [S, 6, H]: the U side's rows, unscaled
+        w_v = jnp.where(u_side, w0[cols], w0[rows])
         w_ew = jax.vmap(_row_col_weights)(w_ew, w_u, w_v, b0)  # [S, 32, H]
     else:
         w_u = jnp.where(u_side, w0_feat[:, rows], w0_feat[:, cols])  # [S, 6, H]: the U side's
