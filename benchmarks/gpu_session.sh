@@ -121,7 +121,7 @@ jax_triton.__version__); print(jax.devices())" ;;
       # H x H layer on fp16 operands, TF32's mantissa, without the TF32 accumulator-to-
       # operand shuffles); bf16. Compiled for sm_90 (docs/KERNELS.md, "Session 17") the
       # apply kernel has 640 / 608 instructions per element (dot / dot_all) with TF32,
-      # 556 / 512 with tf32_fp16, 524 / 452 with bf16. Which pays: fewer instructions,
+      # 556 / 492 with tf32_fp16, 524 / 452 with bf16. Which pays: fewer instructions,
       # fewer round trips (early weights), or occupancy?
       run "${SWEEP_LIMIT:-240}" sweep python3 benchmarks/tile_sweep.py \
         ${SWEEP_ARGS:---tiles 1x256 4x64 --warps 4 --layer1 dot dot_all \

@@ -168,11 +168,10 @@ def _dot(a, b, acc, PREC: tl.constexpr):
 @triton.jit
 def _unit_dot(a, b, acc, PREC: tl.constexpr):
     """a @ b (+ acc) for operands of unit scale ("dot_all"'s per-row / per-column features,
-    normalised by `plan`): fp16 ones, clamped to its range, under "tf32_fp16"; as `_dot`
-    otherwise."""
+    normalised and clamped to fp16's range by `plan`): fp16 ones under "tf32_fp16" (b
+    clamped here); as `_dot` otherwise."""
     if PREC == "tf32_fp16":
-        return tl.dot(tl.clamp(a, -FP16_MAX, FP16_MAX).to(tl.float16),
-                      tl.clamp(b, -FP16_MAX, FP16_MAX).to(tl.float16), acc)
+        return tl.dot(a.to(tl.float16), tl.clamp(b, -FP16_MAX, FP16_MAX).to(tl.float16), acc)
     else:
         return _dot(a, b, acc, PREC)
 

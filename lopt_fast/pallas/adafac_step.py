@@ -198,22 +198,22 @@ def _layer_precision(precision: str, unit_scale: bool) -> str:
     return precision
 
 
-def _dot(a, b, precision: str):
+def _dot(a, b, precision: str, a_in_range: bool = False):
     """a @ b, accumulated in float32, at a `_layer_precision` ("tf32", "ieee", or "bf16" /
-    "fp16": the operands rounded to it, `_half`)."""
+    "fp16": the operands rounded to it, `_half`; `a_in_range`: a needs no fp16 clamp)."""
     if precision in _HALF_TYPES:
-        return jnp.dot(_half(a, precision), _half(b, precision),
+        return jnp.dot(_half(a, precision, clamp=not a_in_range), _half(b, precision),
                        preferred_element_type=jnp.float32)
     return jnp.dot(a, b, precision=_DOT_PRECISIONS[precision], preferred_element_type=jnp.float32)
 
 
-def _half(x, precision: str):
-    """x rounded to bf16 / fp16 (fp16: clamped to its finite range first) unless it already
-    is."""
+def _half(x, precision: str, clamp: bool = True):
+    """x rounded to bf16 / fp16 unless it already is; fp16 clamped to its finite range first
+    unless `clamp` is False (x known to be in it)."""
     half = _HALF_TYPES[precision]
     if x.dtype == half:
         return x
-    if precision == "fp16":
+    if precision == "fp16" and clamp:
         x = jnp.clip(x, -FP16_MAX, FP16_MAX)
     return x.astype(half)
 
@@ -269,7 +269,8 @@ def _first_layer(pre0, feats, w, precision, layer1):
     raw = _layer_precision(precision, unit_scale=False)
     if layer1 == "dot_all":
         return (_dot(_columns(planes), w[0], raw)
-                + _dot(pre0, w[1], _layer_precision(precision, unit_scale=True)))
+                + _dot(pre0, w[1], _layer_precision(precision, unit_scale=True),
+                       a_in_range=True))  # `plan` clamps the features it normalises
     planes += [jnp.zeros_like(planes[0])] * (w.shape[0] - len(planes))
     return pre0.reshape(-1, pre0.shape[-1]) + _dot(_columns(planes), w, raw)
 

@@ -51,6 +51,7 @@ from jax import lax
 
 from lopt_fast.learned import adafac_math as am
 from lopt_fast.pallas.blocks import (
+    FP16_MAX,
     BlockSizes,
     group_block_sizes,
     packed_block_sizes,
@@ -380,11 +381,15 @@ def _factored_group(kernels, items, consts, c_fac, nn, iteration, mlp, mults, hp
     u_side = u_is_row[:, None, None]
     if kernels.row_col_in_dot:
         # Normalised here rather than in w's rows, so that the kernels' row / column dot
-        # takes operands of unit scale, which fp16 holds ("tf32_fp16").
+        # takes operands of unit scale, which fp16 holds ("tf32_fp16"), and clamped to its
+        # range here, once per row / column: a normalised feature is at most sqrt(rows) (or
+        # sqrt(columns)) times its root mean square, so the clamp acts only past 4e9 of them.
         scale = am.feature_scale(moments)  # [S, 28]
         s_u = jnp.where(row_side, scale[:, rows], scale[:, cols])  # [S, 6]
         s_v = jnp.where(row_side, scale[:, cols], scale[:, rows])
-        tu, tv = _row_col_features(feat_u * s_u[seg_u].T, feat_v * s_v[seg_v].T)  # [sum BU, 8]
+        normalised = [jnp.clip(f * s[seg].T, -FP16_MAX, FP16_MAX)
+                      for f, s, seg in ((feat_u, s_u, seg_u), (feat_v, s_v, seg_v))]
+        tu, tv = _row_col_features(*normalised)  # [sum BU, 8], [sum BV, 8]
         w0 = nn["w0"].astype(jnp.float32)
         w_u = jnp.where(u_side, w0[rows], w0[cols])  # [S, 6, H]: the U side's rows, unscaled
         w_v = jnp.where(u_side, w0[cols], w0[rows])
