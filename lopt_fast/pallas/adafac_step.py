@@ -44,9 +44,10 @@ FLOPs per parameter: pass 1 ~3, pass 2 ~60, pass 3 ~40 + 2 (16 H) + 2 H^2 (L - 1
 
 GPU: lowered through Pallas' Triton backend (`pltriton.CompilerParams`); see
 docs/KERNELS.md for why not Mosaic GPU. Dots run at `mlp_precision` ("tf32" default on
-GPU: |rel err| ~ 3e-4; "ieee" for full float32; "tf32_fp16": the raw features' dot TF32,
-the rest (operands of unit scale) on fp16, the same mantissa; "bf16" operands: faster, coarser, see
-docs/KERNELS.md's tolerance table). CPU: `interpret=True` (the tests).
+GPU: |rel err| ~ 3e-4; "ieee" for full float32; "tf32_fp16": the raw features' dot
+TF32, the rest (operands of unit scale) on fp16, the same mantissa; "bf16" operands:
+faster, coarser, see docs/KERNELS.md's tolerance table). CPU: `interpret=True` (the
+tests).
 """
 
 from __future__ import annotations
@@ -198,24 +199,16 @@ def _layer_precision(precision: str, unit_scale: bool) -> str:
     return precision
 
 
-def _dot(a, b, precision: str, a_in_range: bool = False):
-    """a @ b, accumulated in float32, at a `_layer_precision` ("tf32", "ieee", or "bf16" /
-    "fp16": the operands rounded to it, `_half`; `a_in_range`: a needs no fp16 clamp)."""
+def _dot(a, b, precision: str):
+    """a @ b, accumulated in float32, at a `_layer_precision`: "tf32", "ieee", or "bf16" /
+    "fp16" (both operands rounded to it). fp16's a is in its range already (`_relu`'s fp16
+    activations; the row / column features `plan` clamps); the weights b are clamped here."""
     if precision in _HALF_TYPES:
-        return jnp.dot(_half(a, precision, clamp=not a_in_range), _half(b, precision),
-                       preferred_element_type=jnp.float32)
+        if precision == "fp16":
+            b = jnp.clip(b, -FP16_MAX, FP16_MAX)
+        half = _HALF_TYPES[precision]
+        return jnp.dot(a.astype(half), b.astype(half), preferred_element_type=jnp.float32)
     return jnp.dot(a, b, precision=_DOT_PRECISIONS[precision], preferred_element_type=jnp.float32)
-
-
-def _half(x, precision: str, clamp: bool = True):
-    """x rounded to bf16 / fp16 unless it already is; fp16 clamped to its finite range first
-    unless `clamp` is False (x known to be in it)."""
-    half = _HALF_TYPES[precision]
-    if x.dtype == half:
-        return x
-    if precision == "fp16" and clamp:
-        x = jnp.clip(x, -FP16_MAX, FP16_MAX)
-    return x.astype(half)
 
 
 def _dot_weights(w_ref, wh_ref, layer1):
@@ -269,8 +262,7 @@ def _first_layer(pre0, feats, w, precision, layer1):
     raw = _layer_precision(precision, unit_scale=False)
     if layer1 == "dot_all":
         return (_dot(_columns(planes), w[0], raw)
-                + _dot(pre0, w[1], _layer_precision(precision, unit_scale=True),
-                       a_in_range=True))  # `plan` clamps the features it normalises
+                + _dot(pre0, w[1], _layer_precision(precision, unit_scale=True)))
     planes += [jnp.zeros_like(planes[0])] * (w.shape[0] - len(planes))
     return pre0.reshape(-1, pre0.shape[-1]) + _dot(_columns(planes), w, raw)
 
@@ -298,7 +290,7 @@ def _relu(x, precision: str, into_dot: bool):
     the dot rounds its operand anyway and rounding commutes with the max, so the values
     are the same, and a max of packed 16-bit pairs (HMNMX2) takes half the instructions
     of float32's (sm_90, 1x256, "dot_all", bf16: 904 instructions per thread against 936).
-    fp16 saturates at its largest finite value (as `_half` clamps a dot's other operands)."""
+    fp16 saturates at its largest finite value (`_dot` relies on it)."""
     if into_dot and precision in _HALF_TYPES:
         x = x.astype(_HALF_TYPES[precision])
         if precision == "fp16":
@@ -637,12 +629,12 @@ class PallasKernels:
     Args:
       interpret: run the kernels in Pallas' interpreter (CPU).
       mlp_precision: the MLP's dots: "tf32" (`lax.Precision.DEFAULT`), "ieee"
-        (`HIGHEST`), "tf32_fp16" (the raw per-element features' dot TF32, the H x H layers' and
-        "dot_all"'s row / column operands rounded to fp16, which has TF32's 10-bit
-        mantissa, saturating at 65504; compiled for sm_90 the
-        apply kernel then needs 13% fewer instructions: no TF32 accumulator-to-operand
-        shuffles), or "bf16" (operands rounded to bf16, float32 accumulation; Triton's
-        step was 1.2-1.3x faster with them on an H200, at a precision cost: docs/KERNELS.md).
+        (`HIGHEST`), "tf32_fp16" (the raw per-element features' dot TF32, the H x H
+        layers' and "dot_all"'s row / column operands rounded to fp16, which has TF32's
+        10-bit mantissa, saturating at 65504; compiled for sm_90 the apply kernel then
+        needs 13% fewer instructions: no TF32 accumulator-to-operand shuffles), or "bf16"
+        (operands rounded to bf16, float32 accumulation; Triton's step was 1.2-1.3x faster
+        with them on an H200, at a precision cost: docs/KERNELS.md).
       layer1: the first MLP layer as "dot" (the features as one [tile, K] x [K, Hp] dot,
         at `mlp_precision`, plus the per-row / per-column tables), "dot_all" (the factored
         tensors' 12 per-row / per-column features and b0 through a second [tile, 16] x
