@@ -8,6 +8,7 @@ import pytest
 from lopt_fast import backends
 from lopt_fast.backends import BackendUnavailableError, resolve_backend
 from lopt_fast.learned import AdafacMLPLOpt
+from tests.helpers import run_python
 
 ON_CPU = jax.default_backend() == "cpu"
 
@@ -72,6 +73,20 @@ def test_explicit_pallas_on_cpu_runs_interpreted():
     params = {"w": jnp.ones((3, 5)), "b": jnp.ones((5,))}
     jaxpr = str(jax.make_jaxpr(tx.update)(params, tx.init(params), params))
     assert "f16[" in jaxpr.replace("bf16[", ""), "fp16 operands missing from the step"
+
+
+def test_reference_dispatch_and_the_cli_parser_do_not_load_pallas():
+    """Validating mlp_precision reads `lopt_fast.pallas.blocks`; the kernels and Pallas'
+    lowering load only when a kernel backend is made."""
+    out = run_python(["-c", "import sys\n"
+                      "from lopt_fast.backends import resolve_backend\n"
+                      "from lopt_fast.cli import build_parser\n"
+                      "resolve_backend('reference', mlp_precision='bf16')\n"
+                      "build_parser()\n"
+                      "print(sorted(m for m in sys.modules if 'pallas' in m\n"
+                      "             and m.startswith(('lopt_fast', 'jax.experimental'))))"],
+                     "imports")
+    assert out.strip() == "['lopt_fast.pallas', 'lopt_fast.pallas.blocks']", out
 
 
 def test_unknown_mlp_precision_lists_choices():

@@ -1,7 +1,19 @@
-"""Fused optimizer-step kernels in Pallas (interpret mode on CPU, Triton lowering on GPU)."""
+"""Fused optimizer-step kernels in Pallas (interpret mode on CPU, Triton lowering on GPU).
 
-from lopt_fast.pallas.adafac_step import PallasKernels, pallas_update
+The kernels (and Pallas with its Triton lowering) load on first use of `pallas_update` or
+`PallasKernels`, so that `blocks`' constants (the precision and layer-1 choices that
+backend dispatch and the CLI validate) cost no more than their own module.
+"""
+
 from lopt_fast.pallas.blocks import BlockSizes, block_sizes, packed_block_sizes, padded_hidden
 
 __all__ = ["BlockSizes", "PallasKernels", "block_sizes", "packed_block_sizes", "padded_hidden",
            "pallas_update"]
+
+
+def __getattr__(name):
+    if name in ("PallasKernels", "pallas_update"):
+        from lopt_fast.pallas import adafac_step
+
+        return getattr(adafac_step, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
