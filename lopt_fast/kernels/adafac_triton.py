@@ -166,12 +166,18 @@ def _dot(a, b, acc, PREC: tl.constexpr):
 
 
 @triton.jit
+def _fp16_weights(w):
+    """A dot's float32 weights as fp16 operands, clamped to its finite range first."""
+    return tl.clamp(w, -FP16_MAX, FP16_MAX).to(tl.float16)
+
+
+@triton.jit
 def _unit_dot(a, b, acc, PREC: tl.constexpr):
     """a @ b (+ acc) for operands of unit scale ("dot_all"'s per-row / per-column features,
-    normalised and clamped to fp16's range by `plan`): fp16 ones under "tf32_fp16" (b
-    clamped here); as `_dot` otherwise."""
+    normalised and clamped to fp16's range by `plan`): fp16 ones under "tf32_fp16"; as
+    `_dot` otherwise."""
     if PREC == "tf32_fp16":
-        return tl.dot(a.to(tl.float16), tl.clamp(b, -FP16_MAX, FP16_MAX).to(tl.float16), acc)
+        return tl.dot(a.to(tl.float16), _fp16_weights(b), acc)
     else:
         return _dot(a, b, acc, PREC)
 
@@ -184,7 +190,7 @@ def _hidden_dot(pre, w, PREC: tl.constexpr):
     if PREC == "tf32_fp16":
         h = pre.to(tl.float16)
         h = tl.minimum(tl.maximum(h, tl.zeros_like(h)), tl.full((), FP16_MAX, tl.float16))
-        return tl.dot(h, tl.clamp(w, -FP16_MAX, FP16_MAX).to(tl.float16))
+        return tl.dot(h, _fp16_weights(w))
     else:
         return _dot(tl.maximum(pre, 0.0), w, None, PREC)
 
@@ -1043,13 +1049,14 @@ def triton_update(lopt, theta, state, grad, *, mlp_precision: str = "tf32",
     lowering without one (`.lower(lowering_platforms=("cuda",))`); by default jax-triton
     asks the local GPU. `layer1`: the factored tensors' first MLP layer as "dot" (faster
     than "fma" on an H100), "dot_all" or "fma" (the packed small tensors': a dot unless
-    "fma"); `mlp_precision`: the dots' operands, "tf32", "ieee", "tf32_fp16" (layer 1
-    TF32, the H x H layers fp16) or "bf16"; `persistent`: run the apply pass of factored
-    tensors as a fixed grid of programs that loop over tiles with their next tiles' loads
-    in flight (`blocks.num_stages` - 1 ahead); see the module docstring. `in_place`: update p and
-    the state in their buffers, right when the caller donates the state (or carries it
-    through `lax.scan`); otherwise XLA copies them first, and `in_place=False` (fresh
-    outputs) saves those copies (`plan.in_place_aliases`). `launcher` (default
+    "fma"); `mlp_precision`: the dots' operands, "tf32", "ieee", "tf32_fp16" (the raw
+    features' dot TF32, the operands of unit scale after it fp16) or "bf16"; `persistent`:
+    run the apply pass of factored tensors as a fixed grid of programs that loop over
+    tiles with their next tiles' loads in flight (`blocks.num_stages` - 1 ahead); see the
+    module docstring. `in_place`: update p and the state in their buffers, right when the
+    caller donates the state (or carries it through `lax.scan`); otherwise XLA copies them
+    first, and `in_place=False` (fresh outputs) saves those copies
+    (`plan.in_place_aliases`). `launcher` (default
     `$LOPT_FAST_TRITON_LAUNCHER`, else "jax_triton"): "jax_triton" (`jax_triton.triton_call`
     as jaxlib's FFI call, `ffi_call`), "jax_triton_legacy" (jax-triton's own call) or "xla"
     (XLA's own Triton calls, which XLA records into CUDA graphs; no jax-triton needed:
