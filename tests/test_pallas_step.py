@@ -58,7 +58,7 @@ BF16_DOTS_TOLERANCE = Tolerance({jnp.dtype(jnp.float32): (2e-3, 2e-3),
 # (layer 1 as FMAs), and a step relative error of 3.2e-3 against a TF32 reference. With
 # layer 1 as a dot (the default since; the features are TF32 operands too) one element
 # in one of 13 runs on an H200 (2026-11-30) was 1.48e-4 off where 1e-4 / 1e-4 allowed 1.07e-4:
-# the bounds below leave 2x over it. "tf32_fp16" (the H x H layers' operands in fp16, the
+# the bounds below leave 2x over it. "tf32_fp16" (the operands of unit scale in fp16, the
 # same 10-bit mantissa) shares them; interpreted on a CPU its fp16 operands are the only
 # rounding (the "tf32" dots run in float32 there).
 TF32_TOLERANCE = Tolerance({jnp.dtype(jnp.float32): (3e-4, 3e-4),
