@@ -23,7 +23,7 @@ import pytest
 from lopt_fast.learned import AdafacMLPLOpt, reference_update
 from lopt_fast.pallas import BlockSizes, block_sizes, pallas_update
 from lopt_fast.pallas import plan as pallas_plan
-from lopt_fast.pallas.blocks import member_runs, plane_tile
+from lopt_fast.pallas.blocks import RELU_CASTS, member_runs, plane_tile
 from tests.helpers import ROOT, precise_reference, random_theta
 
 
@@ -425,11 +425,18 @@ def test_kernels_compile_for_sm90():
     assert compiled.asm["ptx"].count("wgmma.mma_async") > mma["dot", "adafac_apply"]
     dots = re.findall(r"(%\w+) = ttng\.warp_group_dot %\w+, %\w+, (%\w+)", compiled.asm["ttgir"])
     assert any(acc in {res for res, _ in dots} for _, acc in dots), dots
-    # "tf32_fp16": the features' dot on TF32 operands, the H x H layer's on fp16 ones.
-    modules = dict(step_modules(shapes, hidden=32, mlp_precision="tf32_fp16"))
-    for name in ("adafac_apply", "adafac_packed_apply"):
-        ptx = compile_module(modules[name]).asm["ptx"]
-        assert ".tf32.tf32" in ptx and ".f16.f16" in ptx, f"{name}: not TF32 then fp16 MMAs"
+    # "tf32_fp16": the features' dot on TF32 operands, the H x H and output layers' on fp16
+    # ones; with it and "bf16" each ReLU and rounding is one instruction
+    # (`blocks.RELU_CASTS`), not a cast and packed max / min, and the output layer a wgmma
+    # of N = 16.
+    for precision, cast in (("tf32_fp16", RELU_CASTS["fp16"]), ("bf16", RELU_CASTS["bf16"])):
+        modules = dict(step_modules(shapes, hidden=32, mlp_precision=precision))
+        for name in ("adafac_apply", "adafac_packed_apply"):
+            ptx = compile_module(modules[name]).asm["ptx"]
+            if precision == "tf32_fp16":
+                assert ".tf32.tf32" in ptx and ".f16.f16" in ptx, f"{name}: not TF32 then fp16"
+            assert cast.split()[0] in ptx and "max.f16x2" not in ptx, (precision, name)
+            assert re.search(r"wgmma\.mma_async\S*\.m64n16k16", ptx), (precision, name)
     # Factored tensors whose planes all fit one tile: the sides pass replaces the sums pass.
     modules = dict(step_modules({"conv": (3, 3, 16, 32), "w": (20, 6)}, hidden=32))
     assert "adafac_row_col_sums" not in modules, set(modules)

@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from lopt_fast.learned import AdafacMLPLOpt
+from lopt_fast.pallas.blocks import RELU_CASTS
 from tests.helpers import ROOT, precise_reference, random_theta, run_python
 from tests.test_pallas_step import (
     BF16_DOTS_TOLERANCE,
@@ -115,9 +116,14 @@ def test_kernels_compile_for_sm90(hidden_layers):
         if "apply" in kernel.__name__ and hidden_layers > 1:
             assert "mma" in ptx, f"{kernel.__name__}: expected tensor-core MMA for tl.dot"
         if constexprs.get("PREC") == "tf32_fp16":  # TF32 for the raw features, fp16 for the
-            assert ".tf32.tf32" in ptx, kernel.__name__  # H x H layer and dot_all's rows / columns
-            fp16 = hidden_layers > 1 or constexprs.get("L1") == "dot_all"
-            assert (".f16.f16" in ptx) == fp16, kernel.__name__
+            assert ".tf32.tf32" in ptx, kernel.__name__  # rest (the H x H and output layers)
+            assert ".f16.f16" in ptx, kernel.__name__
+        if "apply" in kernel.__name__ and constexprs.get("PREC") in ("tf32_fp16", "bf16"):
+            # ReLU and rounding as one instruction (`blocks.RELU_CASTS`), not a cast and
+            # packed max / min; the output layer as a wgmma of N = 16
+            cast = RELU_CASTS["fp16" if constexprs["PREC"] == "tf32_fp16" else "bf16"]
+            assert cast.split()[0] in ptx and "max.f16x2" not in ptx, kernel.__name__
+            assert re.search(r"wgmma\.mma_async\S*\.m64n16k16", ptx), kernel.__name__
         if "persistent" in kernel.__name__:  # the next tiles' loads copied asynchronously
             assert "cp.async" in ptx, f"{kernel.__name__}: the tile loop was not pipelined"
 
@@ -130,7 +136,7 @@ def test_kernels_compile_for_sm90(hidden_layers):
     ("tf32", TF32_TOLERANCE, None, None, "dot_all", False, "jax_triton"),  # row / column features
     ("ieee", KERNEL_TOLERANCE, SMALL_TILES, SMALL_PACKED, "dot_all", False, "jax_triton"),
     ("bf16", BF16_DOTS_TOLERANCE, None, None, "dot", False, "jax_triton"),  # bf16 operands
-    ("tf32_fp16", TF32_TOLERANCE, None, None, "dot", False, "jax_triton"),  # fp16 H x H layers
+    ("tf32_fp16", TF32_TOLERANCE, None, None, "dot", False, "jax_triton"),  # fp16 H x H, output layers
     ("bf16", BF16_DOTS_TOLERANCE, None, None, "dot_all", True, "jax_triton"),  # persistent apply
     ("ieee", KERNEL_TOLERANCE, SMALL_TILES, SMALL_PACKED, "dot", True, "jax_triton"),
     ("tf32", TF32_TOLERANCE, None, None, "dot", False, "jax_triton_legacy"),  # jax-triton's call
@@ -180,8 +186,9 @@ def test_triton_kernels_interpreted_match_reference(case):
     sums pass where the planes would fit one tile); the default tiles and
     code path (TF32 dots on a GPU, float32 in the interpreter); bf16 dot operands (the
     interpreter rounds them as a GPU does) with the row / column features in the dot;
-    fp16 operands of the H x H layers and of the row / column features, and their
-    saturation (`check_fp16_saturation`); 3
+    fp16 operands of the H x H and output layers and of the row / column features, and
+    their saturation (`check_fp16_saturation`; the one-instruction ReLU casts run as
+    NumPy, `_relu_casts_in_numpy`); 3
     vmapped tasks with their own theta, and meta-gradients through the custom_vjp under
     vmap. The public `triton_update` with interpreted launches, in a fresh process because
     Triton must start interpreted. About 20 s each with small tiles, 70 s otherwise, on 2

@@ -181,6 +181,39 @@ def _pairwise_sums_in_numpy():
     ReduceOps.apply_impl = patched
 
 
+def _relu_casts_in_numpy():
+    """Run the kernels' inline assembly, which Triton's interpreter cannot: the ReLU that
+    rounds to a 16-bit dot operand (`blocks.RELU_CASTS`, PTX `cvt.rn.relu{.satfinite}`),
+    in NumPy as the PTX ISA defines it: round to nearest even, negatives to 0 (NaN stays
+    NaN) and, for fp16, values past its largest finite one saturated to it. Any other
+    assembly still raises."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+
+    from lopt_fast.pallas.blocks import FP16_MAX, RELU_CASTS
+
+    class Results:  # what the interpreter's caller reads of an inline-assembly op
+        def __init__(self, *handles):
+            self.handles = handles
+
+        def get_result(self, i):
+            return self.handles[i]
+
+    create_inline_asm = InterpreterBuilder.create_inline_asm
+
+    def patched(self, asm, constraints, values, types, is_pure, pack):
+        relu = np.maximum(values[0].data.astype(np.float32), 0.0)
+        if asm == RELU_CASTS["fp16"]:
+            with np.errstate(over="ignore"):
+                return Results(TensorHandle(np.minimum(relu.astype(np.float16), FP16_MAX),
+                                            tl.float16))
+        if asm == RELU_CASTS["bf16"]:  # bf16 as its bit patterns, as the interpreter keeps it
+            return Results(TensorHandle(relu.astype(jnp.bfloat16).view(np.uint16), tl.bfloat16))
+        return create_inline_asm(self, asm, constraints, values, types, is_pure, pack)
+
+    InterpreterBuilder.create_inline_asm = patched
+
+
 def interpreted_triton_update(*args, **kwargs):
     """`triton_update` with interpreted launches (needs TRITON_INTERPRET=1)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
@@ -313,6 +346,7 @@ if __name__ == "__main__":
     _bf16_dots_from_bf16_values()
     _scalar_tensors_index()
     _pairwise_sums_in_numpy()
+    _relu_casts_in_numpy()
     if args.persistent:
         from lopt_fast.kernels import adafac_triton
 

@@ -33,10 +33,13 @@ MLP, layer 1 of factored tensors (`layer1`; the packed tensors' 22 inputs go thr
 The H x H layers always use `tl.dot`. Tensor cores accumulate in float32; the operands
 (`mlp_precision`) are TF32 ("tf32", the default), float32 ("ieee"), bf16 ("bf16"), or
 TF32 for the raw per-element features and fp16 for the rest ("tf32_fp16": the H x H
-layers and "dot_all"'s normalised row / column features; fp16 has TF32's 10-bit
-mantissa, and its accumulator converts to the next dot's operand in registers without
-the shuffles TF32's needs; activations saturate at fp16's 65504; compiled for sm_90 the
-apply kernel has 13% fewer instructions and 166 registers instead of 180).
+and output layers and "dot_all"'s normalised row / column features; fp16 has TF32's
+10-bit mantissa, and its accumulator converts to the next dot's operand in registers
+without the shuffles TF32's needs; activations saturate at fp16's 65504). With 16-bit
+operands the output layer is a dot too (`_output_layer`) and each ReLU one PTX
+instruction per pair (`_half_relu`): compiled for sm_90 the "dot" apply kernel has 25%
+fewer instructions under "tf32_fp16" than TF32's (1032 against 1384 per thread) and
+167 registers instead of 180.
 Compiled for sm_90 (`profiling/triton_resources.py`, H = 32, a 256-element tile at 4
 warps) the apply kernel needs 255 registers and spills with "fma", 188 with "dot", 174
 with "dot_all" (also 84 global-load instructions against 135); on an H100 "dot" made the
@@ -87,6 +90,8 @@ from lopt_fast.pallas.blocks import (
 NUM_SUMS = tl.constexpr(plan.NUM_SUMS)
 NUM_CONSTS = tl.constexpr(plan.NUM_CONSTS)
 FP16_MAX = tl.constexpr(blocks.FP16_MAX)
+FP16_RELU_CAST = tl.constexpr(blocks.RELU_CASTS["fp16"])
+BF16_RELU_CAST = tl.constexpr(blocks.RELU_CASTS["bf16"])
 C_FAC = tl.constexpr(plan.C_FAC)
 
 
@@ -183,16 +188,47 @@ def _unit_dot(a, b, acc, PREC: tl.constexpr):
 
 
 @triton.jit
-def _hidden_dot(pre, w, PREC: tl.constexpr):
-    """relu(pre) @ w for an H x H layer. "tf32_fp16" rounds both to fp16 (TF32's 10-bit
-    mantissa at twice its tensor rate), the ReLU on fp16 values saturated at fp16's
-    largest (`blocks.FP16_MAX`), w clamped to it; other PRECs as `_dot`."""
+def _half_relu(x, PREC: tl.constexpr):
+    """max(x, 0) as a 16-bit dot operand: fp16 saturated at its largest finite value
+    (`blocks.FP16_MAX`) under "tf32_fp16", bf16 under "bf16"; one PTX instruction per
+    pair of elements (`blocks.RELU_CASTS`; the interpreted tests run it in numpy)."""
     if PREC == "tf32_fp16":
-        h = pre.to(tl.float16)
-        h = tl.minimum(tl.maximum(h, tl.zeros_like(h)), tl.full((), FP16_MAX, tl.float16))
-        return tl.dot(h, _fp16_weights(w))
+        return tl.inline_asm_elementwise(FP16_RELU_CAST, "=r,r,r", [x], dtype=tl.float16,
+                                         is_pure=True, pack=2)
+    else:
+        return tl.inline_asm_elementwise(BF16_RELU_CAST, "=r,r,r", [x], dtype=tl.bfloat16,
+                                         is_pure=True, pack=2)
+
+
+@triton.jit
+def _hidden_dot(pre, w, PREC: tl.constexpr):
+    """relu(pre) @ w for an H x H layer (and, `_output_layer`, the output layer): "tf32_fp16"
+    rounds both to fp16 (TF32's 10-bit mantissa at twice its tensor rate), w clamped to
+    its range, "bf16" both to bf16 (`_half_relu`); other PRECs as `_dot`."""
+    if PREC == "tf32_fp16":
+        return tl.dot(_half_relu(pre, PREC), _fp16_weights(w))
+    elif PREC == "bf16":
+        return tl.dot(_half_relu(pre, PREC), w.to(tl.bfloat16))
     else:
         return _dot(tl.maximum(pre, 0.0), w, None, PREC)
+
+
+@triton.jit
+def _output_layer(h, wo_ptr, HP: tl.constexpr, PREC: tl.constexpr):
+    """(direction, magnitude) [n] of the last pre-activations h [n, HP] (relu'd here) and
+    the output weights wo [2, HP]. Under "tf32_fp16" / "bf16" a 16-bit `_hidden_dot` with
+    wo repeated to [HP, 16] (Triton's narrowest wgmma here), columns 0 and 1 of its
+    result taken; else float32 multiply-adds."""
+    k = tl.arange(0, HP)
+    if PREC == "tf32_fp16" or PREC == "bf16":
+        col = tl.arange(0, 16)
+        out = _hidden_dot(h, tl.load(wo_ptr + (col[None, :] % 2) * HP + k[:, None]), PREC)
+        return (tl.sum(tl.where(col[None, :] == 0, out, 0.0), axis=1),
+                tl.sum(tl.where(col[None, :] == 1, out, 0.0), axis=1))
+    else:
+        h = tl.maximum(h, 0.0)
+        return (tl.sum(h * tl.load(wo_ptr + k)[None, :], axis=1),
+                tl.sum(h * tl.load(wo_ptr + HP + k)[None, :], axis=1))
 
 
 @triton.jit
@@ -224,9 +260,9 @@ def _mlp_rest(pre, wh0, c_ptr, wh_ptr, bh_ptr, wo_ptr, R: tl.constexpr, C: tl.co
         else:
             w = tl.load(wh_ptr + layer * HP * HP + k[:, None] * HP + k[None, :])
         h = _hidden_dot(h, w, PREC) + tl.load(bh_ptr + layer * HP + k)[None, :]
-    h = tl.maximum(h, 0.0)
-    d = tl.sum(h * tl.load(wo_ptr + k)[None, :], axis=1) + tl.load(c_ptr + 7)
-    mag = tl.sum(h * tl.load(wo_ptr + HP + k)[None, :], axis=1) + tl.load(c_ptr + 8)
+    d, mag = _output_layer(h, wo_ptr, HP, PREC)
+    d += tl.load(c_ptr + 7)
+    mag += tl.load(c_ptr + 8)
     return tl.reshape(d * tl.exp(mag * EXP_MULT) * STEP_MULT, (R, C))
 
 
@@ -1050,7 +1086,8 @@ def triton_update(lopt, theta, state, grad, *, mlp_precision: str = "tf32",
     asks the local GPU. `layer1`: the factored tensors' first MLP layer as "dot" (faster
     than "fma" on an H100), "dot_all" or "fma" (the packed small tensors': a dot unless
     "fma"); `mlp_precision`: the dots' operands, "tf32", "ieee", "tf32_fp16" (the raw
-    features' dot TF32, the operands of unit scale after it fp16) or "bf16"; `persistent`:
+    features' dot TF32, the operands of unit scale after it fp16: the H x H and output
+    layers') or "bf16"; `persistent`:
     run the apply pass of factored tensors as a fixed grid of programs that loop over
     tiles with their next tiles' loads in flight (`blocks.num_stages` - 1 ahead); see the
     module docstring. `in_place`: update p and the state in their buffers, right when the

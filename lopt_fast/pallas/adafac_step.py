@@ -68,6 +68,7 @@ from lopt_fast.pallas.blocks import (
     LAYER1_FORMS,
     MLP_PRECISIONS,
     PALLAS_MAX_MEMBERS,
+    RELU_CASTS,
     BlockSizes,
     member_runs,
     sums_tile,
@@ -285,38 +286,65 @@ def _row_col_rows():
     return np.concatenate([np.arange(k), k + np.arange(2 * width).reshape(2, width).T.ravel()])
 
 
-def _relu(x, precision: str, into_dot: bool):
-    """max(x, 0); where x goes into a bf16 / fp16 dot, on x rounded to that type first:
-    the dot rounds its operand anyway and rounding commutes with the max, so the values
-    are the same, and a max of packed 16-bit pairs (HMNMX2) takes half the instructions
-    of float32's (sm_90, 1x256, "dot_all", bf16: 904 instructions per thread against 936).
-    fp16 saturates at its largest finite value (`_dot` relies on it)."""
-    if into_dot and precision in _HALF_TYPES:
-        x = x.astype(_HALF_TYPES[precision])
-        if precision == "fp16":
-            return jnp.clip(x, 0.0, FP16_MAX)
-    return jnp.maximum(x, 0.0)
+# The output layer as a dot ([n, Hp] x [Hp, 2]) repeats its 2 columns to this width:
+# Triton lowers N = 16 to a wgmma, N = 8 to an mma.sync and selects (session 16).
+_OUTPUT_COLS = 16
 
 
-def _mlp_step(pre, hidden_w, vector_w, mlp_refs, c_ref, mults, precision):
+def _relu(x, precision: str, compiled: bool):
+    """max(x, 0); with a bf16 / fp16 precision, rounded to that type (every ReLU's result
+    then goes into a dot, which would round it anyway: rounding commutes with the max),
+    fp16 saturated at its largest finite value (`_dot` relies on it). Compiled, that is
+    one instruction per pair (`blocks.RELU_CASTS`; for sm_90, 1x256, "dot_all",
+    tf32_fp16: 64 instructions per thread fewer than a cast, a packed max and a packed
+    min); interpreted, the same math in jnp."""
+    if precision not in _HALF_TYPES:
+        return jnp.maximum(x, 0.0)
+    half = _HALF_TYPES[precision]
+    if compiled:
+        return pltriton.elementwise_inline_asm(
+            RELU_CASTS[precision], args=[x], constraints="=r,r,r", pack=2,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, half)])[0]
+    x = jnp.maximum(x.astype(half), 0.0)
+    return jnp.minimum(x, FP16_MAX) if precision == "fp16" else x
+
+
+def _output_layer(h, output_w, precision: str):
+    """(direction, magnitude) [n] of the last activations h [n, Hp]. With a bf16 / fp16
+    precision h is that dot operand already (`_relu`), and the layer runs as a dot whose
+    [Hp, 16] weights alternate w_dir and w_mag, and columns 0 and 1 of its result are
+    taken; compiled for sm_90 that is 72 instructions per thread fewer than the FMAs,
+    shuffles and float32 ReLU below (1x256, "dot_all", tf32_fp16: 920 -> 848)."""
+    w_dir, w_mag, b_dir, b_mag = output_w
+    if precision not in _HALF_TYPES:
+        return (jnp.sum(h * w_dir[None, :], axis=1) + b_dir,
+                jnp.sum(h * w_mag[None, :], axis=1) + b_mag)
+    col = lax.broadcasted_iota(jnp.int32, (w_dir.shape[0], _OUTPUT_COLS), 1)
+    w = jnp.where(col % 2 == 0, w_dir[:, None], w_mag[:, None])
+    out = _dot(h, w, precision)
+    col = lax.broadcasted_iota(jnp.int32, out.shape, 1)
+    return (jnp.sum(jnp.where(col == 0, out, 0.0), axis=1) + b_dir,
+            jnp.sum(jnp.where(col == 1, out, 0.0), axis=1) + b_mag)
+
+
+def _mlp_step(pre, hidden_w, vector_w, mlp_refs, c_ref, mults, precision, compiled):
     """Layer 1's pre-activations pre [n, Hp] -> the step [n]: relu, the H x H layers
     (hidden_w, `_dot_weights`), the output layer (vector_w: `_vector_weights`, read here
     if None) and direction exp(magnitude exp_mult) step_mult."""
     if vector_w is None:
         vector_w = _vector_weights(mlp_refs, c_ref)
-    biases, (w_dir, w_mag, b_dir, b_mag) = vector_w
+    biases, output_w = vector_w
     precision = _layer_precision(precision, unit_scale=True)
-    h = _relu(pre, precision, bool(hidden_w))
-    for i, (w, b) in enumerate(zip(hidden_w, biases, strict=True)):
-        h = _relu(_dot(h, w, precision) + b[None, :], precision, i + 1 < len(hidden_w))
-    direction = jnp.sum(h * w_dir[None, :], axis=1) + b_dir
-    magnitude = jnp.sum(h * w_mag[None, :], axis=1) + b_mag
+    h = _relu(pre, precision, compiled)
+    for w, b in zip(hidden_w, biases, strict=True):
+        h = _relu(_dot(h, w, precision) + b[None, :], precision, compiled)
+    direction, magnitude = _output_layer(h, output_w, precision)
     exp_mult, step_mult = mults
     return direction * jnp.exp(magnitude * exp_mult) * step_mult
 
 
 def _packed_apply(c_ref, loaded, w_ref, b0_ref, mlp_refs, mults, precision, layer1,
-                  early_weights):
+                  early_weights, compiled):
     """A non-factored tile's new p and accumulators (m, rms, v) from its loads (g, p, mom,
     rms, v_diag), w_ref [32, Hp] (its tensor's first-layer rows) and b0 [1, Hp]. These
     tensors have no per-row / per-column features: "dot_all" runs their layer 1 as "dot"."""
@@ -327,7 +355,7 @@ def _packed_apply(c_ref, loaded, w_ref, b0_ref, mlp_refs, mults, precision, laye
     rows, cols = feats[0].shape
     pre0 = jnp.broadcast_to(b0[None, :, :], (rows, cols, b0.shape[-1]))
     pre = _first_layer(pre0, feats, first, precision, layer1)
-    step = _mlp_step(pre, hidden_w, vector_w, mlp_refs, c_ref, mults, precision)
+    step = _mlp_step(pre, hidden_w, vector_w, mlp_refs, c_ref, mults, precision, compiled)
     return loaded[1] - step.reshape(rows, cols), m, rms, v
 
 
@@ -478,7 +506,7 @@ def _factored_moments_kernel(c_ref, *refs, tiles: MemberTiles, offsets):
 
 
 def _factored_apply_kernel(c_ref, *refs, tiles: MemberTiles, offsets, mults, precision, layer1,
-                           hidden, early_weights):
+                           hidden, early_weights, compiled):
     # per member: p, g, mom, rms as in the moments kernel; then fu, fv, tu [sum BU, Hp] (row
     # tables + b0), tv [sum BV, Hp] whole, w [16, Hp] (the member's), the MLP, nu [3, sum BU]
     # and nv [3, sum BV] whole (the new accumulators). Outputs per member: p [rows, cols] in
@@ -498,7 +526,7 @@ def _factored_apply_kernel(c_ref, *refs, tiles: MemberTiles, offsets, mults, pre
     m, rms, feats = _factored_features(c_ref, t)
     pre0 = _row_col_operand(tu, tv) if layer1 == "dot_all" else tu[:, None, :] + tv[None, :, :]
     pre = _first_layer(pre0, feats, first, precision, layer1)
-    step = _mlp_step(pre, hidden_w, vector_w, mlp_refs, c_ref, mults, precision)
+    step = _mlp_step(pre, hidden_w, vector_w, mlp_refs, c_ref, mults, precision, compiled)
     new_p = p - step.reshape(p.shape)
 
     def store(a):
@@ -629,10 +657,11 @@ class PallasKernels:
     Args:
       interpret: run the kernels in Pallas' interpreter (CPU).
       mlp_precision: the MLP's dots: "tf32" (`lax.Precision.DEFAULT`), "ieee"
-        (`HIGHEST`), "tf32_fp16" (the raw per-element features' dot TF32, the H x H
-        layers' and "dot_all"'s row / column operands rounded to fp16, which has TF32's
-        10-bit mantissa, saturating at 65504; compiled for sm_90 the apply kernel then
-        needs 13% fewer instructions: no TF32 accumulator-to-operand shuffles), or "bf16"
+        (`HIGHEST`), "tf32_fp16" (the raw per-element features' dot TF32; the H x H
+        and output layers' and "dot_all"'s row / column operands rounded to fp16, which
+        has TF32's 10-bit mantissa, saturating at 65504; compiled for sm_90 the apply
+        kernel then needs 24-34% fewer instructions: no TF32 accumulator-to-operand
+        shuffles, the ReLUs one instruction per pair, the output layer a dot), or "bf16"
         (operands rounded to bf16, float32 accumulation; Triton's step was 1.2-1.3x faster
         with them on an H200, at a precision cost: docs/KERNELS.md).
       layer1: the first MLP layer as "dot" (the features as one [tile, K] x [K, Hp] dot,
@@ -669,7 +698,8 @@ class PallasKernels:
     def _form(self, mlp: plan.MLPWeights, mults) -> dict:
         """The apply kernels' static MLP arguments."""
         return dict(mults=mults, precision=self.precision, layer1=self.layer1,
-                    hidden=mlp.w_hidden is not None, early_weights=self.early_weights)
+                    hidden=mlp.w_hidden is not None, early_weights=self.early_weights,
+                    compiled=not self.interpret)
 
     def _call(self, kernel, name, blocks: BlockSizes, **kw):
         if self.interpret:
@@ -964,8 +994,8 @@ def pallas_update(lopt, theta, state, grad, *, interpret: bool | None = None,
     Args:
       lopt, theta, state, grad: as `lopt_fast.learned.adafac_mlp.reference_update`.
       interpret: run in Pallas' interpreter; default: when the default backend is CPU.
-      mlp_precision: "tf32", "ieee", "tf32_fp16" or "bf16" dots for the H x H layers (and
-        layer 1 as a dot) on GPU (see `PallasKernels`).
+      mlp_precision: "tf32", "ieee", "tf32_fp16" or "bf16" dots for the MLP on GPU (see
+        `PallasKernels`).
       blocks, packed_blocks: override `blocks.block_sizes` / `packed_block_sizes` tiles.
       layer1: the first MLP layer as "dot", "dot_all" or "fma" (see `PallasKernels`).
       in_place: update p and the state in their buffers: right when the caller donates

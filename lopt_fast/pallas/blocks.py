@@ -42,11 +42,17 @@ REDUCTION_ROW_CHUNKS = 8
 # what each does). Here, not there, so tools can offer them without importing triton.
 LAYER1_FORMS = ("fma", "dot", "dot_all")
 MLP_PRECISIONS = ("tf32", "ieee", "bf16", "tf32_fp16")
-# "tf32_fp16" runs the dots whose operands have unit scale (the H x H layers; "dot_all"'s
-# normalised per-row / per-column features) on fp16, whose 10-bit mantissa is TF32's,
-# clamped to fp16's largest finite value; the raw per-element features' dot stays TF32,
-# their range being too wide for fp16.
+# "tf32_fp16" runs the dots whose operands have unit scale (the H x H layers and the
+# output layer; "dot_all"'s normalised per-row / per-column features) on fp16, whose
+# 10-bit mantissa is TF32's, clamped to fp16's largest finite value; the raw per-element
+# features' dot stays TF32, their range being too wide for fp16.
 FP16_MAX = 65504.0
+# The compiled apply kernels of both backends turn a ReLU's float32 result into a 16-bit
+# dot operand with one PTX instruction per pair of elements (cvt with .relu, and for
+# fp16 .satfinite, which saturates at FP16_MAX: PTX 8.1, sm_80+, as bf16 and TF32 dots
+# are), as inline assembly whose $1 is the pair's first element (the low half).
+RELU_CASTS = {"fp16": "cvt.rn.relu.satfinite.f16x2.f32 $0, $2, $1;",
+              "bf16": "cvt.rn.relu.bf16x2.f32 $0, $2, $1;"}
 # How `triton_update` launches its kernels (`launcher`, or this environment variable):
 # through jax-triton as jaxlib's FFI Triton call (`lopt_fast.kernels.ffi_call`), through
 # jax-triton's own legacy call, or as XLA's own Triton calls (`lopt_fast.kernels.xla_call`).
