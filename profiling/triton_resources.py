@@ -25,6 +25,7 @@ import subprocess
 import tempfile
 from typing import NamedTuple
 
+import jax.numpy as jnp
 import triton
 from triton.backends.compiler import GPUTarget
 
@@ -46,15 +47,19 @@ MAX_WARPS_PER_SM = 64
 
 def compile_kernel(kernel, constexprs, dtypes, num_warps, num_stages=2):
     """`kernel` compiled for sm_90: constexprs by name, pointer dtypes by name ("*fp32"
-    otherwise), every other parameter an i32 size. Pointers are 16-byte aligned, as
-    jax-triton declares every array argument (`tt.divisibility = 16`); sizes carry no
-    divisibility, as jax-triton passes them."""
+    otherwise, but the H x H and output layers' weights in their dots' operand type under
+    a 16-bit PREC, as `plan.mlp_weights` hands them), every other parameter an i32 size.
+    Pointers are 16-byte aligned, as jax-triton declares every array argument
+    (`tt.divisibility = 16`); sizes carry no divisibility, as jax-triton passes them."""
     sig, attrs = {}, {}
+    weights = plan.later_weights_dtype(constexprs.get("PREC", "tf32"))
+    weights = {None: "*fp32", "float16": "*fp16", "bfloat16": "*bf16"}[
+        weights and jnp.dtype(weights).name]
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = dtypes.get(name, "*fp32")
+            sig[name] = dtypes.get(name, weights if name in ("wh_ptr", "wo_ptr") else "*fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[name] = "i32"

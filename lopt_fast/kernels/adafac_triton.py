@@ -172,8 +172,12 @@ def _dot(a, b, acc, PREC: tl.constexpr):
 
 @triton.jit
 def _fp16_weights(w):
-    """A dot's float32 weights as fp16 operands, clamped to its finite range first."""
-    return tl.clamp(w, -FP16_MAX, FP16_MAX).to(tl.float16)
+    """A dot's weights as fp16 operands: float32 ones clamped to its finite range first;
+    the H x H and output layers' come so (`plan.mlp_weights`)."""
+    if w.dtype == tl.float16:
+        return w
+    else:
+        return tl.clamp(w, -FP16_MAX, FP16_MAX).to(tl.float16)
 
 
 @triton.jit
@@ -824,6 +828,8 @@ class TritonKernels:
         self.in_place = in_place
         self.launcher = resolve_launcher(launcher)
         self.row_col_in_dot = layer1 == "dot_all"  # what plan hands factored_apply
+        # the H x H and output layers' weights come rounded to their dots' operands
+        self.mlp_dtype = plan.later_weights_dtype(mlp_precision)
 
     def _call(self, *args, **kw):
         if self.launcher == "xla":
@@ -835,10 +841,10 @@ class TritonKernels:
         return jt.triton_call(*args, compute_capability=self.compute_capability,
                               custom_call_target_name=target, **kw)
 
-    @staticmethod
-    def _hidden(mlp, hp):
+    def _hidden(self, mlp, hp):
         if mlp.w_hidden is None:  # dummies: NHID = 0 never reads them
-            return 0, jnp.zeros((1, hp, hp), jnp.float32), jnp.zeros((1, hp), jnp.float32)
+            return (0, jnp.zeros((1, hp, hp), self.mlp_dtype or jnp.float32),
+                    jnp.zeros((1, hp), jnp.float32))
         return mlp.w_hidden.shape[0], mlp.w_hidden, mlp.b_hidden
 
     @staticmethod

@@ -203,19 +203,22 @@ def _layer_precision(precision: str, unit_scale: bool) -> str:
 def _dot(a, b, precision: str):
     """a @ b, accumulated in float32, at a `_layer_precision`: "tf32", "ieee", or "bf16" /
     "fp16" (both operands rounded to it). fp16's a is in its range already (`_relu`'s fp16
-    activations; the row / column features `plan` clamps); the weights b are clamped here."""
+    activations; the row / column features `plan` clamps); float32 weights b are clamped
+    here (the layers after the first come rounded: `plan.mlp_weights`)."""
     if precision in _HALF_TYPES:
-        if precision == "fp16":
-            b = jnp.clip(b, -FP16_MAX, FP16_MAX)
         half = _HALF_TYPES[precision]
+        if precision == "fp16" and b.dtype != half:
+            b = jnp.clip(b, -FP16_MAX, FP16_MAX)
         return jnp.dot(a.astype(half), b.astype(half), preferred_element_type=jnp.float32)
     return jnp.dot(a, b, precision=_DOT_PRECISIONS[precision], preferred_element_type=jnp.float32)
 
 
-def _dot_weights(w_ref, wh_ref, layer1):
+def _dot_weights(w_ref, mlp_refs, layer1, precision):
     """The weights of the MLP's dots: layer 1's (w_ref itself for "fma", which reads its
     rows one by one: Triton lowers no slices of values; w [K, Hp] for "dot"; w's
-    per-element and row / column halves [16, Hp] for "dot_all") and each H x H layer's.
+    per-element and row / column halves [16, Hp] for "dot_all"), and those of the layers
+    after it: each H x H layer's and, where the output layer is a dot (`_output_layer`),
+    its [Hp, 16] (else None).
 
     Triton stages a dot's weights in shared memory right after their load, so the
     program waits there for that load: read where each is used, each weight cost a
@@ -227,7 +230,13 @@ def _dot_weights(w_ref, wh_ref, layer1):
         first = (w_ref[pl.ds(0, k), :], w_ref[pl.ds(k, k), :])
     else:
         first = w_ref[...] if layer1 == "dot" else w_ref
-    return first, [wh_ref[i] for i in range(0 if wh_ref is None else wh_ref.shape[0])]
+    wh_ref, _, wo_ref = mlp_refs
+    hidden = [wh_ref[i] for i in range(0 if wh_ref is None else wh_ref.shape[0])]
+    out = None
+    if _layer_precision(precision, unit_scale=True) in _HALF_TYPES:
+        col = lax.broadcasted_iota(jnp.int32, (wo_ref.shape[1], _OUTPUT_COLS), 1)
+        out = jnp.where(col % 2 == 0, wo_ref[0, :][:, None], wo_ref[1, :][:, None])
+    return first, (hidden, out)
 
 
 def _vector_weights(mlp_refs, c_ref):
@@ -238,12 +247,12 @@ def _vector_weights(mlp_refs, c_ref):
     return biases, (wo_ref[0, :], wo_ref[1, :], c_ref[C_BOUT], c_ref[C_BOUT + 1])
 
 
-def _mlp_weights(w_ref, mlp_refs, c_ref, layer1, early_weights):
+def _mlp_weights(w_ref, mlp_refs, c_ref, layer1, early_weights, precision):
     """What an apply kernel reads of the MLP before its math: the dots' weights
-    (`_dot_weights`: first, hidden) and, with `early_weights`, the rest
+    (`_dot_weights`: first, later) and, with `early_weights`, the rest
     (`_vector_weights`; else None, and `_mlp_step` reads them where they are used)."""
-    first, hidden_w = _dot_weights(w_ref, mlp_refs[0], layer1)
-    return first, hidden_w, _vector_weights(mlp_refs, c_ref) if early_weights else None
+    first, later_w = _dot_weights(w_ref, mlp_refs, layer1, precision)
+    return first, later_w, _vector_weights(mlp_refs, c_ref) if early_weights else None
 
 
 def _first_layer(pre0, feats, w, precision, layer1):
@@ -309,36 +318,36 @@ def _relu(x, precision: str, compiled: bool):
     return jnp.minimum(x, FP16_MAX) if precision == "fp16" else x
 
 
-def _output_layer(h, output_w, precision: str):
+def _output_layer(h, out_w, output_w, precision: str):
     """(direction, magnitude) [n] of the last activations h [n, Hp]. With a bf16 / fp16
-    precision h is that dot operand already (`_relu`), and the layer runs as a dot whose
-    [Hp, 16] weights alternate w_dir and w_mag, and columns 0 and 1 of its result are
-    taken; compiled for sm_90 that is 72 instructions per thread fewer than the FMAs,
-    shuffles and float32 ReLU below (1x256, "dot_all", tf32_fp16: 920 -> 848)."""
+    precision h is that dot operand already (`_relu`), and the layer runs as a dot with
+    out_w [Hp, 16] (`_dot_weights`: w_dir and w_mag alternating), columns 0 and 1 of its
+    result taken; compiled for sm_90 that is 72 instructions per thread fewer than the
+    FMAs, shuffles and float32 ReLU with the rows of output_w (`_vector_weights`) below
+    (1x256, "dot_all", tf32_fp16: 920 -> 848)."""
     w_dir, w_mag, b_dir, b_mag = output_w
-    if precision not in _HALF_TYPES:
+    if out_w is None:
         return (jnp.sum(h * w_dir[None, :], axis=1) + b_dir,
                 jnp.sum(h * w_mag[None, :], axis=1) + b_mag)
-    col = lax.broadcasted_iota(jnp.int32, (w_dir.shape[0], _OUTPUT_COLS), 1)
-    w = jnp.where(col % 2 == 0, w_dir[:, None], w_mag[:, None])
-    out = _dot(h, w, precision)
+    out = _dot(h, out_w, precision)
     col = lax.broadcasted_iota(jnp.int32, out.shape, 1)
     return (jnp.sum(jnp.where(col == 0, out, 0.0), axis=1) + b_dir,
             jnp.sum(jnp.where(col == 1, out, 0.0), axis=1) + b_mag)
 
 
-def _mlp_step(pre, hidden_w, vector_w, mlp_refs, c_ref, mults, precision, compiled):
-    """Layer 1's pre-activations pre [n, Hp] -> the step [n]: relu, the H x H layers
-    (hidden_w, `_dot_weights`), the output layer (vector_w: `_vector_weights`, read here
-    if None) and direction exp(magnitude exp_mult) step_mult."""
+def _mlp_step(pre, later_w, vector_w, mlp_refs, c_ref, mults, precision, compiled):
+    """Layer 1's pre-activations pre [n, Hp] -> the step [n]: relu, the H x H layers and
+    the output layer (later_w: their dots' weights, `_dot_weights`; vector_w:
+    `_vector_weights`, read here if None) and direction exp(magnitude exp_mult)
+    step_mult."""
     if vector_w is None:
         vector_w = _vector_weights(mlp_refs, c_ref)
-    biases, output_w = vector_w
+    (hidden_w, out_w), (biases, output_w) = later_w, vector_w
     precision = _layer_precision(precision, unit_scale=True)
     h = _relu(pre, precision, compiled)
     for w, b in zip(hidden_w, biases, strict=True):
         h = _relu(_dot(h, w, precision) + b[None, :], precision, compiled)
-    direction, magnitude = _output_layer(h, output_w, precision)
+    direction, magnitude = _output_layer(h, out_w, output_w, precision)
     exp_mult, step_mult = mults
     return direction * jnp.exp(magnitude * exp_mult) * step_mult
 
@@ -349,13 +358,14 @@ def _packed_apply(c_ref, loaded, w_ref, b0_ref, mlp_refs, mults, precision, laye
     rms, v_diag), w_ref [32, Hp] (its tensor's first-layer rows) and b0 [1, Hp]. These
     tensors have no per-row / per-column features: "dot_all" runs their layer 1 as "dot"."""
     layer1 = "fma" if layer1 == "fma" else "dot"
-    first, hidden_w, vector_w = _mlp_weights(w_ref, mlp_refs, c_ref, layer1, early_weights)
+    first, later_w, vector_w = _mlp_weights(w_ref, mlp_refs, c_ref, layer1, early_weights,
+                                            precision)
     b0 = b0_ref[...]
     m, rms, v, feats = _packed_features(c_ref, *loaded)
     rows, cols = feats[0].shape
     pre0 = jnp.broadcast_to(b0[None, :, :], (rows, cols, b0.shape[-1]))
     pre = _first_layer(pre0, feats, first, precision, layer1)
-    step = _mlp_step(pre, hidden_w, vector_w, mlp_refs, c_ref, mults, precision, compiled)
+    step = _mlp_step(pre, later_w, vector_w, mlp_refs, c_ref, mults, precision, compiled)
     return loaded[1] - step.reshape(rows, cols), m, rms, v
 
 
@@ -522,11 +532,12 @@ def _factored_apply_kernel(c_ref, *refs, tiles: MemberTiles, offsets, mults, pre
     t = _factored_loads(state_refs, fu_ref, fv_ref, tiles, offsets)
     seg, (j, k), (row_ok, col_ok, mask), starts, p = t.seg, t.blocks, t.masks, t.starts, t.p
     tu, tv = _side_load(tu_ref, starts[0], row_ok), _side_load(tv_ref, starts[1], col_ok)
-    first, hidden_w, vector_w = _mlp_weights(w_ref, mlp_refs, c_ref, layer1, early_weights)
+    first, later_w, vector_w = _mlp_weights(w_ref, mlp_refs, c_ref, layer1, early_weights,
+                                            precision)
     m, rms, feats = _factored_features(c_ref, t)
     pre0 = _row_col_operand(tu, tv) if layer1 == "dot_all" else tu[:, None, :] + tv[None, :, :]
     pre = _first_layer(pre0, feats, first, precision, layer1)
-    step = _mlp_step(pre, hidden_w, vector_w, mlp_refs, c_ref, mults, precision, compiled)
+    step = _mlp_step(pre, later_w, vector_w, mlp_refs, c_ref, mults, precision, compiled)
     new_p = p - step.reshape(p.shape)
 
     def store(a):
@@ -692,6 +703,10 @@ class PallasKernels:
         self.in_place = in_place
         self.early_weights = early_weights
         self.row_col_in_dot = layer1 == "dot_all"  # what plan hands group_apply
+        # the layers after the first take their weights rounded to their dots' operand
+        # type once per step (`plan.mlp_weights`), not in every program: compiled for
+        # sm_90, 1x256, tf32_fp16, "dot_all", 848 -> 808 instructions per thread
+        self.mlp_dtype = plan.later_weights_dtype(mlp_precision)
 
     member_limit = PALLAS_MAX_MEMBERS  # more vectors than this are packed (`plan.Kernels`)
 

@@ -143,7 +143,8 @@ def _from_canon(x, perm, lead: int, permuted_shape):
 
 
 class MLPWeights(NamedTuple):
-    """Layers after the first, padded to width Hp (zeros are exact through relu)."""
+    """Layers after the first, padded to width Hp (zeros are exact through relu); the
+    weights in the dtype of their dots' operands (`Kernels.mlp_dtype`), biases float32."""
 
     w_hidden: Any  # [L-1, Hp, Hp] or None when hidden_layers == 1
     b_hidden: Any  # [L-1, Hp] or None
@@ -165,15 +166,36 @@ def _pad_axis(x, axis, n):
     return jnp.pad(x, pads)
 
 
-def mlp_weights(nn, hp: int) -> tuple[MLPWeights, jax.Array]:
+def later_weights_dtype(mlp_precision: str):
+    """The dtype of the H x H and output layers' dot operands under `mlp_precision`
+    (`blocks.MLP_PRECISIONS`), in which the kernels take those layers' weights
+    (`Kernels.mlp_dtype`): float16 / bfloat16, or None for float32 (TF32 rounds in the
+    tensor core, and "tf32"'s output layer is multiply-adds)."""
+    return {"tf32_fp16": jnp.float16, "bf16": jnp.bfloat16}.get(mlp_precision)
+
+
+def mlp_weights(nn, hp: int, dtype=None) -> tuple[MLPWeights, jax.Array]:
+    """The layers after the first (`MLPWeights`), and the output layer's bias. `dtype`:
+    float16 / bfloat16 rounds the weights to the operand type of their dots, fp16's
+    clamped to its finite range first (`blocks.FP16_MAX`), once per step here, not in
+    every program (`Kernels.mlp_dtype`)."""
     last = sum(1 for k in nn if k.startswith("w")) - 1
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+
+    def weights(w):
+        if dtype is None:
+            return w
+        if jnp.dtype(dtype) == jnp.float16:
+            w = jnp.clip(w, -FP16_MAX, FP16_MAX)
+        return w.astype(dtype)
+
     if last > 1:
-        wh = jnp.stack([_pad_axis(_pad_last(f32(nn[f"w{i}"]), hp), 0, hp) for i in range(1, last)])
+        wh = weights(jnp.stack([_pad_axis(_pad_last(f32(nn[f"w{i}"]), hp), 0, hp)
+                                for i in range(1, last)]))
         bh = jnp.stack([_pad_last(f32(nn[f"b{i}"]), hp) for i in range(1, last)])
     else:
         wh = bh = None
-    w_out_t = _pad_last(f32(nn[f"w{last}"]).T, hp)
+    w_out_t = weights(_pad_last(f32(nn[f"w{last}"]).T, hp))
     return MLPWeights(wh, bh, w_out_t), f32(nn[f"b{last}"])
 
 
@@ -213,7 +235,8 @@ class Kernels(NamedTuple):
     features: False, their layer-1 products as tables tu [.., U, Hp] (b0 included) and
     tv [.., V, Hp] with w_ew [16, Hp]; True, the features themselves, normalised, tu
     [.., U, 8] and tv [.., V, 8], with w_ew [32, Hp] (`_row_col_features`,
-    `_row_col_weights`: w0's rows for them unscaled).
+    `_row_col_weights`: w0's rows for them unscaled). `mlp_dtype` (None: float32) is the
+    dtype the apply launchers take `MLPWeights`' weights in (`mlp_weights`).
     """
 
     group_row_col_sums: Any = None
@@ -226,6 +249,7 @@ class Kernels(NamedTuple):
     member_apply: Any = None
     member_limit: int | None = None
     row_col_in_dot: bool = False
+    mlp_dtype: Any = None
 
     @classmethod
     def of(cls, launchers) -> Kernels:
@@ -539,7 +563,7 @@ def fused_update(kernels: Kernels, lopt, theta, state, grad, *, blocks: BlockSiz
     decays = am.decays_from_theta(theta, lopt.initial_decays)
     nn = theta["nn"]["~"]
     hp = padded_hidden(lopt.hidden_size)
-    mlp, b_out = mlp_weights(nn, hp)
+    mlp, b_out = mlp_weights(nn, hp, kernels.mlp_dtype)
     c_fac = jnp.clip(decays.fac, 0.0, 1.0)
     mults = (float(lopt.exp_mult), float(lopt.step_mult))
     consts = jnp.concatenate([decays.mom, jnp.clip(decays.rms, 0.0, 1.0), c_fac, b_out,
