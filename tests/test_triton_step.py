@@ -236,12 +236,13 @@ def test_launchers_and_the_jax_triton_call_target(monkeypatch):
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed (pip install 'lopt-fast[gpu]')")
-@pytest.mark.parametrize("tasks, in_place", [(None, True), (3, True), (3, False)])
-def test_xla_launcher_lowers_for_cuda(tasks, in_place, monkeypatch):
+@pytest.mark.parametrize("tasks, in_place, mlp_precision", [
+    (None, True, "tf32"), (3, True, "tf32_fp16"), (3, False, "bf16")])
+def test_xla_launcher_lowers_for_cuda(tasks, in_place, mlp_precision, monkeypatch):
     """launcher="xla" needs no jax-triton: triton builds each kernel's Triton IR (for sm_90,
     here on the CPU), jaxlib's Triton dialect reads it, and the step lowers for CUDA to one
     `__gpu$xla.gpu.triton` call per kernel (vmapped tasks in the grid), row-major, in place
-    or not;
+    or not, with the 16-bit precisions' fp16 / bf16 weights (`plan.mlp_weights`);
     also after jax-triton's import has set TRITON_CACHE_DIR="" (on an H200 that made
     triton.compile raise "Could not create or locate cache dir")."""
     from lopt_fast.kernels import xla_call
@@ -249,7 +250,8 @@ def test_xla_launcher_lowers_for_cuda(tasks, in_place, monkeypatch):
 
     monkeypatch.setenv("TRITON_CACHE_DIR", "")
     xla_call._ttir.cache_clear()  # compile afresh, under that setting
-    launches = lowering.lowered_step(tasks=tasks, in_place=in_place, launcher="xla")
+    launches = lowering.lowered_step(mlp_precision, tasks=tasks, in_place=in_place,
+                                     launcher="xla")
     assert all("__gpu$xla.gpu.triton" in line for line in launches), launches[0][:300]
     # row-major operands and results: left free, XLA gave a [1, 3, 16, 32] operand the
     # layout {3,1,0,2} and the kernels read the wrong elements (seen on an H200)

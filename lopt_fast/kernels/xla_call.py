@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 _POINTER_TYPES = {np.dtype(np.float32): "*fp32", np.dtype(jnp.bfloat16): "*bf16",
+                  np.dtype(np.float16): "*fp16",
                   np.dtype(np.int32): "*i32"}
 
 
