@@ -73,7 +73,10 @@ jax_triton.__version__); print(jax.devices())" ;;
         -n "${TESTS_WORKERS:-8}" -k "not interpreted" tests/test_pallas_step.py \
         tests/test_triton_step.py tests/test_backends.py ;;
     compare)
-      run 120 compare python3 profiling/compare_pallas_kernels.py ;;
+      # Each Pallas launcher compiled against itself interpreted: float32 dots, then
+      # tf32_fp16 (the compiled ReLUs are inline assembly since session 18).
+      run 120 compare python3 profiling/compare_pallas_kernels.py
+      run 120 compare python3 profiling/compare_pallas_kernels.py --precision tf32_fp16 ;;
     ncu)
       # Hardware counters (Nsight Compute, --set full, clocks as found) of the moments and
       # apply kernels at 1e7 parameters: what the apply kernel waits on (warp stall
@@ -118,11 +121,11 @@ jax_triton.__version__); print(jax.devices())" ;;
       # pallas: its 1x256 tile at 4 warps, layer 1 as "dot" (the default since session 15)
       # and "dot_all" (session 16), the MLP's biases and output layer read early or where
       # used (early_weights), and three precisions: TF32; "tf32_fp16" (session 17: the
-      # H x H layer on fp16 operands, TF32's mantissa, without the TF32 accumulator-to-
-      # operand shuffles); bf16. Compiled for sm_90 (docs/KERNELS.md, "Session 17") the
-      # apply kernel has 640 / 608 instructions per element (dot / dot_all) with TF32,
-      # 556 / 492 with tf32_fp16, 524 / 452 with bf16. Which pays: fewer instructions,
-      # fewer round trips (early weights), or occupancy?
+      # H x H and (session 18) output layers on fp16 operands, TF32's mantissa, without
+      # the TF32 accumulator-to-operand shuffles); bf16. Compiled for sm_90
+      # (docs/KERNELS.md, "Session 18") the apply kernel has 608 / 576 instructions per
+      # element (dot / dot_all) with TF32, 432 / 372 with tf32_fp16, 412 / 360 with bf16.
+      # Which pays: fewer instructions, fewer round trips (early weights), or occupancy?
       run "${SWEEP_LIMIT:-240}" sweep python3 benchmarks/tile_sweep.py \
         ${SWEEP_ARGS:---tiles 1x256 4x64 --warps 4 --layer1 dot dot_all \
           --precision tf32 tf32_fp16 bf16 --persistent off --stages 2}

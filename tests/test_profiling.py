@@ -2,7 +2,8 @@
 GPU kernel events (pallas_call names, jax-triton kernel functions) map to their launches.
 profiling/xla_kernels.py: a compiled module's kernels and host launches.
 profiling/ncu_step.py: its reading of ncu's raw page and its profiled workload.
-profiling/triton_resources.py: the load round trips it reads off a kernel's SASS."""
+profiling/triton_resources.py: the load round trips it reads off a kernel's SASS.
+profiling/compare_pallas_kernels.py: its comparison, both sides interpreted."""
 
 import importlib.util
 import os
@@ -222,3 +223,19 @@ def test_load_round_trips_reads_the_sass_order():
         "FADD R31, R30, R30",
     ]))
     assert load_round_trips(sass) == 3
+
+
+def test_compare_pallas_kernels_runs_its_comparison(monkeypatch, capsys):
+    """profiling/compare_pallas_kernels.py, its compiled side interpreted too (this CPU has
+    no GPU): each launcher's outputs compared, the 16-bit precisions' weights rounded as
+    plan rounds them, and nothing differs when both sides run the same code."""
+    compare = _load(os.path.join(ROOT, "profiling", "compare_pallas_kernels.py"))
+    kernels = compare.PallasKernels
+    monkeypatch.setattr(compare, "PallasKernels", lambda interpret, precision:
+                        kernels(True, precision))
+    monkeypatch.setattr(compare, "CASES", compare.CASES[2:3])  # two members, ragged tiles
+    compare.main(["--precision", "tf32_fp16"])
+    out = capsys.readouterr().out
+    assert "tf32_fp16 dots" in out and out.rstrip().endswith("0 outputs differ"), out
+    rows = [line for line in out.splitlines() if line.startswith("apply")]
+    assert len(rows) == 2 * 2 * 5, rows  # (vmapped or not) x 2 members x (p, m, rms, 2 sides)

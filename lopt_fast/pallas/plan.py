@@ -41,6 +41,7 @@ a leading grid axis, so all tasks share these launches.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -174,6 +175,16 @@ def later_weights_dtype(mlp_precision: str):
     return {"tf32_fp16": jnp.float16, "bf16": jnp.bfloat16}.get(mlp_precision)
 
 
+def round_weights(w, dtype):
+    """w in a dot's operand dtype (None: as it is); fp16 clamped to its finite range
+    first, so that no weight becomes inf (and then NaN in the dot)."""
+    if dtype is None:
+        return w
+    if jnp.dtype(dtype) == jnp.float16:
+        w = jnp.clip(w, -FP16_MAX, FP16_MAX)
+    return w.astype(dtype)
+
+
 def mlp_weights(nn, hp: int, dtype=None) -> tuple[MLPWeights, jax.Array]:
     """The layers after the first (`MLPWeights`), and the output layer's bias. `dtype`:
     float16 / bfloat16 rounds the weights to the operand type of their dots, fp16's
@@ -181,14 +192,7 @@ def mlp_weights(nn, hp: int, dtype=None) -> tuple[MLPWeights, jax.Array]:
     every program (`Kernels.mlp_dtype`)."""
     last = sum(1 for k in nn if k.startswith("w")) - 1
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
-
-    def weights(w):
-        if dtype is None:
-            return w
-        if jnp.dtype(dtype) == jnp.float16:
-            w = jnp.clip(w, -FP16_MAX, FP16_MAX)
-        return w.astype(dtype)
-
+    weights = functools.partial(round_weights, dtype=dtype)
     if last > 1:
         wh = weights(jnp.stack([_pad_axis(_pad_last(f32(nn[f"w{i}"]), hp), 0, hp)
                                 for i in range(1, last)]))
