@@ -676,9 +676,10 @@ class PallasKernels:
       mlp_precision: the MLP's dots: "tf32" (`lax.Precision.DEFAULT`), "ieee"
         (`HIGHEST`), "tf32_fp16" (the raw per-element features' dot TF32; the H x H
         and output layers' and "dot_all"'s row / column operands rounded to fp16, which
-        has TF32's 10-bit mantissa, saturating at 65504; compiled for sm_90 the apply
-        kernel then needs 24-34% fewer instructions: no TF32 accumulator-to-operand
-        shuffles, the ReLUs one instruction per pair, the output layer a dot), or "bf16"
+        has TF32's 10-bit mantissa, saturating at 65504; compiled for sm_90, 1x256, the
+        apply kernel then needs 864 / 744 instructions per thread ("dot" / "dot_all")
+        against TF32's 1216 / 1152: no TF32 accumulator-to-operand shuffles, the ReLUs
+        one instruction per pair, the output layer a dot), or "bf16"
         (operands rounded to bf16, float32 accumulation; Triton's step was 1.2-1.3x faster
         with them on an H200, at a precision cost: docs/KERNELS.md).
       layer1: the first MLP layer as "dot" (the features as one [tile, K] x [K, Hp] dot,
