@@ -85,15 +85,16 @@ def _triton_modules():
 
 
 def step_modules(shapes: dict, hidden: int = 32, layer1: str = "dot",
-                 blocks: BlockSizes | None = None, mlp_precision: str = "tf32"
-                 ) -> list[tuple[str, str]]:
+                 blocks: BlockSizes | None = None, mlp_precision: str = "tf32",
+                 early_weights: bool = False) -> list[tuple[str, str]]:
     """(pallas_call name, Triton IR) of each launch of one step on float32 params `shapes`."""
     lopt = AdafacMLPLOpt(hidden_size=hidden)
     theta = lopt.init(jax.random.key(0))
     params = {k: jnp.full(s, 0.5, jnp.float32) for k, s in shapes.items()}
     state = lopt.opt_fn(theta, backend="reference").init(params, num_steps=50)
     step = jax.jit(lambda t, s, g: pallas_update(lopt, t, s, g, interpret=False, layer1=layer1,
-                                                 blocks=blocks, mlp_precision=mlp_precision))
+                                                 blocks=blocks, mlp_precision=mlp_precision,
+                                                 early_weights=early_weights))
     with _triton_modules() as modules:
         step.trace(theta, state, params).lower(lowering_platforms=("cuda",))
     return modules
@@ -133,12 +134,14 @@ def main(argv=None):
     ap.add_argument("--warps", nargs="*", type=int, default=[4])
     ap.add_argument("--precision", choices=MLP_PRECISIONS, default="tf32",
                     help="the dots' operands (mlp_precision)")
+    ap.add_argument("--early-weights", action="store_true",
+                    help="the apply kernels read the MLP's biases with its dots' weights")
     args = ap.parse_args(argv)
 
     shapes = {"w": tuple(args.shape), "b": (args.shape[1],)}
     tile, reduction = block_sizes(*args.shape, args.hidden), reduction_block_sizes(*args.shape)
     print(f"sm_90, triton {triton.__version__}, jax {jax.__version__}, H={args.hidden}, "
-          f"{args.precision} dots, "
+          f"{args.precision} dots{', early weights' if args.early_weights else ''}, "
           f"params {shapes}; apply tile {tile.rows}x{tile.cols}, reduction tile "
           f"{reduction.rows}x{reduction.cols} (the library's choice at 4 warps; other warps "
           f"set the apply tile for all three passes)")
@@ -149,7 +152,7 @@ def main(argv=None):
         for warps in args.warps:
             blocks = None if warps == 4 else BlockSizes(tile.rows, tile.cols, num_warps=warps)
             for name, ir_text in step_modules(shapes, args.hidden, layer1, blocks,
-                                              args.precision):
+                                              args.precision, args.early_weights):
                 # packed kernels launch with their own blocks' warps (the default, 4)
                 w = warps if "packed" not in name else 4
                 regs, st, ld, ops, trips = resources(compile_module(ir_text, w))

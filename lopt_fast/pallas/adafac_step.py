@@ -692,10 +692,12 @@ class PallasKernels:
       in_place: the apply kernels write into their p / state operands (`plan.in_place_aliases`).
       early_weights: the apply kernels read the MLP's biases and output layer with the
         dots' weights, before any math, not where they are used: fewer memory round trips
-        in sequence per program, more registers. Compiled for sm_90 (1x256 apply tile):
-        "dot" with bf16 dots 2 round trips in sequence instead of 4 at 168 registers
-        (12 warps per SM either way); with TF32 3 instead of 4, at 176 registers instead of
-        159 (8 warps per SM instead of 12). Untimed: for the GPU sweep.
+        in sequence per program, more registers (the bf16 / fp16 output layer, a dot,
+        always reads its weights early). Compiled for sm_90 (1x256 apply tile, session
+        18): "dot_all" with tf32_fp16 3 round trips in sequence instead of 4 at 166
+        registers instead of 152 (12 warps per SM either way); "dot" with TF32 3 instead of
+        4 at 176 registers instead of 159 (8 warps per SM instead of 12). Untimed: for the
+        GPU sweep.
     """
 
     def __init__(self, interpret: bool, mlp_precision: str = "tf32", layer1: str = "dot",
