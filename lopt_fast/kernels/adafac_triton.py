@@ -172,12 +172,8 @@ def _dot(a, b, acc, PREC: tl.constexpr):
 
 @triton.jit
 def _fp16_weights(w):
-    """A dot's weights as fp16 operands: float32 ones clamped to its finite range first;
-    the H x H and output layers' come so (`plan.mlp_weights`)."""
-    if w.dtype == tl.float16:
-        return w
-    else:
-        return tl.clamp(w, -FP16_MAX, FP16_MAX).to(tl.float16)
+    """A dot's float32 weights as fp16 operands, clamped to its finite range first."""
+    return tl.clamp(w, -FP16_MAX, FP16_MAX).to(tl.float16)
 
 
 @triton.jit
@@ -206,13 +202,12 @@ def _half_relu(x, PREC: tl.constexpr):
 
 @triton.jit
 def _hidden_dot(pre, w, PREC: tl.constexpr):
-    """relu(pre) @ w for an H x H layer (and, `_output_layer`, the output layer): "tf32_fp16"
-    rounds both to fp16 (TF32's 10-bit mantissa at twice its tensor rate), w clamped to
-    its range, "bf16" both to bf16 (`_half_relu`); other PRECs as `_dot`."""
-    if PREC == "tf32_fp16":
-        return tl.dot(_half_relu(pre, PREC), _fp16_weights(w))
-    elif PREC == "bf16":
-        return tl.dot(_half_relu(pre, PREC), w.to(tl.bfloat16))
+    """relu(pre) @ w for an H x H layer (and, `_output_layer`, the output layer). Under
+    "tf32_fp16" / "bf16" relu(pre) is rounded to fp16 (TF32's 10-bit mantissa at twice its
+    tensor rate) / bf16 (`_half_relu`) and w comes in that type (`plan.mlp_weights`,
+    fp16's clamped to its range); other PRECs as `_dot`."""
+    if PREC == "tf32_fp16" or PREC == "bf16":
+        return tl.dot(_half_relu(pre, PREC), w)
     else:
         return _dot(tl.maximum(pre, 0.0), w, None, PREC)
 

@@ -406,7 +406,12 @@ def _factored_group(kernels, items, consts, c_fac, nn, iteration, mlp, mults, hp
     feat_u = jnp.concatenate([new_u, lax.rsqrt(new_u + 1e-8)])  # [6, sum BU]
     feat_v = jnp.concatenate([new_v, lax.rsqrt(new_v + 1e-8)])
     rows, cols = np.asarray(am._PER_ROW), np.asarray(am._PER_COL)
+    # The U / V sides' rows of layer 1 [S, 6, H]: w0's own where the kernels take the
+    # features normalised (their row / column dot), else w0's rows scaled by them.
+    side_w = nn["w0"].astype(jnp.float32)[None] if kernels.row_col_in_dot else w0_feat
     u_side = u_is_row[:, None, None]
+    w_u = jnp.where(u_side, side_w[:, rows], side_w[:, cols])
+    w_v = jnp.where(u_side, side_w[:, cols], side_w[:, rows])
     if kernels.row_col_in_dot:
         # Normalised here rather than in w's rows, so that the kernels' row / column dot
         # takes operands of unit scale, which fp16 holds ("tf32_fp16"), and clamped to its
@@ -418,13 +423,8 @@ def _factored_group(kernels, items, consts, c_fac, nn, iteration, mlp, mults, hp
         normalised = [jnp.clip(f * s[seg].T, -FP16_MAX, FP16_MAX)
                       for f, s, seg in ((feat_u, s_u, seg_u), (feat_v, s_v, seg_v))]
         tu, tv = _row_col_features(*normalised)  # [sum BU, 8], [sum BV, 8]
-        w0 = nn["w0"].astype(jnp.float32)
-        w_u = jnp.where(u_side, w0[rows], w0[cols])  # [S, 6, H]: the U side's rows, unscaled
-        w_v = jnp.where(u_side, w0[cols], w0[rows])
         w_ew = jax.vmap(_row_col_weights)(w_ew, w_u, w_v, b0)  # [S, 32, H]
     else:
-        w_u = jnp.where(u_side, w0_feat[:, rows], w0_feat[:, cols])  # [S, 6, H]: the U side's
-        w_v = jnp.where(u_side, w0_feat[:, cols], w0_feat[:, rows])
         tu = _pad_last(_table(feat_u, w_u[seg_u].swapaxes(0, 1)) + b0[seg_u], hp)  # [sum BU, Hp]
         tv = _pad_last(_table(feat_v, w_v[seg_v].swapaxes(0, 1)), hp)
     w_ew = _pad_last(w_ew, hp)
