@@ -1,6 +1,7 @@
 """Shared test inputs, and running repository scripts in a fresh process."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -52,3 +53,12 @@ def precise_reference(lopt, vmapped: bool = False):
             return fn(*jax.device_put((theta, state, grad), cpu))
 
     return reference
+
+
+def stored_after_a_move(ttgir: str, op: str) -> list[str]:
+    """The values a Triton GPU module (TTGIR) stores that are a layout conversion of the
+    result of an `op` (say "arith.subf"): computed in one layout, moved to the store's."""
+    ops = dict(re.findall(r"(%\w+) = ([\w.]+)", ttgir))
+    moved = dict(re.findall(r"(%\w+) = ttg\.convert_layout (%\w+)", ttgir))
+    return [v for v in re.findall(r"tt\.store %\w+, (%\w+)", ttgir)
+            if v in moved and ops.get(moved[v]) == op]

@@ -24,7 +24,7 @@ from lopt_fast.learned import AdafacMLPLOpt, reference_update
 from lopt_fast.pallas import BlockSizes, block_sizes, pallas_update
 from lopt_fast.pallas import plan as pallas_plan
 from lopt_fast.pallas.blocks import RELU_CASTS, member_runs, plane_tile
-from tests.helpers import ROOT, precise_reference, random_theta
+from tests.helpers import ROOT, precise_reference, random_theta, stored_after_a_move
 
 
 class Tolerance(NamedTuple):
@@ -439,6 +439,15 @@ def test_kernels_compile_for_sm90():
                 assert ".tf32.tf32" in ptx and ".f16.f16" in ptx, f"{name}: not TF32 then fp16"
             assert cast.split()[0] in ptx and "max.f16x2" not in ptx, (precision, name)
             assert re.search(r"wgmma\.mma_async\S*\.m64n16k16", ptx), (precision, name)
+    # The new p is computed in its store's layout, the step moved there (`_updated`), not
+    # computed in the step's layout and moved back for the store.
+    for precision in ("tf32", "tf32_fp16"):
+        for layer1 in ("dot", "dot_all"):
+            modules = dict(step_modules(shapes, hidden=32, layer1=layer1,
+                                        mlp_precision=precision))
+            for name in ("adafac_apply", "adafac_packed_apply"):
+                ttgir = compile_module(modules[name]).asm["ttgir"]
+                assert not stored_after_a_move(ttgir, "arith.subf"), (precision, layer1, name)
     # Factored tensors whose planes all fit one tile: the sides pass replaces the sums pass.
     modules = dict(step_modules({"conv": (3, 3, 16, 32), "w": (20, 6)}, hidden=32))
     assert "adafac_row_col_sums" not in modules, set(modules)

@@ -387,6 +387,16 @@ def _planes(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, n, off, mask):
 
 
 @triton.jit
+def _updated(p_ptr, off, mask, step):
+    """The new p, p - step, with the tile of p read again for it: Triton then computes it
+    in the loads' layout and moves only the step there, instead of moving p into the
+    step's layout right after its first load and the result back (the Pallas kernels'
+    `_updated` says more). evict_first keeps the two reads apart (CSE merges equal ones)."""
+    p = tl.load(p_ptr + off, mask=mask, other=0.0, eviction_policy="evict_first")
+    return p.to(tl.float32) - step
+
+
+@triton.jit
 def _factors(fu_ptr, fv_ptr, TU, TV, U, V, u, v, k: tl.constexpr):
     """Adafactor factor k of the tile: fu [3, TU] (this row's) x fv [3, TV]."""
     fu = tl.load(fu_ptr + k * TU + u, mask=u < U, other=0.0)
@@ -556,7 +566,8 @@ def _factored_apply_body(task, t, B, U, VQ, OU, OV, SEG, c_ptr, p_ptr, g_ptr, mo
     step = _mlp_rest(pre, wh0, c_ptr, wh_ptr, bh_ptr, wo_ptr, R, C, HP, NHID, EXP_MULT,
                      STEP_MULT, PREC)
     po_ptr, mo_ptr, ro_ptr = po_ptr + task * n, mo_ptr + task * 3 * n, ro_ptr + task * n
-    tl.store(po_ptr + off, (p - step).to(po_ptr.dtype.element_ty), mask=mask)
+    new_p = _updated(p_ptr + task * n, off, mask, step)
+    tl.store(po_ptr + off, new_p.to(po_ptr.dtype.element_ty), mask=mask)
     tl.store(mo_ptr + off, m0, mask=mask)
     tl.store(mo_ptr + n + off, m1, mask=mask)
     tl.store(mo_ptr + 2 * n + off, m2, mask=mask)
@@ -673,6 +684,7 @@ def _packed_apply_body(task, t, n, seg, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, v
                      STEP_MULT, PREC)
     po_ptr, mo_ptr = po_ptr + task * n, mo_ptr + task * 3 * n
     ro_ptr, vo_ptr = ro_ptr + task * n, vo_ptr + task * 3 * n
+    # p as first read (`_updated` here: dot / tf32_fp16 8 warps per SM, not 12)
     tl.store(po_ptr + off, (p - step).to(po_ptr.dtype.element_ty), mask=mask)
     tl.store(mo_ptr + off, m0, mask=mask)
     tl.store(mo_ptr + n + off, m1, mask=mask)
