@@ -95,16 +95,17 @@ _SASS_LINE = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9.]+)\s*
 
 
 def load_round_trips(sass: str) -> int:
-    """Global-load round trips a thread waits for one after another before its first global
-    store, read off the SASS order: a run of loads (LDG) ends at the first instruction that
-    reads a register one of them writes (the thread waits there for the run's data), and
-    the next load starts another run. An estimate: it does not tell an L2 hit from DRAM,
-    nor count the loads of branches after the first store (the factored apply kernels'
-    side copies, in their first row / column blocks only)."""
+    """Global-load round trips a thread waits for one after another before its first
+    branch, read off the SASS order: a run of loads (LDG) ends at the first instruction
+    that reads a register one of them writes (the thread waits there for the run's data),
+    and the next load starts another run. An estimate: it does not tell an L1 / L2 hit from
+    DRAM (the apply kernels read p again, from the cache, for the update: one run), nor
+    count the loads of the branches (the factored apply kernels' side copies, in their
+    first row / column blocks only; a multi-member launch's members)."""
     pending, runs, in_run = set(), 0, False
     for m in _SASS_LINE.finditer(sass):
         op, operands = m.group(1), m.group(2).split(",")
-        if op.startswith("STG"):
+        if op.startswith("BRA"):
             break
         sources = operands if op.startswith(("ST", "RED", "ATOM")) else operands[1:]
         if pending & {int(r) for x in sources for r in re.findall(r"\bR(\d+)\b", x)}:

@@ -202,8 +202,9 @@ def test_ncu_step_profiled_workload_runs():
 
 def test_load_round_trips_reads_the_sass_order():
     """profiling/triton_resources.py's RT column: runs of global loads, each ended by the
-    first instruction that reads what one of them loaded; loads after the first store are
-    not counted (the factored apply kernels' side copies)."""
+    first instruction that reads what one of them loaded; stores read registers too, and
+    loads after the first branch are not counted (the factored apply kernels' side
+    copies)."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton not installed (pip install 'lopt-fast[gpu]')")
     sys.path.insert(0, os.path.join(ROOT, "profiling"))
@@ -218,11 +219,14 @@ def test_load_round_trips_reads_the_sass_order():
         "HGMMA.64x32x8.F32.TF32 R56, R72, gdesc[UR12], R56",
         "@!P0 FMUL R5, R22, R20",  # waits for it
         "LDG.E.128 R40, desc[UR10][R8.64]",  # a third
-        "STG.E desc[UR10][R8.64], R40",
-        "LDG.E R30, desc[UR10][R10.64]",  # after the first store: not counted
+        "STG.E desc[UR10][R8.64], R40",  # waits for it
+        "LDG.E R24, desc[UR10][R12.64]",  # after a store: a fourth
+        "STG.E desc[UR10][R12.64], R24",
+        "@P0 BRA `(.L_x_0)",
+        "LDG.E R30, desc[UR10][R10.64]",  # after the first branch: not counted
         "FADD R31, R30, R30",
     ]))
-    assert load_round_trips(sass) == 3
+    assert load_round_trips(sass) == 4
 
 
 def test_compare_pallas_kernels_runs_its_comparison(monkeypatch, capsys):

@@ -561,17 +561,18 @@ def _factored_apply_body(task, t, B, U, VQ, OU, OV, SEG, c_ptr, p_ptr, g_ptr, mo
             pre = _unit_dot(_row_col_features16(tu, tv, R, C), w_uv, acc, PREC)
         else:  # the tables' sum reshaped, not the dot's result (sm_90, 1x256: 188 registers, not 228)
             pre = tl.reshape(pre, (R * C, HP)) + acc
-    if L1 == "fma":
-        wh0 = _hidden0(wh_ptr, HP, NHID)
-    step = _mlp_rest(pre, wh0, c_ptr, wh_ptr, bh_ptr, wo_ptr, R, C, HP, NHID, EXP_MULT,
-                     STEP_MULT, PREC)
-    po_ptr, mo_ptr, ro_ptr = po_ptr + task * n, mo_ptr + task * 3 * n, ro_ptr + task * n
-    new_p = _updated(p_ptr + task * n, off, mask, step)
-    tl.store(po_ptr + off, new_p.to(po_ptr.dtype.element_ty), mask=mask)
+    # the new accumulators stored before the MLP, not held through it
+    mo_ptr, ro_ptr = mo_ptr + task * 3 * n, ro_ptr + task * n
     tl.store(mo_ptr + off, m0, mask=mask)
     tl.store(mo_ptr + n + off, m1, mask=mask)
     tl.store(mo_ptr + 2 * n + off, m2, mask=mask)
     tl.store(ro_ptr + off, rms, mask=mask)
+    if L1 == "fma":
+        wh0 = _hidden0(wh_ptr, HP, NHID)
+    step = _mlp_rest(pre, wh0, c_ptr, wh_ptr, bh_ptr, wo_ptr, R, C, HP, NHID, EXP_MULT,
+                     STEP_MULT, PREC)
+    new_p = _updated(p_ptr + task * n, off, mask, step)
+    tl.store(po_ptr + task * n + off, new_p.to(po_ptr.dtype.element_ty), mask=mask)
     first_col_block, first_row_block = _first_blocks(t, U, V, R, C)
     _copy_side(su_ptr + task * 3 * TU, nu_ptr + task * 3 * B * U, TU, OU, B, U, b, u,
                first_col_block)
@@ -678,14 +679,8 @@ def _packed_apply_body(task, t, n, seg, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, v
             _features16(v0, v1, v2, s0, s1, s2, z, z, z, z, z, z, z, z, z, z, R * C)),
             (R * C, 32))
         pre = _dot(x, w1, tl.zeros((R * C, HP), tl.float32) + b0[None, :], PREC)
-    if L1 == "fma":
-        wh0 = _hidden0(wh_ptr, HP, NHID)
-    step = _mlp_rest(pre, wh0, c_ptr, wh_ptr, bh_ptr, wo_ptr, R, C, HP, NHID, EXP_MULT,
-                     STEP_MULT, PREC)
-    po_ptr, mo_ptr = po_ptr + task * n, mo_ptr + task * 3 * n
-    ro_ptr, vo_ptr = ro_ptr + task * n, vo_ptr + task * 3 * n
-    # p as first read (`_updated` here: dot / tf32_fp16 8 warps per SM, not 12)
-    tl.store(po_ptr + off, (p - step).to(po_ptr.dtype.element_ty), mask=mask)
+    # the new accumulators stored before the MLP, not held through it
+    mo_ptr, ro_ptr, vo_ptr = mo_ptr + task * 3 * n, ro_ptr + task * n, vo_ptr + task * 3 * n
     tl.store(mo_ptr + off, m0, mask=mask)
     tl.store(mo_ptr + n + off, m1, mask=mask)
     tl.store(mo_ptr + 2 * n + off, m2, mask=mask)
@@ -693,6 +688,12 @@ def _packed_apply_body(task, t, n, seg, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, v
     tl.store(vo_ptr + off, v0, mask=mask)
     tl.store(vo_ptr + n + off, v1, mask=mask)
     tl.store(vo_ptr + 2 * n + off, v2, mask=mask)
+    if L1 == "fma":
+        wh0 = _hidden0(wh_ptr, HP, NHID)
+    step = _mlp_rest(pre, wh0, c_ptr, wh_ptr, bh_ptr, wo_ptr, R, C, HP, NHID, EXP_MULT,
+                     STEP_MULT, PREC)
+    new_p = _updated(p_ptr + task * n, off, mask, step)
+    tl.store(po_ptr + task * n + off, new_p.to(po_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- launchers

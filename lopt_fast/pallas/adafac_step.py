@@ -379,10 +379,11 @@ def _mlp_step(pre, later_w, vector_w, mlp_refs, c_ref, mults, precision, compile
     return direction * jnp.exp2(magnitude * (exp_mult * _LOG2_E)) * step_mult
 
 
-def _packed_apply(c_ref, loaded, w_ref, b0_ref, mlp_refs, mults, precision, layer1,
-                  early_weights, compiled):
-    """A non-factored tile's step [n] and new accumulators (m, rms, v) from its loads (g,
-    p, mom, rms, v_diag), w_ref [32, Hp] (its tensor's first-layer rows) and b0 [1, Hp].
+def _packed_apply(c_ref, loaded, w_ref, b0_ref, mlp_refs, store_accumulators, mults,
+                  precision, layer1, early_weights, compiled):
+    """A non-factored tile's step [n] from its loads (g, p, mom, rms, v_diag), w_ref [32,
+    Hp] (its tensor's first-layer rows) and b0 [1, Hp], after handing its new accumulators
+    to store_accumulators(m, rms, v) (stored before the MLP, as the factored kernel's).
     These tensors have no per-row / per-column features: "dot_all" runs their layer 1 as
     "dot"."""
     layer1 = "fma" if layer1 == "fma" else "dot"
@@ -390,11 +391,11 @@ def _packed_apply(c_ref, loaded, w_ref, b0_ref, mlp_refs, mults, precision, laye
                                             precision)
     b0 = b0_ref[...]
     m, rms, v, feats = _packed_features(c_ref, *loaded)
+    store_accumulators(m, rms, v)
     rows, cols = feats[0].shape
     pre0 = jnp.broadcast_to(b0[None, :, :], (rows, cols, b0.shape[-1]))
     pre = _first_layer(pre0, feats, first, precision, layer1)
-    step = _mlp_step(pre, later_w, vector_w, mlp_refs, c_ref, mults, precision, compiled)
-    return step, m, rms, v
+    return _mlp_step(pre, later_w, vector_w, mlp_refs, c_ref, mults, precision, compiled)
 
 
 def _tile_masks(tile: BlockSizes, j, k, u_size, v_size):
@@ -563,18 +564,21 @@ def _factored_apply_kernel(c_ref, *refs, tiles: MemberTiles, offsets, mults, pre
     first, later_w, vector_w = _mlp_weights(w_ref, mlp_refs, c_ref, layer1, early_weights,
                                             precision)
     m, rms, feats = _factored_features(c_ref, t)
-    pre0 = _row_col_operand(tu, tv) if layer1 == "dot_all" else tu[:, None, :] + tv[None, :, :]
-    pre = _first_layer(pre0, feats, first, precision, layer1)
-    step = _mlp_step(pre, later_w, vector_w, mlp_refs, c_ref, mults, precision, compiled)
-    new_p = tiles.switch(seg, count, lambda m: _updated(state_refs[m], step, mask))
 
-    def store(a):
-        _store(po[a], new_p, mask)
+    # Stored before the MLP, not held in registers through it: compiled for sm_90 (1x256)
+    # the default ("dot", TF32) then needs 162 registers, "dot_all" with TF32 and
+    # early_weights 168 (was 198: 12 warps per SM, not 8), with tf32_fp16 134.
+    def store_accumulators(a):
         for q in range(3):
             _store(mo[a], m[q], mask, q)
         _store(ro[a], rms, mask, 0)
 
-    tiles.each(seg, count, store)
+    tiles.each(seg, count, store_accumulators)
+    pre0 = _row_col_operand(tu, tv) if layer1 == "dot_all" else tu[:, None, :] + tv[None, :, :]
+    pre = _first_layer(pre0, feats, first, precision, layer1)
+    step = _mlp_step(pre, later_w, vector_w, mlp_refs, c_ref, mults, precision, compiled)
+    new_p = tiles.switch(seg, count, lambda m: _updated(state_refs[m], step, mask))
+    tiles.each(seg, count, lambda a: _store(po[a], new_p, mask))
     # The state's new v_row / v_col, copied here rather than sliced out of the flat sides
     # by an XLA kernel per tensor and side: the first column block's programs write their
     # rows', the first row block's their columns'.
@@ -632,17 +636,19 @@ def _vector_apply_kernel(c_ref, *refs, tiles: MemberTiles, **form):
     mlp_refs, outs = _split_mlp(refs[5 * count + 2:], form.pop("hidden"))
     po, mo, ro, vo = (outs[a * count:(a + 1) * count] for a in range(4))
     seg, mask, loaded = _vector_loads(refs[:5 * count], tiles)
-    step, m, rms, v = _packed_apply(c_ref, loaded, w_ref, b0_ref, mlp_refs, **form)
+
+    def store_accumulators(m, rms, v):
+        def store(a):
+            for q in range(3):
+                _store(mo[a], m[q], mask, q)
+                _store(vo[a], v[q], mask, q)
+            _store(ro[a], rms, mask, 0)
+
+        tiles.each(seg, count, store)
+
+    step = _packed_apply(c_ref, loaded, w_ref, b0_ref, mlp_refs, store_accumulators, **form)
     new_p = tiles.switch(seg, count, lambda m: _updated(refs[m], step, mask))
-
-    def store(a):
-        _store(po[a], new_p, mask)
-        for q in range(3):
-            _store(mo[a], m[q], mask, q)
-            _store(vo[a], v[q], mask, q)
-        _store(ro[a], rms, mask, 0)
-
-    tiles.each(seg, count, store)
+    tiles.each(seg, count, lambda a: _store(po[a], new_p, mask))
 
 
 def _packed_moments_kernel(c_ref, p_ref, g_ref, mom_ref, rms_ref, vd_ref, n_ref, s_ref):
@@ -663,12 +669,15 @@ def _packed_apply_kernel(c_ref, p_ref, g_ref, mom_ref, rms_ref, vd_ref, w_ref, b
     mlp_refs, (po_ref, mo_ref, ro_ref, vo_ref) = _split_mlp(rest, form.pop("hidden"))
     loaded = (g_ref[...], p_ref[...], [mom_ref[q] for q in range(3)], rms_ref[0],
               [vd_ref[q] for q in range(3)])
-    step, m, rms, v = _packed_apply(c_ref, loaded, w_ref, b0_ref, mlp_refs, **form)
+
+    def store_accumulators(m, rms, v):
+        for k in range(3):
+            mo_ref[k] = m[k]
+            vo_ref[k] = v[k]
+        ro_ref[0] = rms
+
+    step = _packed_apply(c_ref, loaded, w_ref, b0_ref, mlp_refs, store_accumulators, **form)
     po_ref[...] = _updated(p_ref, step)
-    for k in range(3):
-        mo_ref[k] = m[k]
-        vo_ref[k] = v[k]
-    ro_ref[0] = rms
 
 
 def _f32(shape):
