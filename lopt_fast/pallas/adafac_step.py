@@ -577,7 +577,7 @@ def _factored_apply_kernel(c_ref, *refs, tiles: MemberTiles, offsets, mults, pre
     pre0 = _row_col_operand(tu, tv) if layer1 == "dot_all" else tu[:, None, :] + tv[None, :, :]
     pre = _first_layer(pre0, feats, first, precision, layer1)
     step = _mlp_step(pre, later_w, vector_w, mlp_refs, c_ref, mults, precision, compiled)
-    new_p = tiles.switch(seg, count, lambda m: _updated(state_refs[m], step, mask))
+    new_p = tiles.switch(seg, count, lambda member: _updated(state_refs[member], step, mask))
     tiles.each(seg, count, lambda a: _store(po[a], new_p, mask))
     # The state's new v_row / v_col, copied here rather than sliced out of the flat sides
     # by an XLA kernel per tensor and side: the first column block's programs write their
@@ -647,7 +647,7 @@ def _vector_apply_kernel(c_ref, *refs, tiles: MemberTiles, **form):
         tiles.each(seg, count, store)
 
     step = _packed_apply(c_ref, loaded, w_ref, b0_ref, mlp_refs, store_accumulators, **form)
-    new_p = tiles.switch(seg, count, lambda m: _updated(refs[m], step, mask))
+    new_p = tiles.switch(seg, count, lambda member: _updated(refs[member], step, mask))
     tiles.each(seg, count, lambda a: _store(po[a], new_p, mask))
 
 
