@@ -38,8 +38,8 @@ and output layers and "dot_all"'s normalised row / column features; fp16 has TF3
 without the shuffles TF32's needs; activations saturate at fp16's 65504). With 16-bit
 operands the output layer is a dot too (`_output_layer`) and each ReLU one PTX
 instruction per pair (`_half_relu`): compiled for sm_90 the "dot" apply kernel has 25%
-fewer instructions under "tf32_fp16" than TF32's (1032 against 1384 per thread) and
-167 registers instead of 180.
+fewer instructions under "tf32_fp16" than TF32's (1024 against 1384 per thread) and
+150 registers instead of 162.
 Compiled for sm_90 (`profiling/triton_resources.py`, H = 32, a 256-element tile at 4
 warps) the apply kernel needs 255 registers and spills with "fma", 188 with "dot", 174
 with "dot_all" (also 84 global-load instructions against 135); on an H100 "dot" made the
@@ -387,13 +387,24 @@ def _planes(c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, n, off, mask):
 
 
 @triton.jit
-def _updated(p_ptr, off, mask, step):
-    """The new p, p - step, with the tile of p read again for it: Triton then computes it
-    in the loads' layout and moves only the step there, instead of moving p into the
-    step's layout right after its first load and the result back (the Pallas kernels'
-    `_updated` says more). evict_first keeps the two reads apart (CSE merges equal ones)."""
+def _store_accumulators(mo_ptr, ro_ptr, n, off, mask, m0, m1, m2, rms):
+    """The tile's new momenta (3 planes of n elements) and rms, stored before the MLP
+    rather than held in registers through it."""
+    tl.store(mo_ptr + off, m0, mask=mask)
+    tl.store(mo_ptr + n + off, m1, mask=mask)
+    tl.store(mo_ptr + 2 * n + off, m2, mask=mask)
+    tl.store(ro_ptr + off, rms, mask=mask)
+
+
+@triton.jit
+def _store_updated(p_ptr, po_ptr, off, mask, step):
+    """Store the new p, p - step, with the tile of p read again for it: Triton then
+    computes it in the loads' layout and moves only the step there, instead of moving p
+    into the step's layout right after its first load and the result back (the Pallas
+    kernels' `_updated` says more). evict_first keeps the two reads apart (CSE merges
+    equal ones)."""
     p = tl.load(p_ptr + off, mask=mask, other=0.0, eviction_policy="evict_first")
-    return p.to(tl.float32) - step
+    tl.store(po_ptr + off, (p.to(tl.float32) - step).to(po_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -561,18 +572,12 @@ def _factored_apply_body(task, t, B, U, VQ, OU, OV, SEG, c_ptr, p_ptr, g_ptr, mo
             pre = _unit_dot(_row_col_features16(tu, tv, R, C), w_uv, acc, PREC)
         else:  # the tables' sum reshaped, not the dot's result (sm_90, 1x256: 188 registers, not 228)
             pre = tl.reshape(pre, (R * C, HP)) + acc
-    # the new accumulators stored before the MLP, not held through it
-    mo_ptr, ro_ptr = mo_ptr + task * 3 * n, ro_ptr + task * n
-    tl.store(mo_ptr + off, m0, mask=mask)
-    tl.store(mo_ptr + n + off, m1, mask=mask)
-    tl.store(mo_ptr + 2 * n + off, m2, mask=mask)
-    tl.store(ro_ptr + off, rms, mask=mask)
+    _store_accumulators(mo_ptr + task * 3 * n, ro_ptr + task * n, n, off, mask, m0, m1, m2, rms)
     if L1 == "fma":
         wh0 = _hidden0(wh_ptr, HP, NHID)
     step = _mlp_rest(pre, wh0, c_ptr, wh_ptr, bh_ptr, wo_ptr, R, C, HP, NHID, EXP_MULT,
                      STEP_MULT, PREC)
-    new_p = _updated(p_ptr + task * n, off, mask, step)
-    tl.store(po_ptr + task * n + off, new_p.to(po_ptr.dtype.element_ty), mask=mask)
+    _store_updated(p_ptr + task * n, po_ptr + task * n, off, mask, step)
     first_col_block, first_row_block = _first_blocks(t, U, V, R, C)
     _copy_side(su_ptr + task * 3 * TU, nu_ptr + task * 3 * B * U, TU, OU, B, U, b, u,
                first_col_block)
@@ -679,12 +684,8 @@ def _packed_apply_body(task, t, n, seg, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, v
             _features16(v0, v1, v2, s0, s1, s2, z, z, z, z, z, z, z, z, z, z, R * C)),
             (R * C, 32))
         pre = _dot(x, w1, tl.zeros((R * C, HP), tl.float32) + b0[None, :], PREC)
-    # the new accumulators stored before the MLP, not held through it
-    mo_ptr, ro_ptr, vo_ptr = mo_ptr + task * 3 * n, ro_ptr + task * n, vo_ptr + task * 3 * n
-    tl.store(mo_ptr + off, m0, mask=mask)
-    tl.store(mo_ptr + n + off, m1, mask=mask)
-    tl.store(mo_ptr + 2 * n + off, m2, mask=mask)
-    tl.store(ro_ptr + off, rms, mask=mask)
+    _store_accumulators(mo_ptr + task * 3 * n, ro_ptr + task * n, n, off, mask, m0, m1, m2, rms)
+    vo_ptr = vo_ptr + task * 3 * n
     tl.store(vo_ptr + off, v0, mask=mask)
     tl.store(vo_ptr + n + off, v1, mask=mask)
     tl.store(vo_ptr + 2 * n + off, v2, mask=mask)
@@ -692,8 +693,7 @@ def _packed_apply_body(task, t, n, seg, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, v
         wh0 = _hidden0(wh_ptr, HP, NHID)
     step = _mlp_rest(pre, wh0, c_ptr, wh_ptr, bh_ptr, wo_ptr, R, C, HP, NHID, EXP_MULT,
                      STEP_MULT, PREC)
-    new_p = _updated(p_ptr + task * n, off, mask, step)
-    tl.store(po_ptr + task * n + off, new_p.to(po_ptr.dtype.element_ty), mask=mask)
+    _store_updated(p_ptr + task * n, po_ptr + task * n, off, mask, step)
 
 
 # ----------------------------------------------------------------------------- launchers

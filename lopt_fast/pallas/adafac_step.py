@@ -116,8 +116,9 @@ def _updated(p_ref, step, mask=None):
     p's load, which made the program wait for p before its other loads and hold it in
     registers through the MLP, and moved the result back for its store. Read again, p
     (a cache hit: the features read it first) fixes the loads' layout, and only the step
-    is moved. Compiled for sm_90 (1x256 tile; `profiling/pallas_resources.py`): one
-    shared-memory exchange and two barriers fewer; "dot_all" + tf32_fp16 136 registers
+    is moved. Compiled for sm_90 (1x256 tile; `profiling/pallas_resources.py`), this
+    change alone: one shared-memory exchange and two barriers fewer; "dot_all" +
+    tf32_fp16 136 registers
     (was 152); the default ("dot", TF32) 1192 instructions per thread (was 1216); the
     packed kernel with TF32 167 registers (was 173: 12 warps per SM, not 8). The
     eviction policy keeps the two reads apart (CSE merges equal ones).
@@ -125,6 +126,13 @@ def _updated(p_ref, step, mask=None):
     where = {} if mask is None else {"mask": jnp.broadcast_to(mask, p_ref.shape), "other": 0}
     p = pltriton.load(p_ref, eviction_policy="evict_first", **where).astype(jnp.float32)
     return p - step.reshape(p.shape)
+
+
+def _store_updated(tiles: MemberTiles, seg, p_refs, po, step, mask):
+    """Member `seg`'s new p (`_updated`, from its p_refs[seg]) into its po[seg]."""
+    count = len(tiles.shapes)
+    new_p = tiles.switch(seg, count, lambda member: _updated(p_refs[member], step, mask))
+    tiles.each(seg, count, lambda a: _store(po[a], new_p, mask))
 
 
 def _side_load(ref, start, ok, plane=None):
@@ -577,8 +585,7 @@ def _factored_apply_kernel(c_ref, *refs, tiles: MemberTiles, offsets, mults, pre
     pre0 = _row_col_operand(tu, tv) if layer1 == "dot_all" else tu[:, None, :] + tv[None, :, :]
     pre = _first_layer(pre0, feats, first, precision, layer1)
     step = _mlp_step(pre, later_w, vector_w, mlp_refs, c_ref, mults, precision, compiled)
-    new_p = tiles.switch(seg, count, lambda member: _updated(state_refs[member], step, mask))
-    tiles.each(seg, count, lambda a: _store(po[a], new_p, mask))
+    _store_updated(tiles, seg, state_refs, po, step, mask)
     # The state's new v_row / v_col, copied here rather than sliced out of the flat sides
     # by an XLA kernel per tensor and side: the first column block's programs write their
     # rows', the first row block's their columns'.
@@ -647,8 +654,7 @@ def _vector_apply_kernel(c_ref, *refs, tiles: MemberTiles, **form):
         tiles.each(seg, count, store)
 
     step = _packed_apply(c_ref, loaded, w_ref, b0_ref, mlp_refs, store_accumulators, **form)
-    new_p = tiles.switch(seg, count, lambda member: _updated(refs[member], step, mask))
-    tiles.each(seg, count, lambda a: _store(po[a], new_p, mask))
+    _store_updated(tiles, seg, refs, po, step, mask)
 
 
 def _packed_moments_kernel(c_ref, p_ref, g_ref, mom_ref, rms_ref, vd_ref, n_ref, s_ref):
@@ -710,8 +716,8 @@ class PallasKernels:
         (`HIGHEST`), "tf32_fp16" (the raw per-element features' dot TF32; the H x H
         and output layers' and "dot_all"'s row / column operands rounded to fp16, which
         has TF32's 10-bit mantissa, saturating at 65504; compiled for sm_90, 1x256, the
-        apply kernel then needs 864 / 744 instructions per thread ("dot" / "dot_all")
-        against TF32's 1216 / 1152: no TF32 accumulator-to-operand shuffles, the ReLUs
+        apply kernel then needs 832 / 744 instructions per thread ("dot" / "dot_all")
+        against TF32's 1208 / 1144: no TF32 accumulator-to-operand shuffles, the ReLUs
         one instruction per pair, the output layer a dot), or "bf16"
         (operands rounded to bf16, float32 accumulation; Triton's step was 1.2-1.3x faster
         with them on an H200, at a precision cost: docs/KERNELS.md).
