@@ -168,7 +168,7 @@ def ref_fn(lopt):
 
 
 @pytest.mark.parametrize("layer1, mlp_precision, tol, early_weights", [
-    ("fma", "ieee", KERNEL_TOLERANCE, False), ("dot", "ieee", KERNEL_TOLERANCE, False),
+    ("fma", "ieee", KERNEL_TOLERANCE, False), ("dot", "tf32", TF32_TOLERANCE, False),
     ("dot_all", "ieee", KERNEL_TOLERANCE, True), ("dot", "bf16", BF16_DOTS_TOLERANCE, False),
     ("dot_all", "tf32_fp16", TF32_TOLERANCE, False)])
 def test_tree_of_shape_classes_multi_tile(lopt, ref_fn, layer1, mlp_precision, tol,
@@ -357,6 +357,21 @@ def test_layouts_roundtrip():
         assert lay.B * lay.U * lay.V == x.size, f"{shape=} {lay}"
 
 
+def test_tf32_operand_order_is_the_kernels_reshape():
+    """The order in which `plan.mlp_weights` hands the H x H weights' rows under TF32 is
+    the one the kernels' reshape and transpose give their activations' columns (Pallas'
+    `_in_tf32_order`; the interpreted Triton tests run Triton's): a permutation that
+    keeps each column in its block of 8."""
+    from lopt_fast.pallas.adafac_step import _in_tf32_order
+
+    for hp in (16, 32, 64):
+        order = pallas_plan.tf32_operand_order(hp)
+        assert sorted(order) == list(range(hp)) and np.all(order // 8 == np.arange(hp) // 8)
+        assert list(order[:8]) == [0, 2, 4, 6, 1, 3, 5, 7], order[:8]
+        h = jnp.asarray(np.random.default_rng(hp).normal(size=(5, hp)), jnp.float32)
+        np.testing.assert_array_equal(_in_tf32_order(h), h[:, order], err_msg=f"{hp=}")
+
+
 def test_segment_sums_match_segment_sum():
     """The packed moments' per-tensor sums of per-tile partials (a padded gather and one
     reduction, or `segment_sum` when padding would read > 4x the rows)."""
@@ -440,14 +455,17 @@ def test_kernels_compile_for_sm90():
             assert cast.split()[0] in ptx and "max.f16x2" not in ptx, (precision, name)
             assert re.search(r"wgmma\.mma_async\S*\.m64n16k16", ptx), (precision, name)
     # The new p is computed in its store's layout, the step moved there (`_updated`), not
-    # computed in the step's layout and moved back for the store.
+    # computed in the step's layout and moved back for the store. Under TF32 the H x H dot
+    # takes layer 1's accumulator as its operand as it stands (`plan.tf32_operand_order`),
+    # not moved with shuffles.
     for precision in ("tf32", "tf32_fp16"):
         for layer1 in ("dot", "dot_all"):
             modules = dict(step_modules(shapes, hidden=32, layer1=layer1,
                                         mlp_precision=precision))
             for name in ("adafac_apply", "adafac_packed_apply"):
-                ttgir = compile_module(modules[name]).asm["ttgir"]
-                assert not stored_after_a_move(ttgir, "arith.subf"), (precision, layer1, name)
+                asm = compile_module(modules[name]).asm
+                assert not stored_after_a_move(asm["ttgir"], "arith.subf"), (precision, layer1, name)
+                assert "shfl.sync.idx" not in asm["ptx"], (precision, layer1, name)
     # Factored tensors whose planes all fit one tile: the sides pass replaces the sums pass.
     modules = dict(step_modules({"conv": (3, 3, 16, 32), "w": (20, 6)}, hidden=32))
     assert "adafac_row_col_sums" not in modules, set(modules)

@@ -124,6 +124,10 @@ def test_kernels_compile_for_sm90(hidden_layers):
             cast = RELU_CASTS["fp16" if constexprs["PREC"] == "tf32_fp16" else "bf16"]
             assert cast.split()[0] in ptx and "max.f16x2" not in ptx, kernel.__name__
             assert re.search(r"wgmma\.mma_async\S*\.m64n16k16", ptx), kernel.__name__
+        if "apply" in kernel.__name__ and constexprs.get("PREC") == "tf32":
+            # the H x H dot takes the accumulator before it as its operand as it stands
+            # (`plan.tf32_operand_order`), not moved with shuffles
+            assert "shfl.sync.idx" not in ptx, kernel.__name__
         if kernel.__name__ == "_factored_apply_kernel" and not dtypes:  # float32 params:
             # the new p in its store's layout, the step moved there (`_updated`; in the
             # persistent kernel's tile loop Triton still moves the new p)

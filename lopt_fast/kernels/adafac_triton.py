@@ -34,12 +34,13 @@ The H x H layers always use `tl.dot`. Tensor cores accumulate in float32; the op
 (`mlp_precision`) are TF32 ("tf32", the default), float32 ("ieee"), bf16 ("bf16"), or
 TF32 for the raw per-element features and fp16 for the rest ("tf32_fp16": the H x H
 and output layers and "dot_all"'s normalised row / column features; fp16 has TF32's
-10-bit mantissa, and its accumulator converts to the next dot's operand in registers
-without the shuffles TF32's needs; activations saturate at fp16's 65504). With 16-bit
-operands the output layer is a dot too (`_output_layer`) and each ReLU one PTX
-instruction per pair (`_half_relu`): compiled for sm_90 the "dot" apply kernel has 25%
-fewer instructions under "tf32_fp16" than TF32's (1024 against 1384 per thread) and
-150 registers instead of 162.
+10-bit mantissa at twice its tensor rate; activations saturate at fp16's 65504). Each
+dot takes the accumulator before it as its operand without shuffles: fp16's converts
+in registers as it stands, TF32's once its columns are in `plan.tf32_operand_order`
+(`_in_tf32_order`). With 16-bit operands the output layer is a dot too
+(`_output_layer`) and each ReLU one PTX instruction per pair (`_half_relu`): compiled
+for sm_90 the "dot" apply kernel has 13% fewer instructions under "tf32_fp16" than
+TF32's (1024 against 1176 per thread) and 150 registers instead of 164.
 Compiled for sm_90 (`profiling/triton_resources.py`, H = 32, a 256-element tile at 4
 warps) the apply kernel needs 255 registers and spills with "fma", 188 with "dot", 174
 with "dot_all" (also 84 global-load instructions against 135); on an H100 "dot" made the
@@ -201,6 +202,15 @@ def _half_relu(x, PREC: tl.constexpr):
 
 
 @triton.jit
+def _in_tf32_order(h):
+    """h [N, HP] with its columns in `plan.tf32_operand_order`: a relabelling of the
+    registers that makes the accumulator h the next TF32 dot's operand without shuffles."""
+    N: tl.constexpr = h.shape[0]
+    HP: tl.constexpr = h.shape[1]
+    return tl.reshape(tl.permute(tl.reshape(h, (N, HP // 8, 4, 2)), (0, 1, 3, 2)), (N, HP))
+
+
+@triton.jit
 def _hidden_dot(pre, w, PREC: tl.constexpr):
     """relu(pre) @ w for an H x H layer (and, `_output_layer`, the output layer). Under
     "tf32_fp16" / "bf16" relu(pre) is rounded to fp16 (TF32's 10-bit mantissa at twice its
@@ -208,6 +218,8 @@ def _hidden_dot(pre, w, PREC: tl.constexpr):
     fp16's clamped to its range); other PRECs as `_dot`."""
     if PREC == "tf32_fp16" or PREC == "bf16":
         return tl.dot(_half_relu(pre, PREC), w)
+    elif PREC == "tf32":  # w's rows come in this order (`TritonKernels.tf32_hidden`)
+        return _dot(_in_tf32_order(tl.maximum(pre, 0.0)), w, None, PREC)
     else:
         return _dot(tl.maximum(pre, 0.0), w, None, PREC)
 
@@ -838,6 +850,7 @@ class TritonKernels:
         self.row_col_in_dot = layer1 == "dot_all"  # what plan hands factored_apply
         # the H x H and output layers' weights come rounded to their dots' operands
         self.mlp_dtype = plan.later_weights_dtype(mlp_precision)
+        self.tf32_hidden = mlp_precision == "tf32"  # `_in_tf32_order`
 
     def _call(self, *args, **kw):
         if self.launcher == "xla":

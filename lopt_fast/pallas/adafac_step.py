@@ -348,6 +348,14 @@ def _relu(x, precision: str, compiled: bool):
     return jnp.minimum(x, FP16_MAX) if precision == "fp16" else x
 
 
+def _in_tf32_order(h):
+    """h [n, Hp] with its columns in `plan.tf32_operand_order`: a reshape, a transpose
+    and a reshape, which compiled are a relabelling of the registers that make the
+    accumulator h the next TF32 dot's operand without shuffles."""
+    n, hp = h.shape
+    return h.reshape(n, hp // 8, 4, 2).transpose(0, 1, 3, 2).reshape(n, hp)
+
+
 def _output_layer(h, out_w, output_w, precision: str):
     """(direction, magnitude) [n] of the last activations h [n, Hp]. With a bf16 / fp16
     precision h is that dot operand already (`_relu`), and the layer runs as a dot with
@@ -376,6 +384,8 @@ def _mlp_step(pre, later_w, vector_w, mlp_refs, c_ref, mults, precision, compile
     precision = _layer_precision(precision, unit_scale=True)
     h = _relu(pre, precision, compiled)
     for w, b in zip(hidden_w, biases, strict=True):
+        if precision == "tf32":  # w's rows come in this order (`PallasKernels.tf32_hidden`)
+            h = _in_tf32_order(h)
         h = _relu(_dot(h, w, precision) + b[None, :], precision, compiled)
     direction, magnitude = _output_layer(h, out_w, output_w, precision)
     exp_mult, step_mult = mults
@@ -717,8 +727,8 @@ class PallasKernels:
         and output layers' and "dot_all"'s row / column operands rounded to fp16, which
         has TF32's 10-bit mantissa, saturating at 65504; compiled for sm_90, 1x256, the
         apply kernel then needs 832 / 744 instructions per thread ("dot" / "dot_all")
-        against TF32's 1208 / 1144: no TF32 accumulator-to-operand shuffles, the ReLUs
-        one instruction per pair, the output layer a dot), or "bf16"
+        against TF32's 1008 / 944: the ReLUs one instruction per pair, the output layer
+        a dot, fp16 dots at twice TF32's rate), or "bf16"
         (operands rounded to bf16, float32 accumulation; Triton's step was 1.2-1.3x faster
         with them on an H200, at a precision cost: docs/KERNELS.md).
       layer1: the first MLP layer as "dot" (the features as one [tile, K] x [K, Hp] dot,
@@ -755,6 +765,7 @@ class PallasKernels:
         # type once per step (`plan.mlp_weights`), not in every program: compiled for
         # sm_90, 1x256, tf32_fp16, "dot_all", 848 -> 808 instructions per thread
         self.mlp_dtype = plan.later_weights_dtype(mlp_precision)
+        self.tf32_hidden = mlp_precision == "tf32"  # `_in_tf32_order`
 
     member_limit = PALLAS_MAX_MEMBERS  # more vectors than this are packed (`plan.Kernels`)
 
