@@ -292,7 +292,8 @@ def _first_layer(pre0, feats, w, precision, layer1):
     on the vector units; "dot": pre0 + the features as [rows cols, K] x w [K, Hp] (K = 16
     factored, 32 packed: the 22 features padded with zero planes, whose rows of w are zero
     too); "dot_all" (factored): pre0 is the per-row / per-column features [rows cols, 16]
-    (`_row_col_operand`, normalised), a second dot with w's rows 16-31, instead of tables."""
+    (`_row_col_operand`, normalised), a dot of its own with w's rows 16-31, instead of
+    tables."""
     if layer1 == "fma":
         for f, x in enumerate(feats):
             pre0 = pre0 + x[:, :, None] * w[f, :][None, None, :]
@@ -300,8 +301,11 @@ def _first_layer(pre0, feats, w, precision, layer1):
     planes = [x.reshape(x.size) for x in feats]
     raw = _layer_precision(precision, unit_scale=False)
     if layer1 == "dot_all":
-        return (_dot(_columns(planes), w[0], raw)
-                + _dot(pre0, w[1], _layer_precision(precision, unit_scale=True)))
+        # the row / column dot first, the per-element one accumulating onto it: compiled
+        # for sm_90 (1x256) with TF32 160 registers (12 warps per SM), the other way 172
+        # (8); with tf32_fp16 3 load round trips in sequence instead of 4
+        return (_dot(pre0, w[1], _layer_precision(precision, unit_scale=True))
+                + _dot(_columns(planes), w[0], raw))
     planes += [jnp.zeros_like(planes[0])] * (w.shape[0] - len(planes))
     return pre0.reshape(-1, pre0.shape[-1]) + _dot(_columns(planes), w, raw)
 
@@ -727,7 +731,7 @@ class PallasKernels:
         and output layers' and "dot_all"'s row / column operands rounded to fp16, which
         has TF32's 10-bit mantissa, saturating at 65504; compiled for sm_90, 1x256, the
         apply kernel then needs 832 / 744 instructions per thread ("dot" / "dot_all")
-        against TF32's 1008 / 944: the ReLUs one instruction per pair, the output layer
+        against TF32's 1008 / 952: the ReLUs one instruction per pair, the output layer
         a dot, fp16 dots at twice TF32's rate), or "bf16"
         (operands rounded to bf16, float32 accumulation; Triton's step was 1.2-1.3x faster
         with them on an H200, at a precision cost: docs/KERNELS.md).
