@@ -42,6 +42,7 @@ from lopt_fast.pallas.blocks import (
 
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 REGS_PER_SM = 65536
+REG_ALLOCATION_UNIT = 256  # registers, per warp
 MAX_WARPS_PER_SM = 64
 
 
@@ -78,9 +79,11 @@ def apply_constexprs(layer1: str, hp: int) -> dict:
 
 
 def warps_per_sm(regs: int, num_warps: int) -> int:
-    """Register-limited warps per SM of a kernel of `num_warps` warps (registers are
-    allocated per warp; occupancy also caps at 64 warps per SM)."""
-    return min(MAX_WARPS_PER_SM, REGS_PER_SM // (regs * 32) // num_warps * num_warps)
+    """Register-limited warps per SM of a kernel of `num_warps` warps: registers are
+    allocated per warp in units of 256 (8 per thread: 170 registers take 176, so 2
+    programs of 4 warps fit, not 3), and occupancy caps at 64 warps per SM."""
+    per_warp = -(-regs * 32 // REG_ALLOCATION_UNIT) * REG_ALLOCATION_UNIT
+    return min(MAX_WARPS_PER_SM, REGS_PER_SM // per_warp // num_warps * num_warps)
 
 
 class Resources(NamedTuple):

@@ -214,6 +214,22 @@ def check_fp16_saturation(lopt, update, seed):
     assert steps["tf32_fp16"] > 1e-2 * fp16_scale, steps
 
 
+@pytest.mark.parametrize("hidden_layers", [1, 3])
+def test_mlp_depths_take_the_tf32_operand_order(hidden_layers):
+    """TF32 with no H x H layer (layer 1's activations feed the output dot) and with two:
+    every dot after layer 1 takes its input in `plan.tf32_operand_order` and its weights
+    in that order (`plan.mlp_weights`), which a missing order fails even interpreted."""
+    lopt = AdafacMLPLOpt(hidden_size=8, hidden_layers=hidden_layers, exp_mult=0.3,
+                         step_mult=0.01)
+    seed = _seed()
+    rng = np.random.default_rng(seed)
+    theta = random_theta(lopt, jax.random.key(seed))
+    shapes = {"matrix_non_pow2": (13, 29), "vector": (7,)}
+    kernel = jax.jit(lambda t, s, g: pallas_update(lopt, t, s, g, mlp_precision="tf32"))
+    run_trajectories(lopt, theta, random_tree(rng, shapes), shapes, rng, kernel,
+                     precise_reference(lopt), tol=TF32_TOLERANCE)
+
+
 def test_fp16_hidden_layers_saturate_rather_than_overflow(lopt):
     check_fp16_saturation(lopt, pallas_update, _seed())
 

@@ -229,6 +229,19 @@ def test_load_round_trips_reads_the_sass_order():
     assert load_round_trips(sass) == 4
 
 
+def test_warps_per_sm_allocates_registers_in_units():
+    """Registers go to a warp in units of 256 (8 per thread), so 162-168 registers fit 3
+    programs of 4 warps on an SM (65536 registers) and 169-176 only 2."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton not installed (pip install 'lopt-fast[gpu]')")
+    sys.path.insert(0, os.path.join(ROOT, "profiling"))
+    from triton_resources import warps_per_sm
+
+    assert [warps_per_sm(r, 4) for r in (128, 129, 162, 168, 169, 176)] == [16, 12, 12, 12, 8, 8]
+    assert warps_per_sm(32, 4) == 64  # the cap
+    assert warps_per_sm(255, 8) == 8  # 256 x 32 registers a warp: one program of 8
+
+
 def test_compare_pallas_kernels_runs_its_comparison(monkeypatch, capsys):
     """profiling/compare_pallas_kernels.py, its compiled side interpreted too (this CPU has
     no GPU): each launcher's outputs compared, the 16-bit precisions' weights rounded as

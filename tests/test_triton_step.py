@@ -178,6 +178,8 @@ def test_triton_matches_reference_every_shape_class_and_bf16(mlp_precision, tol,
                                   ["--precision", "ieee", "--small-tiles", "--layer1", "dot_all",
                                    "--no-whole-planes"],
                                   ["--precision", "tf32"],
+                                  ["--precision", "tf32", "--small-tiles", "--hidden-layers", "1"],
+                                  ["--precision", "tf32", "--small-tiles", "--hidden-layers", "3"],
                                   ["--precision", "bf16", "--layer1", "dot_all"],
                                   ["--precision", "tf32_fp16", "--small-tiles", "--layer1",
                                    "dot_all"],
@@ -185,14 +187,17 @@ def test_triton_matches_reference_every_shape_class_and_bf16(mlp_precision, tol,
                                   ["--precision", "ieee", "--small-tiles", "--persistent"],
                                   ["--vmapped", "--persistent"]],
                          ids=["ieee-small-tiles", "layer1-fma", "layer1-dot_all",
-                              "tf32-default-tiles", "bf16-dots-dot_all",
+                              "tf32-default-tiles", "tf32-no-hidden-layer",
+                              "tf32-two-hidden-layers", "bf16-dots-dot_all",
                               "tf32_fp16-dots-dot_all", "vmapped-tasks",
                               "persistent-small-tiles", "persistent-vmapped-tasks"])
 def test_triton_kernels_interpreted_match_reference(case):
     """Small ragged tiles with float32 dots, layer 1 in each form (as FMAs with one small
     tensor per member launch: several launches per pass; "dot_all" with the row / column
     sums pass where the planes would fit one tile); the default tiles and
-    code path (TF32 dots on a GPU, float32 in the interpreter); bf16 dot operands (the
+    code path (TF32 dots on a GPU, float32 in the interpreter); TF32 with no H x H layer
+    and with two (the later layers' weights and inputs in `plan.tf32_operand_order`, so a
+    missing order fails even interpreted); bf16 dot operands (the
     interpreter rounds them as a GPU does) with the row / column features in the dot;
     fp16 operands of the H x H and output layers and of the row / column features, and
     their saturation (`check_fp16_saturation`; the one-instruction ReLU casts run as

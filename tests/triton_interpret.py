@@ -225,7 +225,8 @@ def interpreted_triton_update(*args, **kwargs):
 
 
 def check_against_reference(mlp_precision: str, small_tiles: bool, seed: int,
-                            layer1: str = "dot", persistent: bool = False):
+                            layer1: str = "dot", persistent: bool = False,
+                            hidden_layers: int = 2):
     """The backend on every shape class and bf16 params, several steps, against the reference."""
     from lopt_fast.learned import AdafacMLPLOpt
     from tests.helpers import precise_reference
@@ -240,7 +241,8 @@ def check_against_reference(mlp_precision: str, small_tiles: bool, seed: int,
     )
     from tests.test_triton_step import every_shape_class
 
-    lopt = AdafacMLPLOpt(hidden_size=32, exp_mult=0.3, step_mult=0.01)
+    lopt = AdafacMLPLOpt(hidden_size=32, hidden_layers=hidden_layers, exp_mult=0.3,
+                         step_mult=0.01)
     # Small tiles on large shapes mean thousands of interpreted programs: small shapes there.
     theta, params, shapes, rng = every_shape_class(lopt, seed, large=not small_tiles)
     blocks, packed_blocks = (SMALL_TILES, SMALL_PACKED) if small_tiles else (None, None)
@@ -322,6 +324,8 @@ if __name__ == "__main__":
     ap.add_argument("--small-tiles", action="store_true")
     ap.add_argument("--layer1", choices=LAYER1_FORMS, default="dot")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hidden-layers", type=int, default=2,
+                    help="the MLP's hidden layers (2: one H x H layer)")
     ap.add_argument("--vmapped", action="store_true",
                     help="3 tasks with their own theta under jax.vmap (ieee, small tiles)")
     ap.add_argument("--persistent", action="store_true",
@@ -355,5 +359,5 @@ if __name__ == "__main__":
         check_vmapped_against_reference(args.seed, persistent=args.persistent)
     else:
         check_against_reference(args.precision, args.small_tiles, args.seed, args.layer1,
-                                args.persistent)
+                                args.persistent, args.hidden_layers)
     print("interpreted Triton kernels match the reference")

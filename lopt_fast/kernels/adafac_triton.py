@@ -215,54 +215,67 @@ def _hidden_dot(pre, w, PREC: tl.constexpr):
     """relu(pre) @ w for an H x H layer (and, `_output_layer`, the output layer). Under
     "tf32_fp16" / "bf16" relu(pre) is rounded to fp16 (TF32's 10-bit mantissa at twice its
     tensor rate) / bf16 (`_half_relu`) and w comes in that type (`plan.mlp_weights`,
-    fp16's clamped to its range); other PRECs as `_dot`."""
+    fp16's clamped to its range); under "tf32" relu(pre)'s columns go in
+    `plan.tf32_operand_order`, the order of w's rows (`TritonKernels.tf32_order`); "ieee"
+    as `_dot`."""
     if PREC == "tf32_fp16" or PREC == "bf16":
         return tl.dot(_half_relu(pre, PREC), w)
-    elif PREC == "tf32":  # w's rows come in this order (`TritonKernels.tf32_hidden`)
+    elif PREC == "tf32":
         return _dot(_in_tf32_order(tl.maximum(pre, 0.0)), w, None, PREC)
     else:
         return _dot(tl.maximum(pre, 0.0), w, None, PREC)
 
 
 @triton.jit
-def _output_layer(h, wo_ptr, HP: tl.constexpr, PREC: tl.constexpr):
-    """(direction, magnitude) [n] of the last pre-activations h [n, HP] (relu'd here) and
-    the output weights wo [2, HP]. Under "tf32_fp16" / "bf16" a 16-bit `_hidden_dot` with
-    wo repeated to [HP, 16] (Triton's narrowest wgmma here), columns 0 and 1 of its
-    result taken; else float32 multiply-adds."""
-    k = tl.arange(0, HP)
-    if PREC == "tf32_fp16" or PREC == "bf16":
+def _output_layer(h, wo_ptr, wo_dot, HP: tl.constexpr, PREC: tl.constexpr):
+    """(direction, magnitude) [n] of the last pre-activations h [n, HP] (relu'd here). On
+    tensor cores (every PREC but "ieee") a `_hidden_dot` with wo_dot (`_dot_weights`: the
+    output weights wo [2, HP] repeated to [HP, 16], Triton's narrowest wgmma here),
+    columns 0 and 1 of its result taken (compiled for sm_90, 1x256, "dot", TF32: 48
+    instructions per thread fewer than multiply-adds); "ieee" float32 multiply-adds with
+    wo's rows (its dot would be 8 times as many)."""
+    if PREC != "ieee":
         col = tl.arange(0, 16)
-        out = _hidden_dot(h, tl.load(wo_ptr + (col[None, :] % 2) * HP + k[:, None]), PREC)
+        out = _hidden_dot(h, wo_dot, PREC)
         return (tl.sum(tl.where(col[None, :] == 0, out, 0.0), axis=1),
                 tl.sum(tl.where(col[None, :] == 1, out, 0.0), axis=1))
     else:
+        k = tl.arange(0, HP)
         h = tl.maximum(h, 0.0)
         return (tl.sum(h * tl.load(wo_ptr + k)[None, :], axis=1),
                 tl.sum(h * tl.load(wo_ptr + HP + k)[None, :], axis=1))
 
 
 @triton.jit
-def _hidden0(wh_ptr, HP: tl.constexpr, NHID: tl.constexpr):
-    """The first H x H layer's weights [HP, HP] (zeros if there is none), for `_mlp_rest`.
-    The apply kernels with layer 1 as a dot read them before their math: Triton stages a
-    dot's weights in shared memory right after their load, so read where used they cost
-    a memory round trip after the dot before (compiled for sm_90, the apply kernel with
-    layer 1 as "dot" waits on 4 round trips in sequence, not 5). With layer 1 as FMAs
-    they read them just before `_mlp_rest`: early, the packed kernel took 40 registers
-    more and gained nothing."""
+def _dot_weights(wh_ptr, wo_ptr, HP: tl.constexpr, NHID: tl.constexpr, PREC: tl.constexpr):
+    """The weights of the dots after layer 1, for `_mlp_rest`: the first H x H layer's
+    [HP, HP] (zeros if there is none) and the output layer's as its dot takes them, wo
+    [2, HP] repeated to [HP, 16] (w_dir, w_mag alternating; zeros under "ieee", whose
+    output layer is FMAs). The apply kernels with layer 1 as a dot read them before their
+    math: Triton stages a dot's weights in shared memory right after their load, so read
+    where used each costs a memory round trip after the dot before (compiled for sm_90,
+    1x256, "dot", TF32, the apply kernel waits on 5 round trips in sequence; 6 with the
+    output layer's read where used).
+    With layer 1 as FMAs they read them just before `_mlp_rest`: early, the packed
+    kernel took 40 registers more and gained nothing."""
     k = tl.arange(0, HP)
-    if NHID > 0:
-        return tl.load(wh_ptr + k[:, None] * HP + k[None, :])
+    col = tl.arange(0, 16)
+    if PREC != "ieee":
+        wo_dot = tl.load(wo_ptr + (col[None, :] % 2) * HP + k[:, None])
     else:
-        return tl.zeros((HP, HP), tl.float32)
+        wo_dot = tl.zeros((HP, 16), tl.float32)
+    if NHID > 0:
+        return tl.load(wh_ptr + k[:, None] * HP + k[None, :]), wo_dot
+    else:
+        return tl.zeros((HP, HP), tl.float32), wo_dot
 
 
 @triton.jit
-def _mlp_rest(pre, wh0, c_ptr, wh_ptr, bh_ptr, wo_ptr, R: tl.constexpr, C: tl.constexpr,
-              HP: tl.constexpr, NHID: tl.constexpr, EXP_MULT: tl.constexpr,
+def _mlp_rest(pre, wh0, wo_dot, c_ptr, wh_ptr, bh_ptr, wo_ptr, R: tl.constexpr,
+              C: tl.constexpr, HP: tl.constexpr, NHID: tl.constexpr, EXP_MULT: tl.constexpr,
               STEP_MULT: tl.constexpr, PREC: tl.constexpr):
-    """pre: the layer-1 pre-activations [R C, HP] -> the step [R, C]; wh0: `_hidden0`."""
+    """pre: the layer-1 pre-activations [R C, HP] -> the step [R, C]; wh0, wo_dot:
+    `_dot_weights`."""
     h = pre
     k = tl.arange(0, HP)
     for layer in tl.static_range(NHID):
@@ -271,7 +284,7 @@ def _mlp_rest(pre, wh0, c_ptr, wh_ptr, bh_ptr, wo_ptr, R: tl.constexpr, C: tl.co
         else:
             w = tl.load(wh_ptr + layer * HP * HP + k[:, None] * HP + k[None, :])
         h = _hidden_dot(h, w, PREC) + tl.load(bh_ptr + layer * HP + k)[None, :]
-    d, mag = _output_layer(h, wo_ptr, HP, PREC)
+    d, mag = _output_layer(h, wo_ptr, wo_dot, HP, PREC)
     d += tl.load(c_ptr + 7)
     mag += tl.load(c_ptr + 8)
     return tl.reshape(d * tl.exp(mag * EXP_MULT) * STEP_MULT, (R, C))
@@ -561,8 +574,8 @@ def _factored_apply_body(task, t, B, U, VQ, OU, OV, SEG, c_ptr, p_ptr, g_ptr, mo
     k = tl.arange(0, TW)
     tu = tl.load(tu_ptr + u[:, None] * TW + k[None, :], mask=(u < U)[:, None], other=0.0)
     tv = tl.load(tv_ptr + v[:, None] * TW + k[None, :], mask=(v < V)[:, None], other=0.0)
-    if L1 != "fma":  # the dots' weights before the math (`_hidden0`)
-        wh0 = _hidden0(wh_ptr, HP, NHID)
+    if L1 != "fma":  # the dots' weights before the math (`_dot_weights`)
+        wh0, wo_dot = _dot_weights(wh_ptr, wo_ptr, HP, NHID, PREC)
         w1 = tl.load(w_ptr + _bitrev4(tl.arange(0, 16))[:, None] * HP + h[None, :])
         if L1 == "dot_all":
             w_uv = tl.load(w_ptr + _uv_row(tl.arange(0, 16))[:, None] * HP + h[None, :])
@@ -586,8 +599,8 @@ def _factored_apply_body(task, t, B, U, VQ, OU, OV, SEG, c_ptr, p_ptr, g_ptr, mo
             pre = tl.reshape(pre, (R * C, HP)) + acc
     _store_accumulators(mo_ptr + task * 3 * n, ro_ptr + task * n, n, off, mask, m0, m1, m2, rms)
     if L1 == "fma":
-        wh0 = _hidden0(wh_ptr, HP, NHID)
-    step = _mlp_rest(pre, wh0, c_ptr, wh_ptr, bh_ptr, wo_ptr, R, C, HP, NHID, EXP_MULT,
+        wh0, wo_dot = _dot_weights(wh_ptr, wo_ptr, HP, NHID, PREC)
+    step = _mlp_rest(pre, wh0, wo_dot, c_ptr, wh_ptr, bh_ptr, wo_ptr, R, C, HP, NHID, EXP_MULT,
                      STEP_MULT, PREC)
     _store_updated(p_ptr + task * n, po_ptr + task * n, off, mask, step)
     first_col_block, first_row_block = _first_blocks(t, U, V, R, C)
@@ -666,8 +679,8 @@ def _packed_apply_body(task, t, n, seg, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, v
     b0_ptr = b0_ptr + task * HP
     wh_ptr, bh_ptr, wo_ptr = _task_mlp(task, wh_ptr, bh_ptr, wo_ptr, HP, NHID)
     b0 = tl.load(b0_ptr + tl.arange(0, HP))
-    if L1 != "fma":  # the dots' weights before the math (`_hidden0`)
-        wh0 = _hidden0(wh_ptr, HP, NHID)
+    if L1 != "fma":  # the dots' weights before the math (`_dot_weights`)
+        wh0, wo_dot = _dot_weights(wh_ptr, wo_ptr, HP, NHID, PREC)
         col = tl.arange(0, 32)
         w1 = tl.load(w_ptr + ((col & 1) * 16 + _bitrev4(col >> 1))[:, None] * HP
                      + tl.arange(0, HP)[None, :])
@@ -702,8 +715,8 @@ def _packed_apply_body(task, t, n, seg, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, v
     tl.store(vo_ptr + n + off, v1, mask=mask)
     tl.store(vo_ptr + 2 * n + off, v2, mask=mask)
     if L1 == "fma":
-        wh0 = _hidden0(wh_ptr, HP, NHID)
-    step = _mlp_rest(pre, wh0, c_ptr, wh_ptr, bh_ptr, wo_ptr, R, C, HP, NHID, EXP_MULT,
+        wh0, wo_dot = _dot_weights(wh_ptr, wo_ptr, HP, NHID, PREC)
+    step = _mlp_rest(pre, wh0, wo_dot, c_ptr, wh_ptr, bh_ptr, wo_ptr, R, C, HP, NHID, EXP_MULT,
                      STEP_MULT, PREC)
     _store_updated(p_ptr + task * n, po_ptr + task * n, off, mask, step)
 
@@ -850,7 +863,7 @@ class TritonKernels:
         self.row_col_in_dot = layer1 == "dot_all"  # what plan hands factored_apply
         # the H x H and output layers' weights come rounded to their dots' operands
         self.mlp_dtype = plan.later_weights_dtype(mlp_precision)
-        self.tf32_hidden = mlp_precision == "tf32"  # `_in_tf32_order`
+        self.tf32_order = mlp_precision == "tf32"  # `_hidden_dot`
 
     def _call(self, *args, **kw):
         if self.launcher == "xla":

@@ -262,7 +262,7 @@ def _dot_weights(w_ref, mlp_refs, layer1, precision):
     wh_ref, _, wo_ref = mlp_refs
     hidden = [wh_ref[i] for i in range(0 if wh_ref is None else wh_ref.shape[0])]
     out = None
-    if _layer_precision(precision, unit_scale=True) in _HALF_TYPES:
+    if _layer_precision(precision, unit_scale=True) != "ieee":
         col = lax.broadcasted_iota(jnp.int32, (wo_ref.shape[1], _OUTPUT_COLS), 1)
         out = jnp.where(col % 2 == 0, wo_ref[0, :][:, None], wo_ref[1, :][:, None])
     return first, (hidden, out)
@@ -360,18 +360,28 @@ def _in_tf32_order(h):
     return h.reshape(n, hp // 8, 4, 2).transpose(0, 1, 3, 2).reshape(n, hp)
 
 
+def _later_dot(h, w, precision: str):
+    """h @ w for a layer after the first (`_layer_precision` precision): under TF32 h's
+    columns go in `plan.tf32_operand_order`, the order of w's rows
+    (`PallasKernels.tf32_order`)."""
+    if precision == "tf32":
+        h = _in_tf32_order(h)
+    return _dot(h, w, precision)
+
+
 def _output_layer(h, out_w, output_w, precision: str):
-    """(direction, magnitude) [n] of the last activations h [n, Hp]. With a bf16 / fp16
-    precision h is that dot operand already (`_relu`), and the layer runs as a dot with
-    out_w [Hp, 16] (`_dot_weights`: w_dir and w_mag alternating), columns 0 and 1 of its
-    result taken; compiled for sm_90 that is 72 instructions per thread fewer than the
-    FMAs, shuffles and float32 ReLU with the rows of output_w (`_vector_weights`) below
-    (1x256, "dot_all", tf32_fp16: 920 -> 848)."""
+    """(direction, magnitude) [n] of the last activations h [n, Hp]: on tensor cores
+    (TF32, fp16, bf16) a dot with out_w [Hp, 16] (`_dot_weights`: w_dir and w_mag
+    alternating), columns 0 and 1 of its result taken; with float32 operands ("ieee",
+    which Triton's dot would run as 16 times as many FMAs) multiply-adds with the rows of
+    output_w (`_vector_weights`). Compiled for sm_90 (1x256) the dot saves 72
+    instructions per thread with tf32_fp16 ("dot_all": 920 -> 848), 64 with TF32
+    ("dot": 1008 -> 944)."""
     w_dir, w_mag, b_dir, b_mag = output_w
     if out_w is None:
         return (jnp.sum(h * w_dir[None, :], axis=1) + b_dir,
                 jnp.sum(h * w_mag[None, :], axis=1) + b_mag)
-    out = _dot(h, out_w, precision)
+    out = _later_dot(h, out_w, precision)
     col = lax.broadcasted_iota(jnp.int32, out.shape, 1)
     return (jnp.sum(jnp.where(col == 0, out, 0.0), axis=1) + b_dir,
             jnp.sum(jnp.where(col == 1, out, 0.0), axis=1) + b_mag)
@@ -388,9 +398,7 @@ def _mlp_step(pre, later_w, vector_w, mlp_refs, c_ref, mults, precision, compile
     precision = _layer_precision(precision, unit_scale=True)
     h = _relu(pre, precision, compiled)
     for w, b in zip(hidden_w, biases, strict=True):
-        if precision == "tf32":  # w's rows come in this order (`PallasKernels.tf32_hidden`)
-            h = _in_tf32_order(h)
-        h = _relu(_dot(h, w, precision) + b[None, :], precision, compiled)
+        h = _relu(_later_dot(h, w, precision) + b[None, :], precision, compiled)
     direction, magnitude = _output_layer(h, out_w, output_w, precision)
     exp_mult, step_mult = mults
     # exp(x) as 2^(x log2 e): Pallas' Triton lowering makes jnp.exp libdevice's accurate
@@ -769,7 +777,7 @@ class PallasKernels:
         # type once per step (`plan.mlp_weights`), not in every program: compiled for
         # sm_90, 1x256, tf32_fp16, "dot_all", 848 -> 808 instructions per thread
         self.mlp_dtype = plan.later_weights_dtype(mlp_precision)
-        self.tf32_hidden = mlp_precision == "tf32"  # `_in_tf32_order`
+        self.tf32_order = mlp_precision == "tf32"  # `_later_dot`
 
     member_limit = PALLAS_MAX_MEMBERS  # more vectors than this are packed (`plan.Kernels`)
 

@@ -186,41 +186,43 @@ def round_weights(w, dtype):
 
 
 def tf32_operand_order(hp: int) -> np.ndarray:
-    """The order in which the apply kernels feed a TF32 H x H dot its input's Hp columns
-    (`Kernels.tf32_hidden`): position 8 b + 4 s + t holds column 8 b + 2 t + s (t < 4,
-    s < 2), and `mlp_weights` orders that layer's weight rows the same way, which leaves
-    the product as it was.
+    """The order in which the apply kernels feed a TF32 dot after the first layer (the
+    H x H layers', the output layer's) its input's Hp columns (`Kernels.tf32_order`):
+    position 8 b + 4 s + t holds column 8 b + 2 t + s (t < 4, s < 2). `mlp_weights`
+    orders those dots' weights the same way, which leaves the products as they were.
 
     Why: of every 8 columns, a wgmma accumulator holds columns 2 t and 2 t + 1 in lane t
     of each quad, where a TF32 A operand in registers wants t and t + 4. Fed in their
     own order, the previous layer's activations take 2 selects and a shuffle per value
     to become the next dot's operand; fed in this one, the accumulator is the operand
-    as it stands (compiled for sm_90, 1x256, the default apply kernels: Pallas 1208 ->
-    1008 SASS instructions per thread, Triton 1384 -> 1176). The kernels reorder with a
-    reshape and a transpose, which Triton lowers to a relabelling of registers."""
+    as it stands. The kernels reorder with a reshape and a transpose, which Triton
+    lowers to a relabelling of registers. Compiled for sm_90, 1x256, the default apply
+    kernels need 1208 -> 1008 SASS instructions per thread (Pallas; Triton 1384 -> 1176)
+    for the H x H layer, and the output layer, which the shuffles had kept on FMAs, is
+    then a dot too: 944 (Triton 1128)."""
     k = np.arange(hp)
     return k // 8 * 8 + k % 4 * 2 + k % 8 // 4
 
 
-def mlp_weights(nn, hp: int, dtype=None, tf32_hidden: bool = False
+def mlp_weights(nn, hp: int, dtype=None, tf32_order: bool = False
                 ) -> tuple[MLPWeights, jax.Array]:
     """The layers after the first (`MLPWeights`), and the output layer's bias. `dtype`:
     float16 / bfloat16 rounds the weights to the operand type of their dots, fp16's
     clamped to its finite range first (`blocks.FP16_MAX`), once per step here, not in
-    every program (`Kernels.mlp_dtype`). `tf32_hidden`: the H x H layers' weight rows in
-    `tf32_operand_order`, as the kernels feed those dots (`Kernels.tf32_hidden`)."""
+    every program (`Kernels.mlp_dtype`). `tf32_order`: the H x H layers' weight rows and
+    the output layer's (w_out_t's columns) in `tf32_operand_order`, the order in which
+    the kernels feed those dots (`Kernels.tf32_order`)."""
     last = sum(1 for k in nn if k.startswith("w")) - 1
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
     weights = functools.partial(round_weights, dtype=dtype)
+    order = tf32_operand_order(hp) if tf32_order else slice(None)
     if last > 1:
         wh = weights(jnp.stack([_pad_axis(_pad_last(f32(nn[f"w{i}"]), hp), 0, hp)
-                                for i in range(1, last)]))
-        if tf32_hidden:
-            wh = wh[:, tf32_operand_order(hp), :]
+                                for i in range(1, last)]))[:, order, :]
         bh = jnp.stack([_pad_last(f32(nn[f"b{i}"]), hp) for i in range(1, last)])
     else:
         wh = bh = None
-    w_out_t = weights(_pad_last(f32(nn[f"w{last}"]).T, hp))
+    w_out_t = weights(_pad_last(f32(nn[f"w{last}"]).T, hp))[:, order]
     return MLPWeights(wh, bh, w_out_t), f32(nn[f"b{last}"])
 
 
@@ -262,8 +264,8 @@ class Kernels(NamedTuple):
     [.., U, 8] and tv [.., V, 8], with w_ew [32, Hp] (`_row_col_features`,
     `_row_col_weights`: w0's rows for them unscaled). `mlp_dtype` (None: float32) is the
     dtype the apply launchers take `MLPWeights`' weights in (`mlp_weights`);
-    `tf32_hidden` says they feed each H x H dot its TF32 operand in `tf32_operand_order`,
-    and so take those layers' weight rows in that order.
+    `tf32_order` says they feed each dot after the first layer its TF32 operand in
+    `tf32_operand_order`, and so take those layers' weights in that order.
     """
 
     group_row_col_sums: Any = None
@@ -277,7 +279,7 @@ class Kernels(NamedTuple):
     member_limit: int | None = None
     row_col_in_dot: bool = False
     mlp_dtype: Any = None
-    tf32_hidden: bool = False
+    tf32_order: bool = False
 
     @classmethod
     def of(cls, launchers) -> Kernels:
@@ -591,7 +593,7 @@ def fused_update(kernels: Kernels, lopt, theta, state, grad, *, blocks: BlockSiz
     decays = am.decays_from_theta(theta, lopt.initial_decays)
     nn = theta["nn"]["~"]
     hp = padded_hidden(lopt.hidden_size)
-    mlp, b_out = mlp_weights(nn, hp, kernels.mlp_dtype, kernels.tf32_hidden)
+    mlp, b_out = mlp_weights(nn, hp, kernels.mlp_dtype, kernels.tf32_order)
     c_fac = jnp.clip(decays.fac, 0.0, 1.0)
     mults = (float(lopt.exp_mult), float(lopt.step_mult))
     consts = jnp.concatenate([decays.mom, jnp.clip(decays.rms, 0.0, 1.0), c_fac, b_out,
