@@ -121,12 +121,12 @@ jax_triton.__version__); print(jax.devices())" ;;
       # pallas: its 1x256 tile at 4 warps, layer 1 as "dot" (the default since session 15)
       # and "dot_all" (session 16), the MLP's biases and output layer read early or where
       # used (early_weights), and three precisions: TF32; "tf32_fp16" (session 17: the
-      # H x H and (session 18) output layers on fp16 operands, TF32's mantissa, without
-      # the TF32 accumulator-to-operand shuffles); bf16. Compiled for sm_90
-      # (docs/KERNELS.md, "Session 19") the apply kernel has 604 / 572 instructions per
-      # element (dot / dot_all) with TF32, 416 / 372 with tf32_fp16, 420 / 356 with bf16,
-      # all at 12 warps per SM, early weights too (session 19: the accumulators stored
-      # before the MLP). Which pays: fewer instructions or fewer round trips?
+      # H x H and (session 18) output layers on fp16 operands, TF32's mantissa, at twice
+      # its tensor rate); bf16. Compiled for sm_90 (docs/KERNELS.md, "Session 20": TF32's
+      # accumulator-to-operand shuffles gone, its output layer a dot) the apply kernel has
+      # 472 / 452 instructions per element (dot / dot_all) with TF32, 416 / 372 with
+      # tf32_fp16, 420 / 360 with bf16, all at 12 warps per SM, early weights too. Which
+      # pays: fewer instructions, fp16's tensor rate, or fewer round trips?
       run "${SWEEP_LIMIT:-240}" sweep python3 benchmarks/tile_sweep.py \
         ${SWEEP_ARGS:---tiles 1x256 4x64 --warps 4 --layer1 dot dot_all \
           --precision tf32 tf32_fp16 bf16 --persistent off --stages 2}
