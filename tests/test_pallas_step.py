@@ -283,11 +283,13 @@ VMAP_DTYPES = {"bias_bf16": jnp.bfloat16, "matrix_bf16": jnp.bfloat16}
 
 
 @pytest.mark.parametrize("layer1, mlp_precision, tol", [
-    ("dot", "tf32_fp16", TF32_TOLERANCE), ("dot_all", "ieee", KERNEL_TOLERANCE)])
+    ("dot", "tf32_fp16", TF32_TOLERANCE), ("dot_all", "ieee", KERNEL_TOLERANCE),
+    ("dot", "tf32", TF32_TOLERANCE)])
 def test_vmapped_tasks_per_task_theta_bf16(lopt, layer1, mlp_precision, tol):
     """Default tiles (each tensor smaller than one tile), 3 tasks with their own theta
     (and their own first-layer rows, which "dot_all" reorders; their own fp16 weights of
-    the later layers, `plan.mlp_weights`); layer 1 as a dot."""
+    the later layers, or TF32's in `plan.tf32_operand_order`: `plan.mlp_weights`); layer 1
+    as a dot."""
     seed, tasks = _seed(), 3
     rng = np.random.default_rng(seed)
     thetas = [random_theta(lopt, jax.random.key(seed + t)) for t in range(tasks)]
