@@ -37,13 +37,14 @@ and output layers and "dot_all"'s normalised row / column features; fp16 has TF3
 10-bit mantissa at twice its tensor rate; activations saturate at fp16's 65504). Each
 dot takes the accumulator before it as its operand without shuffles: fp16's converts
 in registers as it stands, TF32's once its columns are in `plan.tf32_operand_order`
-(`_in_tf32_order`). With 16-bit operands the output layer is a dot too
-(`_output_layer`) and each ReLU one PTX instruction per pair (`_half_relu`): compiled
-for sm_90 the "dot" apply kernel has 13% fewer instructions under "tf32_fp16" than
-TF32's (1024 against 1176 per thread) and 150 registers instead of 164.
+(`_in_tf32_order`). The output layer is a dot too (`_output_layer`; FMAs under "ieee"),
+and with 16-bit operands each ReLU one PTX instruction per pair (`_half_relu`):
+compiled for sm_90 the "dot" apply kernel has 9% fewer instructions under "tf32_fp16"
+than TF32's (1024 against 1128 per thread) at 150 registers instead of 158.
 Compiled for sm_90 (`profiling/triton_resources.py`, H = 32, a 256-element tile at 4
-warps) the apply kernel needs 255 registers and spills with "fma", 188 with "dot", 174
-with "dot_all" (also 84 global-load instructions against 135); on an H100 "dot" made the
+warps, TF32) the apply kernel needs 187 registers with "fma", 158 with "dot", 160 with
+"dot_all" (also 39 global-load instructions against 53: session 20's counts); on an
+H100 "dot" made the
 whole step 1.2x / 1.3x faster than "fma" at 1e7 / 1e8 parameters
 (`benchmarks/tile_sweep.py`, benchmarks/RESULTS.md); "dot_all" and bf16 operands are not
 yet timed on a GPU. Tolerances against the float32 reference: docs/KERNELS.md (TF32 on
@@ -255,9 +256,8 @@ def _dot_weights(wh_ptr, wo_ptr, HP: tl.constexpr, NHID: tl.constexpr, PREC: tl.
     math: Triton stages a dot's weights in shared memory right after their load, so read
     where used each costs a memory round trip after the dot before (compiled for sm_90,
     1x256, "dot", TF32, the apply kernel waits on 5 round trips in sequence; 6 with the
-    output layer's read where used).
-    With layer 1 as FMAs they read them just before `_mlp_rest`: early, the packed
-    kernel took 40 registers more and gained nothing."""
+    output layer's read where used). With layer 1 as FMAs they read them just before
+    `_mlp_rest`: early, the packed kernel took 40 registers more and gained nothing."""
     k = tl.arange(0, HP)
     col = tl.arange(0, 16)
     if PREC != "ieee":

@@ -373,7 +373,7 @@ def _output_layer(h, out_w, output_w, precision: str):
     """(direction, magnitude) [n] of the last activations h [n, Hp]: on tensor cores
     (TF32, fp16, bf16) a dot with out_w [Hp, 16] (`_dot_weights`: w_dir and w_mag
     alternating), columns 0 and 1 of its result taken; with float32 operands ("ieee",
-    which Triton's dot would run as 16 times as many FMAs) multiply-adds with the rows of
+    which Triton's dot would run as 8 times as many FMAs) multiply-adds with the rows of
     output_w (`_vector_weights`). Compiled for sm_90 (1x256) the dot saves 72
     instructions per thread with tf32_fp16 ("dot_all": 920 -> 848), 64 with TF32
     ("dot": 1008 -> 944)."""
