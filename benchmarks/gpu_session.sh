@@ -114,26 +114,32 @@ jax_triton.__version__); print(jax.devices())" ;;
         --json "$OUT/step_donated.json" \
         ${DONATED_ARGS:---sizes 1e7 1e8 --tasks 64 --repeats 10 --backends pallas triton} ;;
     sweep)
+      # pallas first (the default backend on a GPU): 4 warps, layer 1 as "dot" (the
+      # default) and "dot_all", TF32 and "tf32_fp16" (the H x H and output layers on fp16
+      # operands, TF32's mantissa at twice its tensor rate), the 1x256 tile and 1x128.
+      # Compiled for sm_90 (docs/KERNELS.md, "Session 20") the apply kernel has 472 / 452
+      # instructions per element (dot / dot_all) with TF32, 416 / 372 with tf32_fp16 at
+      # 1x256 (12 warps per SM); 1x128 takes 82-98 registers (16-20 warps per SM) for
+      # 1.3-1.4x the instructions per element (a program's fixed work, ~350 instructions,
+      # over half the elements). Then early weights, on and off, for "dot_all" (one load
+      # round trip fewer at the same registers; for "dot" they change nothing now). Which
+      # pays: fewer instructions, fp16's tensor rate, fewer round trips or more warps per
+      # SM? bf16 is left out (a precision cost for no fewer instructions than tf32_fp16).
       # shellcheck disable=SC2086
+      run "${PALLAS_SWEEP_LIMIT:-200}" sweep python3 benchmarks/tile_sweep.py --backend pallas \
+        ${PALLAS_SWEEP_ARGS:---tiles 1x256 1x128 --warps 4 --layer1 dot dot_all \
+          --precision tf32 tf32_fp16 --early-weights off}
+      # shellcheck disable=SC2086
+      run "${PALLAS_EARLY_LIMIT:-90}" sweep python3 benchmarks/tile_sweep.py --backend pallas \
+        ${PALLAS_EARLY_ARGS:---tiles 1x256 --warps 4 --layer1 dot_all --precision tf32 \
+          tf32_fp16 --early-weights off on}
       # triton: 12 configurations (tile x layer 1 x precision), + default + adam, at 1e7 and
       # 1e8; session 15 on an H200: bf16 operands 1.2-1.3x faster, the 4x64 tile and the
       # persistent kernel within noise (add `--persistent off on` to SWEEP_ARGS for it).
-      # pallas: its 1x256 tile at 4 warps, layer 1 as "dot" (the default since session 15)
-      # and "dot_all" (session 16), the MLP's biases and output layer read early or where
-      # used (early_weights), and three precisions: TF32; "tf32_fp16" (session 17: the
-      # H x H and (session 18) output layers on fp16 operands, TF32's mantissa, at twice
-      # its tensor rate); bf16. Compiled for sm_90 (docs/KERNELS.md, "Session 20": TF32's
-      # accumulator-to-operand shuffles gone, its output layer a dot) the apply kernel has
-      # 472 / 452 instructions per element (dot / dot_all) with TF32, 416 / 372 with
-      # tf32_fp16, 420 / 360 with bf16, all at 12 warps per SM, early weights too. Which
-      # pays: fewer instructions, fp16's tensor rate, or fewer round trips?
+      # shellcheck disable=SC2086
       run "${SWEEP_LIMIT:-240}" sweep python3 benchmarks/tile_sweep.py \
         ${SWEEP_ARGS:---tiles 1x256 4x64 --warps 4 --layer1 dot dot_all \
-          --precision tf32 tf32_fp16 bf16 --persistent off --stages 2}
-      # shellcheck disable=SC2086
-      run "${PALLAS_SWEEP_LIMIT:-200}" sweep python3 benchmarks/tile_sweep.py --backend pallas \
-        ${PALLAS_SWEEP_ARGS:---tiles 1x256 --warps 4 --layer1 dot dot_all \
-          --precision tf32 tf32_fp16 bf16 --early-weights off on} ;;
+          --precision tf32 tf32_fp16 bf16 --persistent off --stages 2} ;;
     profile)
       # 1e7 parameters, and the meta-training shape (64 tasks x the convnet), where the
       # wall time against the device's busy time says whether launches dominate
