@@ -117,10 +117,10 @@ jax_triton.__version__); print(jax.devices())" ;;
       # pallas first (the default backend on a GPU): 4 warps, layer 1 as "dot" (the
       # default) and "dot_all", TF32 and "tf32_fp16" (the H x H and output layers on fp16
       # operands, TF32's mantissa at twice its tensor rate), the 1x256 tile and 1x128.
-      # Compiled for sm_90 (docs/KERNELS.md, "Session 20") the apply kernel has 472 / 452
-      # instructions per element (dot / dot_all) with TF32, 416 / 372 with tf32_fp16 at
-      # 1x256 (12 warps per SM); 1x128 takes 82-98 registers (16-20 warps per SM) for
-      # 1.3-1.4x the instructions per element (a program's fixed work, ~350 instructions,
+      # Compiled for sm_90 (docs/KERNELS.md, "Session 20") the apply kernel has 440 / 420
+      # instructions per element (dot / dot_all) with TF32, 384 / 340 with tf32_fp16 at
+      # 1x256 (12 warps per SM); 1x128 takes 84-98 registers (16-20 warps per SM) for
+      # 1.4-1.5x the instructions per element (a program's fixed work, ~350 instructions,
       # over half the elements). Then early weights, on and off, for "dot_all" (one load
       # round trip fewer at the same registers; for "dot" they change nothing now). Which
       # pays: fewer instructions, fp16's tensor rate, fewer round trips or more warps per

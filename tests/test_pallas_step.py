@@ -484,6 +484,10 @@ def test_kernels_compile_for_sm90():
                 asm = compile_module(modules[name]).asm
                 assert not stored_after_a_move(asm["ttgir"], "arith.subf"), (precision, layer1, name)
                 assert "shfl.sync.idx" not in asm["ptx"], (precision, layer1, name)
+                # the output dot's rows reduced across the quad once, as the step (8 rows
+                # per thread, 2 butterfly levels), not as direction and magnitude
+                # (`_output_layer`)
+                assert asm["ptx"].count("shfl.sync.bfly") == 16, (precision, layer1, name)
     # Factored tensors whose planes all fit one tile: the sides pass replaces the sums pass.
     modules = dict(step_modules({"conv": (3, 3, 16, 32), "w": (20, 6)}, hidden=32))
     assert "adafac_row_col_sums" not in modules, set(modules)

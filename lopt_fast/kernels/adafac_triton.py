@@ -39,10 +39,10 @@ dot takes the accumulator before it as its operand without shuffles: fp16's conv
 in registers as it stands, TF32's once its columns are in `plan.tf32_operand_order`
 (`_in_tf32_order`). The output layer is a dot too (`_output_layer`; FMAs under "ieee"),
 and with 16-bit operands each ReLU one PTX instruction per pair (`_half_relu`):
-compiled for sm_90 the "dot" apply kernel has 9% fewer instructions under "tf32_fp16"
-than TF32's (1024 against 1128 per thread) at 150 registers instead of 158.
+compiled for sm_90 the "dot" apply kernel has 10% fewer instructions under "tf32_fp16"
+than TF32's (968 against 1080 per thread) at 150 registers instead of 158.
 Compiled for sm_90 (`profiling/triton_resources.py`, H = 32, a 256-element tile at 4
-warps, TF32) the apply kernel needs 187 registers with "fma", 158 with "dot", 160 with
+warps, TF32) the apply kernel needs 202 registers with "fma", 158 with "dot", 160 with
 "dot_all" (also 39 global-load instructions against 53: session 20's counts); on an
 H100 "dot" made the
 whole step 1.2x / 1.3x faster than "fma" at 1e7 / 1e8 parameters
@@ -229,17 +229,24 @@ def _hidden_dot(pre, w, PREC: tl.constexpr):
 
 @triton.jit
 def _output_layer(h, wo_ptr, wo_dot, HP: tl.constexpr, PREC: tl.constexpr):
-    """(direction, magnitude) [n] of the last pre-activations h [n, HP] (relu'd here). On
+    """(direction, magnitude) of the last pre-activations h [n, HP] (relu'd here). On
     tensor cores (every PREC but "ieee") a `_hidden_dot` with wo_dot (`_dot_weights`: the
-    output weights wo [2, HP] repeated to [HP, 16], Triton's narrowest wgmma here),
-    columns 0 and 1 of its result taken (compiled for sm_90, 1x256, "dot", TF32: 48
-    instructions per thread fewer than multiply-adds); "ieee" float32 multiply-adds with
-    wo's rows (its dot would be 8 times as many)."""
+    output weights wo [2, HP] repeated to [HP, 16], Triton's narrowest wgmma here), whose
+    column 8 j + 2 t + s sits in lane t of a quad: each lane picks its rows' outputs from
+    its own columns (selects against -0.0, x + -0.0 = x, no instruction once compiled),
+    so they come back [n, 4], a column per lane, all equal (`_mlp_rest` takes their max
+    once the step is computed) rather than summed across the quad (compiled for sm_90,
+    1x256, "dot", TF32: the dot 48 instructions per thread fewer than multiply-adds, the
+    per-lane pick 48 more); "ieee" [n] from float32 multiply-adds with wo's rows (its
+    dot would be 8 times as many)."""
     if PREC != "ieee":
-        col = tl.arange(0, 16)
         out = _hidden_dot(h, wo_dot, PREC)
-        return (tl.sum(tl.where(col[None, :] == 0, out, 0.0), axis=1),
-                tl.sum(tl.where(col[None, :] == 1, out, 0.0), axis=1))
+        x = tl.reshape(out, (out.shape[0], 2, 4, 2))  # [n, j, t, s]
+        j = tl.arange(0, 2)[None, :, None, None]
+        x = tl.sum(tl.where(j == 0, x, -0.0), axis=1)
+        s = tl.arange(0, 2)[None, None, :]
+        return (tl.sum(tl.where(s == 0, x, -0.0), axis=2),
+                tl.sum(tl.where(s == 1, x, -0.0), axis=2))
     else:
         k = tl.arange(0, HP)
         h = tl.maximum(h, 0.0)
@@ -287,7 +294,10 @@ def _mlp_rest(pre, wh0, wo_dot, c_ptr, wh_ptr, bh_ptr, wo_ptr, R: tl.constexpr,
     d, mag = _output_layer(h, wo_ptr, wo_dot, HP, PREC)
     d += tl.load(c_ptr + 7)
     mag += tl.load(c_ptr + 8)
-    return tl.reshape(d * tl.exp(mag * EXP_MULT) * STEP_MULT, (R, C))
+    step = d * tl.exp(mag * EXP_MULT) * STEP_MULT
+    if PREC != "ieee":  # a column per lane of the quad, all equal (`_output_layer`)
+        step = tl.max(step, axis=1)
+    return tl.reshape(step, (R, C))
 
 
 @triton.jit

@@ -370,21 +370,29 @@ def _later_dot(h, w, precision: str):
 
 
 def _output_layer(h, out_w, output_w, precision: str):
-    """(direction, magnitude) [n] of the last activations h [n, Hp]: on tensor cores
-    (TF32, fp16, bf16) a dot with out_w [Hp, 16] (`_dot_weights`: w_dir and w_mag
-    alternating), columns 0 and 1 of its result taken; with float32 operands ("ieee",
-    which Triton's dot would run as 8 times as many FMAs) multiply-adds with the rows of
-    output_w (`_vector_weights`). Compiled for sm_90 (1x256) the dot saves 72
-    instructions per thread with tf32_fp16 ("dot_all": 920 -> 848), 64 with TF32
-    ("dot": 1008 -> 944)."""
+    """(direction, magnitude) of the last activations h [n, Hp].
+
+    On tensor cores (TF32, fp16, bf16) a dot with out_w [Hp, 16] (`_dot_weights`: w_dir
+    and w_mag alternating), whose column 8 j + 2 t + s sits in lane t of a quad (see
+    `plan.tf32_operand_order`): each lane holds both outputs of its rows. So they come
+    back [n, 4], a column per lane, all equal (`_mlp_step` takes their max once the step
+    is computed), picked with selects against -0.0 (x + -0.0 = x: compiled, no
+    instruction), not summed across the quad: compiled for sm_90 (1x256) 64 instructions
+    per thread fewer (TF32 "dot" 944 -> 880). The dot itself saved 72 over multiply-adds
+    with tf32_fp16 ("dot_all": 920 -> 848), 64 with TF32 ("dot": 1008 -> 944).
+
+    With float32 operands ("ieee", which Triton's dot would run as 8 times as many
+    FMAs) [n] from multiply-adds with the rows of output_w (`_vector_weights`)."""
     w_dir, w_mag, b_dir, b_mag = output_w
     if out_w is None:
         return (jnp.sum(h * w_dir[None, :], axis=1) + b_dir,
                 jnp.sum(h * w_mag[None, :], axis=1) + b_mag)
     out = _later_dot(h, out_w, precision)
-    col = lax.broadcasted_iota(jnp.int32, out.shape, 1)
-    return (jnp.sum(jnp.where(col == 0, out, 0.0), axis=1) + b_dir,
-            jnp.sum(jnp.where(col == 1, out, 0.0), axis=1) + b_mag)
+    x = out.reshape(out.shape[0], _OUTPUT_COLS // 8, 4, 2)  # [n, j, t, s]
+    x = jnp.sum(jnp.where(lax.broadcasted_iota(jnp.int32, x.shape, 1) == 0, x, -0.0), axis=1)
+    s = lax.broadcasted_iota(jnp.int32, x.shape, 2)
+    return (jnp.sum(jnp.where(s == 0, x, -0.0), axis=2) + b_dir,
+            jnp.sum(jnp.where(s == 1, x, -0.0), axis=2) + b_mag)
 
 
 def _mlp_step(pre, later_w, vector_w, mlp_refs, c_ref, mults, precision, compiled):
@@ -406,7 +414,9 @@ def _mlp_step(pre, later_w, vector_w, mlp_refs, c_ref, mults, precision, compile
     # what Triton's own tl.exp does. The values live in the output layer's reduced layout,
     # 8 rows per thread (each on 4 threads): compiled for sm_90 (1x256) 64 instructions
     # per thread fewer, TF32 or not.
-    return direction * jnp.exp2(magnitude * (exp_mult * _LOG2_E)) * step_mult
+    step = direction * jnp.exp2(magnitude * (exp_mult * _LOG2_E)) * step_mult
+    # the output dot's form: a column per lane of the quad, all equal (`_output_layer`)
+    return jnp.max(step, axis=1) if step.ndim == 2 else step
 
 
 def _packed_apply(c_ref, loaded, w_ref, b0_ref, mlp_refs, store_accumulators, mults,
@@ -738,9 +748,9 @@ class PallasKernels:
         (`HIGHEST`), "tf32_fp16" (the raw per-element features' dot TF32; the H x H
         and output layers' and "dot_all"'s row / column operands rounded to fp16, which
         has TF32's 10-bit mantissa, saturating at 65504; compiled for sm_90, 1x256, the
-        apply kernel then needs 832 / 744 instructions per thread ("dot" / "dot_all")
-        against TF32's 1008 / 952: the ReLUs one instruction per pair, the output layer
-        a dot, fp16 dots at twice TF32's rate), or "bf16"
+        apply kernel then needs 768 / 680 instructions per thread ("dot" / "dot_all")
+        against TF32's 880 / 840: the ReLUs one instruction per pair, fp16 dots at twice
+        TF32's rate), or "bf16"
         (operands rounded to bf16, float32 accumulation; Triton's step was 1.2-1.3x faster
         with them on an H200, at a precision cost: docs/KERNELS.md).
       layer1: the first MLP layer as "dot" (the features as one [tile, K] x [K, Hp] dot,

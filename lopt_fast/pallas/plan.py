@@ -199,7 +199,8 @@ def tf32_operand_order(hp: int) -> np.ndarray:
     lowers to a relabelling of registers. Compiled for sm_90, 1x256, the default apply
     kernels need 1208 -> 1008 SASS instructions per thread (Pallas; Triton 1384 -> 1176)
     for the H x H layer, and the output layer, which the shuffles had kept on FMAs, is
-    then a dot too: 944 (Triton 1128)."""
+    then a dot too: 944 (Triton 1128); 880 (1080) once each lane takes its rows' outputs
+    from its own columns of that dot (`adafac_step._output_layer`)."""
     k = np.arange(hp)
     return k // 8 * 8 + k % 4 * 2 + k % 8 // 4
 
