@@ -116,23 +116,22 @@ jax_triton.__version__); print(jax.devices())" ;;
     sweep)
       # pallas first (the default backend on a GPU): 4 warps, layer 1 as "dot" (the
       # default) and "dot_all", TF32 and "tf32_fp16" (the H x H and output layers on fp16
-      # operands, TF32's mantissa at twice its tensor rate), the 1x256 tile and 1x128.
-      # Compiled for sm_90 (docs/KERNELS.md, "Session 20") the apply kernel has 440 / 420
-      # instructions per element (dot / dot_all) with TF32, 384 / 340 with tf32_fp16 at
-      # 1x256 (12 warps per SM); 1x128 takes 84-98 registers (16-20 warps per SM) for
-      # 1.4-1.5x the instructions per element (a program's fixed work, ~350 instructions,
-      # over half the elements). Then early weights, on and off, for "dot_all" (one load
-      # round trip fewer at the same registers; for "dot" they change nothing now). Which
-      # pays: fewer instructions, fp16's tensor rate, fewer round trips or more warps per
-      # SM? bf16 is left out (a precision cost for no fewer instructions than tf32_fp16).
+      # operands, TF32's mantissa at twice its tensor rate), three tiles (an explicit tile
+      # is every pass's). Compiled for sm_90 (docs/KERNELS.md, "Session 20"), at 1x256 the
+      # apply kernel has 440 / 420 instructions per element (dot / dot_all) with TF32, 384 /
+      # 340 with tf32_fp16 (12 warps per SM); 8x32 0-6% fewer (416 / 416, 360 / 340), and
+      # it reads 5 floats of the per-row / per-column tables per element where 1x256 reads
+      # 32 ("dot": tv [256, Hp] per program, from L2; "dot_all" 1.25 where 8); 1x128 takes
+      # 84-98 registers (16-20
+      # warps per SM) for 1.4-1.5x the instructions per element (a program's fixed work,
+      # ~350 instructions, over half the elements). Which pays: fewer instructions, fp16's
+      # tensor rate, less L2 traffic or more warps per SM? bf16 (a precision cost for no
+      # fewer instructions than tf32_fp16) and early weights (one load round trip fewer
+      # for "dot_all", nothing for "dot") are left out: 12 configurations, as before.
       # shellcheck disable=SC2086
-      run "${PALLAS_SWEEP_LIMIT:-200}" sweep python3 benchmarks/tile_sweep.py --backend pallas \
-        ${PALLAS_SWEEP_ARGS:---tiles 1x256 1x128 --warps 4 --layer1 dot dot_all \
+      run "${PALLAS_SWEEP_LIMIT:-240}" sweep python3 benchmarks/tile_sweep.py --backend pallas \
+        ${PALLAS_SWEEP_ARGS:---tiles 1x256 8x32 1x128 --warps 4 --layer1 dot dot_all \
           --precision tf32 tf32_fp16 --early-weights off}
-      # shellcheck disable=SC2086
-      run "${PALLAS_EARLY_LIMIT:-90}" sweep python3 benchmarks/tile_sweep.py --backend pallas \
-        ${PALLAS_EARLY_ARGS:---tiles 1x256 --warps 4 --layer1 dot_all --precision tf32 \
-          tf32_fp16 --early-weights off on}
       # triton: 12 configurations (tile x layer 1 x precision), + default + adam, at 1e7 and
       # 1e8; session 15 on an H200: bf16 operands 1.2-1.3x faster, the 4x64 tile and the
       # persistent kernel within noise (add `--persistent off on` to SWEEP_ARGS for it).
