@@ -230,6 +230,41 @@ def test_mlp_depths_take_the_tf32_operand_order(hidden_layers):
                      precise_reference(lopt), tol=TF32_TOLERANCE)
 
 
+def test_tf32_rounding_emulated_stays_within_tf32_tolerances(monkeypatch):
+    """Interpreted, a "tf32" dot is exact float32; a GPU's tensor cores read its float32
+    operands to TF32's 19 bits. With every TF32 dot's operands truncated so (`_dot`
+    patched), the kernels, whose layers after the first are TF32 dots too, stay within
+    the TF32 tolerances the GPU tests use (measured: params ~1.6e-5 off after a step,
+    which the float32 tolerances fail)."""
+    if jax.default_backend() == "gpu":
+        pytest.skip("on a GPU the tensor cores round for real (the compiled TF32 tests)")
+    from jax import lax
+
+    from lopt_fast.pallas import adafac_step
+
+    def truncated(x):
+        bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+        return lax.bitcast_convert_type(bits & jnp.uint32(0xFFFFE000), jnp.float32)
+
+    exact = adafac_step._dot
+
+    def tf32_dot(a, b, precision):
+        if precision == "tf32":
+            return exact(truncated(a), truncated(b), "ieee")
+        return exact(a, b, precision)
+
+    monkeypatch.setattr(adafac_step, "_dot", tf32_dot)
+    lopt = AdafacMLPLOpt(hidden_size=32, exp_mult=0.3, step_mult=0.01)
+    seed = _seed()
+    rng = np.random.default_rng(seed)
+    theta = random_theta(lopt, jax.random.key(seed))
+    kernel = jax.jit(lambda t, s, g: pallas_update(lopt, t, s, g, mlp_precision="tf32",
+                                                   blocks=SMALL_TILES,
+                                                   packed_blocks=SMALL_PACKED))
+    run_trajectories(lopt, theta, random_tree(rng, TREE_SHAPES), TREE_SHAPES, rng, kernel,
+                     precise_reference(lopt), tol=TF32_TOLERANCE)
+
+
 def test_fp16_hidden_layers_saturate_rather_than_overflow(lopt):
     check_fp16_saturation(lopt, pallas_update, _seed())
 
