@@ -96,10 +96,11 @@ def main(argv=None):
                 x = jax.tree.map(lambda *a: jnp.stack(a), *xs)
             else:
                 x = _inputs(key, shapes)
-            # the later layers' weights as plan hands them (`plan.mlp_weights`)
-            x["mlp"] = x["mlp"]._replace(**{
-                k: plan.round_weights(getattr(x["mlp"], k), compiled.mlp_dtype)
-                for k in ("w_hidden", "w_out_t")})
+            # the later layers' weights in the dtype plan hands them in (`plan.mlp_weights`;
+            # their TF32 order does not matter here: both kernels take the same weights)
+            dtype = plan.later_weights_dtype(compiled.mlp_precision)
+            x["mlp"] = x["mlp"]._replace(**{k: plan.round_weights(getattr(x["mlp"], k), dtype)
+                                            for k in ("w_hidden", "w_out_t")})
             for name in ("sides", "row_col_sums", "moments", "apply"):
                 def f(kern, x, name=name, group=group):
                     return _run(kern, name, x, group)

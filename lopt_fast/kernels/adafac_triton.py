@@ -217,7 +217,7 @@ def _hidden_dot(pre, w, PREC: tl.constexpr):
     "tf32_fp16" / "bf16" relu(pre) is rounded to fp16 (TF32's 10-bit mantissa at twice its
     tensor rate) / bf16 (`_half_relu`) and w comes in that type (`plan.mlp_weights`,
     fp16's clamped to its range); under "tf32" relu(pre)'s columns go in
-    `plan.tf32_operand_order`, the order of w's rows (`TritonKernels.tf32_order`); "ieee"
+    `plan.tf32_operand_order`, the order of w's rows (`plan.mlp_weights`); "ieee"
     as `_dot`."""
     if PREC == "tf32_fp16" or PREC == "bf16":
         return tl.dot(_half_relu(pre, PREC), w)
@@ -864,16 +864,15 @@ class TritonKernels:
             raise ValueError(f"mlp_precision must be one of {MLP_PRECISIONS}, got {mlp_precision!r}")
         if layer1 not in LAYER1_FORMS:
             raise ValueError(f"layer1 must be one of {LAYER1_FORMS}, got {layer1!r}")
-        self.prec = mlp_precision
+        # the H x H and output layers' weights come as `plan.mlp_weights` hands them
+        # under this precision (rounded to their dots' operands; TF32's reordered)
+        self.mlp_precision = mlp_precision
         self.compute_capability = compute_capability
         self.layer1 = layer1
         self.persistent = persistent
         self.in_place = in_place
         self.launcher = resolve_launcher(launcher)
         self.row_col_in_dot = layer1 == "dot_all"  # what plan hands factored_apply
-        # the H x H and output layers' weights come rounded to their dots' operands
-        self.mlp_dtype = plan.later_weights_dtype(mlp_precision)
-        self.tf32_order = mlp_precision == "tf32"  # `_hidden_dot`
 
     def _call(self, *args, **kw):
         if self.launcher == "xla":
@@ -887,7 +886,8 @@ class TritonKernels:
 
     def _hidden(self, mlp, hp):
         if mlp.w_hidden is None:  # dummies: NHID = 0 never reads them
-            return (0, jnp.zeros((1, hp, hp), self.mlp_dtype or jnp.float32),
+            dtype = plan.later_weights_dtype(self.mlp_precision) or jnp.float32
+            return (0, jnp.zeros((1, hp, hp), dtype),
                     jnp.zeros((1, hp), jnp.float32))
         return mlp.w_hidden.shape[0], mlp.w_hidden, mlp.b_hidden
 
@@ -1027,7 +1027,7 @@ class TritonKernels:
                 out_shape=[lead(x[j]) for x in (p, mom, rms) for j in run] + sides, grid=grid,
                 num_warps=blk.num_warps, num_stages=blk.num_stages, TU=fu.shape[-1],
                 TV=fv.shape[-1], SEGS=w.shape[0], R=blk.rows, C=blk.cols, HP=hp, NHID=nhid,
-                EXP_MULT=mults[0], STEP_MULT=mults[1], PREC=self.prec, L1=self.layer1,
+                EXP_MULT=mults[0], STEP_MULT=mults[1], PREC=self.mlp_precision, L1=self.layer1,
                 TW=tu.shape[-1], WR=w.shape[-2], VA=va, name="adafac_apply", **extra,
                 input_output_aliases=aliases)
             return [outs[o * k:(o + 1) * k] for o in range(5)]
@@ -1088,7 +1088,7 @@ class TritonKernels:
                 out_shape=[lead(x[i]) for x in (p, mom, rms, vd) for i in run],
                 grid=(tasks * sum(tiles[i] for i in run),), num_warps=blocks.num_warps,
                 num_stages=blocks.num_stages, R=blocks.rows, C=blocks.cols, HP=hp, NHID=nhid,
-                EXP_MULT=mults[0], STEP_MULT=mults[1], PREC=self.prec,
+                EXP_MULT=mults[0], STEP_MULT=mults[1], PREC=self.mlp_precision,
                 L1="fma" if self.layer1 == "fma" else "dot", SEGS=w_seg.shape[0],
                 name="adafac_packed_apply", input_output_aliases=aliases)
             return [outs[o * k:(o + 1) * k] for o in range(4)]

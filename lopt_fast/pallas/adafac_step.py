@@ -118,9 +118,9 @@ def _updated(p_ref, step, mask=None):
     (a cache hit: the features read it first) fixes the loads' layout, and only the step
     is moved. Compiled for sm_90 (1x256 tile; `profiling/pallas_resources.py`), this
     change alone: one shared-memory exchange and two barriers fewer; "dot_all" +
-    tf32_fp16 136 registers
-    (was 152); the default ("dot", TF32) 1192 instructions per thread (was 1216); the
-    packed kernel with TF32 167 registers (was 173: 12 warps per SM, not 8). The
+    tf32_fp16 136 registers (was 152); the default ("dot", TF32) 1192 instructions per
+    thread (was 1216); the packed kernel with TF32 167 registers (was 173: 12 warps per
+    SM, not 8). The
     eviction policy keeps the two reads apart (CSE merges equal ones).
     `tests/test_pallas_step.py` checks that the new p is not moved before its store."""
     where = {} if mask is None else {"mask": jnp.broadcast_to(mask, p_ref.shape), "other": 0}
@@ -363,7 +363,7 @@ def _in_tf32_order(h):
 def _later_dot(h, w, precision: str):
     """h @ w for a layer after the first (`_layer_precision` precision): under TF32 h's
     columns go in `plan.tf32_operand_order`, the order of w's rows
-    (`PallasKernels.tf32_order`)."""
+    (`plan.mlp_weights`)."""
     if precision == "tf32":
         h = _in_tf32_order(h)
     return _dot(h, w, precision)
@@ -778,22 +778,21 @@ class PallasKernels:
         if layer1 not in LAYER1_FORMS:
             raise ValueError(f"layer1 must be one of {LAYER1_FORMS}, got {layer1!r}")
         self.interpret = interpret
-        self.precision = mlp_precision
+        # the layers after the first take their weights as `plan.mlp_weights` hands them
+        # under this precision: rounded to their dots' operand type once per step, not in
+        # every program (compiled for sm_90, 1x256, tf32_fp16, "dot_all", 848 -> 808
+        # instructions per thread), in `plan.tf32_operand_order` under TF32 (`_later_dot`)
+        self.mlp_precision = mlp_precision
         self.layer1 = layer1
         self.in_place = in_place
         self.early_weights = early_weights
         self.row_col_in_dot = layer1 == "dot_all"  # what plan hands group_apply
-        # the layers after the first take their weights rounded to their dots' operand
-        # type once per step (`plan.mlp_weights`), not in every program: compiled for
-        # sm_90, 1x256, tf32_fp16, "dot_all", 848 -> 808 instructions per thread
-        self.mlp_dtype = plan.later_weights_dtype(mlp_precision)
-        self.tf32_order = mlp_precision == "tf32"  # `_later_dot`
 
     member_limit = PALLAS_MAX_MEMBERS  # more vectors than this are packed (`plan.Kernels`)
 
     def _form(self, mlp: plan.MLPWeights, mults) -> dict:
         """The apply kernels' static MLP arguments."""
-        return dict(mults=mults, precision=self.precision, layer1=self.layer1,
+        return dict(mults=mults, precision=self.mlp_precision, layer1=self.layer1,
                     hidden=mlp.w_hidden is not None, early_weights=self.early_weights,
                     compiled=not self.interpret)
 

@@ -145,7 +145,7 @@ def _from_canon(x, perm, lead: int, permuted_shape):
 
 class MLPWeights(NamedTuple):
     """Layers after the first, padded to width Hp (zeros are exact through relu); the
-    weights in the dtype of their dots' operands (`Kernels.mlp_dtype`), biases float32."""
+    weights in the dtype of their dots' operands (`later_weights_dtype`), biases float32."""
 
     w_hidden: Any  # [L-1, Hp, Hp] or None when hidden_layers == 1
     b_hidden: Any  # [L-1, Hp] or None
@@ -170,8 +170,8 @@ def _pad_axis(x, axis, n):
 def later_weights_dtype(mlp_precision: str):
     """The dtype of the H x H and output layers' dot operands under `mlp_precision`
     (`blocks.MLP_PRECISIONS`), in which the kernels take those layers' weights
-    (`Kernels.mlp_dtype`): float16 / bfloat16, or None for float32 (TF32 rounds in the
-    tensor core, and "tf32"'s output layer is multiply-adds)."""
+    (`mlp_weights`): float16 / bfloat16, or None for float32 (TF32 rounds in the tensor
+    core; "ieee"'s output layer is multiply-adds)."""
     return {"tf32_fp16": jnp.float16, "bf16": jnp.bfloat16}.get(mlp_precision)
 
 
@@ -187,7 +187,7 @@ def round_weights(w, dtype):
 
 def tf32_operand_order(hp: int) -> np.ndarray:
     """The order in which the apply kernels feed a TF32 dot after the first layer (the
-    H x H layers', the output layer's) its input's Hp columns (`Kernels.tf32_order`):
+    H x H layers', the output layer's) its input's Hp columns (mlp_precision "tf32"):
     position 8 b + 4 s + t holds column 8 b + 2 t + s (t < 4, s < 2). `mlp_weights`
     orders those dots' weights the same way, which leaves the products as they were.
 
@@ -205,18 +205,18 @@ def tf32_operand_order(hp: int) -> np.ndarray:
     return k // 8 * 8 + k % 4 * 2 + k % 8 // 4
 
 
-def mlp_weights(nn, hp: int, dtype=None, tf32_order: bool = False
-                ) -> tuple[MLPWeights, jax.Array]:
-    """The layers after the first (`MLPWeights`), and the output layer's bias. `dtype`:
-    float16 / bfloat16 rounds the weights to the operand type of their dots, fp16's
-    clamped to its finite range first (`blocks.FP16_MAX`), once per step here, not in
-    every program (`Kernels.mlp_dtype`). `tf32_order`: the H x H layers' weight rows and
-    the output layer's (w_out_t's columns) in `tf32_operand_order`, the order in which
-    the kernels feed those dots (`Kernels.tf32_order`)."""
+def mlp_weights(nn, hp: int, mlp_precision: str = "ieee") -> tuple[MLPWeights, jax.Array]:
+    """The layers after the first (`MLPWeights`), and the output layer's bias, as the
+    apply kernels take them under `mlp_precision` (`Kernels.mlp_precision`): with 16-bit
+    operands the weights rounded to their dots' operand type (`later_weights_dtype`),
+    fp16's clamped to its finite range first (`blocks.FP16_MAX`), once per step here,
+    not in every program; under "tf32" the H x H layers' weight rows and the output
+    layer's (w_out_t's columns) in `tf32_operand_order`, the order in which the kernels
+    feed those dots."""
     last = sum(1 for k in nn if k.startswith("w")) - 1
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
-    weights = functools.partial(round_weights, dtype=dtype)
-    order = tf32_operand_order(hp) if tf32_order else slice(None)
+    weights = functools.partial(round_weights, dtype=later_weights_dtype(mlp_precision))
+    order = tf32_operand_order(hp) if mlp_precision == "tf32" else slice(None)
     if last > 1:
         wh = weights(jnp.stack([_pad_axis(_pad_last(f32(nn[f"w{i}"]), hp), 0, hp)
                                 for i in range(1, last)]))[:, order, :]
@@ -263,10 +263,9 @@ class Kernels(NamedTuple):
     features: False, their layer-1 products as tables tu [.., U, Hp] (b0 included) and
     tv [.., V, Hp] with w_ew [16, Hp]; True, the features themselves, normalised, tu
     [.., U, 8] and tv [.., V, 8], with w_ew [32, Hp] (`_row_col_features`,
-    `_row_col_weights`: w0's rows for them unscaled). `mlp_dtype` (None: float32) is the
-    dtype the apply launchers take `MLPWeights`' weights in (`mlp_weights`);
-    `tf32_order` says they feed each dot after the first layer its TF32 operand in
-    `tf32_operand_order`, and so take those layers' weights in that order.
+    `_row_col_weights`: w0's rows for them unscaled). `mlp_precision`
+    (`blocks.MLP_PRECISIONS`) is the apply launchers' dots' precision, which decides the
+    dtype and order in which they take `MLPWeights`' weights (`mlp_weights`).
     """
 
     group_row_col_sums: Any = None
@@ -279,8 +278,7 @@ class Kernels(NamedTuple):
     member_apply: Any = None
     member_limit: int | None = None
     row_col_in_dot: bool = False
-    mlp_dtype: Any = None
-    tf32_order: bool = False
+    mlp_precision: str = "ieee"
 
     @classmethod
     def of(cls, launchers) -> Kernels:
@@ -594,7 +592,7 @@ def fused_update(kernels: Kernels, lopt, theta, state, grad, *, blocks: BlockSiz
     decays = am.decays_from_theta(theta, lopt.initial_decays)
     nn = theta["nn"]["~"]
     hp = padded_hidden(lopt.hidden_size)
-    mlp, b_out = mlp_weights(nn, hp, kernels.mlp_dtype, kernels.tf32_order)
+    mlp, b_out = mlp_weights(nn, hp, kernels.mlp_precision)
     c_fac = jnp.clip(decays.fac, 0.0, 1.0)
     mults = (float(lopt.exp_mult), float(lopt.step_mult))
     consts = jnp.concatenate([decays.mom, jnp.clip(decays.rms, 0.0, 1.0), c_fac, b_out,
