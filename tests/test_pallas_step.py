@@ -23,7 +23,7 @@ import pytest
 from lopt_fast.learned import AdafacMLPLOpt, reference_update
 from lopt_fast.pallas import BlockSizes, block_sizes, pallas_update
 from lopt_fast.pallas import plan as pallas_plan
-from lopt_fast.pallas.blocks import RELU_CASTS, member_runs, plane_tile
+from lopt_fast.pallas.blocks import FLOOR_CASTS, RELU_CASTS, member_runs, plane_tile
 from tests.helpers import ROOT, precise_reference, random_theta, stored_after_a_move
 
 
@@ -425,6 +425,44 @@ def test_tf32_operand_order_is_the_kernels_reshape():
         np.testing.assert_array_equal(_in_tf32_order(h), h[:, order], err_msg=f"{hp=}")
 
 
+@pytest.mark.parametrize("hidden_layers", [1, 2, 3])
+def test_relu_floors_run_the_same_mlp(hidden_layers):
+    """`plan.mlp_weights` with relu_floors (the Pallas kernels' form: h = max(h W,
+    floor), the biases folded into the floors and the output bias) computes the MLP of
+    the biases' form, in float64 here: to float32 rounding with float32 operands, to the
+    rounding of the folded shifts otherwise; the floors are exact in the dots' operand
+    type (an inactive unit, at its floor, enters the next dot exactly, as relu's 0)."""
+    lopt = AdafacMLPLOpt(hidden_size=24, hidden_layers=hidden_layers)
+    nn = random_theta(lopt, jax.random.key(np.random.randint(2**31)))["nn"]["~"]
+    hp = pallas_plan.padded_hidden(24)
+    pre = np.zeros((64, hp))
+    pre[:, :24] = np.random.default_rng().normal(size=(64, 24))
+
+    def run(precision, relu_floors):
+        mlp, b_out = pallas_plan.mlp_weights(nn, hp, precision, relu_floors)
+        order = (pallas_plan.tf32_operand_order(hp) if precision == "tf32"
+                 else np.arange(hp))  # the kernels feed those dots in this order
+        f64 = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)  # noqa: E731
+        h = np.maximum(pre, 0.0)
+        for w, b in zip(*(() if mlp.w_hidden is None else (mlp.w_hidden, mlp.b_hidden)),
+                        strict=True):
+            z = h[:, order] @ f64(w)
+            h = np.maximum(z, f64(b)) if relu_floors else np.maximum(z + f64(b), 0.0)
+        out = h[:, order] @ f64(mlp.w_out_t).T + f64(b_out)
+        return out, mlp.b_hidden
+
+    for precision in ("ieee", "tf32", "tf32_fp16", "bf16"):
+        want, _ = run(precision, relu_floors=False)
+        got, floors = run(precision, relu_floors=True)
+        rel = {"ieee": 1e-6, "tf32": 2e-3, "tf32_fp16": 2e-3, "bf16": 2e-2}[precision]
+        np.testing.assert_allclose(got, want, rtol=0, atol=rel * np.abs(want).max(),
+                                   err_msg=f"{precision=}")
+        if floors is not None:
+            assert np.any(floors < 0) and np.any(floors > 0), floors  # real shifts
+            np.testing.assert_array_equal(
+                floors, pallas_plan._operand_round(floors, precision), err_msg=precision)
+
+
 def test_segment_sums_match_segment_sum():
     """The packed moments' per-tensor sums of per-tile partials (a padded gather and one
     reduction, or `segment_sum` when padding would read > 4x the rows)."""
@@ -496,16 +534,22 @@ def test_kernels_compile_for_sm90():
     dots = re.findall(r"(%\w+) = ttng\.warp_group_dot %\w+, %\w+, (%\w+)", compiled.asm["ttgir"])
     assert any(acc in {res for res, _ in dots} for _, acc in dots), dots
     # "tf32_fp16": the features' dot on TF32 operands, the H x H and output layers' on fp16
-    # ones; with it and "bf16" each ReLU and rounding is one instruction
-    # (`blocks.RELU_CASTS`), not a cast and packed max / min, and the output layer a wgmma
+    # ones; with it and "bf16" layer 1's ReLU and rounding is one instruction per pair
+    # (`blocks.RELU_CASTS`), the later layers' floor and rounding two
+    # (`blocks.FLOOR_CASTS`), with no other packed max / min, and the output layer a wgmma
     # of N = 16.
-    for precision, cast in (("tf32_fp16", RELU_CASTS["fp16"]), ("bf16", RELU_CASTS["bf16"])):
+    for precision, half in (("tf32_fp16", "fp16"), ("bf16", "bf16")):
         modules = dict(step_modules(shapes, hidden=32, mlp_precision=precision))
+        floor_cast = re.sub(r"\\\$\d", r"%r\\d+", re.escape(FLOOR_CASTS[half]))
+        packed_max = {"fp16": "max.f16x2", "bf16": "max.bf16x2"}[half]
         for name in ("adafac_apply", "adafac_packed_apply"):
             ptx = compile_module(modules[name]).asm["ptx"]
             if precision == "tf32_fp16":
                 assert ".tf32.tf32" in ptx and ".f16.f16" in ptx, f"{name}: not TF32 then fp16"
-            assert cast.split()[0] in ptx and "max.f16x2" not in ptx, (precision, name)
+            floor_casts = len(re.findall(floor_cast, ptx))
+            assert RELU_CASTS[half].split()[0] in ptx and floor_casts > 0, (precision, name)
+            assert ptx.count(packed_max) == floor_casts, (precision, name, packed_max)
+            assert packed_max.replace("max", "min") not in ptx, (precision, name)
             assert re.search(r"wgmma\.mma_async\S*\.m64n16k16", ptx), (precision, name)
     # The new p is computed in its store's layout, the step moved there (`_updated`), not
     # computed in the step's layout and moved back for the store. Under TF32 the H x H dot

@@ -17,7 +17,9 @@ Math per parameter (decays b_m [3], c_r = clip(b_r), c_f = clip(b_f) [3]; see
                                                plus b0 with the time features; with
                                                layer1="dot_all" the 12 features and a 1
                                                for b0 are a second dot's operand instead)
-    h = relu(pre0); h = relu(h W_l + b_l) ...; (d, mag) = h W_out + b_out
+    h = relu(pre0); h = max(h W_l, floor_l) ...; (d, mag) = h W_out + b_out'
+                                              (the biases folded into the floors and
+                                               b_out': `plan.mlp_weights`)
     p <- p - d exp(mag exp_mult) step_mult
 
 Kernels (all `pl.pallas_call`s are named). Each pass is one launch per run of up to
@@ -64,6 +66,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from lopt_fast.pallas import plan
 from lopt_fast.pallas.blocks import (
+    FLOOR_CASTS,
     FP16_MAX,
     LAYER1_FORMS,
     MLP_PRECISIONS,
@@ -246,8 +249,8 @@ def _dot_weights(w_ref, mlp_refs, layer1, precision):
     """The weights of the MLP's dots: layer 1's (w_ref itself for "fma", which reads its
     rows one by one: Triton lowers no slices of values; w [K, Hp] for "dot"; w's
     per-element and row / column halves [16, Hp] for "dot_all"), and those of the layers
-    after it: each H x H layer's and, where the output layer is a dot (`_output_layer`),
-    its [Hp, 16] (else None).
+    after it: each H x H layer's, with its ReLU floor [Hp] (`plan.MLPWeights`), and, where
+    the output layer is a dot (`_output_layer`), its [Hp, 16] (else None).
 
     Triton stages a dot's weights in shared memory right after their load, so the
     program waits there for that load: read where each is used, each weight cost a
@@ -259,8 +262,9 @@ def _dot_weights(w_ref, mlp_refs, layer1, precision):
         first = (w_ref[pl.ds(0, k), :], w_ref[pl.ds(k, k), :])
     else:
         first = w_ref[...] if layer1 == "dot" else w_ref
-    wh_ref, _, wo_ref = mlp_refs
-    hidden = [wh_ref[i] for i in range(0 if wh_ref is None else wh_ref.shape[0])]
+    wh_ref, floor_ref, wo_ref = mlp_refs
+    hidden = [(wh_ref[i], floor_ref[i, :])
+              for i in range(0 if wh_ref is None else wh_ref.shape[0])]
     out = None
     if _layer_precision(precision, unit_scale=True) != "ieee":
         col = lax.broadcasted_iota(jnp.int32, (wo_ref.shape[1], _OUTPUT_COLS), 1)
@@ -269,11 +273,10 @@ def _dot_weights(w_ref, mlp_refs, layer1, precision):
 
 
 def _vector_weights(mlp_refs, c_ref):
-    """The MLP's weights that stay in registers: each H x H layer's bias, the output
-    layer's direction and magnitude rows [Hp] and biases."""
-    _, bh_ref, wo_ref = mlp_refs
-    biases = [bh_ref[i, :] for i in range(0 if bh_ref is None else bh_ref.shape[0])]
-    return biases, (wo_ref[0, :], wo_ref[1, :], c_ref[C_BOUT], c_ref[C_BOUT + 1])
+    """The MLP's weights that stay in registers: the output layer's direction and
+    magnitude rows [Hp] and biases."""
+    wo_ref = mlp_refs[2]
+    return wo_ref[0, :], wo_ref[1, :], c_ref[C_BOUT], c_ref[C_BOUT + 1]
 
 
 def _mlp_weights(w_ref, mlp_refs, c_ref, layer1, early_weights, precision):
@@ -334,21 +337,29 @@ _OUTPUT_COLS = 16
 _LOG2_E = float(np.log2(np.e))
 
 
-def _relu(x, precision: str, compiled: bool):
-    """max(x, 0); with a bf16 / fp16 precision, rounded to that type (every ReLU's result
-    then goes into a dot, which would round it anyway: rounding commutes with the max),
-    fp16 saturated at its largest finite value (`_dot` relies on it). Compiled, that is
-    one instruction per pair (`blocks.RELU_CASTS`; for sm_90, 1x256, "dot_all",
-    tf32_fp16: 64 instructions per thread fewer than a cast, a packed max and a packed
-    min); interpreted, the same math in jnp."""
+def _relu(x, floor, precision: str, compiled: bool):
+    """max(x, floor) (floor None: 0; else [1, Hp], `plan.MLPWeights`); with a bf16 /
+    fp16 precision, rounded to that type (every ReLU's result then goes into a dot,
+    which would round it anyway: rounding commutes with the max, the floors being of
+    that type), fp16 saturated at its largest finite value (`_dot` relies on it).
+    Compiled, max(x, 0) and the rounding are one instruction per pair
+    (`blocks.RELU_CASTS`; for sm_90, 1x256, "dot_all", tf32_fp16: 64 instructions per
+    thread fewer than a cast, a packed max and a packed min), against a floor two
+    (`blocks.FLOOR_CASTS`); interpreted, the same math in jnp."""
+    low = 0.0 if floor is None else floor
     if precision not in _HALF_TYPES:
-        return jnp.maximum(x, 0.0)
+        return jnp.maximum(x, low)
     half = _HALF_TYPES[precision]
-    if compiled:
+    if compiled and floor is None:
         return pltriton.elementwise_inline_asm(
             RELU_CASTS[precision], args=[x], constraints="=r,r,r", pack=2,
             result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, half)])[0]
-    x = jnp.maximum(x.astype(half), 0.0)
+    if compiled:
+        return pltriton.elementwise_inline_asm(
+            FLOOR_CASTS[precision], args=[x, jnp.broadcast_to(low.astype(half), x.shape)],
+            constraints="=r,r,r,r", pack=2,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, half)])[0]
+    x = jnp.maximum(x.astype(half), jnp.asarray(low).astype(half))
     return jnp.minimum(x, FP16_MAX) if precision == "fp16" else x
 
 
@@ -402,11 +413,12 @@ def _mlp_step(pre, later_w, vector_w, mlp_refs, c_ref, mults, precision, compile
     step_mult."""
     if vector_w is None:
         vector_w = _vector_weights(mlp_refs, c_ref)
-    (hidden_w, out_w), (biases, output_w) = later_w, vector_w
+    (hidden_w, out_w), output_w = later_w, vector_w
     precision = _layer_precision(precision, unit_scale=True)
-    h = _relu(pre, precision, compiled)
-    for w, b in zip(hidden_w, biases, strict=True):
-        h = _relu(_later_dot(h, w, precision) + b[None, :], precision, compiled)
+    h = _relu(pre, None, precision, compiled)
+    for w, floor in hidden_w:
+        # no bias: it is in the floor (`plan.mlp_weights`), so the dot starts from zero
+        h = _relu(_later_dot(h, w, precision), floor[None, :], precision, compiled)
     direction, magnitude = _output_layer(h, out_w, output_w, precision)
     exp_mult, step_mult = mults
     # exp(x) as 2^(x log2 e): Pallas' Triton lowering makes jnp.exp libdevice's accurate
@@ -789,6 +801,13 @@ class PallasKernels:
         self.row_col_in_dot = layer1 == "dot_all"  # what plan hands group_apply
 
     member_limit = PALLAS_MAX_MEMBERS  # more vectors than this are packed (`plan.Kernels`)
+    # The H x H layers' biases as ReLU floors (`plan.mlp_weights`): their dots start from
+    # zero, not from the bias copied into every accumulator register. Compiled for sm_90
+    # (1x256, H = 32), per thread: "dot" TF32 880 -> 832 instructions, "dot_all" TF32
+    # 840 -> 784, "dot_all" tf32_fp16 680 -> 680 at 128 registers, not 138 (16 warps per
+    # SM, not 12). Triton's kernels did not take it: their dots then issued as one
+    # wgmma group and took 172-180 registers (8 warps per SM, not 12).
+    relu_floors = True
 
     def _form(self, mlp: plan.MLPWeights, mults) -> dict:
         """The apply kernels' static MLP arguments."""

@@ -53,6 +53,12 @@ FP16_MAX = 65504.0
 # are), as inline assembly whose $1 is the pair's first element (the low half).
 RELU_CASTS = {"fp16": "cvt.rn.relu.satfinite.f16x2.f32 $0, $2, $1;",
               "bf16": "cvt.rn.relu.bf16x2.f32 $0, $2, $1;"}
+# Against a floor other than 0 (the Pallas kernels' H x H layers, `plan.mlp_weights`):
+# the rounding, then a packed max with the floor pair ($3, already of the 16-bit type),
+# two instructions per pair.
+FLOOR_CASTS = {
+    "fp16": "{ .reg .b32 t; cvt.rn.satfinite.f16x2.f32 t, $2, $1; max.f16x2 $0, t, $3; }",
+    "bf16": "{ .reg .b32 t; cvt.rn.bf16x2.f32 t, $2, $1; max.bf16x2 $0, t, $3; }"}
 # How `triton_update` launches its kernels (`launcher`, or this environment variable):
 # through jax-triton as jaxlib's FFI Triton call (`lopt_fast.kernels.ffi_call`), through
 # jax-triton's own legacy call, or as XLA's own Triton calls (`lopt_fast.kernels.xla_call`).

@@ -144,12 +144,14 @@ def _from_canon(x, perm, lead: int, permuted_shape):
 
 
 class MLPWeights(NamedTuple):
-    """Layers after the first, padded to width Hp (zeros are exact through relu); the
-    weights in the dtype of their dots' operands (`later_weights_dtype`), biases float32."""
+    """Layers after the first, padded to width Hp (zeros are exact through relu), as the
+    apply kernels run them (`mlp_weights`): the weights in the dtype of their dots'
+    operands (`later_weights_dtype`), the H x H layers' biases float32, or, with
+    `Kernels.relu_floors`, their ReLU floors: h_l = max(h_(l-1) W_l, floor_l)."""
 
     w_hidden: Any  # [L-1, Hp, Hp] or None when hidden_layers == 1
-    b_hidden: Any  # [L-1, Hp] or None
-    w_out_t: Any  # [2, Hp]: the output layer, transposed (b_out lives in `consts`)
+    b_hidden: Any  # [L-1, Hp] or None: the biases, or the ReLU floors
+    w_out_t: Any  # [2, Hp]: the output layer, transposed (its bias lives in `consts`)
 
 
 def _pad_last(x, n):
@@ -205,26 +207,53 @@ def tf32_operand_order(hp: int) -> np.ndarray:
     return k // 8 * 8 + k % 4 * 2 + k % 8 // 4
 
 
-def mlp_weights(nn, hp: int, mlp_precision: str = "ieee") -> tuple[MLPWeights, jax.Array]:
+def _operand_round(x, mlp_precision: str):
+    """x rounded to the later layers' dot operands' precision (TF32 keeps float32's
+    exponent and 10 mantissa bits), as float32; "ieee": x."""
+    dtype = later_weights_dtype(mlp_precision)
+    if dtype is not None:
+        return round_weights(x, dtype).astype(jnp.float32)
+    return lax.reduce_precision(x, 8, 10) if mlp_precision == "tf32" else x
+
+
+def mlp_weights(nn, hp: int, mlp_precision: str = "ieee",
+                relu_floors: bool = False) -> tuple[MLPWeights, jax.Array]:
     """The layers after the first (`MLPWeights`), and the output layer's bias, as the
-    apply kernels take them under `mlp_precision` (`Kernels.mlp_precision`): with 16-bit
-    operands the weights rounded to their dots' operand type (`later_weights_dtype`),
-    fp16's clamped to its finite range first (`blocks.FP16_MAX`), once per step here,
-    not in every program; under "tf32" the H x H layers' weight rows and the output
-    layer's (w_out_t's columns) in `tf32_operand_order`, the order in which the kernels
-    feed those dots."""
+    apply kernels take them under `mlp_precision` (`Kernels.mlp_precision`).
+
+    With `relu_floors` (`Kernels.relu_floors`) the H x H layers' biases become ReLU
+    floors: relu(x + c) = max(x, -c) + c, and the + c, a constant of the layer, goes
+    through the next layer's weights into its bias. So layer l runs as
+    h_l = max(h_(l-1) W_l, -c_l) with c_l = b_l + c_(l-1) W_l (c_1 = b_1), and the output
+    layer's bias is b_out + c_(L-1) W_out. The kernels' dots then start from zero rather
+    than from the bias, copied into every accumulator register (compiled for sm_90, the
+    Pallas apply kernels 48-64 SASS instructions per thread fewer, `PallasKernels`). Each
+    c_l is rounded to the dots' operand precision (`_operand_round`), so that a unit off
+    (max = -c_l) is exact in the next dot, as relu's 0 was; c_l W_l is computed in
+    float32 from the weights as the dots take them.
+
+    The weights: with 16-bit operands rounded to their dots' operand type
+    (`later_weights_dtype`), fp16's clamped to its finite range first
+    (`blocks.FP16_MAX`), once per step here, not in every program; under "tf32" the H x H
+    layers' weight rows and the output layer's (w_out_t's columns) in
+    `tf32_operand_order`, the order in which the kernels feed those dots."""
     last = sum(1 for k in nn if k.startswith("w")) - 1
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
     weights = functools.partial(round_weights, dtype=later_weights_dtype(mlp_precision))
     order = tf32_operand_order(hp) if mlp_precision == "tf32" else slice(None)
-    if last > 1:
-        wh = weights(jnp.stack([_pad_axis(_pad_last(f32(nn[f"w{i}"]), hp), 0, hp)
-                                for i in range(1, last)]))[:, order, :]
-        bh = jnp.stack([_pad_last(f32(nn[f"b{i}"]), hp) for i in range(1, last)])
-    else:
-        wh = bh = None
-    w_out_t = weights(_pad_last(f32(nn[f"w{last}"]).T, hp))[:, order]
-    return MLPWeights(wh, bh, w_out_t), f32(nn[f"b{last}"])
+    through = lambda c, w: jnp.dot(c, f32(w), precision=lax.Precision.HIGHEST)  # noqa: E731
+    wh, bh, shift = [], [], jnp.zeros((hp,), jnp.float32)
+    for i in range(1, last):
+        w = weights(_pad_axis(_pad_last(f32(nn[f"w{i}"]), hp), 0, hp))
+        b = _pad_last(f32(nn[f"b{i}"]), hp)
+        if relu_floors:
+            shift = _operand_round(b + through(shift, w), mlp_precision)
+        wh.append(w[order, :])
+        bh.append(-shift if relu_floors else b)
+    wh, bh = (jnp.stack(wh), jnp.stack(bh)) if wh else (None, None)
+    w_out_t = weights(_pad_last(f32(nn[f"w{last}"]).T, hp))
+    b_out = f32(nn[f"b{last}"]) + through(shift, w_out_t.T)  # shift 0 without relu_floors
+    return MLPWeights(wh, bh, w_out_t[:, order]), b_out
 
 
 class Kernels(NamedTuple):
@@ -265,7 +294,8 @@ class Kernels(NamedTuple):
     [.., U, 8] and tv [.., V, 8], with w_ew [32, Hp] (`_row_col_features`,
     `_row_col_weights`: w0's rows for them unscaled). `mlp_precision`
     (`blocks.MLP_PRECISIONS`) is the apply launchers' dots' precision, which decides the
-    dtype and order in which they take `MLPWeights`' weights (`mlp_weights`).
+    dtype and order in which they take `MLPWeights`' weights (`mlp_weights`);
+    `relu_floors`, whether they take the H x H layers' biases as ReLU floors.
     """
 
     group_row_col_sums: Any = None
@@ -279,6 +309,7 @@ class Kernels(NamedTuple):
     member_limit: int | None = None
     row_col_in_dot: bool = False
     mlp_precision: str = "ieee"
+    relu_floors: bool = False
 
     @classmethod
     def of(cls, launchers) -> Kernels:
@@ -592,7 +623,7 @@ def fused_update(kernels: Kernels, lopt, theta, state, grad, *, blocks: BlockSiz
     decays = am.decays_from_theta(theta, lopt.initial_decays)
     nn = theta["nn"]["~"]
     hp = padded_hidden(lopt.hidden_size)
-    mlp, b_out = mlp_weights(nn, hp, kernels.mlp_precision)
+    mlp, b_out = mlp_weights(nn, hp, kernels.mlp_precision, kernels.relu_floors)
     c_fac = jnp.clip(decays.fac, 0.0, 1.0)
     mults = (float(lopt.exp_mult), float(lopt.step_mult))
     consts = jnp.concatenate([decays.mom, jnp.clip(decays.rms, 0.0, 1.0), c_fac, b_out,
