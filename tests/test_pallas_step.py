@@ -501,6 +501,24 @@ def test_lowers_for_cuda_through_triton(lopt, in_place):
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                     reason="triton not installed (pip install 'lopt-fast[gpu]')")
+def test_arrays_past_4_gib_get_64_bit_offsets():
+    """Pallas' Triton lowering addresses an operand of more than 2^32 bytes with 64-bit
+    offsets, the others with 32-bit ones: so the fused step takes a tensor of 2^30
+    elements and more, whose momenta ([3, 2^30] elements) are past int32 (a Gemma
+    embedding has 0.8e9). Lowered for CUDA from shapes alone, nothing allocated. (The
+    Triton kernels' offsets are int64 throughout: `lopt_fast.kernels.members`.)"""
+    sys.path.insert(0, os.path.join(ROOT, "profiling"))
+    from pallas_resources import step_modules, unavailable_reason
+
+    if unavailable_reason():
+        pytest.skip(unavailable_reason())
+    offsets = re.compile(r"tt\.addptr %\w+, %\w+ : tensor<[^>]*>>, tensor<[\dx]*(i\d+)>")
+    for side, wide in ((4096, False), (32768, True)):
+        modules = dict(step_modules({"w": (side, side), "b": (side,)}, hidden=8))
+        found = set(offsets.findall(modules["adafac_apply"]))
+        assert found == ({"i32", "i64"} if wide else {"i32"}), (side, found)
+
+
 def test_kernels_compile_for_sm90():
     """Each pallas_call's Triton module (the sides pass's too), as Pallas' Triton lowering
     emits it for CUDA, compiles to sm_90 machine code with triton
