@@ -116,22 +116,27 @@ jax_triton.__version__); print(jax.devices())" ;;
     sweep)
       # pallas first (the default backend on a GPU): 4 warps, layer 1 as "dot" (the
       # default) and "dot_all", TF32 and "tf32_fp16" (the H x H and output layers on fp16
-      # operands, TF32's mantissa at twice its tensor rate), three tiles (an explicit tile
-      # is every pass's). Compiled for sm_90 (docs/KERNELS.md, "Session 20"), at 1x256 the
-      # apply kernel has 440 / 420 instructions per element (dot / dot_all) with TF32, 384 /
-      # 340 with tf32_fp16 (12 warps per SM); 8x32 0-6% fewer (416 / 416, 360 / 340), and
-      # it reads 5 floats of the per-row / per-column tables per element where 1x256 reads
-      # 32 ("dot": tv [256, Hp] per program, from L2; "dot_all" 1.25 where 8); 1x128 takes
-      # 84-98 registers (16-20
-      # warps per SM) for 1.4-1.5x the instructions per element (a program's fixed work,
-      # ~350 instructions, over half the elements). Which pays: fewer instructions, fp16's
-      # tensor rate, less L2 traffic or more warps per SM? bf16 (a precision cost for no
-      # fewer instructions than tf32_fp16) and early weights (one load round trip fewer
-      # for "dot_all", nothing for "dot") are left out: 12 configurations, as before.
+      # operands, TF32's mantissa at twice its tensor rate), three apply tiles (the
+      # reduction passes at the library's tile, 1x1024, in every row since session 21).
+      # Compiled for sm_90 (docs/KERNELS.md, "Session 21"), instructions per element of
+      # the apply kernel (dot / dot_all): 1x256 (the default) 416 / 392 with TF32, 384 /
+      # 328 with tf32_fp16 (12 warps per SM; dot_all tf32_fp16 16); 8x32 384 / 388 and
+      # 348 / 328 (12, tf32_fp16 16 warps per SM), reading 5 floats of the per-row /
+      # per-column tables per element where 1x256 reads 32 ("dot": tv [256, Hp] per
+      # program, from L2; "dot_all" 1.25 where 8); 1x128 584 / 576 and 528 / 480 at
+      # 20-24 warps per SM (a program's fixed work over half the elements). Which pays:
+      # fewer instructions, fp16's tensor rate, less L2 traffic or more warps per SM?
+      # bf16 (a precision cost for no fewer instructions than tf32_fp16) and early
+      # weights are left out: 12 configurations, as before. Then the reduction passes'
+      # tile alone: 1x2048 issues 23% fewer instructions per element in the moments pass
+      # than 1x1024 (124 registers, 16 warps per SM, against 64 and 32).
       # shellcheck disable=SC2086
       run "${PALLAS_SWEEP_LIMIT:-240}" sweep python3 benchmarks/tile_sweep.py --backend pallas \
         ${PALLAS_SWEEP_ARGS:---tiles 1x256 8x32 1x128 --warps 4 --layer1 dot dot_all \
           --precision tf32 tf32_fp16 --early-weights off}
+      # shellcheck disable=SC2086
+      run "${REDUCTION_SWEEP_LIMIT:-90}" sweep python3 benchmarks/tile_sweep.py --backend pallas \
+        ${REDUCTION_SWEEP_ARGS:---tiles 1x256 --warps 4 --reduction-tiles library 1x2048 2x1024}
       # triton: 12 configurations (tile x layer 1 x precision), + default + adam, at 1e7 and
       # 1e8; session 15 on an H200: bf16 operands 1.2-1.3x faster, the 4x64 tile and the
       # persistent kernel within noise (add `--persistent off on` to SWEEP_ARGS for it).

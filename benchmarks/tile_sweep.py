@@ -5,16 +5,19 @@
     python benchmarks/tile_sweep.py --backend pallas --tiles 1x256 --layer1 dot dot_all --early-weights off on
     python benchmarks/tile_sweep.py --layer1 dot_all --precision bf16 --persistent off on --stages 2 3
 
-Each configuration overrides the tile of every factored tensor (`blocks=BlockSizes(rows,
-cols, num_warps, num_stages)`) of a square matrix plus its bias, how the apply kernel runs
+Each configuration overrides the apply tile of every factored tensor (`blocks=BlockSizes(
+rows, cols, num_warps, num_stages)`) of a square matrix plus its bias, how the apply kernel runs
 the first MLP layer (`layer1`), the dots' operands (`mlp_precision`) and, for triton,
 whether it is the persistent kernel (`persistent`, its tile loop pipelined `num_stages`
 deep), for pallas where the apply kernels read the MLP's biases and output layer
-(`early_weights`); an explicit tile is the tile of all three passes. "default" is the library's
-choice: `blocks.block_sizes` for the apply pass and `reduction_block_sizes`, 4x bigger,
-for the two reduction passes; triton: layer 1 as "dot", TF32, one program per tile;
-pallas: layer 1 as "dot". All configurations of a size, and `optax.adam` on the same
-tree (the issue's <= 3x target), are timed in alternation (one call of each per round:
+(`early_weights`). An explicit tile is the apply pass's; the reduction passes keep the
+library's tile (`reduction_block_sizes`, 4x bigger), or take the apply tile
+(`--reduction-tiles same`, as every sweep before session 21 did) or another
+(`--reduction-tiles 1x2048`). "default" is the library's choice: `blocks.block_sizes`
+for the apply pass and `reduction_block_sizes` for the two reduction passes; triton:
+layer 1 as "dot", TF32, one program per tile; pallas: layer 1 as "dot". All
+configurations of a size, and `optax.adam` on the same tree (the issue's <= 3x target),
+are timed in alternation (one call of each per round:
 `timing.interleaved_median_and_iqr`), compile and warm-up excluded, so their ratios hold
 on a noisy machine. No state is donated, so the kernels write fresh outputs
 (`in_place=False`). `profiling/triton_resources.py` and `profiling/pallas_resources.py`
@@ -35,6 +38,7 @@ from lopt_fast.pallas.blocks import (
     LAYER1_FORMS,
     MLP_PRECISIONS,
     BlockSizes,
+    reduction_block_sizes,
 )
 
 
@@ -46,6 +50,17 @@ def _update_fn(backend):
     from lopt_fast.pallas import pallas_update
 
     return pallas_update
+
+
+def _reduction_blocks(reduction: str | None, matrix: tuple[int, ...]) -> dict:
+    """The update's `reduction_blocks` option for a --reduction-tiles value: the library's
+    tile for the swept matrix, none (the apply tile's, "same"), or RxC."""
+    if reduction in (None, "same"):
+        return {}
+    if reduction == "library":
+        return {"reduction_blocks": reduction_block_sizes(matrix[0], matrix[-1])}
+    rows, cols = (int(x) for x in reduction.split("x"))
+    return {"reduction_blocks": BlockSizes(rows, cols)}
 
 
 def main(argv=None):
@@ -69,6 +84,10 @@ def main(argv=None):
     ap.add_argument("--persistent", nargs="*", choices=("off", "on"), default=["off"],
                     help="triton only: the apply pass as a persistent kernel (triton_update's "
                          "`persistent`)")
+    ap.add_argument("--reduction-tiles", nargs="*", default=["library"],
+                    help="the reduction passes' tile under an explicit apply tile: 'library' "
+                         "(the library's, `reduction_block_sizes`, as the default config's), "
+                         "'same' (the apply tile: every pass's) or RxC")
     ap.add_argument("--hidden-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args(argv)
@@ -92,12 +111,14 @@ def main(argv=None):
             for form in kernel_forms:
                 # Only the persistent kernel has a loop for num_stages to pipeline.
                 for stages in args.stages if form.get("persistent") else [None]:
-                    parts = [f"{tile} w{warps}", form["layer1"], form.get("mlp_precision"),
-                             "early" if form.get("early_weights") else "",
-                             f"persistent s{stages}" if stages else ""]
-                    name = " ".join(part for part in parts if part)
-                    blocks = BlockSizes(rows, cols, num_warps=warps, num_stages=stages or 2)
-                    configs[name] = {"blocks": blocks, **form}
+                    for reduction in args.reduction_tiles:
+                        parts = [f"{tile} w{warps}", form["layer1"], form.get("mlp_precision"),
+                                 "early" if form.get("early_weights") else "",
+                                 f"persistent s{stages}" if stages else "",
+                                 "" if reduction == "library" else f"reduction {reduction}"]
+                        name = " ".join(part for part in parts if part)
+                        blocks = BlockSizes(rows, cols, num_warps=warps, num_stages=stages or 2)
+                        configs[name] = {"blocks": blocks, "reduction": reduction, **form}
 
     print(f"{args.backend} on {jax.devices()[0].device_kind}, jax {jax.__version__}, "
           f"H={args.hidden_size}")
@@ -111,7 +132,10 @@ def main(argv=None):
         state = lopt.opt_fn(theta, backend="reference").init(params, num_steps=1000)
         adam_fn, adam_carry, adam_rest = adam_step(shapes, None)
         calls = {"optax.adam": (adam_fn, (*adam_carry, *adam_rest))}
-        for name, options in configs.items():
+        matrix = max(shapes.values(), key=len)
+        for name, config in configs.items():
+            options = {**config, **_reduction_blocks(config.get("reduction"), matrix)}
+            options.pop("reduction", None)
             # Not donated, as Adam is not: fresh outputs, so XLA copies nothing first.
             fn = jax.jit(lambda s, g, options=options: update(lopt, theta, s, g, in_place=False,
                                                               **options))

@@ -134,6 +134,9 @@ def main(argv=None):
     ap.add_argument("--layer1", nargs="*", choices=LAYER1_FORMS,
                     default=list(LAYER1_FORMS))
     ap.add_argument("--warps", nargs="*", type=int, default=[4])
+    ap.add_argument("--tile", default=None,
+                    help="RxC: the factored tensors' tile in every pass (default: the "
+                         "library's apply and reduction tiles)")
     ap.add_argument("--precision", choices=MLP_PRECISIONS, default="tf32",
                     help="the dots' operands (mlp_precision)")
     ap.add_argument("--early-weights", action="store_true",
@@ -142,17 +145,21 @@ def main(argv=None):
 
     shapes = {"w": tuple(args.shape), "b": (args.shape[1],)}
     tile, reduction = block_sizes(*args.shape, args.hidden), reduction_block_sizes(*args.shape)
+    if args.tile:
+        tile = reduction = BlockSizes(*(int(x) for x in args.tile.split("x")))
     print(f"sm_90, triton {triton.__version__}, jax {jax.__version__}, H={args.hidden}, "
           f"{args.precision} dots{', early weights' if args.early_weights else ''}, "
           f"params {shapes}; apply tile {tile.rows}x{tile.cols}, reduction tile "
-          f"{reduction.rows}x{reduction.cols} (the library's choice at 4 warps; other warps "
-          f"set the apply tile for all three passes)")
+          f"{reduction.rows}x{reduction.cols} ({'--tile' if args.tile else 'the library'}'s "
+          f"choice at 4 warps; other warps or --tile set the apply tile for all three "
+          f"passes)")
     print(f"{'kernel':24s} {'layer 1':7s} {'warps':>5s} {'regs':>5s} {'spill st/ld B':>14s} "
           f"{'warps/SM':>8s} {'SASS':>5s} {'FFMA':>6s} {'HGMMA':>5s} {'MUFU':>5s} {'LDG':>4s} "
           f"{'STG':>4s} {'RT':>3s}")
     for layer1 in args.layer1:
         for warps in args.warps:
-            blocks = None if warps == 4 else BlockSizes(tile.rows, tile.cols, num_warps=warps)
+            blocks = (None if warps == 4 and not args.tile
+                      else BlockSizes(tile.rows, tile.cols, num_warps=warps))
             for name, ir_text in step_modules(shapes, args.hidden, layer1, blocks,
                                               args.precision, args.early_weights):
                 # packed kernels launch with their own blocks' warps (the default, 4)

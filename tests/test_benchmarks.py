@@ -51,6 +51,11 @@ def test_tile_sweep_times_configurations_against_adam():
     rows = [line.split("|")[2].strip() for line in out.splitlines() if line.startswith("| 2,070")]
     assert sorted(rows) == ["1x16 w4 dot tf32", "1x16 w4 dot tf32 early", "1x16 w4 dot_all tf32",
                             "1x16 w4 dot_all tf32 early", "default", "optax.adam"], out
+    out = _run("tile_sweep.py", "--backend", "pallas", "--sizes", "2e3", "--tiles", "1x16",
+               "--warps", "4", "--reduction-tiles", "library", "same", "2x32", "--repeats", "1")
+    rows = [line.split("|")[2].strip() for line in out.splitlines() if line.startswith("| 2,070")]
+    assert sorted(rows) == ["1x16 w4 dot tf32", "1x16 w4 dot tf32 reduction 2x32",
+                            "1x16 w4 dot tf32 reduction same", "default", "optax.adam"], out
 
 
 def test_reference_update_benchmark(tmp_path):

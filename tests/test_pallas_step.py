@@ -167,19 +167,22 @@ def ref_fn(lopt):
     return precise_reference(lopt)
 
 
-@pytest.mark.parametrize("layer1, mlp_precision, tol, early_weights", [
-    ("fma", "ieee", KERNEL_TOLERANCE, False), ("dot", "tf32", TF32_TOLERANCE, False),
-    ("dot_all", "ieee", KERNEL_TOLERANCE, True), ("dot", "bf16", BF16_DOTS_TOLERANCE, False),
-    ("dot_all", "tf32_fp16", TF32_TOLERANCE, False)])
+@pytest.mark.parametrize("layer1, mlp_precision, tol, early_weights, reduction_blocks", [
+    ("fma", "ieee", KERNEL_TOLERANCE, False, None),
+    ("dot", "tf32", TF32_TOLERANCE, False, BlockSizes(rows=2, cols=16)),  # its own tile
+    ("dot_all", "ieee", KERNEL_TOLERANCE, True, None),
+    ("dot", "bf16", BF16_DOTS_TOLERANCE, False, None),
+    ("dot_all", "tf32_fp16", TF32_TOLERANCE, False, None)])
 def test_tree_of_shape_classes_multi_tile(lopt, ref_fn, layer1, mlp_precision, tol,
-                                          early_weights):
+                                          early_weights, reduction_blocks):
     seed = _seed()
     rng = np.random.default_rng(seed)
     theta = random_theta(lopt, jax.random.key(seed))
     params = random_tree(rng, TREE_SHAPES)
     kernel = jax.jit(lambda t, s, g: pallas_update(lopt, t, s, g, mlp_precision=mlp_precision,
                                                    blocks=SMALL_TILES, packed_blocks=SMALL_PACKED,
-                                                   layer1=layer1, early_weights=early_weights))
+                                                   layer1=layer1, early_weights=early_weights,
+                                                   reduction_blocks=reduction_blocks))
     run_trajectories(lopt, theta, params, TREE_SHAPES, rng, kernel, ref_fn, tol=tol)
     # float32 params: bf16 / fp16 appear in the kernels only as those dots' operands
     state = lopt.opt_fn(theta, backend="reference").init(params, num_steps=10)

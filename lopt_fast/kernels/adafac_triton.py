@@ -1101,12 +1101,12 @@ class TritonKernels:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
 def _fused(lopt, theta, state, grad, config):
-    (mlp_precision, blocks, packed_blocks, compute_capability, layer1, persistent, in_place,
-     launcher) = config
+    (mlp_precision, blocks, packed_blocks, reduction_blocks, compute_capability, layer1,
+     persistent, in_place, launcher) = config
     kernels = plan.Kernels.of(TritonKernels(mlp_precision, compute_capability, layer1,
                                             persistent, in_place, launcher))
     return plan.fused_update(kernels, lopt, theta, state, grad, blocks=blocks,
-                             packed_blocks=packed_blocks)
+                             packed_blocks=packed_blocks, reduction_blocks=reduction_blocks)
 
 
 def _fused_fwd(lopt, theta, state, grad, config):
@@ -1126,7 +1126,8 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 def triton_update(lopt, theta, state, grad, *, mlp_precision: str = "tf32",
                   blocks: BlockSizes | None = None, packed_blocks: BlockSizes | None = None,
                   compute_capability: int | None = None, layer1: str = "dot",
-                  persistent: bool = False, in_place: bool = True, launcher: str | None = None):
+                  persistent: bool = False, in_place: bool = True, launcher: str | None = None,
+                  reduction_blocks: BlockSizes | None = None):
     """Fused Triton `AdafacMLPLOpt` update (jax-triton): the signature of `reference_update`.
 
     Forward runs the Triton kernels, backward differentiates the reference
@@ -1147,11 +1148,13 @@ def triton_update(lopt, theta, state, grad, *, mlp_precision: str = "tf32",
     `$LOPT_FAST_TRITON_LAUNCHER`, else "jax_triton"): "jax_triton" (`jax_triton.triton_call`
     as jaxlib's FFI call, `ffi_call`), "jax_triton_legacy" (jax-triton's own call) or "xla"
     (XLA's own Triton calls, which XLA records into CUDA graphs; no jax-triton needed:
-    `xla_call`).
+    `xla_call`). `blocks` / `packed_blocks` override the tiles (`blocks`: the factored
+    tensors' in every pass), `reduction_blocks` the factored tensors' in the reduction
+    passes only (as `pallas_update`'s).
 
     Example:
         new_params, acc = triton_update(lopt, theta, opt_state, grads)
     """
     return _fused(lopt, theta, state, grad,
-                  (mlp_precision, blocks, packed_blocks, compute_capability, layer1,
-                   bool(persistent), bool(in_place), resolve_launcher(launcher)))
+                  (mlp_precision, blocks, packed_blocks, reduction_blocks, compute_capability,
+                   layer1, bool(persistent), bool(in_place), resolve_launcher(launcher)))

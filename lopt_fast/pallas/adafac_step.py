@@ -1074,11 +1074,12 @@ class PallasKernels:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
 def _fused(lopt, theta, state, grad, config):
-    interpret, mlp_precision, blocks, packed_blocks, layer1, in_place, early_weights = config
+    (interpret, mlp_precision, blocks, packed_blocks, reduction_blocks, layer1, in_place,
+     early_weights) = config
     kernels = plan.Kernels.of(PallasKernels(interpret, mlp_precision, layer1, in_place,
                                             early_weights))
     return plan.fused_update(kernels, lopt, theta, state, grad, blocks=blocks,
-                             packed_blocks=packed_blocks)
+                             packed_blocks=packed_blocks, reduction_blocks=reduction_blocks)
 
 
 def _fused_fwd(lopt, theta, state, grad, config):
@@ -1099,7 +1100,8 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 def pallas_update(lopt, theta, state, grad, *, interpret: bool | None = None,
                   mlp_precision: str = "tf32", blocks: BlockSizes | None = None,
                   packed_blocks: BlockSizes | None = None, layer1: str = "dot",
-                  in_place: bool = True, early_weights: bool = False):
+                  in_place: bool = True, early_weights: bool = False,
+                  reduction_blocks: BlockSizes | None = None):
     """Fused Pallas `AdafacMLPLOpt` update: the signature of `reference_update`.
 
     Forward runs the kernels; the backward pass (`jax.custom_vjp`) differentiates the
@@ -1110,7 +1112,10 @@ def pallas_update(lopt, theta, state, grad, *, interpret: bool | None = None,
       interpret: run in Pallas' interpreter; default: when the default backend is CPU.
       mlp_precision: "tf32", "ieee", "tf32_fp16" or "bf16" dots for the MLP on GPU (see
         `PallasKernels`).
-      blocks, packed_blocks: override `blocks.block_sizes` / `packed_block_sizes` tiles.
+      blocks, packed_blocks: override `blocks.block_sizes` / `packed_block_sizes` tiles
+        (`blocks`: the factored tensors' tile in every pass).
+      reduction_blocks: the factored tensors' tile in the reduction passes (row / column
+        sums, moments) only, over `blocks` and `reduction_block_sizes`.
       layer1: the first MLP layer as "dot", "dot_all" or "fma" (see `PallasKernels`).
       in_place: update p and the state in their buffers: right when the caller donates
         the state (or carries it through `lax.scan`); otherwise XLA copies them first,
@@ -1127,5 +1132,5 @@ def pallas_update(lopt, theta, state, grad, *, interpret: bool | None = None,
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     return _fused(lopt, theta, state, grad,
-                  (bool(interpret), mlp_precision, blocks, packed_blocks, layer1,
-                   bool(in_place), bool(early_weights)))
+                  (bool(interpret), mlp_precision, blocks, packed_blocks, reduction_blocks,
+                   layer1, bool(in_place), bool(early_weights)))

@@ -398,14 +398,18 @@ def _new_sides(v_u, v_v, su, sv, c_fac, lays, u_is_row, seg_u, seg_v):
                                                                          ~u_is_row)
 
 
-def _factored_group(kernels, items, consts, c_fac, nn, iteration, mlp, mults, hp, blocks):
+def _factored_group(kernels, items, consts, c_fac, nn, iteration, mlp, mults, hp, blocks,
+                    reduction_blocks=None):
     """items: [(p, g, acc)] of factored tensors -> [(new_p, new_acc)], every pass once for
-    all of them (see `FactoredGroup`)."""
+    all of them (see `FactoredGroup`). `blocks`: every pass's tile, `reduction_blocks`
+    the reduction passes' (over `blocks`); else the library's, and small tensors share a
+    tile where they share launches."""
     lays = [factored_layout(p.shape) for p, _, _ in items]
+    tiles, reduce_tiles = group_block_sizes([(lay.B, lay.U, lay.V) for lay in lays], hp)
     if blocks:
         tiles = reduce_tiles = [blocks] * len(lays)
-    else:  # small tensors share a tile where they share launches
-        tiles, reduce_tiles = group_block_sizes([(lay.B, lay.U, lay.V) for lay in lays], hp)
+    if reduction_blocks:
+        reduce_tiles = [reduction_blocks] * len(lays)
     # Tensors alike in tiles and dtypes next to each other: a backend launches each such
     # run of them together.
     order = sorted(range(len(items)), key=lambda j: (
@@ -614,7 +618,8 @@ def _place(results: list, indices: list[int], values: list) -> list:
 
 
 def fused_update(kernels: Kernels, lopt, theta, state, grad, *, blocks: BlockSizes | None = None,
-                 packed_blocks: BlockSizes | None = None):
+                 packed_blocks: BlockSizes | None = None,
+                 reduction_blocks: BlockSizes | None = None):
     """All tensors of `state.params` through `kernels`: the `reference_update` signature.
 
     Returns (new params tree, `LeafAccumulators` of trees), like
@@ -644,7 +649,7 @@ def fused_update(kernels: Kernels, lopt, theta, state, grad, *, blocks: BlockSiz
     if factored:
         with jax.named_scope("adafac_fused_factored"):
             outs = _factored_group(kernels, [items[i] for i in factored], consts, c_fac, nn,
-                                   state.iteration, mlp, mults, hp, blocks)
+                                   state.iteration, mlp, mults, hp, blocks, reduction_blocks)
         results = _place(results, factored, outs)
     if packed:
         with jax.named_scope("adafac_fused_packed"):
