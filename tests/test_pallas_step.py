@@ -466,6 +466,22 @@ def test_relu_floors_run_the_same_mlp(hidden_layers):
                 floors, pallas_plan._operand_round(floors, precision), err_msg=precision)
 
 
+def test_step_exponent_gives_the_step():
+    """direction exp((m + b_mag) exp_mult) step_mult as the apply kernels compute it,
+    sign direction 2^(m scale + offset) (`adafac_step._step_exponent`), for positive,
+    negative and zero step_mult."""
+    from lopt_fast.pallas.adafac_step import _step_exponent
+
+    rng = np.random.default_rng()
+    d, m = rng.normal(size=(2, 100)).astype(np.float32)
+    b_mag = np.float32(rng.normal())
+    for exp_mult, step_mult in ((0.001, 0.001), (0.5, -0.02), (0.01, 0.0)):
+        scale, offset, sign = _step_exponent(exp_mult, step_mult, b_mag)
+        got = sign * d * np.exp2(m * np.float32(scale) + np.float32(offset))
+        np.testing.assert_allclose(got, d * np.exp((m + b_mag) * exp_mult) * step_mult,
+                                   rtol=1e-6, atol=0, err_msg=f"{exp_mult=} {step_mult=}")
+
+
 def test_segment_sums_match_segment_sum():
     """The packed moments' per-tensor sums of per-tile partials (a padded gather and one
     reduction, or `segment_sum` when padding would read > 4x the rows)."""

@@ -55,6 +55,7 @@ tests).
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -394,16 +395,25 @@ def _output_layer(h, out_w, output_w, precision: str):
 
     With float32 operands ("ieee", which Triton's dot would run as 8 times as many
     FMAs) [n] from multiply-adds with the rows of output_w (`_vector_weights`)."""
-    w_dir, w_mag, b_dir, b_mag = output_w
+    w_dir, w_mag, b_dir, _ = output_w
     if out_w is None:
         return (jnp.sum(h * w_dir[None, :], axis=1) + b_dir,
-                jnp.sum(h * w_mag[None, :], axis=1) + b_mag)
+                jnp.sum(h * w_mag[None, :], axis=1))
     out = _later_dot(h, out_w, precision)
     x = out.reshape(out.shape[0], _OUTPUT_COLS // 8, 4, 2)  # [n, j, t, s]
     x = jnp.sum(jnp.where(lax.broadcasted_iota(jnp.int32, x.shape, 1) == 0, x, -0.0), axis=1)
     s = lax.broadcasted_iota(jnp.int32, x.shape, 2)
     return (jnp.sum(jnp.where(s == 0, x, -0.0), axis=2) + b_dir,
-            jnp.sum(jnp.where(s == 1, x, -0.0), axis=2) + b_mag)
+            jnp.sum(jnp.where(s == 1, x, -0.0), axis=2))
+
+
+def _step_exponent(exp_mult: float, step_mult: float, b_mag):
+    """direction exp((m + b_mag) exp_mult) step_mult = sign direction 2^(m scale + offset)
+    for the output layer's magnitude m before its bias: (scale, offset, sign), scale and
+    sign static (offset: b_mag's scalar type; step_mult 0: -inf, a zero step)."""
+    scale = exp_mult * _LOG2_E
+    log_step = math.log2(abs(step_mult)) if step_mult else -math.inf
+    return scale, b_mag * scale + log_step, -1.0 if step_mult < 0 else 1.0
 
 
 def _mlp_step(pre, later_w, vector_w, mlp_refs, c_ref, mults, precision, compiled):
@@ -420,13 +430,16 @@ def _mlp_step(pre, later_w, vector_w, mlp_refs, c_ref, mults, precision, compile
         # no bias: it is in the floor (`plan.mlp_weights`), so the dot starts from zero
         h = _relu(_later_dot(h, w, precision), floor[None, :], precision, compiled)
     direction, magnitude = _output_layer(h, out_w, output_w, precision)
-    exp_mult, step_mult = mults
     # exp(x) as 2^(x log2 e): Pallas' Triton lowering makes jnp.exp libdevice's accurate
     # expf (~10 instructions), jnp.exp2 one ex2.approx (2^-22 relative error), which is
     # what Triton's own tl.exp does. The values live in the output layer's reduced layout,
     # 8 rows per thread (each on 4 threads): compiled for sm_90 (1x256) 64 instructions
-    # per thread fewer, TF32 or not.
-    step = direction * jnp.exp2(magnitude * (exp_mult * _LOG2_E)) * step_mult
+    # per thread fewer, TF32 or not. With the magnitude's bias and step_mult in the
+    # exponent (`_step_exponent`), one FFMA per value where an add and two multiplies
+    # were.
+    scale, offset, sign = _step_exponent(*mults, output_w[3])
+    step = direction * jnp.exp2(magnitude * scale + offset)
+    step = -step if sign < 0 else step
     # the output dot's form: a column per lane of the quad, all equal (`_output_layer`)
     return jnp.max(step, axis=1) if step.ndim == 2 else step
 
