@@ -382,7 +382,8 @@ def _later_dot(h, w, precision: str):
 
 
 def _output_layer(h, out_w, output_w, precision: str):
-    """(direction, magnitude) of the last activations h [n, Hp].
+    """(direction, magnitude before its bias, `_step_exponent`) of the last activations h
+    [n, Hp].
 
     On tensor cores (TF32, fp16, bf16) a dot with out_w [Hp, 16] (`_dot_weights`: w_dir
     and w_mag alternating), whose column 8 j + 2 t + s sits in lane t of a quad (see

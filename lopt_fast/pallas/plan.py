@@ -252,7 +252,9 @@ def mlp_weights(nn, hp: int, mlp_precision: str = "ieee",
         bh.append(-shift if relu_floors else b)
     wh, bh = (jnp.stack(wh), jnp.stack(bh)) if wh else (None, None)
     w_out_t = weights(_pad_last(f32(nn[f"w{last}"]).T, hp))
-    b_out = f32(nn[f"b{last}"]) + through(shift, w_out_t.T)  # shift 0 without relu_floors
+    b_out = f32(nn[f"b{last}"])
+    if relu_floors:
+        b_out = b_out + through(shift, w_out_t.T)
     return MLPWeights(wh, bh, w_out_t[:, order]), b_out
 
 
