@@ -104,7 +104,7 @@ def main(argv=None):
         kernel_forms = [{"layer1": l1, "mlp_precision": prec, "early_weights": early == "on"}
                         for l1 in args.layer1 or ["dot"] for prec in args.precision
                         for early in args.early_weights]
-    configs = {"default": {}}
+    configs = {"default": ({}, None)}  # name: (update options, --reduction-tiles value)
     for tile in args.tiles:
         rows, cols = (int(x) for x in tile.split("x"))
         for warps in args.warps:
@@ -118,7 +118,7 @@ def main(argv=None):
                                  "" if reduction == "library" else f"reduction {reduction}"]
                         name = " ".join(part for part in parts if part)
                         blocks = BlockSizes(rows, cols, num_warps=warps, num_stages=stages or 2)
-                        configs[name] = {"blocks": blocks, "reduction": reduction, **form}
+                        configs[name] = ({"blocks": blocks, **form}, reduction)
 
     print(f"{args.backend} on {jax.devices()[0].device_kind}, jax {jax.__version__}, "
           f"H={args.hidden_size}")
@@ -133,9 +133,8 @@ def main(argv=None):
         adam_fn, adam_carry, adam_rest = adam_step(shapes, None)
         calls = {"optax.adam": (adam_fn, (*adam_carry, *adam_rest))}
         matrix = max(shapes.values(), key=len)
-        for name, config in configs.items():
-            options = {**config, **_reduction_blocks(config.get("reduction"), matrix)}
-            options.pop("reduction", None)
+        for name, (config, reduction) in configs.items():
+            options = {**config, **_reduction_blocks(reduction, matrix)}
             # Not donated, as Adam is not: fresh outputs, so XLA copies nothing first.
             fn = jax.jit(lambda s, g, options=options: update(lopt, theta, s, g, in_place=False,
                                                               **options))

@@ -357,10 +357,10 @@ def _relu(x, floor, precision: str, compiled: bool):
             result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, half)])[0]
     if compiled:
         return pltriton.elementwise_inline_asm(
-            FLOOR_CASTS[precision], args=[x, jnp.broadcast_to(low.astype(half), x.shape)],
+            FLOOR_CASTS[precision], args=[x, jnp.broadcast_to(floor.astype(half), x.shape)],
             constraints="=r,r,r,r", pack=2,
             result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, half)])[0]
-    x = jnp.maximum(x.astype(half), jnp.asarray(low).astype(half))
+    x = jnp.maximum(x.astype(half), jnp.asarray(low, half))
     return jnp.minimum(x, FP16_MAX) if precision == "fp16" else x
 
 
