@@ -118,12 +118,12 @@ jax_triton.__version__); print(jax.devices())" ;;
       # default) and "dot_all", TF32 and "tf32_fp16" (the H x H and output layers on fp16
       # operands, TF32's mantissa at twice its tensor rate), three apply tiles (the
       # reduction passes at the library's tile, 1x1024, in every row since session 21).
-      # Compiled for sm_90 (docs/KERNELS.md, "Session 21"), instructions per element of
-      # the apply kernel (dot / dot_all): 1x256 (the default) 408 / 384 with TF32, 376 /
-      # 320 with tf32_fp16 (12 warps per SM; dot_all tf32_fp16 16); 8x32 380 / 380 and
+      # Compiled for sm_90 (docs/KERNELS.md, "Session 22"), instructions per element of
+      # the apply kernel (dot / dot_all): 1x256 (the default) 408 / 340 with TF32, 376 /
+      # 320 with tf32_fp16 (12 warps per SM; dot_all tf32_fp16 16); 8x32 376 / 336 and
       # 344 / 320 (12, tf32_fp16 16 warps per SM), reading 5 floats of the per-row /
       # per-column tables per element where 1x256 reads 32 ("dot": tv [256, Hp] per
-      # program, from L2; "dot_all" 1.25 where 8); 1x128 576 / 568 and 520 / 472 at
+      # program, from L2; "dot_all" 1.25 where 8); 1x128 568 / 488 and 520 / 472 at
       # 20-24 warps per SM (a program's fixed work over half the elements). Which pays:
       # fewer instructions, fp16's tensor rate, less L2 traffic or more warps per SM?
       # bf16 (a precision cost for no fewer instructions than tf32_fp16) and early

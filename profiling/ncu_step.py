@@ -49,6 +49,12 @@ HEADLINE = (
     "dram__bytes_read.sum",
     "dram__bytes_write.sum",
     "lts__t_bytes.sum",
+    # L2 -> SM traffic: the "dot" form's per-column table is 128 B per element at 1x256,
+    # three times the tile's own 44 B of DRAM traffic (docs/KERNELS.md, "Session 22")
+    "lts__throughput.avg.pct_of_peak_sustained_elapsed",
+    "lts__t_sector_hit_rate.pct",
+    "l1tex__throughput.avg.pct_of_peak_sustained_active",
+    "l1tex__t_sector_hit_rate.pct",
     "sm__throughput.avg.pct_of_peak_sustained_elapsed",
     "smsp__issue_active.avg.pct_of_peak_sustained_active",
     "smsp__inst_executed.sum",

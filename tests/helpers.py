@@ -34,6 +34,26 @@ def random_theta(lopt, key):
     return theta
 
 
+def random_state(state, rng):
+    """`state` with random accumulators in place of the zeros `opt.init` gives: momenta
+    N(0, 1); rms, v_row, v_col and v_diag positive, log-uniform over [0.1, 10], each entry
+    drawn on its own. From zeros, plane k of an accumulator holds (1 - b_k) times the same
+    mean g^2 for the first steps, so the per-tensor normalisation makes the features of
+    different decays almost equal, and a kernel that read one decay's plane for another's
+    passed the tests (a Triton kernel reading the V side's feature 4 for feature 5 did)."""
+    import jax.numpy as jnp
+
+    def draw(tree, positive):
+        def one(x):
+            value = 10 ** rng.uniform(-1, 1, x.shape) if positive else rng.normal(size=x.shape)
+            return jnp.asarray(value, x.dtype)
+        return jax.tree.map(one, tree)
+
+    return state.replace(mom=draw(state.mom, False), rms=draw(state.rms, True),
+                         v_row=draw(state.v_row, True), v_col=draw(state.v_col, True),
+                         v_diag=draw(state.v_diag, True))
+
+
 def precise_reference(lopt, vmapped: bool = False):
     """`reference_update` (vmapped over tasks if asked), jitted and run on the CPU with
     float32 dots: the truth kernels are held to. On a GPU the reference itself would

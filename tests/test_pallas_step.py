@@ -24,7 +24,7 @@ from lopt_fast.learned import AdafacMLPLOpt, reference_update
 from lopt_fast.pallas import BlockSizes, block_sizes, pallas_update
 from lopt_fast.pallas import plan as pallas_plan
 from lopt_fast.pallas.blocks import FLOOR_CASTS, RELU_CASTS, member_runs, plane_tile
-from tests.helpers import ROOT, precise_reference, random_theta, stored_after_a_move
+from tests.helpers import ROOT, precise_reference, random_state, random_theta, stored_after_a_move
 
 
 class Tolerance(NamedTuple):
@@ -123,12 +123,13 @@ def compare_states(tag, kp, kacc, rp, racc, old_params, tol=KERNEL_TOLERANCE):
 
 def run_trajectories(lopt, theta, params, shapes, rng, kernel_fn, ref_fn, vmapped=False,
                      tol=KERNEL_TOLERANCE):
-    """NUM_STEPS steps of kernel and reference, each from its own previous state."""
+    """NUM_STEPS steps of kernel and reference, each from its own previous state, the
+    first from the same random one (`random_state`)."""
     opt = lopt.opt_fn(theta if not vmapped else jax.tree.map(lambda x: x[0], theta),
                       backend="reference")
     init = jax.vmap(lambda p: opt.init(p, num_steps=100)) if vmapped else \
         (lambda p: opt.init(p, num_steps=100))
-    k_state = r_state = init(params)
+    k_state = r_state = random_state(init(params), rng)
     for step in range(NUM_STEPS):
         lead = (jax.tree.leaves(params)[0].shape[0],) if vmapped else ()
         grad = {k: jnp.asarray(rng.normal(size=lead + s) * (0.5 + step), jnp.float32)
@@ -172,6 +173,9 @@ def ref_fn(lopt):
     ("dot", "tf32", TF32_TOLERANCE, False, BlockSizes(rows=2, cols=16)),  # its own tile
     ("dot_all", "ieee", KERNEL_TOLERANCE, True, None),
     ("dot", "bf16", BF16_DOTS_TOLERANCE, False, None),
+    # "dot_all" with one layer-1 dot (`_row_col_planes`), and with two (tf32_fp16)
+    ("dot_all", "tf32", TF32_TOLERANCE, False, None),
+    ("dot_all", "bf16", BF16_DOTS_TOLERANCE, False, None),
     ("dot_all", "tf32_fp16", TF32_TOLERANCE, False, None)])
 def test_tree_of_shape_classes_multi_tile(lopt, ref_fn, layer1, mlp_precision, tol,
                                           early_weights, reduction_blocks):
@@ -562,14 +566,27 @@ def test_kernels_compile_for_sm90():
     for name in ("adafac_apply", "adafac_packed_apply"):
         assert mma["fma", name] > 0, f"{name}: the hidden layer's dot is not on tensor cores"
         assert mma["dot", name] > mma["fma", name], f"{name}: layer 1 as a dot has no MMA"
-    # "dot_all" changes only the factored apply kernel. Its row / column dot takes the
-    # per-element dot's result as its accumulator: Triton's combine pass (dot(a, b, 0) + c
-    # -> dot(a, b, c)) ran, as XLA runs it, not only the passes after TTIR.
-    compiled = compile_module(dict(step_modules(shapes, hidden=32, layer1="dot_all"))[
-        "adafac_apply"])
-    assert compiled.asm["ptx"].count("wgmma.mma_async") > mma["dot", "adafac_apply"]
-    dots = re.findall(r"(%\w+) = ttng\.warp_group_dot %\w+, %\w+, (%\w+)", compiled.asm["ttgir"])
-    assert any(acc in {res for res, _ in dots} for _, acc in dots), dots
+    # "dot_all" changes only the factored apply kernel. With TF32 its per-row / per-column
+    # features are 16 more planes of layer 1's one dot (`_row_col_planes`), loaded as the
+    # factors are: no more barriers than "dot" has (its tables cross shared memory), where
+    # a [tile, 16] operand of them had 13 against 7. With tf32_fp16 they are a dot of their
+    # own, which takes the per-element dot's result as its accumulator: Triton's combine
+    # pass (dot(a, b, 0) + c -> dot(a, b, c)) ran, as XLA runs it, not only the passes
+    # after TTIR.
+    dot_ptx = compile_module(dict(step_modules(shapes, hidden=32))["adafac_apply"]).asm["ptx"]
+    for precision in ("tf32", "tf32_fp16"):
+        compiled = compile_module(dict(step_modules(shapes, hidden=32, layer1="dot_all",
+                                                    mlp_precision=precision))["adafac_apply"])
+        ttgir = compiled.asm["ttgir"]
+        dots = re.findall(r"(%\w+) = ttng\.warp_group_dot %\w+, %\w+, (%\w+)", ttgir)
+        moved = dict(re.findall(r"(%\w+) = ttg\.convert_layout (%\w+)", ttgir))
+        chained = any(moved.get(acc, acc) in {res for res, _ in dots} for _, acc in dots)
+        assert chained == (precision == "tf32_fp16"), (precision, dots)
+        if precision == "tf32":
+            ptx = compiled.asm["ptx"]
+            assert ptx.count("wgmma.mma_async") > mma["dot", "adafac_apply"]
+            assert ptx.count("bar.sync") <= dot_ptx.count("bar.sync"), (
+                ptx.count("bar.sync"), dot_ptx.count("bar.sync"))
     # "tf32_fp16": the features' dot on TF32 operands, the H x H and output layers' on fp16
     # ones; with it and "bf16" layer 1's ReLU and rounding is one instruction per pair
     # (`blocks.RELU_CASTS`), the later layers' floor and rounding two

@@ -26,9 +26,10 @@ MLP, layer 1 of factored tensors (`layer1`; the packed tensors' 22 inputs go thr
   * "dot" (the default): the 16 per-element features as a [tile, 16] x [16, Hp] `tl.dot`,
     plus the per-row / per-column tables tu [U, Hp] and tv [V, Hp] (their 12 features'
     layer-1 products, b0 in tu), loaded per tile;
-  * "dot_all": a second [tile, 16] x [16, Hp] dot of the 12 row / column features
-    themselves (and a 1 for b0), from tu [U, 8] / tv [V, 8]: 8 floats per column
-    instead of Hp;
+  * "dot_all": the 12 row / column features themselves (and a 1 for b0), from tu [U, 8] /
+    tv [V, 8]: 8 floats per column instead of Hp; a second [tile, 16] x [16, Hp] dot, or
+    with bf16 / float32 dots 16 more planes of the first, [tile, 32] x [32, Hp]
+    (`TritonKernels.row_col_planes`);
   * "fma": 16 outer-product FMAs on the vector units, plus the tables.
 The H x H layers always use `tl.dot`. Tensor cores accumulate in float32; the operands
 (`mlp_precision`) are TF32 ("tf32", the default), float32 ("ieee"), bf16 ("bf16"), or
@@ -547,6 +548,36 @@ def _row_col_features16(fu, fv, R: tl.constexpr, C: tl.constexpr):
     return tl.reshape(tl.join(xu, xv), (R * C, 16))
 
 
+# `_row_col_planes` loads the tables' planes before their padding
+assert (plan.ROW_COL_U_PLANES, plan.ROW_COL_V_PLANES) == (7, 6)
+
+
+@triton.jit
+def _row_col_planes(tu_ptr, tv_ptr, TU: tl.constexpr, TV: tl.constexpr, u, v, U, V,
+                    R: tl.constexpr, C: tl.constexpr):
+    """[R C, 16]: the per-row / per-column features as planes, column k the plane
+    `_bitrev4(k)` of fu_0, fv_0, fu_1, fv_1, ... (fu_i [R] the tile's rows' feature i, fv_i
+    [C] its columns'), read from plane-major tables tu [8, TU], tv [8, TV] as the factors
+    are (a plane's entries contiguous), the planes `plan` pads with zeros not at all."""
+    mu, mv = u < U, v < V
+    fu0 = tl.broadcast_to(tl.load(tu_ptr + u, mask=mu, other=0.0)[:, None], (R, C))
+    fu1 = tl.broadcast_to(tl.load(tu_ptr + TU + u, mask=mu, other=0.0)[:, None], (R, C))
+    fu2 = tl.broadcast_to(tl.load(tu_ptr + 2 * TU + u, mask=mu, other=0.0)[:, None], (R, C))
+    fu3 = tl.broadcast_to(tl.load(tu_ptr + 3 * TU + u, mask=mu, other=0.0)[:, None], (R, C))
+    fu4 = tl.broadcast_to(tl.load(tu_ptr + 4 * TU + u, mask=mu, other=0.0)[:, None], (R, C))
+    fu5 = tl.broadcast_to(tl.load(tu_ptr + 5 * TU + u, mask=mu, other=0.0)[:, None], (R, C))
+    fu6 = tl.broadcast_to(tl.load(tu_ptr + 6 * TU + u, mask=mu, other=0.0)[:, None], (R, C))
+    fv0 = tl.broadcast_to(tl.load(tv_ptr + v, mask=mv, other=0.0)[None, :], (R, C))
+    fv1 = tl.broadcast_to(tl.load(tv_ptr + TV + v, mask=mv, other=0.0)[None, :], (R, C))
+    fv2 = tl.broadcast_to(tl.load(tv_ptr + 2 * TV + v, mask=mv, other=0.0)[None, :], (R, C))
+    fv3 = tl.broadcast_to(tl.load(tv_ptr + 3 * TV + v, mask=mv, other=0.0)[None, :], (R, C))
+    fv4 = tl.broadcast_to(tl.load(tv_ptr + 4 * TV + v, mask=mv, other=0.0)[None, :], (R, C))
+    fv5 = tl.broadcast_to(tl.load(tv_ptr + 5 * TV + v, mask=mv, other=0.0)[None, :], (R, C))
+    zero = tl.zeros((R, C), tl.float32)
+    return _features16(fu0, fv0, fu1, fv1, fu2, fv2, fu3, fv3, fu4, fv4, fu5, fv5, fu6, zero,
+                       zero, zero, R * C)
+
+
 @triton.jit
 def _copy_side(src_ptr, dst_ptr, T, O, B, L, b, x, write):
     """Planes k < 3 of positions x (of length L) of the b-th of B lines of a tensor's side,
@@ -581,16 +612,30 @@ def _factored_apply_body(task, t, B, U, VQ, OU, OV, SEG, c_ptr, p_ptr, g_ptr, mo
         R, C)
     w_ptr = w_ptr + (task * SEGS + SEG) * WR * HP
     wh_ptr, bh_ptr, wo_ptr = _task_mlp(task, wh_ptr, bh_ptr, wo_ptr, HP, NHID)
-    tu_ptr = tu_ptr + (task * TU + OU + b * U) * TW
-    tv_ptr = tv_ptr + (task * TV + OV + b * V) * TW
     h = tl.arange(0, HP)
-    k = tl.arange(0, TW)
-    tu = tl.load(tu_ptr + u[:, None] * TW + k[None, :], mask=(u < U)[:, None], other=0.0)
-    tv = tl.load(tv_ptr + v[:, None] * TW + k[None, :], mask=(v < V)[:, None], other=0.0)
+    # "dot_all" with bf16 / float32 dots: the row / column features as 16 more planes of
+    # one [R C, 32] x [32, HP] dot, from plane-major tables [tasks, TW, TU | TV]
+    # (`TritonKernels.row_col_planes`, which says why not with TF32)
+    PLANES: tl.constexpr = L1 == "dot_all" and (PREC == "bf16" or PREC == "ieee")
+    if PLANES:
+        tu_ptr = tu_ptr + task * TW * TU + OU + b * U
+        tv_ptr = tv_ptr + task * TW * TV + OV + b * V
+    else:
+        tu_ptr = tu_ptr + (task * TU + OU + b * U) * TW
+        tv_ptr = tv_ptr + (task * TV + OV + b * V) * TW
+        k = tl.arange(0, TW)
+        tu = tl.load(tu_ptr + u[:, None] * TW + k[None, :], mask=(u < U)[:, None], other=0.0)
+        tv = tl.load(tv_ptr + v[:, None] * TW + k[None, :], mask=(v < V)[:, None], other=0.0)
     if L1 != "fma":  # the dots' weights before the math (`_dot_weights`)
         wh0, wo_dot = _dot_weights(wh_ptr, wo_ptr, HP, NHID, PREC)
-        w1 = tl.load(w_ptr + _bitrev4(tl.arange(0, 16))[:, None] * HP + h[None, :])
-        if L1 == "dot_all":
+        if PLANES:  # column 2 k + j: the features' column k (j = 0) or the planes' (j = 1)
+            col = tl.arange(0, 32)
+            q = _bitrev4(col >> 1)
+            w1 = tl.load(w_ptr + tl.where((col & 1) == 0, q, _uv_row(q))[:, None] * HP
+                         + h[None, :])
+        else:
+            w1 = tl.load(w_ptr + _bitrev4(tl.arange(0, 16))[:, None] * HP + h[None, :])
+        if L1 == "dot_all" and not PLANES:
             w_uv = tl.load(w_ptr + _uv_row(tl.arange(0, 16))[:, None] * HP + h[None, :])
     if L1 != "dot_all":
         pre = tu[:, None, :] + tv[None, :, :]
@@ -605,8 +650,13 @@ def _factored_apply_body(task, t, B, U, VQ, OU, OV, SEG, c_ptr, p_ptr, g_ptr, mo
     else:  # [R C, 16] x [16, HP] on tensor cores; w's rows in the features' order
         x = _features16(g, p, m0, m1, m2, rms, m0 * r, m1 * r, m2 * r, r, g * f0, g * f1,
                         g * f2, m0 * f0, m1 * f1, m2 * f2, R * C)
+        if PLANES:
+            x = tl.reshape(tl.join(x, _row_col_planes(tu_ptr, tv_ptr, TU, TV, u, v, U, V, R, C)),
+                           (R * C, 32))
         acc = _dot(x, w1, None, PREC)
-        if L1 == "dot_all":  # and [R C, 16] x [16, HP] for the row / column features and b0
+        if PLANES:
+            pre = acc
+        elif L1 == "dot_all":  # and [R C, 16] x [16, HP] for the row / column features and b0
             pre = _unit_dot(_row_col_features16(tu, tv, R, C), w_uv, acc, PREC)
         else:  # the tables' sum reshaped, not the dot's result (sm_90, 1x256: 188 registers, not 228)
             pre = tl.reshape(pre, (R * C, HP)) + acc
@@ -876,6 +926,14 @@ class TritonKernels:
         self.in_place = in_place
         self.launcher = resolve_launcher(launcher)
         self.row_col_in_dot = layer1 == "dot_all"  # what plan hands factored_apply
+        # "dot_all"'s row / column features as planes of layer 1's one dot (the kernel's
+        # PLANES), not a [tile, 16] operand of their own, which crosses shared memory in
+        # four chunks. Compiled for sm_90 (4096 x 4096, 1x256, 4 warps): bf16 688
+        # instructions per thread and 3 barriers against 760 and 6, "ieee" 5368 against
+        # 5472, at the same registers. TF32 would take 840 and 3 against 944 and 13, but
+        # 174 registers (8 warps per SM) against 160 (12): not taken untimed; tf32_fp16
+        # gives them their own precision (fp16), so their own dot.
+        self.row_col_planes = layer1 == "dot_all" and mlp_precision in ("bf16", "ieee")
 
     def _call(self, *args, **kw):
         if self.launcher == "xla":
@@ -1031,7 +1089,8 @@ class TritonKernels:
                 num_warps=blk.num_warps, num_stages=blk.num_stages, TU=fu.shape[-1],
                 TV=fv.shape[-1], SEGS=w.shape[0], R=blk.rows, C=blk.cols, HP=hp, NHID=nhid,
                 EXP_MULT=mults[0], STEP_MULT=mults[1], PREC=self.mlp_precision, L1=self.layer1,
-                TW=tu.shape[-1], WR=w.shape[-2], VA=va, name="adafac_apply", **extra,
+                TW=tu.shape[-2 if self.row_col_planes else -1], WR=w.shape[-2], VA=va,
+                name="adafac_apply", **extra,
                 input_output_aliases=aliases)
             return [outs[o * k:(o + 1) * k] for o in range(5)]
 

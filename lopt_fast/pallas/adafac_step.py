@@ -16,7 +16,8 @@ Math per parameter (decays b_m [3], c_r = clip(b_r), c_f = clip(b_f) [3]; see
                                                tu / tv = per-row / per-column features @ w0
                                                plus b0 with the time features; with
                                                layer1="dot_all" the 12 features and a 1
-                                               for b0 are a second dot's operand instead)
+                                               for b0 are 16 more planes x_f instead, or a
+                                               second dot's operand under tf32_fp16)
     h = relu(pre0); h = max(h W_l, floor_l) ...; (d, mag) = h W_out + b_out'
                                               (the biases folded into the floors and
                                                b_out': `plan.mlp_weights`)
@@ -258,7 +259,9 @@ def _dot_weights(w_ref, mlp_refs, layer1, precision):
     round trip after the dot before it. The kernels read them after the tile's own loads
     and before any math: compiled for sm_90 the factored apply kernel waits on 4 memory
     round trips in sequence, not 5-6 (`profiling/pallas_resources.py`'s RT)."""
-    if layer1 == "dot_all":
+    if _row_col_as_planes(layer1, precision):
+        first = w_ref[...]
+    elif layer1 == "dot_all":
         k = plan.NUM_EW_FACTORED
         first = (w_ref[pl.ds(0, k), :], w_ref[pl.ds(k, k), :])
     else:
@@ -295,15 +298,19 @@ def _first_layer(pre0, feats, w, precision, layer1):
     layer1 "fma": pre0 [rows, cols, Hp] (tables and bias) + one multiply-add per feature
     on the vector units; "dot": pre0 + the features as [rows cols, K] x w [K, Hp] (K = 16
     factored, 32 packed: the 22 features padded with zero planes, whose rows of w are zero
-    too); "dot_all" (factored): pre0 is the per-row / per-column features [rows cols, 16]
-    (`_row_col_operand`, normalised), a dot of its own with w's rows 16-31, instead of
-    tables."""
+    too); "dot_all" (factored): pre0 holds the per-row / per-column features (normalised)
+    instead of tables: as 16 more planes (`_row_col_planes`) of one [rows cols, 32] x w
+    [32, Hp] dot (`_row_col_as_planes`), or, where their precision differs from the
+    per-element features', as [rows cols, 16] (`_row_col_operand`), a dot of its own with
+    w's rows 16-31."""
     if layer1 == "fma":
         for f, x in enumerate(feats):
             pre0 = pre0 + x[:, :, None] * w[f, :][None, None, :]
         return pre0.reshape(-1, pre0.shape[-1])
     planes = [x.reshape(x.size) for x in feats]
     raw = _layer_precision(precision, unit_scale=False)
+    if _row_col_as_planes(layer1, precision):
+        return _dot(_columns(planes + pre0), w, raw)
     if layer1 == "dot_all":
         # the row / column dot first, the per-element one accumulating onto it: compiled
         # for sm_90 (1x256) with TF32 160 registers (12 warps per SM), the other way 172
@@ -312,6 +319,42 @@ def _first_layer(pre0, feats, w, precision, layer1):
                 + _dot(_columns(planes), w[0], raw))
     planes += [jnp.zeros_like(planes[0])] * (w.shape[0] - len(planes))
     return pre0.reshape(-1, pre0.shape[-1]) + _dot(_columns(planes), w, raw)
+
+
+def _row_col_as_planes(layer1: str, precision: str) -> bool:
+    """Whether layer 1 takes the per-row / per-column features as 16 more planes of its one
+    dot (`_row_col_planes`): "dot_all", unless they take another precision than the
+    per-element features ("tf32_fp16": fp16 against TF32), which gives them a dot of their
+    own (`_row_col_operand`).
+
+    Compiled for sm_90 (4096 x 4096, 1x256 tile, 4 warps), one dot against two: TF32 680
+    SASS instructions per thread and 3 barriers against 768 and 13 (the [tile, 16]
+    operand of [cols, 8] tables crossed shared memory in four chunks), bf16 576 and 3
+    against 616 and 6, "ieee" 5240 and 5 against 5328 and 23, at the same registers and
+    warps per SM. With tf32_fp16 one TF32 dot would take 608 and 3 against 640 and 6, but
+    155 registers (12 warps per SM) against 128 (16): not taken untimed."""
+    return layer1 == "dot_all" and (_layer_precision(precision, unit_scale=True)
+                                    == _layer_precision(precision, unit_scale=False))
+
+
+def _row_col_planes(tu_ref, tv_ref, starts, row_ok, col_ok):
+    """The per-row / per-column features as 16 planes [rows cols] in `_row_col_operand`'s
+    column order: 2 i the tile's rows' feature i, 2 i + 1 its columns'; tu_ref / tv_ref
+    plane-major [8, sum BU | sum BV], loaded as the factors are (a plane's entries
+    contiguous: no layout change on the way into the features' planes); the planes
+    `plan._row_col_features` pads with zeros are not read."""
+    rows, cols = row_ok.shape[0], col_ok.shape[0]
+    planes = []
+    for i in range(plan.ROW_COL_TABLE_WIDTH):
+        for ref, start, ok, used, axis in (
+                (tu_ref, starts[0], row_ok, plan.ROW_COL_U_PLANES, 1),
+                (tv_ref, starts[1], col_ok, plan.ROW_COL_V_PLANES, 0)):
+            if i < used:
+                x = jnp.expand_dims(_side_load(ref, start, ok, i), axis)
+                planes.append(jnp.broadcast_to(x, (rows, cols)).reshape(rows * cols))
+            else:
+                planes.append(jnp.zeros((rows * cols,), jnp.float32))
+    return planes
 
 
 def _row_col_operand(fu, fv):
@@ -626,7 +669,12 @@ def _factored_apply_kernel(c_ref, *refs, tiles: MemberTiles, offsets, mults, pre
     # The tile's loads, then the MLP's (`_mlp_weights`), then the math.
     t = _factored_loads(state_refs, fu_ref, fv_ref, tiles, offsets)
     seg, (j, k), (row_ok, col_ok, mask), starts = t.seg, t.blocks, t.masks, t.starts
-    tu, tv = _side_load(tu_ref, starts[0], row_ok), _side_load(tv_ref, starts[1], col_ok)
+    if _row_col_as_planes(layer1, precision):
+        pre0 = _row_col_planes(tu_ref, tv_ref, starts, row_ok, col_ok)
+    else:
+        tu, tv = _side_load(tu_ref, starts[0], row_ok), _side_load(tv_ref, starts[1], col_ok)
+        pre0 = (_row_col_operand(tu, tv) if layer1 == "dot_all"
+                else tu[:, None, :] + tv[None, :, :])
     first, later_w, vector_w = _mlp_weights(w_ref, mlp_refs, c_ref, layer1, early_weights,
                                             precision)
     m, rms, feats = _factored_features(c_ref, t)
@@ -640,7 +688,6 @@ def _factored_apply_kernel(c_ref, *refs, tiles: MemberTiles, offsets, mults, pre
         _store(ro[a], rms, mask, 0)
 
     tiles.each(seg, count, store_accumulators)
-    pre0 = _row_col_operand(tu, tv) if layer1 == "dot_all" else tu[:, None, :] + tv[None, :, :]
     pre = _first_layer(pre0, feats, first, precision, layer1)
     step = _mlp_step(pre, later_w, vector_w, mlp_refs, c_ref, mults, precision, compiled)
     _store_updated(tiles, seg, state_refs, po, step, mask)
@@ -774,16 +821,17 @@ class PallasKernels:
         (`HIGHEST`), "tf32_fp16" (the raw per-element features' dot TF32; the H x H
         and output layers' and "dot_all"'s row / column operands rounded to fp16, which
         has TF32's 10-bit mantissa, saturating at 65504; compiled for sm_90, 1x256, the
-        apply kernel then needs 768 / 680 instructions per thread ("dot" / "dot_all")
-        against TF32's 880 / 840: the ReLUs one instruction per pair, fp16 dots at twice
+        apply kernel then needs 752 / 640 instructions per thread ("dot" / "dot_all")
+        against TF32's 816 / 680: the ReLUs one instruction per pair, fp16 dots at twice
         TF32's rate), or "bf16"
         (operands rounded to bf16, float32 accumulation; Triton's step was 1.2-1.3x faster
         with them on an H200, at a precision cost: docs/KERNELS.md).
       layer1: the first MLP layer as "dot" (the features as one [tile, K] x [K, Hp] dot,
         at `mlp_precision`, plus the per-row / per-column tables), "dot_all" (the factored
-        tensors' 12 per-row / per-column features and b0 through a second [tile, 16] x
-        [16, Hp] dot instead of [U, Hp] / [V, Hp] tables: 8 floats a column read, not Hp,
-        and no table sums) or "fma" (a multiply-add per feature). On an H200 the step with
+        tensors' 12 per-row / per-column features and b0 as 16 more planes of that dot,
+        [tile, 32] x [32, Hp], or with tf32_fp16 through a second [tile, 16] x [16, Hp]
+        dot, instead of [U, Hp] / [V, Hp] tables: 8 floats a column read, not Hp, and no
+        table sums; `_row_col_as_planes`) or "fma" (a multiply-add per feature). On an H200 the step with
         "dot" took 1.23 / 8.76 ms at 1e7 / 1e8 parameters, with "fma" 2.25 / 17.6;
         "dot_all" is not timed yet.
       in_place: the apply kernels write into their p / state operands (`plan.in_place_aliases`).
@@ -813,6 +861,7 @@ class PallasKernels:
         self.in_place = in_place
         self.early_weights = early_weights
         self.row_col_in_dot = layer1 == "dot_all"  # what plan hands group_apply
+        self.row_col_planes = _row_col_as_planes(layer1, mlp_precision)
 
     member_limit = PALLAS_MAX_MEMBERS  # more vectors than this are packed (`plan.Kernels`)
     # The H x H layers' biases as ReLU floors (`plan.mlp_weights`): their dots start from

@@ -68,6 +68,7 @@ SIDE_LANES_U, SIDE_LANES_V = 16, 22
 # Width of the per-row / per-column feature tables when a kernel runs those features
 # through its layer-1 dot (`Kernels.row_col_in_dot`): 6 features, a 1 for b0, padding.
 ROW_COL_TABLE_WIDTH = 8
+ROW_COL_U_PLANES, ROW_COL_V_PLANES = 7, 6  # their columns before the padding
 NUM_EW_PACKED = 22
 # Layout of the `consts` vector every kernel reads (float32, length 16).
 C_MOM, C_RMS, C_FAC, C_BOUT = 0, 3, 4, 7
@@ -293,8 +294,9 @@ class Kernels(NamedTuple):
     `row_col_in_dot` picks what the apply launchers get for the 12 per-row / per-column
     features: False, their layer-1 products as tables tu [.., U, Hp] (b0 included) and
     tv [.., V, Hp] with w_ew [16, Hp]; True, the features themselves, normalised, tu
-    [.., U, 8] and tv [.., V, 8], with w_ew [32, Hp] (`_row_col_features`,
-    `_row_col_weights`: w0's rows for them unscaled). `mlp_precision`
+    [.., U, 8] and tv [.., V, 8] (plane-major, [.., 8, U] and [.., 8, V], with
+    `row_col_planes`), with w_ew [32, Hp] (`_row_col_features`, `_row_col_weights`: w0's
+    rows for them unscaled). `mlp_precision`
     (`blocks.MLP_PRECISIONS`) is the apply launchers' dots' precision, which decides the
     dtype and order in which they take `MLPWeights`' weights (`mlp_weights`);
     `relu_floors`, whether they take the H x H layers' biases as ReLU floors.
@@ -310,6 +312,7 @@ class Kernels(NamedTuple):
     member_apply: Any = None
     member_limit: int | None = None
     row_col_in_dot: bool = False
+    row_col_planes: bool = False
     mlp_precision: str = "ieee"
     relu_floors: bool = False
 
@@ -328,14 +331,15 @@ def _table(f, w):
     return sum(f[k][:, None] * w[k] for k in range(f.shape[0]))
 
 
-def _row_col_features(f_u, f_v):
+def _row_col_features(f_u, f_v, planes: bool):
     """The per-row / per-column features as `factored_apply` takes them when the kernel runs
-    them through its layer-1 dot (`Kernels.row_col_in_dot`): f_u [6, ...] (the U side's),
-    f_v [6, ...] -> tu [..., 8] (the 6 features, then 1 so that b0 rides in the dot, then
-    0), tv [..., 8] (the 6 features, 0, 0)."""
-    tu = jnp.moveaxis(f_u, 0, -1)
-    tu = _pad_last(jnp.concatenate([tu, jnp.ones_like(tu[..., :1])], -1), ROW_COL_TABLE_WIDTH)
-    return tu, _pad_last(jnp.moveaxis(f_v, 0, -1), ROW_COL_TABLE_WIDTH)
+    them through its layer-1 dot (`Kernels.row_col_in_dot`): f_u [6, n] (the U side's),
+    f_v [6, n] -> tu [n, 8] (the 6 features, then 1 so that b0 rides in the dot, then 0),
+    tv [n, 8] (the 6 features, 0, 0); with `planes` (`Kernels.row_col_planes`) [8, n]."""
+    tu = _pad_axis(jnp.concatenate([f_u, jnp.ones_like(f_u[:1])]), 0, ROW_COL_TABLE_WIDTH)
+    tv = _pad_axis(f_v, 0, ROW_COL_TABLE_WIDTH)
+    assert (f_u.shape[0] + 1, f_v.shape[0]) == (ROW_COL_U_PLANES, ROW_COL_V_PLANES)
+    return (tu, tv) if planes else (tu.T, tv.T)
 
 
 def _row_col_weights(w_ew, w_u, w_v, b0):
@@ -484,7 +488,7 @@ def _factored_group(kernels, items, consts, c_fac, nn, iteration, mlp, mults, hp
         s_v = jnp.where(row_side, scale[:, cols], scale[:, rows])
         normalised = [jnp.clip(f * s[seg].T, -FP16_MAX, FP16_MAX)
                       for f, s, seg in ((feat_u, s_u, seg_u), (feat_v, s_v, seg_v))]
-        tu, tv = _row_col_features(*normalised)  # [sum BU, 8], [sum BV, 8]
+        tu, tv = _row_col_features(*normalised, kernels.row_col_planes)
         w_ew = jax.vmap(_row_col_weights)(w_ew, w_u, w_v, b0)  # [S, 32, H]
     else:
         tu = _pad_last(_table(feat_u, w_u[seg_u].swapaxes(0, 1)) + b0[seg_u], hp)  # [sum BU, Hp]
