@@ -83,6 +83,9 @@ jax_triton.__version__); print(jax.devices())" ;;
       # reasons), occupancy, DRAM / L2 traffic (profiling/ncu_step.py). One run per line of
       # NCU_RUNS; each writes its report, details page and raw metrics to $OUT/ncu_<n>.
       # A run that fails (no ncu, no counters) ends the section: the rest would too.
+      # The second run is "dot_all" at the default TF32: against the first it shows what
+      # the "dot" form's per-column tables cost in L2 traffic (docs/KERNELS.md, "Session
+      # 22": 128 B per element at 1x256, three times the tile's DRAM bytes).
       n=0
       while IFS= read -r args; do
         n=$((n + 1))
@@ -90,7 +93,7 @@ jax_triton.__version__); print(jax.devices())" ;;
         run "${NCU_LIMIT:-150}" ncu python3 profiling/ncu_step.py --out "$OUT/ncu_$n" $args
         grep -q "rc=0" <(tail -1 "$OUT/ncu.log") || break
       done <<< "${NCU_RUNS:-"--backend pallas
---backend pallas --layer1 dot_all --precision tf32_fp16
+--backend pallas --layer1 dot_all
 --backend triton"}" ;;
     step)
       # The default sizes fit the limit (all of step.py's GPU defaults at 20 repeats took
