@@ -60,9 +60,13 @@ BF16_DOTS_TOLERANCE = Tolerance({jnp.dtype(jnp.float32): (2e-3, 2e-3),
 # in one of 13 runs on an H200 (2026-11-30) was 1.48e-4 off where 1e-4 / 1e-4 allowed 1.07e-4:
 # the bounds below leave 2x over it. "tf32_fp16" (the operands of unit scale in fp16, the
 # same 10-bit mantissa) shares them; interpreted on a CPU its fp16 operands are the only
-# rounding (the "tf32" dots run in float32 there).
+# rounding (the "tf32" dots run in float32 there). The step's bound was 1e-2 until CI
+# failed `test_tf32_rounding_emulated_stays_within_tf32_tolerances` at 1.15e-2
+# (2026-12-01): over 120 seeds of that test (H = 32, TF32 truncation emulated, 80 with
+# layer 1 as "dot", 40 as "dot_all", from random states) 5 passed 1e-2, the worst at
+# 1.46e-2; from opt.init's zero state 1 of 16 did (1.17e-2). 3e-2 leaves 2x over it.
 TF32_TOLERANCE = Tolerance({jnp.dtype(jnp.float32): (3e-4, 3e-4),
-                            jnp.dtype(jnp.bfloat16): (1e-2, 1.6e-2)}, step_rel=1e-2)
+                            jnp.dtype(jnp.bfloat16): (1e-2, 1.6e-2)}, step_rel=3e-2)
 
 NUM_STEPS = 3
 
