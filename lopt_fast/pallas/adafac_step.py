@@ -311,10 +311,9 @@ def _first_layer(pre0, feats, w, precision, layer1):
     raw = _layer_precision(precision, unit_scale=False)
     if _row_col_as_planes(layer1, precision):
         return _dot(_columns(planes + pre0), w, raw)
-    if layer1 == "dot_all":
-        # the row / column dot first, the per-element one accumulating onto it: compiled
-        # for sm_90 (1x256) with TF32 160 registers (12 warps per SM), the other way 172
-        # (8); with tf32_fp16 3 load round trips in sequence instead of 4
+    if layer1 == "dot_all":  # tf32_fp16: the row / column features' fp16 dot
+        # first, the per-element one accumulating onto it: compiled for sm_90 (1x256) 3
+        # load round trips in sequence instead of 4
         return (_dot(pre0, w[1], _layer_precision(precision, unit_scale=True))
                 + _dot(_columns(planes), w[0], raw))
     planes += [jnp.zeros_like(planes[0])] * (w.shape[0] - len(planes))
@@ -831,9 +830,9 @@ class PallasKernels:
         tensors' 12 per-row / per-column features and b0 as 16 more planes of that dot,
         [tile, 32] x [32, Hp], or with tf32_fp16 through a second [tile, 16] x [16, Hp]
         dot, instead of [U, Hp] / [V, Hp] tables: 8 floats a column read, not Hp, and no
-        table sums; `_row_col_as_planes`) or "fma" (a multiply-add per feature). On an H200 the step with
-        "dot" took 1.23 / 8.76 ms at 1e7 / 1e8 parameters, with "fma" 2.25 / 17.6;
-        "dot_all" is not timed yet.
+        table sums; `_row_col_as_planes`) or "fma" (a multiply-add per feature). On an
+        H200 the step with "dot" took 1.23 / 8.76 ms at 1e7 / 1e8 parameters, with "fma"
+        2.25 / 17.6; "dot_all" is not timed yet.
       in_place: the apply kernels write into their p / state operands (`plan.in_place_aliases`).
       early_weights: the apply kernels read the MLP's biases and output layer with the
         dots' weights, before any math, not where they are used: fewer memory round trips
