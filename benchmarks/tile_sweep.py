@@ -59,8 +59,7 @@ def _reduction_blocks(reduction: str | None, matrix: tuple[int, ...]) -> dict:
         return {}
     if reduction == "library":
         return {"reduction_blocks": reduction_block_sizes(matrix[0], matrix[-1])}
-    rows, cols = (int(x) for x in reduction.split("x"))
-    return {"reduction_blocks": BlockSizes(rows, cols)}
+    return {"reduction_blocks": BlockSizes.parse(reduction)}
 
 
 def main(argv=None):
@@ -106,7 +105,6 @@ def main(argv=None):
                         for early in args.early_weights]
     configs = {"default": ({}, None)}  # name: (update options, --reduction-tiles value)
     for tile in args.tiles:
-        rows, cols = (int(x) for x in tile.split("x"))
         for warps in args.warps:
             for form in kernel_forms:
                 # Only the persistent kernel has a loop for num_stages to pipeline.
@@ -117,7 +115,8 @@ def main(argv=None):
                                  f"persistent s{stages}" if stages else "",
                                  "" if reduction == "library" else f"reduction {reduction}"]
                         name = " ".join(part for part in parts if part)
-                        blocks = BlockSizes(rows, cols, num_warps=warps, num_stages=stages or 2)
+                        blocks = BlockSizes.parse(tile, num_warps=warps,
+                                                  num_stages=stages or 2)
                         configs[name] = ({"blocks": blocks, **form}, reduction)
 
     print(f"{args.backend} on {jax.devices()[0].device_kind}, jax {jax.__version__}, "

@@ -146,7 +146,7 @@ def main(argv=None):
     shapes = {"w": tuple(args.shape), "b": (args.shape[1],)}
     tile, reduction = block_sizes(*args.shape, args.hidden), reduction_block_sizes(*args.shape)
     if args.tile:
-        tile = reduction = BlockSizes(*(int(x) for x in args.tile.split("x")))
+        tile = reduction = BlockSizes.parse(args.tile)
     print(f"sm_90, triton {triton.__version__}, jax {jax.__version__}, H={args.hidden}, "
           f"{args.precision} dots{', early weights' if args.early_weights else ''}, "
           f"params {shapes}; apply tile {tile.rows}x{tile.cols}, reduction tile "

@@ -34,6 +34,7 @@ from lopt_fast.pallas import plan
 from lopt_fast.pallas.blocks import (
     LAYER1_FORMS,
     MLP_PRECISIONS,
+    BlockSizes,
     block_sizes,
     packed_block_sizes,
     padded_hidden,
@@ -177,7 +178,8 @@ def main(argv=None):
     for warps in args.warps:
         cases = []
         for tile in tiles:
-            r, c = (int(x) for x in tile.split("x"))
+            block = BlockSizes.parse(tile)
+            r, c = block.rows, block.cols
             n = (4096 // r) * (4096 // c)
             for l1 in args.layer1:
                 for prec in args.precision:

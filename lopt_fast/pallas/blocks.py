@@ -122,6 +122,12 @@ class BlockSizes:
         if self.rows * self.cols < 16:
             raise ValueError(f"a tile needs >= 16 elements (tl.dot's M), got {self.rows}x{self.cols}")
 
+    @classmethod
+    def parse(cls, text: str, **launch) -> BlockSizes:
+        """A tile written "RxC" (the tools' command lines), with launch settings `launch`."""
+        rows, cols = (int(x) for x in text.split("x"))
+        return cls(rows, cols, **launch)
+
 
 def tile_elements(hidden: int) -> int:
     return max(16, min(MAX_TILE, TILE_VALUES // padded_hidden(hidden)))
