@@ -70,13 +70,15 @@ def compile_kernel(kernel, constexprs, dtypes, num_warps, num_stages=2):
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def apply_constexprs(layer1: str, hp: int) -> dict:
-    """The apply kernel's layer-1 constexprs as `TritonKernels.factored_apply` passes them."""
+def apply_constexprs(layer1: str, hp: int, precision: str) -> dict:
+    """The apply kernel's layer-1 constexprs (under `precision`) as
+    `TritonKernels.factored_apply` passes them."""
     if layer1 == "dot_all":  # plan._row_col_features' shapes
         tw, w_rows = plan.ROW_COL_TABLE_WIDTH, plan.NUM_EW_FACTORED + 2 * plan.ROW_COL_TABLE_WIDTH
     else:
         tw, w_rows = hp, plan.NUM_EW_FACTORED
-    return dict(L1=layer1, TW=tw, WR=w_rows, VA=16)  # rows of a multiple of 16 elements
+    return dict(L1=layer1, PLANES=at.row_col_as_planes(layer1, precision), TW=tw,
+                WR=w_rows, VA=16)  # rows of a multiple of 16 elements
 
 
 def warps_per_sm(regs: int, num_warps: int) -> int:
@@ -183,7 +185,7 @@ def main(argv=None):
             n = (4096 // r) * (4096 // c)
             for l1 in args.layer1:
                 for prec in args.precision:
-                    apply = dict(sides, SEGS=1, R=r, C=c, **apply_constexprs(l1, hp), PREC=prec,
+                    apply = dict(sides, SEGS=1, R=r, C=c, **apply_constexprs(l1, hp, prec), PREC=prec,
                                  **mlp)
                     values = matrix + (("SEG", (0,)),)
                     cases.append((f"apply, {l1}, {prec}", tile,

@@ -77,7 +77,9 @@ def test_kernels_compile_for_sm90(hidden_layers):
     sides = two + (("OU", (0, 130)), ("OV", (0, 290)))
     flat = dict(TU=130 + 9 * 16, TV=290 + 9 * 32)
     bf16 = {f"{x}{i}_ptr": "*bf16" for x in ("p", "g", "po") for i in range(2)}
-    apply = lambda l1, **kw: dict(flat, SEGS=2, **apply_constexprs(l1, 32), **dict(mlp, **kw))  # noqa: E731
+    def apply(l1, **kw):
+        constexprs = dict(mlp, **kw)
+        return dict(flat, SEGS=2, **apply_constexprs(l1, 32, constexprs["PREC"]), **constexprs)
     cases = [
         (at.row_col_sums_kernel((20, 9), sides), {},
          dict(flat, NV=10, NU=2, R=16, C=32, RL=8, VA=1)),

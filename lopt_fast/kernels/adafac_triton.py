@@ -595,8 +595,8 @@ def _factored_apply_body(task, t, B, U, VQ, OU, OV, SEG, c_ptr, p_ptr, g_ptr, mo
                          TV: tl.constexpr, SEGS: tl.constexpr,
                          R: tl.constexpr, C: tl.constexpr, HP: tl.constexpr,
                          NHID: tl.constexpr, EXP_MULT: tl.constexpr, STEP_MULT: tl.constexpr,
-                         PREC: tl.constexpr, L1: tl.constexpr, TW: tl.constexpr,
-                         WR: tl.constexpr, VA: tl.constexpr):
+                         PREC: tl.constexpr, L1: tl.constexpr, PLANES: tl.constexpr,
+                         TW: tl.constexpr, WR: tl.constexpr, VA: tl.constexpr):
     """Pass 3 on tile t of a factored tensor, the group's SEG-th (w [tasks, SEGS, WR, HP]).
     The tiles of the first column block also copy their rows' new accumulators from the
     group's flat U side su [tasks, 3, TU] to the tensor's nu [tasks, 3, B U], those of
@@ -604,8 +604,8 @@ def _factored_apply_body(task, t, B, U, VQ, OU, OV, SEG, c_ptr, p_ptr, g_ptr, mo
     written here rather than by a kernel per tensor and side after the step.
     L1: layer 1 as "fma", "dot" (both add the tables tu [tasks, TU, HP], tv [tasks, TV,
     HP]) or "dot_all" (tu [tasks, TU, 8], tv [tasks, TV, 8] hold the row / column
-    features). TW: the tables' width, WR: w's rows (16, or 32 for "dot_all"; see
-    `plan.Kernels`)."""
+    features; with PLANES [tasks, 8, TU | TV], `row_col_as_planes`). TW: the tables'
+    width, WR: w's rows (16, or 32 for "dot_all"; see `plan.Kernels`)."""
     V = VQ * VA
     b, u, v, mask, off, n, c_ptr, g, p, m0, m1, m2, rms, r, f0, f1, f2 = _factored_tile(
         task, t, B, U, V, OU, OV, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, fu_ptr, fv_ptr, TU, TV,
@@ -613,11 +613,8 @@ def _factored_apply_body(task, t, B, U, VQ, OU, OV, SEG, c_ptr, p_ptr, g_ptr, mo
     w_ptr = w_ptr + (task * SEGS + SEG) * WR * HP
     wh_ptr, bh_ptr, wo_ptr = _task_mlp(task, wh_ptr, bh_ptr, wo_ptr, HP, NHID)
     h = tl.arange(0, HP)
-    # "dot_all" with bf16 / float32 dots: the row / column features as 16 more planes of
-    # one [R C, 32] x [32, HP] dot, from plane-major tables [tasks, TW, TU | TV]
-    # (`TritonKernels.row_col_planes`, which says why not with TF32)
-    PLANES: tl.constexpr = L1 == "dot_all" and (PREC == "bf16" or PREC == "ieee")
-    if PLANES:
+    if PLANES:  # the row / column features as 16 more planes of one [R C, 32] x [32, HP]
+        # dot, from plane-major tables [tasks, TW, TU | TV] (`row_col_as_planes`)
         tu_ptr = tu_ptr + task * TW * TU + OU + b * U
         tv_ptr = tv_ptr + task * TW * TV + OV + b * V
     else:
@@ -839,18 +836,29 @@ def factored_moments_kernel(tiles: tuple[int, ...], values: tuple):
 def factored_apply_kernel(tiles: tuple[int, ...], values: tuple, persistent: bool = False):
     """The apply pass over factored tensors: (c_ptr, p0_ptr.., g.., mom.., rms.., fu_ptr,
     fv_ptr, tu_ptr, tv_ptr, w_ptr, wh_ptr, bh_ptr, wo_ptr, su_ptr, sv_ptr, po0_ptr.., mo..,
-    ro.., nu0_ptr.., nv..; TU, TV, SEGS, R, C, HP, NHID, EXP_MULT, STEP_MULT, PREC, L1, TW,
-    WR, VA[, TASKS, STAGES]);
+    ro.., nu0_ptr.., nv..; TU, TV, SEGS, R, C, HP, NHID, EXP_MULT, STEP_MULT, PREC, L1,
+    PLANES, TW, WR, VA[, TASKS, STAGES]);
     values B, U, VQ, OU, OV, SEG per tensor. `persistent`: a fixed grid of programs that
     loop over the tiles, their next tiles' loads in flight (`members.member_kernel`)."""
     constexprs = ("TU", "TV", "SEGS", "R", "C", "HP", "NHID", "EXP_MULT", "STEP_MULT", "PREC",
-                  "L1", "TW", "WR", "VA") + (("TASKS", "STAGES") if persistent else ())
+                  "L1", "PLANES", "TW", "WR", "VA") + (("TASKS", "STAGES") if persistent else ())
     return members.member_kernel(
         _factored_apply_body,
         "_factored_apply_persistent_kernel" if persistent else "_factored_apply_kernel", tiles,
         values, ("c_ptr",), _FACTORED_STATE,
         ("fu_ptr", "fv_ptr", "tu_ptr", "tv_ptr", "w_ptr", "wh_ptr", "bh_ptr", "wo_ptr", "su_ptr",
          "sv_ptr"), ("po_ptr", "mo_ptr", "ro_ptr", "nu_ptr", "nv_ptr"), (), constexprs, persistent)
+
+
+def row_col_as_planes(layer1: str, mlp_precision: str) -> bool:
+    """Whether the apply kernel takes "dot_all"'s row / column features as 16 more planes
+    of layer 1's one dot (its PLANES, from plane-major tables), not as a [tile, 16] operand
+    of their own, which crosses shared memory in four chunks. Compiled for sm_90 (4096 x
+    4096, 1x256, 4 warps): bf16 688 instructions per thread and 3 barriers against 760
+    and 6, "ieee" 5368 against 5472, at the same registers. TF32 would take 840 and 3
+    against 944 and 13, but 174 registers (8 warps per SM) against 160 (12): not taken
+    untimed; tf32_fp16 gives them their own precision (fp16), so their own dot."""
+    return layer1 == "dot_all" and mlp_precision in ("bf16", "ieee")
 
 
 def _tiles(lay: plan.FactoredLayout, blocks: BlockSizes) -> int:
@@ -926,14 +934,7 @@ class TritonKernels:
         self.in_place = in_place
         self.launcher = resolve_launcher(launcher)
         self.row_col_in_dot = layer1 == "dot_all"  # what plan hands factored_apply
-        # "dot_all"'s row / column features as planes of layer 1's one dot (the kernel's
-        # PLANES), not a [tile, 16] operand of their own, which crosses shared memory in
-        # four chunks. Compiled for sm_90 (4096 x 4096, 1x256, 4 warps): bf16 688
-        # instructions per thread and 3 barriers against 760 and 6, "ieee" 5368 against
-        # 5472, at the same registers. TF32 would take 840 and 3 against 944 and 13, but
-        # 174 registers (8 warps per SM) against 160 (12): not taken untimed; tf32_fp16
-        # gives them their own precision (fp16), so their own dot.
-        self.row_col_planes = layer1 == "dot_all" and mlp_precision in ("bf16", "ieee")
+        self.row_col_planes = row_col_as_planes(layer1, mlp_precision)
 
     def _call(self, *args, **kw):
         if self.launcher == "xla":
@@ -1089,8 +1090,8 @@ class TritonKernels:
                 num_warps=blk.num_warps, num_stages=blk.num_stages, TU=fu.shape[-1],
                 TV=fv.shape[-1], SEGS=w.shape[0], R=blk.rows, C=blk.cols, HP=hp, NHID=nhid,
                 EXP_MULT=mults[0], STEP_MULT=mults[1], PREC=self.mlp_precision, L1=self.layer1,
-                TW=tu.shape[-2 if self.row_col_planes else -1], WR=w.shape[-2], VA=va,
-                name="adafac_apply", **extra,
+                PLANES=self.row_col_planes, TW=tu.shape[-2 if self.row_col_planes else -1],
+                WR=w.shape[-2], VA=va, name="adafac_apply", **extra,
                 input_output_aliases=aliases)
             return [outs[o * k:(o + 1) * k] for o in range(5)]
 
