@@ -12,7 +12,7 @@
 # `donated profile sweep`; the most needed first, the sweep last as the first to give
 # up): the kernels tested on the GPU, a one-step check of each Triton
 # launcher (else jax-triton's legacy call for the rest), step.py with the state kept,
-# the kernels' hardware counters (ncu, 3 runs, not yet run), step.py with the state
+# the kernels' hardware counters (ncu, 4 runs, not yet run), step.py with the state
 # donated (as a training loop runs), where the time goes (profile), and the tile /
 # precision / persistent / layer-1 sweep with Adam timed in the same run. Left out: the diagnostic
 # compare, xla_step (step.py's Triton rows through XLA's own Triton calls), graphs (host
@@ -85,7 +85,9 @@ jax_triton.__version__); print(jax.devices())" ;;
       # A run that fails (no ncu, no counters) ends the section: the rest would too.
       # The second run is "dot_all" at the default TF32: against the first it shows what
       # the "dot" form's per-column tables cost in L2 traffic (docs/KERNELS.md, "Session
-      # 22": 128 B per element at 1x256, three times the tile's DRAM bytes).
+      # 22": 128 B per element at 1x256, three times the tile's DRAM bytes). The fourth
+      # walks the tiles down the column blocks (session 23, `blocks.TILE_ORDERS`): its L2
+      # throughput against the first's says whether the SMs' L1 then serves the tables.
       n=0
       while IFS= read -r args; do
         n=$((n + 1))
@@ -94,7 +96,8 @@ jax_triton.__version__); print(jax.devices())" ;;
         grep -q "rc=0" <(tail -1 "$OUT/ncu.log") || break
       done <<< "${NCU_RUNS:-"--backend pallas
 --backend pallas --layer1 dot_all
---backend triton"}" ;;
+--backend triton
+--backend pallas --tile-order columns"}" ;;
     step)
       # The default sizes fit the limit (all of step.py's GPU defaults at 20 repeats took
       # over 200 s on an H100; 1e7 + 1e8 + 64 tasks at 10 repeats took 95 s there with the
@@ -137,6 +140,11 @@ jax_triton.__version__); print(jax.devices())" ;;
       run "${PALLAS_SWEEP_LIMIT:-240}" sweep python3 benchmarks/tile_sweep.py --backend pallas \
         ${PALLAS_SWEEP_ARGS:---tiles 1x256 8x32 1x128 --warps 4 --layer1 dot dot_all \
           --precision tf32 tf32_fp16 --early-weights off}
+      # The order of the tiles (session 23): "columns" keeps each SM on one column block,
+      # so the apply kernel's per-column operands (tv) come from its L1 instead of L2.
+      # shellcheck disable=SC2086
+      run "${ORDER_SWEEP_LIMIT:-90}" sweep python3 benchmarks/tile_sweep.py --backend pallas \
+        ${ORDER_SWEEP_ARGS:---tiles 1x256 --warps 4 --layer1 dot dot_all --tile-order rows columns}
       # shellcheck disable=SC2086
       run "${REDUCTION_SWEEP_LIMIT:-90}" sweep python3 benchmarks/tile_sweep.py --backend pallas \
         ${REDUCTION_SWEEP_ARGS:---tiles 1x256 --warps 4 --reduction-tiles library 1x2048 2x1024}

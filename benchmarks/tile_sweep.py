@@ -3,25 +3,27 @@
     python benchmarks/tile_sweep.py                                  # triton, 1e7 and 1e8
     python benchmarks/tile_sweep.py --tiles 1x256 2x128 --layer1 dot dot_all --precision tf32 bf16
     python benchmarks/tile_sweep.py --backend pallas --tiles 1x256 --layer1 dot dot_all --early-weights off on
+    python benchmarks/tile_sweep.py --backend pallas --tiles 1x256 8x32 --tile-order rows columns
     python benchmarks/tile_sweep.py --layer1 dot_all --precision bf16 --persistent off on --stages 2 3
 
 Each configuration overrides the apply tile of every factored tensor (`blocks=BlockSizes(
-rows, cols, num_warps, num_stages)`) of a square matrix plus its bias, how the apply kernel runs
-the first MLP layer (`layer1`), the dots' operands (`mlp_precision`) and, for triton,
-whether it is the persistent kernel (`persistent`, its tile loop pipelined `num_stages`
-deep), for pallas where the apply kernels read the MLP's biases and output layer
-(`early_weights`). An explicit tile is the apply pass's; the reduction passes keep the
+rows, cols, num_warps, num_stages)`) of a square matrix plus its bias, how the apply
+kernel runs the first MLP layer (`layer1`), the dots' operands (`mlp_precision`) and, for
+triton, whether it is the persistent kernel (`persistent`, its tile loop pipelined
+`num_stages` deep), for pallas where the apply kernels read the MLP's biases and output
+layer (`early_weights`) and the order of a tensor's tiles (`tile_order`,
+`blocks.TILE_ORDERS`). An explicit tile is the apply pass's; the reduction passes keep the
 library's tile (`reduction_block_sizes`, 4x bigger), or take the apply tile
 (`--reduction-tiles same`, as every sweep before session 21 did) or another
-(`--reduction-tiles 1x2048`). "default" is the library's choice: `blocks.block_sizes`
-for the apply pass and `reduction_block_sizes` for the two reduction passes; triton:
-layer 1 as "dot", TF32, one program per tile; pallas: layer 1 as "dot". All
-configurations of a size, and `optax.adam` on the same tree (the issue's <= 3x target),
-are timed in alternation (one call of each per round:
-`timing.interleaved_median_and_iqr`), compile and warm-up excluded, so their ratios hold
-on a noisy machine. No state is donated, so the kernels write fresh outputs
-(`in_place=False`). `profiling/triton_resources.py` and `profiling/pallas_resources.py`
-give each kernel's registers and instruction mix without a GPU; this gives the times.
+(`--reduction-tiles 1x2048`). "default" is the library's choice: `blocks.block_sizes` for
+the apply pass and `reduction_block_sizes` for the two reduction passes; triton: layer 1
+as "dot", TF32, one program per tile; pallas: layer 1 as "dot". All configurations of a
+size, and `optax.adam` on the same tree (the issue's <= 3x target), are timed in
+alternation (one call of each per round: `timing.interleaved_median_and_iqr`), compile and
+warm-up excluded, so their ratios hold on a noisy machine. No state is donated, so the
+kernels write fresh outputs (`in_place=False`). `profiling/triton_resources.py` and
+`profiling/pallas_resources.py` give each kernel's registers and instruction mix without a
+GPU; this gives the times.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from lopt_fast.learned import AdafacMLPLOpt
 from lopt_fast.pallas.blocks import (
     LAYER1_FORMS,
     MLP_PRECISIONS,
+    TILE_ORDERS,
     BlockSizes,
     reduction_block_sizes,
 )
@@ -80,6 +83,9 @@ def main(argv=None):
     ap.add_argument("--early-weights", nargs="*", choices=("off", "on"), default=["off"],
                     help="pallas only: the apply kernels read the MLP's biases and output "
                          "layer before any math (pallas_update's `early_weights`)")
+    ap.add_argument("--tile-order", nargs="*", choices=TILE_ORDERS, default=["rows"],
+                    help="pallas only: across a row block's tiles first, or down a column "
+                         "block's (pallas_update's `tile_order`)")
     ap.add_argument("--persistent", nargs="*", choices=("off", "on"), default=["off"],
                     help="triton only: the apply pass as a persistent kernel (triton_update's "
                          "`persistent`)")
@@ -100,9 +106,10 @@ def main(argv=None):
                         for l1 in args.layer1 or ["dot"] for prec in args.precision
                         for pers in args.persistent]
     else:
-        kernel_forms = [{"layer1": l1, "mlp_precision": prec, "early_weights": early == "on"}
+        kernel_forms = [{"layer1": l1, "mlp_precision": prec, "early_weights": early == "on",
+                         "tile_order": order}
                         for l1 in args.layer1 or ["dot"] for prec in args.precision
-                        for early in args.early_weights]
+                        for early in args.early_weights for order in args.tile_order]
     configs = {"default": ({}, None)}  # name: (update options, --reduction-tiles value)
     for tile in args.tiles:
         for warps in args.warps:
@@ -112,6 +119,7 @@ def main(argv=None):
                     for reduction in args.reduction_tiles:
                         parts = [f"{tile} w{warps}", form["layer1"], form.get("mlp_precision"),
                                  "early" if form.get("early_weights") else "",
+                                 "columns" if form.get("tile_order") == "columns" else "",
                                  f"persistent s{stages}" if stages else "",
                                  "" if reduction == "library" else f"reduction {reduction}"]
                         name = " ".join(part for part in parts if part)

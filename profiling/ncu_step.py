@@ -89,7 +89,8 @@ def _target(args):
     params, grad = random_tree(shapes, jax.random.key(1)), random_tree(shapes, jax.random.key(2))
     state = lopt.opt_fn(theta, backend="reference").init(params, num_steps=1000)
     options = {k: v for k, v in (("layer1", args.layer1), ("mlp_precision", args.precision),
-                                 ("early_weights", args.early_weights or None)) if v is not None}
+                                 ("early_weights", args.early_weights or None),
+                                 ("tile_order", args.tile_order)) if v is not None}
     step = jax.jit(lambda s, g: update(lopt, theta, s, g, in_place=False, **options))
     for _ in range(args.warmup + args.steps):
         out = jax.block_until_ready(step(state, grad))
@@ -212,6 +213,9 @@ def main(argv=None):
     ap.add_argument("--precision", default=None, help="mlp_precision; the default unless given")
     ap.add_argument("--early-weights", action="store_true",
                     help="pallas: read the MLP's biases and output layer before the math")
+    ap.add_argument("--tile-order", default=None,
+                    help="pallas: the order of a tensor's tiles (blocks.TILE_ORDERS); the "
+                         "default unless given")
     ap.add_argument("--warmup", type=int, default=2, help="steps before the profiled one")
     ap.add_argument("--steps", type=int, default=1, help="steps profiled")
     ap.add_argument("--out", default="/tmp/lopt_fast_ncu")

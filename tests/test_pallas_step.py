@@ -23,7 +23,8 @@ import pytest
 from lopt_fast.learned import AdafacMLPLOpt, reference_update
 from lopt_fast.pallas import BlockSizes, block_sizes, pallas_update
 from lopt_fast.pallas import plan as pallas_plan
-from lopt_fast.pallas.blocks import FLOOR_CASTS, RELU_CASTS, member_runs, plane_tile
+from lopt_fast.pallas.blocks import FLOOR_CASTS, RELU_CASTS, TILE_ORDERS, member_runs, plane_tile
+from lopt_fast.pallas.members import MemberTiles
 from tests.helpers import ROOT, precise_reference, random_state, random_theta, stored_after_a_move
 
 
@@ -172,17 +173,17 @@ def ref_fn(lopt):
     return precise_reference(lopt)
 
 
-@pytest.mark.parametrize("layer1, mlp_precision, tol, early_weights, reduction_blocks", [
-    ("fma", "ieee", KERNEL_TOLERANCE, False, None),
-    ("dot", "tf32", TF32_TOLERANCE, False, BlockSizes(rows=2, cols=16)),  # its own tile
-    ("dot_all", "ieee", KERNEL_TOLERANCE, True, None),
-    ("dot", "bf16", BF16_DOTS_TOLERANCE, False, None),
+@pytest.mark.parametrize("layer1, mlp_precision, tol, early_weights, reduction_blocks, order", [
+    ("fma", "ieee", KERNEL_TOLERANCE, False, None, "rows"),
+    ("dot", "tf32", TF32_TOLERANCE, False, BlockSizes(rows=2, cols=16), "columns"),  # own tile
+    ("dot_all", "ieee", KERNEL_TOLERANCE, True, None, "columns"),
+    ("dot", "bf16", BF16_DOTS_TOLERANCE, False, None, "rows"),
     # "dot_all" with one layer-1 dot (`_row_col_planes`), and with two (tf32_fp16)
-    ("dot_all", "tf32", TF32_TOLERANCE, False, None),
-    ("dot_all", "bf16", BF16_DOTS_TOLERANCE, False, None),
-    ("dot_all", "tf32_fp16", TF32_TOLERANCE, False, None)])
+    ("dot_all", "tf32", TF32_TOLERANCE, False, None, "rows"),
+    ("dot_all", "bf16", BF16_DOTS_TOLERANCE, False, None, "rows"),
+    ("dot_all", "tf32_fp16", TF32_TOLERANCE, False, None, "rows")])
 def test_tree_of_shape_classes_multi_tile(lopt, ref_fn, layer1, mlp_precision, tol,
-                                          early_weights, reduction_blocks):
+                                          early_weights, reduction_blocks, order):
     seed = _seed()
     rng = np.random.default_rng(seed)
     theta = random_theta(lopt, jax.random.key(seed))
@@ -190,7 +191,8 @@ def test_tree_of_shape_classes_multi_tile(lopt, ref_fn, layer1, mlp_precision, t
     kernel = jax.jit(lambda t, s, g: pallas_update(lopt, t, s, g, mlp_precision=mlp_precision,
                                                    blocks=SMALL_TILES, packed_blocks=SMALL_PACKED,
                                                    layer1=layer1, early_weights=early_weights,
-                                                   reduction_blocks=reduction_blocks))
+                                                   reduction_blocks=reduction_blocks,
+                                                   tile_order=order))
     run_trajectories(lopt, theta, params, TREE_SHAPES, rng, kernel, ref_fn, tol=tol)
     # float32 params: bf16 / fp16 appear in the kernels only as those dots' operands
     state = lopt.opt_fn(theta, backend="reference").init(params, num_steps=10)
@@ -699,6 +701,24 @@ def test_reduction_passes_take_their_own_tiles(lopt):
         jax.eval_shape(lambda t, s, g, r=recorder, b=blocks: pallas_plan.fused_update(
             r, lopt, t, s, g, blocks=b), theta, state, params)
         assert seen == want, (blocks, seen)
+
+
+@pytest.mark.parametrize("order", TILE_ORDERS)
+def test_tile_orders_visit_every_tile_once(order):
+    """A launch's programs cover each member's tiles once, the BlockSpecs' index maps
+    (`_block`) and the kernels' `locate` agree, and "columns" walks down a column block
+    before the next one (the Triton kernels' order) where "rows" walks across a row."""
+    tiles = MemberTiles(((1, 13, 29), (2, 8, 16)), BlockSizes(rows=4, cols=8), order)
+    seen = []
+    for i in range(tiles.total):
+        seg, b, j, k, _, _ = (int(x) for x in tiles.locate(jnp.int32(i)))
+        assert (b, j, k) == tuple(int(x) for x in tiles._block(jnp.int32(i), seg)), i
+        seen.append((seg, b, j, k))
+    want = [(m, b, j, k) for m, (nb, nu, nv) in enumerate(tiles.grids)
+            for b in range(nb) for j in range(nu) for k in range(nv)]
+    assert sorted(seen) == want
+    step = (0, 0, 1, 0) if order == "columns" else (0, 0, 0, 1)
+    assert tuple(y - x for x, y in zip(seen[0], seen[1], strict=True)) == step
 
 
 def test_member_runs_split_at_a_new_dtype_and_at_the_cap():

@@ -74,6 +74,7 @@ from lopt_fast.pallas.blocks import (
     MLP_PRECISIONS,
     PALLAS_MAX_MEMBERS,
     RELU_CASTS,
+    TILE_ORDERS,
     BlockSizes,
     member_runs,
     sums_tile,
@@ -842,14 +843,18 @@ class PallasKernels:
         registers instead of 152 (12 warps per SM either way); "dot" with TF32 3 instead of
         4 at 176 registers instead of 159 (8 warps per SM instead of 12). Untimed: for the
         GPU sweep.
+      tile_order: how a factored tensor's tiles are walked, "rows" or "columns"
+        (`blocks.TILE_ORDERS`: which programs share an SM's L1 for the per-column operands).
     """
 
     def __init__(self, interpret: bool, mlp_precision: str = "tf32", layer1: str = "dot",
-                 in_place: bool = True, early_weights: bool = False):
+                 in_place: bool = True, early_weights: bool = False, tile_order: str = "rows"):
         if mlp_precision not in MLP_PRECISIONS:
             raise ValueError(f"mlp_precision must be one of {MLP_PRECISIONS}, got {mlp_precision!r}")
         if layer1 not in LAYER1_FORMS:
             raise ValueError(f"layer1 must be one of {LAYER1_FORMS}, got {layer1!r}")
+        if tile_order not in TILE_ORDERS:
+            raise ValueError(f"tile_order must be one of {TILE_ORDERS}, got {tile_order!r}")
         self.interpret = interpret
         # the layers after the first take their weights as `plan.mlp_weights` hands them
         # under this precision: rounded to their dots' operand type once per step, not in
@@ -859,6 +864,7 @@ class PallasKernels:
         self.layer1 = layer1
         self.in_place = in_place
         self.early_weights = early_weights
+        self.tile_order = tile_order
         self.row_col_in_dot = layer1 == "dot_all"  # what plan hands group_apply
         self.row_col_planes = _row_col_as_planes(layer1, mlp_precision)
 
@@ -906,11 +912,10 @@ class PallasKernels:
     def _offsets(group: plan.FactoredGroup, run: range):
         return (tuple(group.u_offsets[j] for j in run), tuple(group.v_offsets[j] for j in run))
 
-    @staticmethod
-    def _tiles(group: plan.FactoredGroup, run: range, tile: BlockSizes) -> MemberTiles:
-        """The run's tensors [B, U, V], in `tile`."""
+    def _tiles(self, group: plan.FactoredGroup, run: range, tile: BlockSizes) -> MemberTiles:
+        """The run's tensors [B, U, V], in `tile`, walked in `tile_order`."""
         return MemberTiles(tuple((group.layouts[j].B, group.layouts[j].U, group.layouts[j].V)
-                                 for j in run), tile)
+                                 for j in run), tile, self.tile_order)
 
     def group_sides(self, g, v_u, v_v, consts, group: plan.FactoredGroup, tile: BlockSizes):
         """(new_u, new_v, f_u, f_v) on the flat sides, one program per [U, V] plane, each in
@@ -1137,9 +1142,9 @@ class PallasKernels:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
 def _fused(lopt, theta, state, grad, config):
     (interpret, mlp_precision, blocks, packed_blocks, reduction_blocks, layer1, in_place,
-     early_weights) = config
+     early_weights, tile_order) = config
     kernels = plan.Kernels.of(PallasKernels(interpret, mlp_precision, layer1, in_place,
-                                            early_weights))
+                                            early_weights, tile_order))
     return plan.fused_update(kernels, lopt, theta, state, grad, blocks=blocks,
                              packed_blocks=packed_blocks, reduction_blocks=reduction_blocks)
 
@@ -1163,7 +1168,7 @@ def pallas_update(lopt, theta, state, grad, *, interpret: bool | None = None,
                   mlp_precision: str = "tf32", blocks: BlockSizes | None = None,
                   packed_blocks: BlockSizes | None = None, layer1: str = "dot",
                   in_place: bool = True, early_weights: bool = False,
-                  reduction_blocks: BlockSizes | None = None):
+                  reduction_blocks: BlockSizes | None = None, tile_order: str = "rows"):
     """Fused Pallas `AdafacMLPLOpt` update: the signature of `reference_update`.
 
     Forward runs the kernels; the backward pass (`jax.custom_vjp`) differentiates the
@@ -1184,6 +1189,8 @@ def pallas_update(lopt, theta, state, grad, *, interpret: bool | None = None,
         and `in_place=False` (fresh outputs) saves those copies (`plan.in_place_aliases`).
       early_weights: where the apply kernels read the MLP's biases and output layer (see
         `PallasKernels`).
+      tile_order: "rows" or "columns", the order of a factored tensor's tiles
+        (`blocks.TILE_ORDERS`).
 
     Returns:
       (new params tree, `LeafAccumulators` of accumulator trees).
@@ -1195,4 +1202,4 @@ def pallas_update(lopt, theta, state, grad, *, interpret: bool | None = None,
         interpret = jax.default_backend() == "cpu"
     return _fused(lopt, theta, state, grad,
                   (bool(interpret), mlp_precision, blocks, packed_blocks, reduction_blocks,
-                   layer1, bool(in_place), bool(early_weights)))
+                   layer1, bool(in_place), bool(early_weights), tile_order))

@@ -59,6 +59,18 @@ RELU_CASTS = {"fp16": "cvt.rn.relu.satfinite.f16x2.f32 $0, $2, $1;",
 FLOOR_CASTS = {
     "fp16": "{ .reg .b32 t; cvt.rn.satfinite.f16x2.f32 t, $2, $1; max.f16x2 $0, t, $3; }",
     "bf16": "{ .reg .b32 t; cvt.rn.bf16x2.f32 t, $2, $1; max.bf16x2 $0, t, $3; }"}
+# The order in which the Pallas kernels walk a factored tensor's tiles
+# (`pallas_update(..., tile_order=...)`): "rows", across a row block's column blocks,
+# then down (row-major, the default); "columns", down a column block's row blocks, then
+# across, the Triton kernels' fixed order (`adafac_triton._member_tile`). Consecutive
+# programs run on different SMs, so with "columns" (and more row blocks than programs in
+# flight) every SM works on one column block at a time, and the per-column operands of
+# the apply kernel (tv: "dot"'s table, [256, Hp] floats per 1x256 tile, 128 B per
+# element, or "dot_all"'s 8 features, 32 B) are read from L2 once per SM and then hit in
+# its L1; with "rows" the programs an SM runs are in different column blocks, so each
+# reads its own from L2. Untimed (session 23, no GPU): `benchmarks/tile_sweep.py
+# --tile-order`, with ncu's L2 throughput (`profiling/ncu_step.py`).
+TILE_ORDERS = ("rows", "columns")
 # How `triton_update` launches its kernels (`launcher`, or this environment variable):
 # through jax-triton as jaxlib's FFI Triton call (`lopt_fast.kernels.ffi_call`), through
 # jax-triton's own legacy call, or as XLA's own Triton calls (`lopt_fast.kernels.xla_call`).

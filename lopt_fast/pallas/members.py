@@ -15,7 +15,8 @@ Every member brings memory operations of its own, and Triton's coalescing pass w
 whole kernel once per memory operation, so compile time grows with the square of the
 members: launchers take at most `blocks.PALLAS_MAX_MEMBERS` (the measurements are there).
 
-Tiles of a member walk its [B, U / rows, V / cols] grid in row-major order.
+Tiles of a member walk its [B, U / rows, V / cols] grid in row-major order, or with
+`order="columns"` down each column block's rows first (`blocks.TILE_ORDERS`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class MemberTiles:
 
     shapes: tuple[tuple[int, int, int], ...]
     tile: BlockSizes
+    order: str = "rows"  # `blocks.TILE_ORDERS`
 
     @property
     def grids(self) -> tuple[tuple[int, int, int], ...]:
@@ -77,11 +79,16 @@ class MemberTiles:
             out = jnp.where(seg == m, values[m], out)
         return out
 
+    def _walk(self, t, nu, nv):
+        """(b, row block, column block) of a member's tile t in `order`."""
+        if self.order == "columns":
+            return t // (nu * nv), t % nu, (t // nu) % nv
+        return t // (nu * nv), (t // nv) % nu, t % nv
+
     def _block(self, i, m: int):
         """(b, row block, column block) of launch tile i within member m, clamped."""
         _, nu, nv = self.grids[m]
-        t = jnp.clip(i - self.starts[m], 0, self.counts[m] - 1)
-        return t // (nu * nv), (t // nv) % nu, t % nv
+        return self._walk(jnp.clip(i - self.starts[m], 0, self.counts[m] - 1), nu, nv)
 
     def specs(self, block_shape, dims: str) -> list[pl.BlockSpec]:
         """Each member's BlockSpec for a ref whose block dims are `dims`: "b" the tile's B
@@ -109,7 +116,7 @@ class MemberTiles:
         nv = self.pick(seg, [g[2] for g in self.grids])
         u = self.pick(seg, [s[1] for s in self.shapes])
         v = self.pick(seg, [s[2] for s in self.shapes])
-        return seg, t // (nu * nv), (t // nv) % nu, t % nv, u, v
+        return (seg, *self._walk(t, nu, nv), u, v)
 
     @staticmethod
     def switch(seg, count: int, branch):
