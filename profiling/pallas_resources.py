@@ -4,12 +4,13 @@
     python profiling/pallas_resources.py --layer1 fma dot --shape 1024 1000 --warps 4 8
 
 Lowers one `pallas_update` step for CUDA (`lowering_platforms=("cuda",)`, no GPU or CUDA
-plugin needed), keeps the Triton module that Pallas' Triton lowering emits for each
-`pallas_call`, and compiles it with the installed triton's `triton.compile` for sm_90 with
-the launch's num_warps / num_stages: the step XLA would take on a GPU. Then the same
-report as `triton_resources.py` (ptxas' registers and spills, the SASS instruction mix).
-On CPU this is also the only check that the Pallas kernels compile to machine code, not
-just lower (`tests/test_pallas_step.py` runs it).
+plugin needed; an H100 as the abstract target, `lopt_fast.pallas.gpu_target`), keeps the
+Triton module that Pallas' Triton lowering emits for each `pallas_call`, and compiles it
+with the installed triton's `triton.compile` for sm_90 with the launch's num_warps /
+num_stages: the step XLA would take on a GPU. Then the same report as
+`triton_resources.py` (ptxas' registers and spills, the SASS instruction mix). On CPU this
+is also the only check that the Pallas kernels compile to machine code, not just lower
+(`tests/test_pallas_step.py` runs it).
 
 Needs triton; reads Pallas' Triton modules through a private JAX function
 (`jax._src.pallas.triton.pallas_call_registration.lowering.lower_jaxpr_to_triton_module`).
@@ -34,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from triton_resources import resources, warps_per_sm  # noqa: E402
 
 from lopt_fast.learned import AdafacMLPLOpt  # noqa: E402
-from lopt_fast.pallas import BlockSizes, block_sizes, pallas_update  # noqa: E402
+from lopt_fast.pallas import BlockSizes, abstract_gpu, block_sizes, pallas_update  # noqa: E402
 from lopt_fast.pallas.blocks import (  # noqa: E402
     LAYER1_FORMS,
     MLP_PRECISIONS,
@@ -97,7 +98,7 @@ def step_modules(shapes: dict, hidden: int = 32, layer1: str = "dot",
     step = jax.jit(lambda t, s, g: pallas_update(lopt, t, s, g, interpret=False, layer1=layer1,
                                                  blocks=blocks, mlp_precision=mlp_precision,
                                                  early_weights=early_weights))
-    with _triton_modules() as modules:
+    with _triton_modules() as modules, abstract_gpu():
         step.trace(theta, state, params).lower(lowering_platforms=("cuda",))
     return modules
 

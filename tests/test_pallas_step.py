@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from lopt_fast.learned import AdafacMLPLOpt, reference_update
-from lopt_fast.pallas import BlockSizes, block_sizes, pallas_update
+from lopt_fast.pallas import BlockSizes, abstract_gpu, block_sizes, pallas_update
 from lopt_fast.pallas import plan as pallas_plan
 from lopt_fast.pallas.blocks import FLOOR_CASTS, RELU_CASTS, TILE_ORDERS, member_runs, plane_tile
 from lopt_fast.pallas.members import MemberTiles
@@ -316,8 +316,9 @@ def test_many_tensors_take_several_launches_and_pack_their_vectors(lopt, ref_fn)
     # compiled for a GPU: 2 launches per factored pass (row / column sums, moments,
     # apply), 1 per pass for the packed vectors
     state = lopt.opt_fn(theta, backend="reference").init(params, num_steps=10)
-    lowered = jax.jit(lambda t, s, g: step(t, s, g, interpret=False)).trace(
-        theta, state, params).lower(lowering_platforms=("cuda",))
+    with abstract_gpu():
+        lowered = jax.jit(lambda t, s, g: step(t, s, g, interpret=False)).trace(
+            theta, state, params).lower(lowering_platforms=("cuda",))
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == 3 * 2 + 2
 
 
@@ -526,12 +527,24 @@ def test_lowers_for_cuda_through_triton(lopt, in_place):
     fn = jax.vmap(lambda t, s, g: pallas_update(lopt, t, s, g, interpret=False, in_place=in_place),
                   in_axes=(None, 0, 0))
     batched = jax.tree.map(lambda x: jnp.stack([x, x]), (state, params))
-    lowered = jax.jit(fn).trace(theta, *batched).lower(lowering_platforms=("cuda",))
+    with abstract_gpu():
+        lowered = jax.jit(fn).trace(theta, *batched).lower(lowering_platforms=("cuda",))
     launches = [line for line in lowered.as_text().splitlines() if "__gpu$xla.gpu.triton" in line]
     assert len(launches) == 3 * 2 + 2, "one Triton launch per pass and run"
     aliases = sum(line.count("output_operand_alias<") for line in launches)
     # p, mom, rms of the 3 factored tensors; p, mom, rms, v_diag of the 2 vectors
     assert aliases == (3 * 3 + 4 * 2 if in_place else 0), f"{aliases} aliased operands"
+
+
+def test_abstract_gpu_names_the_device_pallas_lowers_for():
+    """Inside `abstract_gpu` the abstract mesh's device is the CUDA GPU that Pallas'
+    Triton lowering asks for when this machine has none (JAX >= 0.11), and only there."""
+    if not hasattr(jax.sharding, "AbstractDevice"):
+        pytest.skip(f"jax {jax.__version__} has no jax.sharding.AbstractDevice")
+    with abstract_gpu("NVIDIA H200"):
+        device = jax.sharding.get_abstract_mesh().abstract_device
+        assert (device.platform, device.device_kind) == ("cuda", "NVIDIA H200")
+    assert jax.sharding.get_abstract_mesh().abstract_device is None
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None,

@@ -6,9 +6,10 @@ backend dispatch and the CLI validate) cost no more than their own module.
 """
 
 from lopt_fast.pallas.blocks import BlockSizes, block_sizes, packed_block_sizes, padded_hidden
+from lopt_fast.pallas.gpu_target import abstract_gpu
 
-__all__ = ["BlockSizes", "PallasKernels", "block_sizes", "packed_block_sizes", "padded_hidden",
-           "pallas_update"]
+__all__ = ["BlockSizes", "PallasKernels", "abstract_gpu", "block_sizes", "packed_block_sizes",
+           "padded_hidden", "pallas_update"]
 
 
 def __getattr__(name):
