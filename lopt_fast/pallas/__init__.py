@@ -6,7 +6,6 @@ backend dispatch and the CLI validate) cost no more than their own module.
 """
 
 from lopt_fast.pallas.blocks import BlockSizes, block_sizes, packed_block_sizes, padded_hidden
-from lopt_fast.pallas.gpu_target import abstract_gpu
 
 __all__ = ["BlockSizes", "PallasKernels", "abstract_gpu", "block_sizes", "packed_block_sizes",
            "padded_hidden", "pallas_update"]
@@ -17,4 +16,8 @@ def __getattr__(name):
         from lopt_fast.pallas import adafac_step
 
         return getattr(adafac_step, name)
+    if name == "abstract_gpu":
+        from lopt_fast.pallas import gpu_target
+
+        return gpu_target.abstract_gpu
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
