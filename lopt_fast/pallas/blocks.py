@@ -66,10 +66,11 @@ FLOOR_CASTS = {
 # programs run on different SMs, so with "columns" (and more row blocks than programs in
 # flight) every SM works on one column block at a time, and the per-column operands of
 # the apply kernel (tv: "dot"'s table, [256, Hp] floats per 1x256 tile, 128 B per
-# element, or "dot_all"'s 8 features, 32 B) are read from L2 once per SM and then hit in
-# its L1; with "rows" the programs an SM runs are in different column blocks, so each
-# reads its own from L2. Untimed (session 23, no GPU): `benchmarks/tile_sweep.py
-# --tile-order`, with ncu's L2 throughput (`profiling/ncu_step.py`).
+# element, or "dot_all"'s 8 features, 32 B) can come from L2 once per SM and then from
+# its L1, unless the stream of p, g, m, rms evicts them first; with "rows" the programs
+# an SM runs are in different column blocks, so each reads its own from L2. Untimed
+# (session 23, no GPU): `benchmarks/tile_sweep.py --tile-order`, with ncu's L2
+# throughput (`profiling/ncu_step.py`).
 TILE_ORDERS = ("rows", "columns")
 # How `triton_update` launches its kernels (`launcher`, or this environment variable):
 # through jax-triton as jaxlib's FFI Triton call (`lopt_fast.kernels.ffi_call`), through
