@@ -71,6 +71,22 @@ def ceilings(small: bool, repeats: int):
     return {"copy_GBps": copy_gbs, "matmul_GFLOPs": 2 * m**3 / t / 1e9}
 
 
+# The floor counts per parameter (module docstring): float32 bytes moved and FLOPs.
+LOPT_BYTES, ADAM_BYTES, ADAM_FLOP = 72, 28, 12
+
+
+def lopt_flop(hidden_size: int) -> int:
+    h = hidden_size
+    return 2 * (39 * h + h * h + 2 * h)
+
+
+def floor_seconds(nparams: int, bytes_per_param: int, flop_per_param: int, ceil: dict) -> float:
+    """The binding floor: the longer of moving the bytes at the copy rate and doing the
+    FLOPs at the matmul rate (`ceilings`)."""
+    return max(bytes_per_param * nparams / (ceil["copy_GBps"] * 1e9),
+               flop_per_param * nparams / (ceil["matmul_GFLOPs"] * 1e9))
+
+
 def model_shapes(n: int):
     side = max(2, int(round(n ** 0.5)))
     return {"w": (side, side), "b": (side,)}
@@ -167,7 +183,6 @@ def main(argv=None):
             "donate": args.donate, "mlp_precision": args.mlp_precision}
     ceil = ceilings(on_cpu, args.repeats)
     h = args.hidden_size
-    flop_lopt, flop_adam = 2 * (39 * h + h * h + 2 * h), 12
     lopt = AdafacMLPLOpt(hidden_size=h)
 
     workloads = [(f"model {int(n):.0e}", model_shapes(int(n)), None) for n in args.sizes]
@@ -177,15 +192,15 @@ def main(argv=None):
         nparams = sum(int(np.prod(s)) for s in jax.tree.leaves(
             shapes, is_leaf=lambda x: isinstance(x, tuple))) * (tasks or 1)
         t_adam, iqr = time_step(adam_step(shapes, tasks, args.donate), args.repeats, args.donate)
-        entries = [("optax.adam", t_adam, iqr, 28, flop_adam)]
+        entries = [("optax.adam", t_adam, iqr, ADAM_BYTES, ADAM_FLOP)]
         for b in backends:
             for prec in ["tf32"] if b == "reference" else args.mlp_precision:
                 t, iqr = time_step(lopt_step(lopt, b, shapes, tasks, args.donate, prec),
                                    args.repeats, args.donate)
-                entries.append((b if prec == "tf32" else f"{b} {prec}", t, iqr, 72, flop_lopt))
+                entries.append((b if prec == "tf32" else f"{b} {prec}", t, iqr, LOPT_BYTES,
+                                lopt_flop(h)))
         for name, t, iqr, bpp, fpp in entries:
-            floor = max(bpp * nparams / (ceil["copy_GBps"] * 1e9),
-                        fpp * nparams / (ceil["matmul_GFLOPs"] * 1e9))
+            floor = floor_seconds(nparams, bpp, fpp, ceil)
             rows.append({"workload": label, "params": nparams, "backend": name, "ms": t * 1e3,
                          "iqr_ms": iqr * 1e3, "GBps": bpp * nparams / t / 1e9,
                          "GFLOPs": fpp * nparams / t / 1e9, "pct_of_floor": 100 * floor / t,

@@ -20,19 +20,32 @@ the apply pass and `reduction_block_sizes` for the two reduction passes; triton:
 as "dot", TF32, one program per tile; pallas: layer 1 as "dot". All configurations of a
 size, and `optax.adam` on the same tree (the issue's <= 3x target), are timed in
 alternation (one call of each per round: `timing.interleaved_median_and_iqr`), compile and
-warm-up excluded, so their ratios hold on a noisy machine. No state is donated, so the
-kernels write fresh outputs (`in_place=False`). `profiling/triton_resources.py` and
-`profiling/pallas_resources.py` give each kernel's registers and instruction mix without a
-GPU; this gives the times.
+warm-up excluded, so their ratios hold on a noisy machine; "% floor" is against the copy and
+matmul ceilings of the same run (`step.ceilings`, `step.floor_seconds`), so one sweep
+gives every configuration's standing against the issue's <= 3x Adam and >= 60% targets.
+No state is donated, so the kernels write fresh outputs (`in_place=False`).
+`profiling/triton_resources.py` and `profiling/pallas_resources.py` give each kernel's
+registers and instruction mix without a GPU; this gives the times.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 
 import jax
 import numpy as np
-from step import adam_step, model_shapes, random_tree  # benchmarks/step.py (run as scripts)
+from step import (  # benchmarks/step.py (run as scripts)
+    ADAM_BYTES,
+    ADAM_FLOP,
+    LOPT_BYTES,
+    adam_step,
+    ceilings,
+    floor_seconds,
+    lopt_flop,
+    model_shapes,
+    random_tree,
+)
 from timing import interleaved_median_and_iqr  # benchmarks/timing.py
 
 from lopt_fast.learned import AdafacMLPLOpt
@@ -95,6 +108,7 @@ def main(argv=None):
                          "'same' (the apply tile: every pass's) or RxC")
     ap.add_argument("--hidden-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--json", default=None, help="also write the rows and ceilings here")
     args = ap.parse_args(argv)
 
     lopt = AdafacMLPLOpt(hidden_size=args.hidden_size)
@@ -127,10 +141,13 @@ def main(argv=None):
                                                   num_stages=stages or 2)
                         configs[name] = ({"blocks": blocks, **form}, reduction)
 
+    ceil = ceilings(jax.default_backend() == "cpu", args.repeats)
     print(f"{args.backend} on {jax.devices()[0].device_kind}, jax {jax.__version__}, "
-          f"H={args.hidden_size}")
-    print("| params | tile | ms | iqr ms | x default | x adam |")
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
+          f"H={args.hidden_size}; ceilings: copy {ceil['copy_GBps']:.1f} GB/s, matmul "
+          f"{ceil['matmul_GFLOPs']:.1f} GFLOP/s")
+    print("| params | tile | ms | iqr ms | % floor | x default | x adam |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    rows = []
     for n in args.sizes:
         shapes = model_shapes(int(n))  # the same square matrix plus bias as step.py
         nparams = sum(int(np.prod(s)) for s in shapes.values())
@@ -149,8 +166,18 @@ def main(argv=None):
         times = interleaved_median_and_iqr(calls, args.repeats)
         base, adam = times["default"][0], times["optax.adam"][0]
         for name, (t, iqr) in sorted(times.items(), key=lambda kv: kv[1][0]):
+            floor = (floor_seconds(nparams, ADAM_BYTES, ADAM_FLOP, ceil) if name == "optax.adam"
+                     else floor_seconds(nparams, LOPT_BYTES, lopt_flop(args.hidden_size), ceil))
+            rows.append({"params": nparams, "config": name, "ms": t * 1e3, "iqr_ms": iqr * 1e3,
+                         "pct_of_floor": 100 * floor / t, "x_default": t / base,
+                         "x_adam": t / adam})
             print(f"| {nparams:,} | {name} | {t * 1e3:.3f} | {iqr * 1e3:.3f} | "
-                  f"{t / base:.2f} | {t / adam:.2f} |")
+                  f"{100 * floor / t:.1f} | {t / base:.2f} | {t / adam:.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"backend": args.backend, "device": str(jax.devices()[0].device_kind),
+                       "jax": jax.__version__, "hidden_size": args.hidden_size,
+                       "ceilings": ceil, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

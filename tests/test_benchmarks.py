@@ -44,13 +44,22 @@ def test_step_benchmark_times_each_mlp_precision(tmp_path):
                                                       "pallas tf32_fp16"], result["rows"]
 
 
-def test_tile_sweep_times_configurations_against_adam():
+def test_tile_sweep_times_configurations_against_adam(tmp_path):
+    path = tmp_path / "sweep.json"
     out = _run("tile_sweep.py", "--backend", "pallas", "--sizes", "2e3", "--tiles", "1x16",
                "--warps", "4", "--layer1", "dot", "dot_all", "--early-weights", "off", "on",
-               "--repeats", "2")
+               "--repeats", "2", "--json", str(path))
     rows = [line.split("|")[2].strip() for line in out.splitlines() if line.startswith("| 2,070")]
-    assert sorted(rows) == ["1x16 w4 dot tf32", "1x16 w4 dot tf32 early", "1x16 w4 dot_all tf32",
-                            "1x16 w4 dot_all tf32 early", "default", "optax.adam"], out
+    expected = ["1x16 w4 dot tf32", "1x16 w4 dot tf32 early", "1x16 w4 dot_all tf32",
+                "1x16 w4 dot_all tf32 early", "default", "optax.adam"]
+    assert sorted(rows) == expected, out
+    result = json.loads(path.read_text())
+    assert result["ceilings"]["copy_GBps"] > 0 and result["ceilings"]["matmul_GFLOPs"] > 0
+    rows = {r["config"]: r for r in result["rows"]}
+    assert sorted(rows) == expected
+    assert rows["optax.adam"]["x_adam"] == 1.0 and rows["default"]["x_default"] == 1.0
+    for row in rows.values():  # against the same run's ceilings: a share, not a time
+        assert 0 < row["pct_of_floor"] < 100, row
     out = _run("tile_sweep.py", "--backend", "pallas", "--sizes", "2e3", "--tiles", "1x16",
                "--warps", "4", "--reduction-tiles", "library", "same", "2x32", "--repeats", "1")
     rows = [line.split("|")[2].strip() for line in out.splitlines() if line.startswith("| 2,070")]
