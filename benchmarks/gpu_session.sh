@@ -2,22 +2,23 @@
 # Everything a lent GPU machine should run, in one call (the machine keeps nothing):
 #
 #   bash benchmarks/gpu_session.sh [SECTION ...]
-#   # default: env tests launchers step ncu donated profile sweep
+#   # default: env tests launchers ncu sweep step donated profile
 #
 # Sections: env, launchers, tests, compare, step, ncu, xla_step, graphs, donated, sweep,
 # profile, meta. Each writes $OUT/<section>.log (OUT defaults to ./out) and runs under its
-# own time limit, so one failure or hang does not cost the rest. The default list (about 5
-# minutes on an H200 in session 15, before ncu, the longer sweeps and the tf32_fp16 rows
-# of sessions 16-17: now an estimated 9-11, so run it as two calls of under 600 s, `env tests launchers step ncu` then
-# `donated profile sweep`; the most needed first, the sweep last as the first to give
-# up): the kernels tested on the GPU, a one-step check of each Triton
-# launcher (else jax-triton's legacy call for the rest), step.py with the state kept,
-# the kernels' hardware counters (ncu, 4 runs, not yet run), step.py with the state
-# donated (as a training loop runs), where the time goes (profile), and the tile /
-# precision / persistent / layer-1 sweep with Adam timed in the same run. Left out: the diagnostic
-# compare, xla_step (step.py's Triton rows through XLA's own Triton calls), graphs (host
-# launches per step) and meta-training. jax-triton is not in the device image: carry its
-# wheel in .whl/ (docs/KERNELS.md).
+# own time limit, so one failure or hang does not cost the rest. The default list is about
+# 9-11 minutes (estimated from session 15's section times), more than one call, so run it
+# as two: first decide, `env tests launchers ncu sweep` (the kernels tested on the GPU, a
+# one-step check of each Triton launcher, else jax-triton's legacy call for the rest, the
+# kernels' hardware counters, then the tile / precision / layer-1 / tile-order sweep with
+# Adam and the copy / matmul ceilings timed in the same run, so each configuration's
+# "x adam" and "% floor" are the issue's targets; Triton's sweep last, the first to give
+# up), then, with the sweep's winner made the default if it passes the tests, record:
+# `step donated profile` (step.py with the state kept and donated, 1e7, 1e8 and 64
+# tasks, and where the time goes). Left out: the diagnostic compare, xla_step (step.py's
+# Triton rows through XLA's own Triton calls), graphs (host launches per step) and
+# meta-training. jax-triton is not in the device image: carry its wheel in .whl/
+# (docs/KERNELS.md).
 set -u
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -27,7 +28,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1
 SECTIONS=("$@")
-[ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=(env tests launchers step ncu donated profile sweep)
+[ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=(env tests launchers ncu sweep step donated profile)
 
 run() {  # run SECONDS SECTION CMD...: time-limited, logged, never stops the script
   local limit=$1 name=$2
@@ -138,23 +139,25 @@ jax_triton.__version__); print(jax.devices())" ;;
       # than 1x1024 (124 registers, 16 warps per SM, against 64 and 32).
       # shellcheck disable=SC2086
       run "${PALLAS_SWEEP_LIMIT:-240}" sweep python3 benchmarks/tile_sweep.py --backend pallas \
-        ${PALLAS_SWEEP_ARGS:---tiles 1x256 8x32 1x128 --warps 4 --layer1 dot dot_all \
-          --precision tf32 tf32_fp16 --early-weights off}
+        --json "$OUT/sweep_pallas.json" ${PALLAS_SWEEP_ARGS:---tiles 1x256 8x32 1x128 --warps 4 \
+          --layer1 dot dot_all --precision tf32 tf32_fp16 --early-weights off}
       # The order of the tiles (session 23): "columns" keeps each SM on one column block,
       # so the apply kernel's per-column operands (tv) come from its L1 instead of L2.
       # shellcheck disable=SC2086
       run "${ORDER_SWEEP_LIMIT:-90}" sweep python3 benchmarks/tile_sweep.py --backend pallas \
-        ${ORDER_SWEEP_ARGS:---tiles 1x256 --warps 4 --layer1 dot dot_all --tile-order rows columns}
+        --json "$OUT/sweep_order.json" ${ORDER_SWEEP_ARGS:---tiles 1x256 --warps 4 \
+          --layer1 dot dot_all --tile-order rows columns}
       # shellcheck disable=SC2086
       run "${REDUCTION_SWEEP_LIMIT:-90}" sweep python3 benchmarks/tile_sweep.py --backend pallas \
-        ${REDUCTION_SWEEP_ARGS:---tiles 1x256 --warps 4 --reduction-tiles library 1x2048 2x1024}
+        --json "$OUT/sweep_reduction.json" ${REDUCTION_SWEEP_ARGS:---tiles 1x256 --warps 4 \
+          --reduction-tiles library 1x2048 2x1024}
       # triton: 12 configurations (tile x layer 1 x precision), + default + adam, at 1e7 and
       # 1e8; session 15 on an H200: bf16 operands 1.2-1.3x faster, the 4x64 tile and the
       # persistent kernel within noise (add `--persistent off on` to SWEEP_ARGS for it).
       # shellcheck disable=SC2086
       run "${SWEEP_LIMIT:-240}" sweep python3 benchmarks/tile_sweep.py \
-        ${SWEEP_ARGS:---tiles 1x256 4x64 --warps 4 --layer1 dot dot_all \
-          --precision tf32 tf32_fp16 bf16 --persistent off --stages 2} ;;
+        --json "$OUT/sweep_triton.json" ${SWEEP_ARGS:---tiles 1x256 4x64 --warps 4 \
+          --layer1 dot dot_all --precision tf32 tf32_fp16 bf16 --persistent off --stages 2} ;;
     profile)
       # 1e7 parameters, and the meta-training shape (64 tasks x the convnet), where the
       # wall time against the device's busy time says whether launches dominate
