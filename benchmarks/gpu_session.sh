@@ -1,24 +1,27 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine should run, in one call (the machine keeps nothing):
+# Everything a lent GPU machine should run (the machine keeps nothing between calls):
 #
 #   bash benchmarks/gpu_session.sh [SECTION ...]
-#   # default: env tests launchers ncu sweep step donated profile
+#   # default: env tests launchers sweep ncu step donated profile
 #
 # Sections: env, launchers, tests, compare, step, ncu, xla_step, graphs, donated, sweep,
 # profile, meta. Each writes $OUT/<section>.log (OUT defaults to ./out) and runs under its
 # own time limit, so one failure or hang does not cost the rest. The default list is about
-# 9-11 minutes (estimated from session 15's section times), more than one call, so run it
-# as two: first decide, `env tests launchers ncu sweep` (the kernels tested on the GPU, a
-# one-step check of each Triton launcher, else jax-triton's legacy call for the rest, the
-# kernels' hardware counters, then the tile / precision / layer-1 / tile-order sweep with
-# Adam and the copy / matmul ceilings timed in the same run, so each configuration's
-# "x adam" and "% floor" are the issue's targets; Triton's sweep last, the first to give
-# up), then, with the sweep's winner made the default if it passes the tests, record:
-# `step donated profile` (step.py with the state kept and donated, 1e7, 1e8 and 64
-# tasks, and where the time goes). Left out: the diagnostic compare, xla_step (step.py's
-# Triton rows through XLA's own Triton calls), graphs (host launches per step) and
-# meta-training. jax-triton is not in the device image: carry its wheel in .whl/
-# (docs/KERNELS.md).
+# 11-13 minutes (estimated from session 15's section times), and a task's device time is
+# 15 minutes in all, each machine start (30-60 s) and idle minute included, so run it as
+# two calls. First decide, `env tests launchers sweep` (about 7 minutes): the kernels
+# tested on the GPU, a one-step check of each Triton launcher (else jax-triton's legacy
+# call for the rest), then the tile / precision / layer-1 / tile-order / reduction-tile
+# sweeps, each with Adam and the copy / matmul ceilings timed in the same run, so each
+# configuration's "x adam" and "% floor" are the issue's targets, Triton's last (the first
+# to give up), and `pick_default.py`'s verdict on them ($OUT/pick.json; it needs no GPU,
+# so run it here on the returned JSON if the call ran out first). Then, with the
+# pick made the default if its tests passed, record: `ncu step donated` (about 4-5
+# minutes: the kernels' hardware counters, step.py with the state kept and donated at
+# 1e7, 1e8 and 64 tasks); `profile` (where the time goes) only if time is left. Left out:
+# the diagnostic compare, xla_step (step.py's Triton rows through XLA's own Triton
+# calls), graphs (host launches per step) and meta-training. jax-triton is not in the
+# device image: carry its wheel in .whl/ (docs/KERNELS.md).
 set -u
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -28,7 +31,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1
 SECTIONS=("$@")
-[ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=(env tests launchers ncu sweep step donated profile)
+[ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=(env tests launchers sweep ncu step donated profile)
 
 run() {  # run SECONDS SECTION CMD...: time-limited, logged, never stops the script
   local limit=$1 name=$2
@@ -157,7 +160,10 @@ jax_triton.__version__); print(jax.devices())" ;;
       # shellcheck disable=SC2086
       run "${SWEEP_LIMIT:-240}" sweep python3 benchmarks/tile_sweep.py \
         --json "$OUT/sweep_triton.json" ${SWEEP_ARGS:---tiles 1x256 4x64 --warps 4 \
-          --layer1 dot dot_all --precision tf32 tf32_fp16 bf16 --persistent off --stages 2} ;;
+          --layer1 dot dot_all --precision tf32 tf32_fp16 bf16 --persistent off --stages 2}
+      # Each backend's pick by docs/KERNELS.md's rule (a win beyond the iqrs at every size,
+      # bf16 excluded), from whichever sweeps finished: what to make the default.
+      run 30 sweep python3 benchmarks/pick_default.py "$OUT"/sweep_*.json --json "$OUT/pick.json" ;;
     profile)
       # 1e7 parameters, and the meta-training shape (64 tasks x the convnet), where the
       # wall time against the device's busy time says whether launches dominate

@@ -23,7 +23,9 @@ alternation (one call of each per round: `timing.interleaved_median_and_iqr`), c
 warm-up excluded, so their ratios hold on a noisy machine; "% floor" is against the copy and
 matmul ceilings of the same run (`step.ceilings`, `step.floor_seconds`), so one sweep
 gives every configuration's standing against the issue's <= 3x Adam and >= 60% targets.
-No state is donated, so the kernels write fresh outputs (`in_place=False`).
+`--json` keeps the rows with each configuration's options (`{}` for "default", null for
+Adam), which `pick_default.py` reads to name the configuration that should become the
+default. No state is donated, so the kernels write fresh outputs (`in_place=False`).
 `profiling/triton_resources.py` and `profiling/pallas_resources.py` give each kernel's
 registers and instruction mix without a GPU; this gives the times.
 """
@@ -124,7 +126,8 @@ def main(argv=None):
                          "tile_order": order}
                         for l1 in args.layer1 or ["dot"] for prec in args.precision
                         for early in args.early_weights for order in args.tile_order]
-    configs = {"default": ({}, None)}  # name: (update options, --reduction-tiles value)
+    # name: (update options, --reduction-tiles value, the options as the JSON records them)
+    configs = {"default": ({}, None, {})}
     for tile in args.tiles:
         for warps in args.warps:
             for form in kernel_forms:
@@ -139,7 +142,10 @@ def main(argv=None):
                         name = " ".join(part for part in parts if part)
                         blocks = BlockSizes.parse(tile, num_warps=warps,
                                                   num_stages=stages or 2)
-                        configs[name] = ({"blocks": blocks, **form}, reduction)
+                        spec = {"tile": tile, "warps": warps, **form, "reduction": reduction}
+                        if stages:
+                            spec["stages"] = stages
+                        configs[name] = ({"blocks": blocks, **form}, reduction, spec)
 
     ceil = ceilings(jax.default_backend() == "cpu", args.repeats)
     print(f"{args.backend} on {jax.devices()[0].device_kind}, jax {jax.__version__}, "
@@ -157,7 +163,7 @@ def main(argv=None):
         adam_fn, adam_carry, adam_rest = adam_step(shapes, None)
         calls = {"optax.adam": (adam_fn, (*adam_carry, *adam_rest))}
         matrix = max(shapes.values(), key=len)
-        for name, (config, reduction) in configs.items():
+        for name, (config, reduction, _) in configs.items():
             options = {**config, **_reduction_blocks(reduction, matrix)}
             # Not donated, as Adam is not: fresh outputs, so XLA copies nothing first.
             fn = jax.jit(lambda s, g, options=options: update(lopt, theta, s, g, in_place=False,
@@ -170,7 +176,8 @@ def main(argv=None):
                      else floor_seconds(nparams, LOPT_BYTES, lopt_flop(args.hidden_size), ceil))
             rows.append({"params": nparams, "config": name, "ms": t * 1e3, "iqr_ms": iqr * 1e3,
                          "pct_of_floor": 100 * floor / t, "x_default": t / base,
-                         "x_adam": t / adam})
+                         "x_adam": t / adam,
+                         "options": configs[name][2] if name in configs else None})
             print(f"| {nparams:,} | {name} | {t * 1e3:.3f} | {iqr * 1e3:.3f} | "
                   f"{100 * floor / t:.1f} | {t / base:.2f} | {t / adam:.2f} |")
     if args.json:

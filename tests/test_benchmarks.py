@@ -60,11 +60,53 @@ def test_tile_sweep_times_configurations_against_adam(tmp_path):
     assert rows["optax.adam"]["x_adam"] == 1.0 and rows["default"]["x_default"] == 1.0
     for row in rows.values():  # against the same run's ceilings: a share, not a time
         assert 0 < row["pct_of_floor"] < 100, row
+    assert rows["1x16 w4 dot_all tf32 early"]["options"] == {
+        "tile": "1x16", "warps": 4, "layer1": "dot_all", "mlp_precision": "tf32",
+        "early_weights": True, "tile_order": "rows", "reduction": "library"}
+    assert rows["default"]["options"] == {} and rows["optax.adam"]["options"] is None
+    pick = _run("pick_default.py", str(path), "--json", str(tmp_path / "pick.json"))
+    assert "pick for pallas: " in pick, pick
     out = _run("tile_sweep.py", "--backend", "pallas", "--sizes", "2e3", "--tiles", "1x16",
                "--warps", "4", "--reduction-tiles", "library", "same", "2x32", "--repeats", "1")
     rows = [line.split("|")[2].strip() for line in out.splitlines() if line.startswith("| 2,070")]
     assert sorted(rows) == ["1x16 w4 dot tf32", "1x16 w4 dot tf32 reduction 2x32",
                             "1x16 w4 dot tf32 reduction same", "default", "optax.adam"], out
+
+
+def _sweep_row(params, config, ms, iqr_ms, options):
+    return {"params": params, "config": config, "ms": ms, "iqr_ms": iqr_ms,
+            "pct_of_floor": 10.0, "x_default": None, "x_adam": ms, "options": options}
+
+
+def test_pick_default_takes_only_a_win_beyond_the_spread_at_every_size(tmp_path):
+    form = {"tile": "1x256", "warps": 4, "layer1": "dot_all", "reduction": "library"}
+    rows = []
+    for n, (default, fast, close, bf16, fast_then_slow) in {
+            10: (1.0, 0.8, 0.95, 0.5, 0.7), 100: (7.0, 5.0, 6.5, 3.0, 7.5)}.items():
+        rows += [_sweep_row(n, "optax.adam", 1.0, 0.01, None),
+                 _sweep_row(n, "default", default, 0.02, {}),
+                 _sweep_row(n, "fast", fast, 0.02, {**form, "mlp_precision": "tf32_fp16"}),
+                 # beats the default by 0.05 at 10 against iqrs of 0.02 + 0.04
+                 _sweep_row(n, "close", close, 0.04 if n == 10 else 0.02,
+                            {**form, "mlp_precision": "tf32"}),
+                 _sweep_row(n, "bf16", bf16, 0.02, {**form, "mlp_precision": "bf16"}),
+                 _sweep_row(n, "fast then slow", fast_then_slow, 0.02,
+                            {**form, "mlp_precision": "tf32"})]
+    rows.append(_sweep_row(10, "one size only", 0.1, 0.01, {**form, "mlp_precision": "tf32"}))
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps({"backend": "pallas", "device": "test", "rows": rows}))
+    out = _run("pick_default.py", str(path), "--json", str(tmp_path / "pick.json"))
+    assert "1 configuration(s) beat the default" in out, out
+    pick = json.loads((tmp_path / "pick.json").read_text())["pallas"]
+    assert pick["config"] == "fast" and pick["options"]["mlp_precision"] == "tf32_fp16", out
+    assert abs(pick["x_default"] - (0.8 * 5.0 / 7.0) ** 0.5) < 1e-9
+    out = _run("pick_default.py", str(path), "--precisions", "tf32", "bf16",
+               "--json", str(tmp_path / "pick.json"))
+    assert json.loads((tmp_path / "pick.json").read_text())["pallas"]["config"] == "bf16", out
+    out = _run("pick_default.py", str(path), "--precisions", "tf32",
+               "--json", str(tmp_path / "pick.json"))
+    assert "pick for pallas: none" in out, out
+    assert json.loads((tmp_path / "pick.json").read_text()) == {"pallas": None}
 
 
 def test_reference_update_benchmark(tmp_path):
