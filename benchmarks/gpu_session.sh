@@ -107,8 +107,8 @@ jax_triton.__version__); print(jax.devices())" ;;
       # over 200 s on an H100; 1e7 + 1e8 + 64 tasks at 10 repeats took 95 s there with the
       # reference, 34-48 s on an H200 without it: its >= 5x target was met in session 5).
       # shellcheck disable=SC2086
-      # Each kernel backend at TF32 and "tf32_fp16" (session 17), against Adam and the
-      # ceilings of the same run: % of the floor for both.
+      # Each kernel backend at TF32 and "tf32_fp16" (session 17; rows "pallas tf32", ...),
+      # against Adam and the ceilings of the same run: % of the floor for both.
       run "${STEP_LIMIT:-240}" step python3 benchmarks/step.py --json "$OUT/step.json" \
         ${STEP_ARGS:---sizes 1e7 1e8 --tasks 64 --repeats 10 --backends pallas triton \
           --mlp-precision tf32 tf32_fp16} ;;

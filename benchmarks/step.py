@@ -102,7 +102,7 @@ def random_tree(shapes, key, lead=()):
 # Each step builder returns (jitted fn, carry, rest): fn(*carry, *rest) -> the next carry
 # (a tuple), with the carry donated when asked.
 
-def lopt_step(lopt, backend, shapes, tasks, donate=False, mlp_precision="tf32"):
+def lopt_step(lopt, backend, shapes, tasks, donate=False, mlp_precision=None):
     theta = lopt.init(jax.random.key(0))
     options = dict(backend=backend, in_place=donate, mlp_precision=mlp_precision)
     opt = lopt.opt_fn(theta, **options)
@@ -158,9 +158,11 @@ def main(argv=None):
     ap.add_argument("--json", default="step_benchmark.json")
     ap.add_argument("--donate", action="store_true",
                     help="donate the state and call each step on its output (in place)")
-    ap.add_argument("--mlp-precision", nargs="*", choices=MLP_PRECISIONS, default=["tf32"],
+    ap.add_argument("--mlp-precision", nargs="*", choices=("default", *MLP_PRECISIONS),
+                    default=["default"],
                     help="the kernel backends' dot operands, a row each (named after the "
-                         "backend and, unless tf32, the precision); the reference has one")
+                         "backend and, unless 'default', the backend's own default, the "
+                         "precision); the reference has one")
     args = ap.parse_args(argv)
 
     notes = []
@@ -194,10 +196,12 @@ def main(argv=None):
         t_adam, iqr = time_step(adam_step(shapes, tasks, args.donate), args.repeats, args.donate)
         entries = [("optax.adam", t_adam, iqr, ADAM_BYTES, ADAM_FLOP)]
         for b in backends:
-            for prec in ["tf32"] if b == "reference" else args.mlp_precision:
-                t, iqr = time_step(lopt_step(lopt, b, shapes, tasks, args.donate, prec),
+            for prec in ["default"] if b == "reference" else args.mlp_precision:
+                default = prec == "default"
+                t, iqr = time_step(lopt_step(lopt, b, shapes, tasks, args.donate,
+                                             None if default else prec),
                                    args.repeats, args.donate)
-                entries.append((b if prec == "tf32" else f"{b} {prec}", t, iqr, LOPT_BYTES,
+                entries.append((b if default else f"{b} {prec}", t, iqr, LOPT_BYTES,
                                 lopt_flop(h)))
         for name, t, iqr, bpp, fpp in entries:
             floor = floor_seconds(nparams, bpp, fpp, ceil)

@@ -24,10 +24,12 @@ costs XLA a copy of them otherwise; `in_place=False` writes fresh buffers, the f
 choice for a caller that does not donate (`lopt_fast.pallas.plan.in_place_aliases`).
 
 `mlp_precision` (kernel backends): the operands of the MLP's tensor-core dots, one of
-`lopt_fast.pallas.blocks.MLP_PRECISIONS`: "tf32" (the default), "tf32_fp16" (the raw
-features' dot on TF32, the operands of unit scale after it on fp16, the same mantissa),
-"bf16" (faster, coarser) or "ieee" (float32). The reference runs its dots at JAX's
-default precision whatever this says.
+`lopt_fast.pallas.blocks.MLP_PRECISIONS`: "tf32", "tf32_fp16" (the raw features' dot on
+TF32, the operands of unit scale after it on fp16, the same mantissa), "bf16" (faster,
+coarser) or "ieee" (float32); None (the default) leaves each kernel backend its own
+default, `pallas_update`'s / `triton_update`'s keyword (both "tf32" now), so a
+measured change of one backend's default is made in one place. The reference runs its
+dots at JAX's default precision whatever this says.
 """
 
 from __future__ import annotations
@@ -99,7 +101,9 @@ def _import_error(module: str) -> str | None:
     return None
 
 
-def _make(name: str, in_place: bool = True, mlp_precision: str = "tf32") -> Backend:
+def _make(name: str, in_place: bool = True, mlp_precision: str | None = None) -> Backend:
+    # None: the kernel's own default precision (not passed)
+    options = {} if mlp_precision is None else {"mlp_precision": mlp_precision}
     if name == "reference":
         from lopt_fast.learned.adafac_mlp import reference_update
 
@@ -110,12 +114,11 @@ def _make(name: str, in_place: bool = True, mlp_precision: str = "tf32") -> Back
         interpret = _platform() == "cpu"
         return Backend("pallas-interpret" if interpret else "pallas",
                        functools.partial(pallas_update, interpret=interpret, in_place=in_place,
-                                         mlp_precision=mlp_precision))
+                                         **options))
     if name == "triton":
         from lopt_fast.kernels import triton_update
 
-        return Backend("triton", functools.partial(triton_update, in_place=in_place,
-                                                   mlp_precision=mlp_precision))
+        return Backend("triton", functools.partial(triton_update, in_place=in_place, **options))
     raise BackendUnavailableError(_unavailable_reason(name))
 
 
@@ -136,7 +139,7 @@ def auto_backend_name() -> str:
 
 
 def resolve_backend(backend: str = "auto", in_place: bool = True,
-                    mlp_precision: str = "tf32") -> Backend:
+                    mlp_precision: str | None = None) -> Backend:
     """The backend to use for `backend` (after the `LOPT_FAST_BACKEND` override); `in_place`
     and `mlp_precision` as the module docstring says (the reference has no such choices)."""
     from lopt_fast.pallas.blocks import MLP_PRECISIONS
@@ -145,7 +148,7 @@ def resolve_backend(backend: str = "auto", in_place: bool = True,
     if requested not in BACKENDS:
         source = f"${ENV_VAR}" if os.environ.get(ENV_VAR) else "backend"
         raise ValueError(f"{source}={requested!r} is not one of {', '.join(BACKENDS)}")
-    if mlp_precision not in MLP_PRECISIONS:
+    if mlp_precision is not None and mlp_precision not in MLP_PRECISIONS:
         raise ValueError(f"mlp_precision={mlp_precision!r} is not one of "
                          f"{', '.join(MLP_PRECISIONS)}")
     if requested == "auto":

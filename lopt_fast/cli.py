@@ -408,9 +408,9 @@ def _add_common(p, *, outer=True):
     p.add_argument("--inner-steps", type=_positive_int, default=200,
                    help="length of each inner training run (the horizon)")
     p.add_argument("--backend", default="auto", help="auto | reference | pallas | triton")
-    p.add_argument("--mlp-precision", choices=MLP_PRECISIONS, default="tf32",
+    p.add_argument("--mlp-precision", choices=MLP_PRECISIONS, default=None,
                    help="the kernel backends' MLP dot operands (the reference ignores it): "
-                        "tf32 (default), tf32_fp16, bf16 or ieee")
+                        "tf32, tf32_fp16, bf16 or ieee; default: the backend's own (tf32)")
     p.add_argument("--hidden-size", type=_positive_int, default=32,
                    help="AdafacMLPLOpt hidden size")
     if outer:

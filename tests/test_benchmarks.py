@@ -37,9 +37,9 @@ def test_step_benchmark_with_and_without_donation(tmp_path):
 def test_step_benchmark_times_each_mlp_precision(tmp_path):
     path = tmp_path / "step.json"
     _run("step.py", "--sizes", "2e3", "--tasks", "--repeats", "1", "--backends", "reference",
-         "pallas", "--mlp-precision", "tf32", "tf32_fp16", "--json", str(path))
+         "pallas", "--mlp-precision", "default", "tf32_fp16", "--json", str(path))
     result = json.loads(path.read_text())
-    assert result["info"]["mlp_precision"] == ["tf32", "tf32_fp16"]
+    assert result["info"]["mlp_precision"] == ["default", "tf32_fp16"]
     assert [r["backend"] for r in result["rows"]] == ["optax.adam", "reference", "pallas",
                                                       "pallas tf32_fp16"], result["rows"]
 

@@ -1201,7 +1201,8 @@ def triton_update(lopt, theta, state, grad, *, mlp_precision: str = "tf32",
     than "fma" on an H100), "dot_all" or "fma" (the packed small tensors': a dot unless
     "fma"); `mlp_precision`: the dots' operands, "tf32", "ieee", "tf32_fp16" (the raw
     features' dot TF32, the operands of unit scale after it fp16: the H x H and output
-    layers') or "bf16"; `persistent`:
+    layers') or "bf16" (this keyword's default is the backend's: `opt_fn` passes none
+    unless asked); `persistent`:
     run the apply pass of factored tensors as a fixed grid of programs that loop over
     tiles with their next tiles' loads in flight (`blocks.num_stages` - 1 ahead); see the
     module docstring. `in_place`: update p and the state in their buffers, right when the

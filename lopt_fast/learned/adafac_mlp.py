@@ -130,7 +130,7 @@ class AdafacMLPLOpt(LearnedOptimizer):
 
     def opt_fn(self, theta: MetaParams, is_training: bool = False,
                backend: str = "auto", in_place: bool = True,
-               mlp_precision: str = "tf32") -> Optimizer:
+               mlp_precision: str | None = None) -> Optimizer:
         """The optimizer that `theta` defines.
 
         Args:
@@ -141,8 +141,9 @@ class AdafacMLPLOpt(LearnedOptimizer):
           in_place: kernel backends update params and state in their buffers (default:
             best when the state is donated or carried through `lax.scan`); False writes
             fresh buffers, which saves XLA a copy of them when the caller does not donate.
-          mlp_precision: kernel backends' MLP dot operands: "tf32" (default), "tf32_fp16",
-            "bf16" or "ieee" (`lopt_fast.backends`); the reference ignores it.
+          mlp_precision: kernel backends' MLP dot operands: "tf32", "tf32_fp16", "bf16" or
+            "ieee"; None (default): the backend's own default (`lopt_fast.backends`); the
+            reference ignores it.
         """
         del is_training
         self.check_theta(theta)

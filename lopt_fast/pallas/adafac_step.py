@@ -1178,7 +1178,8 @@ def pallas_update(lopt, theta, state, grad, *, interpret: bool | None = None,
       lopt, theta, state, grad: as `lopt_fast.learned.adafac_mlp.reference_update`.
       interpret: run in Pallas' interpreter; default: when the default backend is CPU.
       mlp_precision: "tf32", "ieee", "tf32_fp16" or "bf16" dots for the MLP on GPU (see
-        `PallasKernels`).
+        `PallasKernels`); this keyword's default is the backend's (`opt_fn` passes none
+        unless asked).
       blocks, packed_blocks: override `blocks.block_sizes` / `packed_block_sizes` tiles
         (`blocks`: the factored tensors' tile in every pass).
       reduction_blocks: the factored tensors' tile in the reduction passes (row / column
