@@ -24,8 +24,10 @@ if num_processes > 1:
 assert jax.device_count() == 4, jax.devices()
 from lopt_fast import cli
 sys.exit(cli.main(["meta-train", "--num-tasks", "4", "--outer-steps", steps, "--inner-steps", "12",
-                   "--trunc-length", "4", "--no-progress", "--out", out]))
+                   "--trunc-length", "4", "--outer-lr", "OUTER_LR", "--no-progress",
+                   "--out", out]))
 """
+OUTER_LR = 3e-3
 
 
 def _free_port() -> int:
@@ -45,7 +47,8 @@ def _theta(path):
 
 
 def _run(process_id, num_processes, port, out, steps, devices):
-    return subprocess.Popen([sys.executable, "-c", LAUNCH, str(process_id), str(num_processes), port,
+    launch = LAUNCH.replace("OUTER_LR", str(OUTER_LR))
+    return subprocess.Popen([sys.executable, "-c", launch, str(process_id), str(num_processes), port,
                              str(out), str(steps)], env=_env(devices), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -68,8 +71,12 @@ def test_two_processes_resume_and_equal_one(tmp_path):
 
     got, want = _theta(multi / "theta.npz"), _theta(single / "theta.npz")
     assert got.keys() == want.keys()
+    # The two runs sum the tasks' meta-gradients across devices in different orders, and
+    # Adam divides each entry by its own scale, so a near-cancelling entry's rounding can
+    # move theta by a small fraction of the learning rate (1.4e-6, 5e-4 of it, in one clean-clone CI run).
+    # A lost or repeated step, or a wrong shard, moves entries by about the lr itself.
     for k in want:
-        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-2 * OUTER_LR, err_msg=k)
     # Only process 0 writes: one metrics line per logged step, not one per process.
     steps = [json.loads(x)["step"] for x in (multi / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 3]
