@@ -89,9 +89,10 @@ jax_triton.__version__); print(jax.devices())" ;;
       # A run that fails (no ncu, no counters) ends the section: the rest would too.
       # The second run is "dot_all" at the default TF32: against the first it shows what
       # the "dot" form's per-column tables cost in L2 traffic (docs/KERNELS.md, "Session
-      # 22": 128 B per element at 1x256, three times the tile's DRAM bytes). The fourth
+      # 22": 128 B per element at 1x256, three times the tile's DRAM bytes). The third
       # walks the tiles down the column blocks (session 23, `blocks.TILE_ORDERS`): its L2
       # throughput against the first's says whether the SMs' L1 then serves the tables.
+      # Triton's last, the first to go if the call runs out.
       n=0
       while IFS= read -r args; do
         n=$((n + 1))
@@ -100,8 +101,8 @@ jax_triton.__version__); print(jax.devices())" ;;
         grep -q "rc=0" <(tail -1 "$OUT/ncu.log") || break
       done <<< "${NCU_RUNS:-"--backend pallas
 --backend pallas --layer1 dot_all
---backend triton
---backend pallas --tile-order columns"}" ;;
+--backend pallas --tile-order columns
+--backend triton"}" ;;
     step)
       # The default sizes fit the limit (all of step.py's GPU defaults at 20 repeats took
       # over 200 s on an H100; 1e7 + 1e8 + 64 tasks at 10 repeats took 95 s there with the
