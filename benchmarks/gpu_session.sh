@@ -15,8 +15,9 @@
 # sweeps, each with Adam and the copy / matmul ceilings timed in the same run, so each
 # configuration's "x adam" and "% floor" are the issue's targets, Triton's last (the first
 # to give up), and `pick_default.py`'s verdict on them ($OUT/pick.json; it needs no GPU,
-# so run it here on the returned JSON if the call ran out first). Then, with the
-# pick made the default if its tests passed, record: `ncu step donated` (about 4-5
+# so run it here on the returned JSON if the call ran out first). Then, with Pallas'
+# pick made its default if its tests passed (Triton's after: docs/KERNELS.md, "Where it
+# stands"), record: `ncu step donated` (about 4-5
 # minutes: the kernels' hardware counters, step.py with the state kept and donated at
 # 1e7, 1e8 and 64 tasks); `profile` (where the time goes) only if time is left. Left out:
 # the diagnostic compare, xla_step (step.py's Triton rows through XLA's own Triton
