@@ -34,7 +34,7 @@ def qualifying(sweep: dict, precisions: tuple[str, ...]) -> list[dict]:
     picks = []
     for name in sorted(names - {"default", "optax.adam"}):
         options = largest[name]["options"] or {}
-        if options.get("mlp_precision", "tf32") not in precisions:
+        if options["mlp_precision"] not in precisions:
             continue
         rows = [(rows[name], rows["default"]) for rows in by_size.values()]
         if all(base["ms"] - row["ms"] > base["iqr_ms"] + row["iqr_ms"] for row, base in rows):

@@ -70,14 +70,26 @@ def _update_fn(backend):
     return pallas_update
 
 
-def _reduction_blocks(reduction: str | None, matrix: tuple[int, ...]) -> dict:
+def _reduction_blocks(reduction: str, matrix: tuple[int, ...]) -> dict:
     """The update's `reduction_blocks` option for a --reduction-tiles value: the library's
     tile for the swept matrix, none (the apply tile's, "same"), or RxC."""
-    if reduction in (None, "same"):
+    if reduction == "same":
         return {}
     if reduction == "library":
         return {"reduction_blocks": reduction_block_sizes(matrix[0], matrix[-1])}
     return {"reduction_blocks": BlockSizes.parse(reduction)}
+
+
+def _update_options(spec: dict, matrix: tuple[int, ...]) -> dict:
+    """The update's keyword arguments for a configuration as the JSON records it ({}: the
+    library's defaults): its apply tile, kernel form and reduction tile."""
+    if not spec:
+        return {}
+    form = dict(spec)  # what is left after the tiles: layer1, mlp_precision, ...
+    blocks = BlockSizes.parse(form.pop("tile"), num_warps=form.pop("warps"),
+                              num_stages=form.pop("stages", 2))
+    reduction = _reduction_blocks(form.pop("reduction"), matrix)
+    return {"blocks": blocks, **form, **reduction}
 
 
 def main(argv=None):
@@ -126,8 +138,7 @@ def main(argv=None):
                          "tile_order": order}
                         for l1 in args.layer1 or ["dot"] for prec in args.precision
                         for early in args.early_weights for order in args.tile_order]
-    # name: (update options, --reduction-tiles value, the options as the JSON records them)
-    configs = {"default": ({}, None, {})}
+    configs = {"default": {}}  # name: its options as the JSON records them (`_update_options`)
     for tile in args.tiles:
         for warps in args.warps:
             for form in kernel_forms:
@@ -140,12 +151,10 @@ def main(argv=None):
                                  f"persistent s{stages}" if stages else "",
                                  "" if reduction == "library" else f"reduction {reduction}"]
                         name = " ".join(part for part in parts if part)
-                        blocks = BlockSizes.parse(tile, num_warps=warps,
-                                                  num_stages=stages or 2)
                         spec = {"tile": tile, "warps": warps, **form, "reduction": reduction}
                         if stages:
                             spec["stages"] = stages
-                        configs[name] = ({"blocks": blocks, **form}, reduction, spec)
+                        configs[name] = spec
 
     ceil = ceilings(jax.default_backend() == "cpu", args.repeats)
     print(f"{args.backend} on {jax.devices()[0].device_kind}, jax {jax.__version__}, "
@@ -163,8 +172,8 @@ def main(argv=None):
         adam_fn, adam_carry, adam_rest = adam_step(shapes, None)
         calls = {"optax.adam": (adam_fn, (*adam_carry, *adam_rest))}
         matrix = max(shapes.values(), key=len)
-        for name, (config, reduction, _) in configs.items():
-            options = {**config, **_reduction_blocks(reduction, matrix)}
+        for name, spec in configs.items():
+            options = _update_options(spec, matrix)
             # Not donated, as Adam is not: fresh outputs, so XLA copies nothing first.
             fn = jax.jit(lambda s, g, options=options: update(lopt, theta, s, g, in_place=False,
                                                               **options))
@@ -177,7 +186,7 @@ def main(argv=None):
             rows.append({"params": nparams, "config": name, "ms": t * 1e3, "iqr_ms": iqr * 1e3,
                          "pct_of_floor": 100 * floor / t, "x_default": t / base,
                          "x_adam": t / adam,
-                         "options": configs[name][2] if name in configs else None})
+                         "options": configs.get(name)})
             print(f"| {nparams:,} | {name} | {t * 1e3:.3f} | {iqr * 1e3:.3f} | "
                   f"{100 * floor / t:.1f} | {t / base:.2f} | {t / adam:.2f} |")
     if args.json:
