@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import os
 import threading
 
@@ -179,6 +180,36 @@ def _pairwise_sums_in_numpy():
         return apply_impl(self, input)
 
     ReduceOps.apply_impl = patched
+
+
+def _device_calls_without_repatching():
+    """Call a `@triton.jit` device function (`_lanes8`, `_sq`, ...) inside a launch without
+    patching `triton.language` again.
+
+    Triton 3.6's interpreter patches the language (`_patch_lang`: `inspect.getmembers` of
+    each module) at every device function call, though the launch that runs it has
+    already patched the same modules, and never undoes the nested patch; that was a third
+    of the interpreted tests' time. A call whose language modules are not all patched
+    (no launch around it, or another module's `tl`) still takes the original path."""
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    call = interpreter.InterpretedFunction.__call__
+    langs = {}
+
+    def patched(self, *args, **kwargs):
+        if self.fn not in langs:
+            langs[self.fn] = [v for v in self.fn.__globals__.values()
+                              if inspect.ismodule(v) and v in (tl, tl.core)]
+        if not langs[self.fn] or any(tl.core.is_builtin(lang.add) for lang in langs[self.fn]):
+            return call(self, *args, **kwargs)
+        fn = self.rewrite()
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            raise interpreter.InterpreterError(repr(e)) from e
+
+    interpreter.InterpretedFunction.__call__ = patched
 
 
 def _relu_casts_in_numpy():
@@ -350,6 +381,7 @@ if __name__ == "__main__":
     _bf16_dots_from_bf16_values()
     _scalar_tensors_index()
     _pairwise_sums_in_numpy()
+    _device_calls_without_repatching()
     _relu_casts_in_numpy()
     if args.persistent:
         from lopt_fast.kernels import adafac_triton
