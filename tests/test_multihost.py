@@ -38,7 +38,8 @@ def _free_port() -> int:
 
 def _env(devices_per_process: int) -> dict:
     return {**os.environ, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
+            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
+                         f"--xla_force_host_platform_device_count={devices_per_process}"}
 
 
 def _theta(path):
