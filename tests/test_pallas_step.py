@@ -9,6 +9,7 @@ theta; bf16 params; gradients through the custom_vjp. Compiled functions are sha
 across steps (interpret mode compiles slowly on a small CPU).
 """
 
+import functools
 import importlib.util
 import os
 import re
@@ -579,13 +580,21 @@ def test_kernels_compile_for_sm90():
     if unavailable_reason():
         pytest.skip(unavailable_reason())
     shapes = {"m": (130, 290), "conv": (3, 3, 16, 32), "bias": (290,)}
+
+    # The checks below share modules, each a second or more to trace or compile.
+    @functools.cache
+    def step(layer1="dot", mlp_precision="tf32"):
+        return dict(step_modules(shapes, hidden=32, layer1=layer1, mlp_precision=mlp_precision))
+
+    compile_once = functools.cache(compile_module)
+
     mma = {}
     for layer1 in ("fma", "dot"):
-        modules = dict(step_modules(shapes, hidden=32, layer1=layer1))
+        modules = step(layer1)
         assert set(modules) == {"adafac_row_col_sums", "adafac_moments", "adafac_apply",
                                 "adafac_packed_moments", "adafac_packed_apply"}, set(modules)
         for name, ir_text in modules.items():
-            compiled = compile_module(ir_text)
+            compiled = compile_once(ir_text)
             assert compiled.asm.get("cubin"), f"{layer1} {name}: no machine code"
             mma[layer1, name] = compiled.asm["ptx"].count("wgmma.mma_async")
     for name in ("adafac_apply", "adafac_packed_apply"):
@@ -598,10 +607,9 @@ def test_kernels_compile_for_sm90():
     # own, which takes the per-element dot's result as its accumulator: Triton's combine
     # pass (dot(a, b, 0) + c -> dot(a, b, c)) ran, as XLA runs it, not only the passes
     # after TTIR.
-    dot_ptx = compile_module(dict(step_modules(shapes, hidden=32))["adafac_apply"]).asm["ptx"]
+    dot_ptx = compile_once(step()["adafac_apply"]).asm["ptx"]
     for precision in ("tf32", "tf32_fp16"):
-        compiled = compile_module(dict(step_modules(shapes, hidden=32, layer1="dot_all",
-                                                    mlp_precision=precision))["adafac_apply"])
+        compiled = compile_once(step("dot_all", precision)["adafac_apply"])
         ttgir = compiled.asm["ttgir"]
         dots = re.findall(r"(%\w+) = ttng\.warp_group_dot %\w+, %\w+, (%\w+)", ttgir)
         moved = dict(re.findall(r"(%\w+) = ttg\.convert_layout (%\w+)", ttgir))
@@ -618,11 +626,11 @@ def test_kernels_compile_for_sm90():
     # (`blocks.FLOOR_CASTS`), with no other packed max / min, and the output layer a wgmma
     # of N = 16.
     for precision, half in (("tf32_fp16", "fp16"), ("bf16", "bf16")):
-        modules = dict(step_modules(shapes, hidden=32, mlp_precision=precision))
+        modules = step(mlp_precision=precision)
         floor_cast = re.sub(r"\\\$\d", r"%r\\d+", re.escape(FLOOR_CASTS[half]))
         packed_max = {"fp16": "max.f16x2", "bf16": "max.bf16x2"}[half]
         for name in ("adafac_apply", "adafac_packed_apply"):
-            ptx = compile_module(modules[name]).asm["ptx"]
+            ptx = compile_once(modules[name]).asm["ptx"]
             if precision == "tf32_fp16":
                 assert ".tf32.tf32" in ptx and ".f16.f16" in ptx, f"{name}: not TF32 then fp16"
             floor_casts = len(re.findall(floor_cast, ptx))
@@ -636,10 +644,9 @@ def test_kernels_compile_for_sm90():
     # not moved with shuffles.
     for precision in ("tf32", "tf32_fp16"):
         for layer1 in ("dot", "dot_all"):
-            modules = dict(step_modules(shapes, hidden=32, layer1=layer1,
-                                        mlp_precision=precision))
+            modules = step(layer1, precision)
             for name in ("adafac_apply", "adafac_packed_apply"):
-                asm = compile_module(modules[name]).asm
+                asm = compile_once(modules[name]).asm
                 assert not stored_after_a_move(asm["ttgir"], "arith.subf"), (precision, layer1, name)
                 assert "shfl.sync.idx" not in asm["ptx"], (precision, layer1, name)
                 # the output dot's rows reduced across the quad once, as the step (8 rows
