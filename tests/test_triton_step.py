@@ -205,9 +205,10 @@ def test_triton_kernels_interpreted_match_reference(case):
     their saturation (`check_fp16_saturation`; the one-instruction ReLU casts run as
     NumPy, `_relu_casts_in_numpy`); 3
     vmapped tasks with their own theta, and meta-gradients through the custom_vjp under
-    vmap. The public `triton_update` with interpreted launches, in a fresh process because
-    Triton must start interpreted. About 20 s each with small tiles, 70 s otherwise, on 2
-    cores."""
+    vmap (not again for the persistent kernel: the backward pass is the reference's either
+    way). The public `triton_update` with interpreted launches, in a fresh process because
+    Triton must start interpreted. On 2 cores running two at a time (2026-12-02): 20-26 s
+    each with small tiles, 40-47 s with the default ones, 51 / 73 s vmapped."""
     seed = int(np.random.default_rng().integers(1 << 30))
     run_python(["-m", "tests.triton_interpret", *case, "--seed", str(seed)], f"seed {seed}",
                TRITON_INTERPRET="1")
