@@ -19,29 +19,28 @@ def _run(script, *args):
 
 
 def test_step_benchmark_with_and_without_donation(tmp_path):
-    for donate in ([], ["--donate"]):
-        path = tmp_path / "step.json"
-        _run("step.py", "--sizes", "2e3", "--tasks", "2", "--repeats", "2",
-             "--backends", "reference", "--json", str(path), *donate)
-        result = json.loads(path.read_text())
-        assert result["info"]["donate"] == bool(donate)
-        rows = {(r["workload"], r["backend"]): r for r in result["rows"]}
-        assert set(rows) == {(w, b) for w in ("model 2e+03", "2 tasks x conv")
-                             for b in ("optax.adam", "reference")}
-        for (_, backend), row in rows.items():
-            assert row["ms"] > 0 and row["GBps"] > 0, row
-            if backend == "optax.adam":
-                assert row["x_adam"] == 1.0
-
-
-def test_step_benchmark_times_each_mlp_precision(tmp_path):
+    """Both timing modes; the donated run also times each MLP precision asked for."""
     path = tmp_path / "step.json"
-    _run("step.py", "--sizes", "2e3", "--tasks", "--repeats", "1", "--backends", "reference",
-         "pallas", "--mlp-precision", "default", "tf32_fp16", "--json", str(path))
+    _run("step.py", "--sizes", "2e3", "--tasks", "2", "--repeats", "2",
+         "--backends", "reference", "--json", str(path))
     result = json.loads(path.read_text())
+    assert result["info"]["donate"] is False
+    rows = {(r["workload"], r["backend"]): r for r in result["rows"]}
+    assert set(rows) == {(w, b) for w in ("model 2e+03", "2 tasks x conv")
+                         for b in ("optax.adam", "reference")}
+    for (_, backend), row in rows.items():
+        assert row["ms"] > 0 and row["GBps"] > 0, row
+        if backend == "optax.adam":
+            assert row["x_adam"] == 1.0
+
+    _run("step.py", "--sizes", "2e3", "--tasks", "--repeats", "1", "--backends", "reference",
+         "pallas", "--mlp-precision", "default", "tf32_fp16", "--donate", "--json", str(path))
+    result = json.loads(path.read_text())
+    assert result["info"]["donate"] is True
     assert result["info"]["mlp_precision"] == ["default", "tf32_fp16"]
     assert [r["backend"] for r in result["rows"]] == ["optax.adam", "reference", "pallas",
                                                       "pallas tf32_fp16"], result["rows"]
+    assert all(r["ms"] > 0 for r in result["rows"]), result["rows"]
 
 
 def test_tile_sweep_times_configurations_against_adam(tmp_path):
