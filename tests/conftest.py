@@ -3,10 +3,10 @@
 On a CPU the suite's time goes mostly to XLA compiling (tiny arrays, hundreds of
 programs, the Pallas and Triton kernels interpreted), so XLA's backend optimisation level
 is 0 there: test_benchmarks.py and test_pallas_step.py took 227 s instead of 297 s on 2
-cores (2026-12-02). Levels change no
-results the tests depend on (the kernels and the reference compile alike; no fast-math
-at any level). Where jax's CUDA plugin is installed, the kernels compile for the GPU and
-the GPU tolerances were measured with the default level, so the setting stays as it is.
+cores (2026-12-02). Levels change no results the tests depend on (the kernels and the
+reference compile alike; no fast-math at any level). Where jax's CUDA plugin is
+installed, the kernels compile for the GPU and the GPU tolerances were measured with the
+default level, so the setting stays as it is.
 Subprocesses inherit it through XLA_FLAGS; tests that set their own flags append to it.
 """
 
