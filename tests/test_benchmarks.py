@@ -18,7 +18,7 @@ def _run(script, *args):
     return run_python([os.path.join("benchmarks", script), *args], script)
 
 
-def test_step_benchmark_with_and_without_donation(tmp_path):
+def test_step_benchmark_with_and_without_donation_and_each_mlp_precision(tmp_path):
     """Both timing modes; the donated run also times each MLP precision asked for."""
     path = tmp_path / "step.json"
     _run("step.py", "--sizes", "2e3", "--tasks", "2", "--repeats", "2",
