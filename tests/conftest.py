@@ -7,21 +7,17 @@ cores (2026-12-02). Levels change no results the tests depend on (the kernels an
 reference compile alike; no fast-math at any level). Where jax's CUDA plugin is
 installed, the kernels compile for the GPU and the GPU tolerances were measured with the
 default level, so the setting stays as it is.
-Subprocesses inherit it through XLA_FLAGS; tests that set their own flags append to it.
+Subprocesses inherit it through XLA_FLAGS (`helpers.host_devices_env` adds a device count).
 """
 
-import importlib.util
 import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "profiling"))
+from xla_kernels import cuda_plugin_installed  # noqa: E402  (profiling/: stdlib imports only)
 
 _OPT_LEVEL = "--xla_backend_optimization_level"
 
-
-def _cuda_plugin_installed() -> bool:
-    try:
-        return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
-    except ModuleNotFoundError:  # no jax_plugins namespace at all
-        return False
-
-
-if not _cuda_plugin_installed() and _OPT_LEVEL not in os.environ.get("XLA_FLAGS", ""):
+if not cuda_plugin_installed() and _OPT_LEVEL not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_OPT_LEVEL}=0".strip()
