@@ -19,6 +19,13 @@ def run_python(args, label, timeout=600, **env):
     return out.stdout
 
 
+def host_devices_env(count: int, **extra) -> dict:
+    """The environment of a subprocess with `count` CPU devices: the suite's XLA_FLAGS
+    (conftest.py) with the device count added, and `extra`."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}"
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags.strip(), **extra)
+
+
 def random_theta(lopt, key):
     """A theta with random (not the init's zero) decays and biases so every input of the
     MLP matters."""

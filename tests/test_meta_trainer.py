@@ -27,6 +27,7 @@ from lopt_fast.meta import (
     meta_train,
     save_checkpoint,
 )
+from tests.helpers import host_devices_env
 from tests.test_meta_toys import LearnedLR, Regression
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -183,10 +184,8 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_equals_single_device():
-    env = dict(os.environ,
-               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-    proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], cwd=REPO,
+                          env=host_devices_env(8, PYTHONPATH=REPO),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")][-1]

@@ -6,12 +6,13 @@ to 3; the result must equal one uninterrupted process with 4 devices.
 """
 
 import json
-import os
 import socket
 import subprocess
 import sys
 
 import numpy as np
+
+from tests.helpers import host_devices_env
 
 LAUNCH = """
 import sys
@@ -36,12 +37,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(devices_per_process: int) -> dict:
-    return {**os.environ, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
-                         f"--xla_force_host_platform_device_count={devices_per_process}"}
-
-
 def _theta(path):
     with np.load(path) as data:
         return {k: data[k] for k in data.files if data[k].dtype.kind == "f"}
@@ -50,8 +45,8 @@ def _theta(path):
 def _run(process_id, num_processes, port, out, steps, devices):
     launch = LAUNCH.replace("OUTER_LR", str(OUTER_LR))
     return subprocess.Popen([sys.executable, "-c", launch, str(process_id), str(num_processes), port,
-                             str(out), str(steps)], env=_env(devices), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                             str(out), str(steps)], env=host_devices_env(devices),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _finish(procs):
