@@ -33,7 +33,7 @@ def qualifying(sweep: dict, precisions: tuple[str, ...]) -> list[dict]:
     largest = by_size[max(by_size)] if by_size else {}
     picks = []
     for name in sorted(names - {"default", "optax.adam"}):
-        options = largest[name]["options"] or {}
+        options = largest[name]["options"]
         if options["mlp_precision"] not in precisions:
             continue
         rows = [(rows[name], rows["default"]) for rows in by_size.values()]
