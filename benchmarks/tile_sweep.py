@@ -99,9 +99,9 @@ def main(argv=None):
     ap.add_argument("--tiles", nargs="*", default=["1x128", "1x256", "1x512"])
     ap.add_argument("--warps", nargs="*", type=int, default=[4, 8])
     ap.add_argument("--layer1", nargs="*", choices=LAYER1_FORMS, default=None,
-                    help="first layer as FMAs, as a dot of the per-element features, or "
-                         "of all 28 (lopt_fast/kernels/adafac_triton.py); default: the "
-                         "backend's default")
+                    help="first layer as a dot of the per-element features, or of all 28 "
+                         "(lopt_fast/kernels/adafac_triton.py); default: the backend's "
+                         "default")
     ap.add_argument("--precision", nargs="*", choices=MLP_PRECISIONS, default=["tf32"],
                     help="the dots' operands (mlp_precision)")
     ap.add_argument("--stages", nargs="*", type=int, default=[2],

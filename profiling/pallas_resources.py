@@ -1,7 +1,7 @@
 """Registers, spills and instruction mix of the Pallas kernels compiled for sm_90, no GPU needed.
 
     python profiling/pallas_resources.py                          # a 4096 x 4096 matrix + bias
-    python profiling/pallas_resources.py --layer1 fma dot --shape 1024 1000 --warps 4 8
+    python profiling/pallas_resources.py --layer1 dot dot_all --shape 1024 1000 --warps 4 8
 
 Lowers one `pallas_update` step for CUDA (`lowering_platforms=("cuda",)`, no GPU or CUDA
 plugin needed; an H100 as the abstract target, `lopt_fast.pallas.gpu_target`), keeps the

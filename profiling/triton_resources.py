@@ -195,16 +195,16 @@ def main(argv=None):
                                dict(apply, TASKS=1, STAGES=st), st)
                               for st in args.persistent]
         # Kernels with tiles of their own, whatever --tiles says: the reduction passes
-        # (`reduction_block_sizes`) and the small tensors' (layer 1 as FMAs or a dot).
+        # (`reduction_block_sizes`) and the small tensors'.
         mr, mc = reduction.rows, reduction.cols
         cases.append(("moments", f"{mr}x{mc}",
                       at.factored_moments_kernel(((4096 // mr) * (4096 // mc),), matrix),
                       dict(sides, R=mr, C=mc, VA=16), 2))
         pr, pc = packed.rows, packed.cols
         one_member = at.packed_apply_kernel((pr * pc,), (1,), (0,))  # one tile of one tensor
-        cases += [(f"packed apply, {l1}, {prec}", f"{pr}x{pc}", one_member,
-                   dict(R=pr, C=pc, L1=l1, PREC=prec, SEGS=1, **mlp), 2)
-                  for l1 in ("fma", "dot") for prec in args.precision]
+        cases += [(f"packed apply, {prec}", f"{pr}x{pc}", one_member,
+                   dict(R=pr, C=pc, PREC=prec, SEGS=1, **mlp), 2)
+                  for prec in args.precision]
         for label, shown_tile, kernel, constexprs, stages in cases:
             compiled = compile_kernel(kernel, constexprs, {}, warps, stages)
             regs, st, ld, ops, trips = resources(compiled)

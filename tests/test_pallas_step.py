@@ -175,7 +175,7 @@ def ref_fn(lopt):
 
 
 @pytest.mark.parametrize("layer1, mlp_precision, tol, early_weights, reduction_blocks, order", [
-    ("fma", "ieee", KERNEL_TOLERANCE, False, None, "rows"),
+    ("dot", "ieee", KERNEL_TOLERANCE, False, None, "rows"),
     ("dot", "tf32", TF32_TOLERANCE, False, BlockSizes(rows=2, cols=16), "columns"),  # own tile
     ("dot_all", "ieee", KERNEL_TOLERANCE, True, None, "columns"),
     ("dot", "bf16", BF16_DOTS_TOLERANCE, False, None, "rows"),
@@ -572,8 +572,9 @@ def test_kernels_compile_for_sm90():
     """Each pallas_call's Triton module (the sides pass's too), as Pallas' Triton lowering
     emits it for CUDA, compiles to sm_90 machine code with triton
     (`profiling/pallas_resources.py`): what XLA does on a GPU, so a kernel that lowers but
-    does not compile fails here, on CPU. Layer 1 as a dot adds its own tensor-core MMAs
-    to the hidden layer's; as "dot_all" a second dot that accumulates onto the first."""
+    does not compile fails here, on CPU. Every layer of the MLP is a dot on tensor cores
+    (layer 1 as "dot_all" with TF32: more MMAs; with tf32_fp16 a second dot that
+    accumulates onto the first)."""
     sys.path.insert(0, os.path.join(ROOT, "profiling"))
     from pallas_resources import compile_module, step_modules, unavailable_reason
 
@@ -588,18 +589,16 @@ def test_kernels_compile_for_sm90():
 
     compile_once = functools.cache(compile_module)
 
-    mma = {}
-    for layer1 in ("fma", "dot"):
-        modules = step(layer1)
-        assert set(modules) == {"adafac_row_col_sums", "adafac_moments", "adafac_apply",
-                                "adafac_packed_moments", "adafac_packed_apply"}, set(modules)
-        for name, ir_text in modules.items():
-            compiled = compile_once(ir_text)
-            assert compiled.asm.get("cubin"), f"{layer1} {name}: no machine code"
-            mma[layer1, name] = compiled.asm["ptx"].count("wgmma.mma_async")
-    for name in ("adafac_apply", "adafac_packed_apply"):
-        assert mma["fma", name] > 0, f"{name}: the hidden layer's dot is not on tensor cores"
-        assert mma["dot", name] > mma["fma", name], f"{name}: layer 1 as a dot has no MMA"
+    modules = step()
+    assert set(modules) == {"adafac_row_col_sums", "adafac_moments", "adafac_apply",
+                            "adafac_packed_moments", "adafac_packed_apply"}, set(modules)
+    for name, ir_text in modules.items():
+        compiled = compile_once(ir_text)
+        assert compiled.asm.get("cubin"), f"{name}: no machine code"
+        if "apply" in name:  # layer 1, the H x H layer (hidden_layers=2), the output layer
+            dots = len(re.findall(r"ttng\.warp_group_dot ", compiled.asm["ttgir"]))
+            assert ir_text.count("tt.dot ") == dots == 3, (name, dots)
+            assert "wgmma.mma_async" in compiled.asm["ptx"], name
     # "dot_all" changes only the factored apply kernel. With TF32 its per-row / per-column
     # features are 16 more planes of layer 1's one dot (`_row_col_planes`), loaded as the
     # factors are: no more barriers than "dot" has (its tables cross shared memory), where
@@ -617,7 +616,7 @@ def test_kernels_compile_for_sm90():
         assert chained == (precision == "tf32_fp16"), (precision, dots)
         if precision == "tf32":
             ptx = compiled.asm["ptx"]
-            assert ptx.count("wgmma.mma_async") > mma["dot", "adafac_apply"]
+            assert ptx.count("wgmma.mma_async") > dot_ptx.count("wgmma.mma_async")
             assert ptx.count("bar.sync") <= dot_ptx.count("bar.sync"), (
                 ptx.count("bar.sync"), dot_ptx.count("bar.sync"))
     # "tf32_fp16": the features' dot on TF32 operands, the H x H and output layers' on fp16

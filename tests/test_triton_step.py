@@ -88,7 +88,7 @@ def test_kernels_compile_for_sm90(hidden_layers):
          {"g0_ptr": "*bf16", "g1_ptr": "*bf16"}, dict(TU=13 + 144, TV=29 + 288, R=16, C=32)),
         (at.factored_moments_kernel((12, 9), sides), bf16, dict(flat, R=16, C=32, VA=1)),
         (at.factored_apply_kernel((80, 18), sides + (("SEG", (0, 1)),)), bf16,
-         dict(R=8, C=32, **apply("fma"))),
+         dict(R=8, C=32, **apply("dot"))),
         (at.factored_apply_kernel((130, 9), sides + (("SEG", (0, 1)),)), {},
          dict(R=1, C=256, **apply("dot"))),
         (at.factored_apply_kernel((260, 18), sides + (("SEG", (0, 1)),)), {},
@@ -105,17 +105,15 @@ def test_kernels_compile_for_sm90(hidden_layers):
          {f"{x}{i}_ptr": "*bf16" for x in ("p", "g") for i in range(3)}, dict(R=2, C=128)),
         (at.packed_apply_kernel((1, 300), (1, 2), (3, 4)),
          {f"{x}{i}_ptr": "*bf16" for x in ("p", "g", "po") for i in range(2)},
-         dict(R=2, C=128, L1="fma", SEGS=5, **mlp)),
+         dict(R=2, C=128, SEGS=5, **mlp)),
         (at.packed_apply_kernel((1, 300), (1, 2), (3, 4)), {},
-         dict(R=2, C=128, L1="dot", SEGS=5, **mlp)),
-        (at.packed_apply_kernel((1, 300), (1, 2), (3, 4)), {},
-         dict(R=2, C=128, L1="dot", SEGS=5, **dict(mlp, PREC="tf32_fp16"))),
+         dict(R=2, C=128, SEGS=5, **dict(mlp, PREC="tf32_fp16"))),
     ]
     for kernel, dtypes, constexprs in cases:
         compiled = compile_kernel(kernel, constexprs, dtypes, num_warps=4)
         ptx = compiled.asm["ptx"]
         assert "cubin" in compiled.asm, kernel.__name__
-        if "apply" in kernel.__name__ and hidden_layers > 1:
+        if "apply" in kernel.__name__:  # layer 1 at least, hidden layers or not
             assert "mma" in ptx, f"{kernel.__name__}: expected tensor-core MMA for tl.dot"
         if constexprs.get("PREC") == "tf32_fp16":  # TF32 for the raw features, fp16 for the
             assert ".tf32.tf32" in ptx, kernel.__name__  # rest (the H x H and output layers)
@@ -142,7 +140,6 @@ def test_kernels_compile_for_sm90(hidden_layers):
 @pytest.mark.parametrize("mlp_precision, tol, blocks, packed_blocks, layer1, persistent, launcher", [
     ("ieee", KERNEL_TOLERANCE, SMALL_TILES, SMALL_PACKED, "dot", False, "jax_triton"),  # ragged tiles
     ("tf32", TF32_TOLERANCE, None, None, "dot", False, "jax_triton"),  # the defaults users run
-    ("tf32", TF32_TOLERANCE, None, None, "fma", False, "jax_triton"),  # layer 1 as FMAs
     ("tf32", TF32_TOLERANCE, None, None, "dot_all", False, "jax_triton"),  # row / column features
     ("ieee", KERNEL_TOLERANCE, SMALL_TILES, SMALL_PACKED, "dot_all", False, "jax_triton"),
     ("bf16", BF16_DOTS_TOLERANCE, None, None, "dot", False, "jax_triton"),  # bf16 operands
@@ -174,9 +171,7 @@ def test_triton_matches_reference_every_shape_class_and_bf16(mlp_precision, tol,
 
 @pytest.mark.skipif(not (HAVE_TRITON and HAVE_TORCH),
                     reason="Triton's interpreter needs triton and torch (CPU builds are enough)")
-@pytest.mark.parametrize("case", [["--precision", "ieee", "--small-tiles"],
-                                  ["--precision", "ieee", "--small-tiles", "--layer1", "fma",
-                                   "--max-members", "1"],
+@pytest.mark.parametrize("case", [["--precision", "ieee", "--small-tiles", "--max-members", "1"],
                                   ["--precision", "ieee", "--small-tiles", "--layer1", "dot_all",
                                    "--no-whole-planes"],
                                   ["--precision", "tf32"],
@@ -188,13 +183,13 @@ def test_triton_matches_reference_every_shape_class_and_bf16(mlp_precision, tol,
                                   ["--vmapped"],
                                   ["--precision", "ieee", "--small-tiles", "--persistent"],
                                   ["--vmapped", "--persistent"]],
-                         ids=["ieee-small-tiles", "layer1-fma", "layer1-dot_all",
+                         ids=["ieee-small-tiles-one-member-launches", "layer1-dot_all",
                               "tf32-default-tiles", "tf32-no-hidden-layer",
                               "tf32-two-hidden-layers", "bf16-dots-dot_all",
                               "tf32_fp16-dots-dot_all", "vmapped-tasks",
                               "persistent-small-tiles", "persistent-vmapped-tasks"])
 def test_triton_kernels_interpreted_match_reference(case):
-    """Small ragged tiles with float32 dots, layer 1 in each form (as FMAs with one small
+    """Small ragged tiles with float32 dots, layer 1 in each form ("dot" with one small
     tensor per member launch: several launches per pass; "dot_all" with the row / column
     sums pass where the planes would fit one tile); the default tiles and
     code path (TF32 dots on a GPU, float32 in the interpreter); TF32 with no H x H layer

@@ -22,15 +22,14 @@ transformer's (168 tensors) 29 (per-tensor launches with packing: 65, 29 and 327
 optax.adam: 7, 4 and 146).
 
 MLP, layer 1 of factored tensors (`layer1`; the packed tensors' 22 inputs go through a
-[tile, 32] x [32, Hp] dot, padded with zero planes, unless `layer1` is "fma"):
+[tile, 32] x [32, Hp] dot, padded with zero planes):
   * "dot" (the default): the 16 per-element features as a [tile, 16] x [16, Hp] `tl.dot`,
     plus the per-row / per-column tables tu [U, Hp] and tv [V, Hp] (their 12 features'
     layer-1 products, b0 in tu), loaded per tile;
   * "dot_all": the 12 row / column features themselves (and a 1 for b0), from tu [U, 8] /
     tv [V, 8]: 8 floats per column instead of Hp; a second [tile, 16] x [16, Hp] dot, or
     with bf16 / float32 dots 16 more planes of the first, [tile, 32] x [32, Hp]
-    (`TritonKernels.row_col_planes`);
-  * "fma": 16 outer-product FMAs on the vector units, plus the tables.
+    (`TritonKernels.row_col_planes`).
 The H x H layers always use `tl.dot`. Tensor cores accumulate in float32; the operands
 (`mlp_precision`) are TF32 ("tf32", the default), float32 ("ieee"), bf16 ("bf16"), or
 TF32 for the raw per-element features and fp16 for the rest ("tf32_fp16": the H x H
@@ -43,12 +42,12 @@ and with 16-bit operands each ReLU one PTX instruction per pair (`_half_relu`):
 compiled for sm_90 the "dot" apply kernel has 11% fewer instructions under "tf32_fp16"
 than TF32's (928 against 1040 per thread) at 150 registers instead of 158.
 Compiled for sm_90 (`profiling/triton_resources.py`, H = 32, a 256-element tile at 4
-warps, TF32) the apply kernel needs 202 registers with "fma", 158 with "dot", 160 with
-"dot_all" (also 39 global-load instructions against 53: session 20's counts); on an
-H100 "dot" made the
-whole step 1.2x / 1.3x faster than "fma" at 1e7 / 1e8 parameters
-(`benchmarks/tile_sweep.py`, benchmarks/RESULTS.md); "dot_all" and bf16 operands are not
-yet timed on a GPU. Tolerances against the float32 reference: docs/KERNELS.md (TF32 on
+warps, TF32) the apply kernel needs 158 registers with "dot", 160 with "dot_all" (also
+39 global-load instructions against 53: session 20's counts); it needed 202 with layer 1
+as 16 outer-product FMAs on the vector units, the form before "dot", with which the whole
+step was 1.2x / 1.3x slower at 1e7 / 1e8 parameters on an H100 (`benchmarks/tile_sweep.py`,
+benchmarks/RESULTS.md; removed in session 27). "dot_all" and bf16 operands are not yet
+timed on a GPU. Tolerances against the float32 reference: docs/KERNELS.md (TF32 on
 an H100: params up to 3.1e-5 off after 3 steps; bf16 in Triton's interpreter: 1.2e-4).
 
 Apply launch (`persistent`): one program per tile (the default; a tensor's tiles walk
@@ -102,29 +101,6 @@ C_FAC = tl.constexpr(plan.C_FAC)
 # Kernel parameters follow `jax_triton.triton_call`'s order: the call's arguments as given
 # (input arrays, then the Python-int sizes), then one pointer per output, then the
 # constexpr metaparameters (passed by name).
-
-@triton.jit
-def _l1(pre, x, w_ptr, f: tl.constexpr, HP: tl.constexpr):
-    """pre [R, C, HP] += x [R, C] (outer) w[f, :]."""
-    w = tl.load(w_ptr + f * HP + tl.arange(0, HP))
-    return pre + x[:, :, None] * w[None, None, :]
-
-
-@triton.jit
-def _l1_shared(pre, g, p, m0, m1, m2, rms, r, w_ptr, HP: tl.constexpr):
-    """Layer 1 for the 10 features both kinds of tensor share (rows 0-9 of w):
-    g, p, m, rms, m * r, r with r = rsqrt(rms + 1e-6)."""
-    pre = _l1(pre, g, w_ptr, 0, HP)
-    pre = _l1(pre, p, w_ptr, 1, HP)
-    pre = _l1(pre, m0, w_ptr, 2, HP)
-    pre = _l1(pre, m1, w_ptr, 3, HP)
-    pre = _l1(pre, m2, w_ptr, 4, HP)
-    pre = _l1(pre, rms, w_ptr, 5, HP)
-    pre = _l1(pre, m0 * r, w_ptr, 6, HP)
-    pre = _l1(pre, m1 * r, w_ptr, 7, HP)
-    pre = _l1(pre, m2 * r, w_ptr, 8, HP)
-    return _l1(pre, r, w_ptr, 9, HP)
-
 
 @triton.jit
 def _add8(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7):
@@ -260,12 +236,11 @@ def _dot_weights(wh_ptr, wo_ptr, HP: tl.constexpr, NHID: tl.constexpr, PREC: tl.
     """The weights of the dots after layer 1, for `_mlp_rest`: the first H x H layer's
     [HP, HP] (zeros if there is none) and the output layer's as its dot takes them, wo
     [2, HP] repeated to [HP, 16] (w_dir, w_mag alternating; zeros under "ieee", whose
-    output layer is FMAs). The apply kernels with layer 1 as a dot read them before their
+    output layer is FMAs). The apply kernels read them before their
     math: Triton stages a dot's weights in shared memory right after their load, so read
     where used each costs a memory round trip after the dot before (compiled for sm_90,
     1x256, "dot", TF32, the apply kernel waits on 5 round trips in sequence; 6 with the
-    output layer's read where used). With layer 1 as FMAs they read them just before
-    `_mlp_rest`: early, the packed kernel took 40 registers more and gained nothing."""
+    output layer's read where used)."""
     k = tl.arange(0, HP)
     col = tl.arange(0, 16)
     if PREC != "ieee":
@@ -602,8 +577,8 @@ def _factored_apply_body(task, t, B, U, VQ, OU, OV, SEG, c_ptr, p_ptr, g_ptr, mo
     group's flat U side su [tasks, 3, TU] to the tensor's nu [tasks, 3, B U], those of
     the first row block their columns' from sv to nv: the state's v_row and v_col,
     written here rather than by a kernel per tensor and side after the step.
-    L1: layer 1 as "fma", "dot" (both add the tables tu [tasks, TU, HP], tv [tasks, TV,
-    HP]) or "dot_all" (tu [tasks, TU, 8], tv [tasks, TV, 8] hold the row / column
+    L1: layer 1 as "dot" (adding the tables tu [tasks, TU, HP], tv [tasks, TV, HP]) or
+    "dot_all" (tu [tasks, TU, 8], tv [tasks, TV, 8] hold the row / column
     features; with PLANES [tasks, 8, TU | TV], `row_col_as_planes`). TW: the tables'
     width, WR: w's rows (16, or 32 for "dot_all"; see `plan.Kernels`)."""
     V = VQ * VA
@@ -623,43 +598,33 @@ def _factored_apply_body(task, t, B, U, VQ, OU, OV, SEG, c_ptr, p_ptr, g_ptr, mo
         k = tl.arange(0, TW)
         tu = tl.load(tu_ptr + u[:, None] * TW + k[None, :], mask=(u < U)[:, None], other=0.0)
         tv = tl.load(tv_ptr + v[:, None] * TW + k[None, :], mask=(v < V)[:, None], other=0.0)
-    if L1 != "fma":  # the dots' weights before the math (`_dot_weights`)
-        wh0, wo_dot = _dot_weights(wh_ptr, wo_ptr, HP, NHID, PREC)
-        if PLANES:  # column 2 k + j: the features' column k (j = 0) or the planes' (j = 1)
-            col = tl.arange(0, 32)
-            q = _bitrev4(col >> 1)
-            w1 = tl.load(w_ptr + tl.where((col & 1) == 0, q, _uv_row(q))[:, None] * HP
-                         + h[None, :])
-        else:
-            w1 = tl.load(w_ptr + _bitrev4(tl.arange(0, 16))[:, None] * HP + h[None, :])
-        if L1 == "dot_all" and not PLANES:
-            w_uv = tl.load(w_ptr + _uv_row(tl.arange(0, 16))[:, None] * HP + h[None, :])
+    # the dots' weights before the math (`_dot_weights`)
+    wh0, wo_dot = _dot_weights(wh_ptr, wo_ptr, HP, NHID, PREC)
+    if PLANES:  # column 2 k + j: the features' column k (j = 0) or the planes' (j = 1)
+        col = tl.arange(0, 32)
+        q = _bitrev4(col >> 1)
+        w1 = tl.load(w_ptr + tl.where((col & 1) == 0, q, _uv_row(q))[:, None] * HP
+                     + h[None, :])
+    else:
+        w1 = tl.load(w_ptr + _bitrev4(tl.arange(0, 16))[:, None] * HP + h[None, :])
+    if L1 == "dot_all" and not PLANES:
+        w_uv = tl.load(w_ptr + _uv_row(tl.arange(0, 16))[:, None] * HP + h[None, :])
     if L1 != "dot_all":
         pre = tu[:, None, :] + tv[None, :, :]
-    if L1 == "fma":
-        pre = _l1_shared(pre, g, p, m0, m1, m2, rms, r, w_ptr, HP)
-        pre = _l1(pre, g * f0, w_ptr, 10, HP)
-        pre = _l1(pre, g * f1, w_ptr, 11, HP)
-        pre = _l1(pre, g * f2, w_ptr, 12, HP)
-        pre = _l1(pre, m0 * f0, w_ptr, 13, HP)
-        pre = _l1(pre, m1 * f1, w_ptr, 14, HP)
-        pre = tl.reshape(_l1(pre, m2 * f2, w_ptr, 15, HP), (R * C, HP))
-    else:  # [R C, 16] x [16, HP] on tensor cores; w's rows in the features' order
-        x = _features16(g, p, m0, m1, m2, rms, m0 * r, m1 * r, m2 * r, r, g * f0, g * f1,
-                        g * f2, m0 * f0, m1 * f1, m2 * f2, R * C)
-        if PLANES:
-            x = tl.reshape(tl.join(x, _row_col_planes(tu_ptr, tv_ptr, TU, TV, u, v, U, V, R, C)),
-                           (R * C, 32))
-        acc = _dot(x, w1, None, PREC)
-        if PLANES:
-            pre = acc
-        elif L1 == "dot_all":  # and [R C, 16] x [16, HP] for the row / column features and b0
-            pre = _unit_dot(_row_col_features16(tu, tv, R, C), w_uv, acc, PREC)
-        else:  # the tables' sum reshaped, not the dot's result (sm_90, 1x256: 188 registers, not 228)
-            pre = tl.reshape(pre, (R * C, HP)) + acc
+    # [R C, 16] x [16, HP] on tensor cores; w's rows in the features' order
+    x = _features16(g, p, m0, m1, m2, rms, m0 * r, m1 * r, m2 * r, r, g * f0, g * f1,
+                    g * f2, m0 * f0, m1 * f1, m2 * f2, R * C)
+    if PLANES:
+        x = tl.reshape(tl.join(x, _row_col_planes(tu_ptr, tv_ptr, TU, TV, u, v, U, V, R, C)),
+                       (R * C, 32))
+    acc = _dot(x, w1, None, PREC)
+    if PLANES:
+        pre = acc
+    elif L1 == "dot_all":  # and [R C, 16] x [16, HP] for the row / column features and b0
+        pre = _unit_dot(_row_col_features16(tu, tv, R, C), w_uv, acc, PREC)
+    else:  # the tables' sum reshaped, not the dot's result (sm_90, 1x256: 188 registers, not 228)
+        pre = tl.reshape(pre, (R * C, HP)) + acc
     _store_accumulators(mo_ptr + task * 3 * n, ro_ptr + task * n, n, off, mask, m0, m1, m2, rms)
-    if L1 == "fma":
-        wh0, wo_dot = _dot_weights(wh_ptr, wo_ptr, HP, NHID, PREC)
     step = _mlp_rest(pre, wh0, wo_dot, c_ptr, wh_ptr, bh_ptr, wo_ptr, R, C, HP, NHID, EXP_MULT,
                      STEP_MULT, PREC)
     _store_updated(p_ptr + task * n, po_ptr + task * n, off, mask, step)
@@ -728,54 +693,36 @@ def _packed_apply_body(task, t, n, seg, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, v
                        b0_ptr, wh_ptr, bh_ptr, wo_ptr, po_ptr, mo_ptr, ro_ptr, vo_ptr,
                        R: tl.constexpr, C: tl.constexpr, HP: tl.constexpr, NHID: tl.constexpr,
                        EXP_MULT: tl.constexpr, STEP_MULT: tl.constexpr, PREC: tl.constexpr,
-                       L1: tl.constexpr, SEGS: tl.constexpr):
+                       SEGS: tl.constexpr):
     """Pass 3 on a non-factored tensor's tile (a member kernel's body); w: [tasks, SEGS,
-    32, HP], segment `seg`'s rows. L1 "fma": layer 1 as 22 outer-product FMAs; otherwise
-    one [tile, 32] x [32, HP] dot of the 22 features and 10 zero planes (w's rows 22-31
-    are zero)."""
+    32, HP], segment `seg`'s rows. Layer 1 is one [tile, 32] x [32, HP] dot of the 22
+    features and 10 zero planes (w's rows 22-31 are zero)."""
     off, mask, c_ptr, g, p, m0, m1, m2, rms, v0, v1, v2 = _packed_common(
         task, t, n, c_ptr, p_ptr, g_ptr, mom_ptr, rms_ptr, vd_ptr, R, C)
     w_ptr = w_ptr + (task * SEGS + seg) * NUM_SUMS * HP
     b0_ptr = b0_ptr + task * HP
     wh_ptr, bh_ptr, wo_ptr = _task_mlp(task, wh_ptr, bh_ptr, wo_ptr, HP, NHID)
     b0 = tl.load(b0_ptr + tl.arange(0, HP))
-    if L1 != "fma":  # the dots' weights before the math (`_dot_weights`)
-        wh0, wo_dot = _dot_weights(wh_ptr, wo_ptr, HP, NHID, PREC)
-        col = tl.arange(0, 32)
-        w1 = tl.load(w_ptr + ((col & 1) * 16 + _bitrev4(col >> 1))[:, None] * HP
-                     + tl.arange(0, HP)[None, :])
+    # the dots' weights before the math (`_dot_weights`)
+    wh0, wo_dot = _dot_weights(wh_ptr, wo_ptr, HP, NHID, PREC)
+    col = tl.arange(0, 32)
+    w1 = tl.load(w_ptr + ((col & 1) * 16 + _bitrev4(col >> 1))[:, None] * HP
+                 + tl.arange(0, HP)[None, :])
     r = tl.rsqrt(rms + 1e-6)
     fg0, fg1, fg2, fm0, fm1, fm2, s0, s1, s2 = _packed_factor_planes(g, m0, m1, m2, v0, v1, v2)
-    if L1 == "fma":
-        pre = tl.zeros((R, C, HP), tl.float32) + b0[None, None, :]
-        pre = _l1_shared(pre, g, p, m0, m1, m2, rms, r, w_ptr, HP)
-        pre = _l1(pre, fg0, w_ptr, 10, HP)
-        pre = _l1(pre, fg1, w_ptr, 11, HP)
-        pre = _l1(pre, fg2, w_ptr, 12, HP)
-        pre = _l1(pre, fm0, w_ptr, 13, HP)
-        pre = _l1(pre, fm1, w_ptr, 14, HP)
-        pre = _l1(pre, fm2, w_ptr, 15, HP)
-        pre = _l1(pre, v0, w_ptr, 16, HP)
-        pre = _l1(pre, v1, w_ptr, 17, HP)
-        pre = _l1(pre, v2, w_ptr, 18, HP)
-        pre = _l1(pre, s0, w_ptr, 19, HP)
-        pre = _l1(pre, s1, w_ptr, 20, HP)
-        pre = tl.reshape(_l1(pre, s2, w_ptr, 21, HP), (R * C, HP))
-    else:  # [R C, 32] x [32, HP]: column 2 j + i holds feature 16 i + _bitrev4(j)
-        z = tl.zeros((R, C), tl.float32)
-        x = tl.reshape(tl.join(
-            _features16(g, p, m0, m1, m2, rms, m0 * r, m1 * r, m2 * r, r, fg0, fg1, fg2, fm0,
-                        fm1, fm2, R * C),
-            _features16(v0, v1, v2, s0, s1, s2, z, z, z, z, z, z, z, z, z, z, R * C)),
-            (R * C, 32))
-        pre = _dot(x, w1, tl.zeros((R * C, HP), tl.float32) + b0[None, :], PREC)
+    # [R C, 32] x [32, HP]: column 2 j + i holds feature 16 i + _bitrev4(j)
+    z = tl.zeros((R, C), tl.float32)
+    x = tl.reshape(tl.join(
+        _features16(g, p, m0, m1, m2, rms, m0 * r, m1 * r, m2 * r, r, fg0, fg1, fg2, fm0,
+                    fm1, fm2, R * C),
+        _features16(v0, v1, v2, s0, s1, s2, z, z, z, z, z, z, z, z, z, z, R * C)),
+        (R * C, 32))
+    pre = _dot(x, w1, tl.zeros((R * C, HP), tl.float32) + b0[None, :], PREC)
     _store_accumulators(mo_ptr + task * 3 * n, ro_ptr + task * n, n, off, mask, m0, m1, m2, rms)
     vo_ptr = vo_ptr + task * 3 * n
     tl.store(vo_ptr + off, v0, mask=mask)
     tl.store(vo_ptr + n + off, v1, mask=mask)
     tl.store(vo_ptr + 2 * n + off, v2, mask=mask)
-    if L1 == "fma":
-        wh0, wo_dot = _dot_weights(wh_ptr, wo_ptr, HP, NHID, PREC)
     step = _mlp_rest(pre, wh0, wo_dot, c_ptr, wh_ptr, bh_ptr, wo_ptr, R, C, HP, NHID, EXP_MULT,
                      STEP_MULT, PREC)
     _store_updated(p_ptr + task * n, po_ptr + task * n, off, mask, step)
@@ -798,12 +745,12 @@ def packed_moments_kernel(sizes: tuple[int, ...], tiles: tuple[int, ...], segs: 
 def packed_apply_kernel(sizes: tuple[int, ...], tiles: tuple[int, ...], segs: tuple[int, ...]):
     """The apply pass over non-factored tensors where they lie: (c_ptr, p0_ptr.., g.., mom..,
     rms.., vd.., w_ptr, b0_ptr, wh_ptr, bh_ptr, wo_ptr, po0_ptr.., mo.., ro.., vo..; R, C,
-    HP, NHID, EXP_MULT, STEP_MULT, PREC, L1, SEGS)."""
+    HP, NHID, EXP_MULT, STEP_MULT, PREC, SEGS)."""
     return members.member_kernel(
         _packed_apply_body, "_packed_apply_kernel", tiles, (("n", sizes), ("seg", segs)),
         ("c_ptr",), _PACKED_STATE,
         ("w_ptr", "b0_ptr", "wh_ptr", "bh_ptr", "wo_ptr"), ("po_ptr", "mo_ptr", "ro_ptr", "vo_ptr"),
-        (), ("R", "C", "HP", "NHID", "EXP_MULT", "STEP_MULT", "PREC", "L1", "SEGS"))
+        (), ("R", "C", "HP", "NHID", "EXP_MULT", "STEP_MULT", "PREC", "SEGS"))
 
 
 _FACTORED_STATE = ("p_ptr", "g_ptr", "mom_ptr", "rms_ptr")
@@ -1152,7 +1099,7 @@ class TritonKernels:
                 grid=(tasks * sum(tiles[i] for i in run),), num_warps=blocks.num_warps,
                 num_stages=blocks.num_stages, R=blocks.rows, C=blocks.cols, HP=hp, NHID=nhid,
                 EXP_MULT=mults[0], STEP_MULT=mults[1], PREC=self.mlp_precision,
-                L1="fma" if self.layer1 == "fma" else "dot", SEGS=w_seg.shape[0],
+                SEGS=w_seg.shape[0],
                 name="adafac_packed_apply", input_output_aliases=aliases)
             return [outs[o * k:(o + 1) * k] for o in range(4)]
 
@@ -1197,15 +1144,14 @@ def triton_update(lopt, theta, state, grad, *, mlp_precision: str = "tf32",
     (`jax.custom_vjp`). Needs an NVIDIA GPU, `jax-triton` and `triton` to run.
     `compute_capability` (e.g. 90 for an H100) compiles the kernels for that GPU when
     lowering without one (`.lower(lowering_platforms=("cuda",))`); by default jax-triton
-    asks the local GPU. `layer1`: the factored tensors' first MLP layer as "dot" (faster
-    than "fma" on an H100), "dot_all" or "fma" (the packed small tensors': a dot unless
-    "fma"); `mlp_precision`: the dots' operands, "tf32", "ieee", "tf32_fp16" (the raw
-    features' dot TF32, the operands of unit scale after it fp16: the H x H and output
-    layers') or "bf16" (this keyword's default is the backend's: `opt_fn` passes none
-    unless asked); `persistent`:
-    run the apply pass of factored tensors as a fixed grid of programs that loop over
-    tiles with their next tiles' loads in flight (`blocks.num_stages` - 1 ahead); see the
-    module docstring. `in_place`: update p and the state in their buffers, right when the
+    asks the local GPU. `layer1`: the factored tensors' first MLP layer as "dot" or
+    "dot_all" (the packed small tensors' is a dot); `mlp_precision`: the dots' operands,
+    "tf32", "ieee", "tf32_fp16" (the raw features' dot TF32, the operands of unit scale
+    after it fp16: the H x H and output layers') or "bf16" (this keyword's default is the
+    backend's: `opt_fn` passes none unless asked); `persistent`: run the apply pass of
+    factored tensors as a fixed grid of programs that loop over tiles with their next
+    tiles' loads in flight (`blocks.num_stages` - 1 ahead); see the module docstring.
+    `in_place`: update p and the state in their buffers, right when the
     caller donates the state (or carries it through `lax.scan`); otherwise XLA copies them
     first, and `in_place=False` (fresh outputs) saves those copies
     (`plan.in_place_aliases`). `launcher` (default

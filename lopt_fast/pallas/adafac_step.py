@@ -41,9 +41,9 @@ sides (`plan.FactoredGroup`) in place. `jax.vmap` adds a leading task axis to ev
   = 72 B / param of float32 traffic for a factored tensor (the issue's floor), plus
     O(rows + cols) for the tables.
 FLOPs per parameter: pass 1 ~3, pass 2 ~60, pass 3 ~40 + 2 (16 H) + 2 H^2 (L - 1) + 4 H + 5
-  (H = 32, 2 layers: ~3.2 kFLOP; layer 1 runs as FMAs on the vector units, or with
-  `layer1="dot"` (the default) as one `jnp.dot` of the stacked features, with "dot_all"
-  as two, the H x H layers through `jnp.dot` -> tensor cores on GPU).
+  (H = 32, 2 layers: ~3.2 kFLOP; layer 1 runs with `layer1="dot"` (the default) as one
+  `jnp.dot` of the stacked features, with "dot_all" as one or two, the H x H layers
+  through `jnp.dot` -> tensor cores on GPU).
 
 GPU: lowered through Pallas' Triton backend (`pltriton.CompilerParams`); see
 docs/KERNELS.md for why not Mosaic GPU. Dots run at `mlp_precision` ("tf32" default on
@@ -249,9 +249,8 @@ def _dot(a, b, precision: str):
 
 
 def _dot_weights(w_ref, mlp_refs, layer1, precision):
-    """The weights of the MLP's dots: layer 1's (w_ref itself for "fma", which reads its
-    rows one by one: Triton lowers no slices of values; w [K, Hp] for "dot"; w's
-    per-element and row / column halves [16, Hp] for "dot_all"), and those of the layers
+    """The weights of the MLP's dots: layer 1's (w [K, Hp] for "dot"; w's per-element and
+    row / column halves [16, Hp] for "dot_all"), and those of the layers
     after it: each H x H layer's, with its ReLU floor [Hp] (`plan.MLPWeights`), and, where
     the output layer is a dot (`_output_layer`), its [Hp, 16] (else None).
 
@@ -266,7 +265,7 @@ def _dot_weights(w_ref, mlp_refs, layer1, precision):
         k = plan.NUM_EW_FACTORED
         first = (w_ref[pl.ds(0, k), :], w_ref[pl.ds(k, k), :])
     else:
-        first = w_ref[...] if layer1 == "dot" else w_ref
+        first = w_ref[...]
     wh_ref, floor_ref, wo_ref = mlp_refs
     hidden = [(wh_ref[i], floor_ref[i, :])
               for i in range(0 if wh_ref is None else wh_ref.shape[0])]
@@ -296,18 +295,13 @@ def _first_layer(pre0, feats, w, precision, layer1):
     """Layer 1's pre-activations [rows cols, Hp] of feats (planes [rows, cols]); w: layer
     1's weights as `_dot_weights` reads them.
 
-    layer1 "fma": pre0 [rows, cols, Hp] (tables and bias) + one multiply-add per feature
-    on the vector units; "dot": pre0 + the features as [rows cols, K] x w [K, Hp] (K = 16
-    factored, 32 packed: the 22 features padded with zero planes, whose rows of w are zero
-    too); "dot_all" (factored): pre0 holds the per-row / per-column features (normalised)
-    instead of tables: as 16 more planes (`_row_col_planes`) of one [rows cols, 32] x w
-    [32, Hp] dot (`_row_col_as_planes`), or, where their precision differs from the
-    per-element features', as [rows cols, 16] (`_row_col_operand`), a dot of its own with
-    w's rows 16-31."""
-    if layer1 == "fma":
-        for f, x in enumerate(feats):
-            pre0 = pre0 + x[:, :, None] * w[f, :][None, None, :]
-        return pre0.reshape(-1, pre0.shape[-1])
+    layer1 "dot": pre0 [rows, cols, Hp] (tables and bias) + the features as [rows cols, K]
+    x w [K, Hp] (K = 16 factored, 32 packed: the 22 features padded with zero planes,
+    whose rows of w are zero too); "dot_all" (factored): pre0 holds the per-row /
+    per-column features (normalised) instead of tables: as 16 more planes
+    (`_row_col_planes`) of one [rows cols, 32] x w [32, Hp] dot (`_row_col_as_planes`),
+    or, where their precision differs from the per-element features', as [rows cols, 16]
+    (`_row_col_operand`), a dot of its own with w's rows 16-31."""
     planes = [x.reshape(x.size) for x in feats]
     raw = _layer_precision(precision, unit_scale=False)
     if _row_col_as_planes(layer1, precision):
@@ -489,21 +483,20 @@ def _mlp_step(pre, later_w, vector_w, mlp_refs, c_ref, mults, precision, compile
 
 
 def _packed_apply(c_ref, loaded, w_ref, b0_ref, mlp_refs, store_accumulators, mults,
-                  precision, layer1, early_weights, compiled):
+                  precision, early_weights, compiled):
     """A non-factored tile's step [n] from its loads (g, p, mom, rms, v_diag), w_ref [32,
     Hp] (its tensor's first-layer rows) and b0 [1, Hp], after handing its new accumulators
     to store_accumulators(m, rms, v) (stored before the MLP, as the factored kernel's).
-    These tensors have no per-row / per-column features: "dot_all" runs their layer 1 as
-    "dot"."""
-    layer1 = "fma" if layer1 == "fma" else "dot"
-    first, later_w, vector_w = _mlp_weights(w_ref, mlp_refs, c_ref, layer1, early_weights,
+    These tensors have no per-row / per-column features: layer 1 is "dot" whatever the
+    factored tensors' form."""
+    first, later_w, vector_w = _mlp_weights(w_ref, mlp_refs, c_ref, "dot", early_weights,
                                             precision)
     b0 = b0_ref[...]
     m, rms, v, feats = _packed_features(c_ref, *loaded)
     store_accumulators(m, rms, v)
     rows, cols = feats[0].shape
     pre0 = jnp.broadcast_to(b0[None, :, :], (rows, cols, b0.shape[-1]))
-    pre = _first_layer(pre0, feats, first, precision, layer1)
+    pre = _first_layer(pre0, feats, first, precision, "dot")
     return _mlp_step(pre, later_w, vector_w, mlp_refs, c_ref, mults, precision, compiled)
 
 
@@ -831,9 +824,9 @@ class PallasKernels:
         tensors' 12 per-row / per-column features and b0 as 16 more planes of that dot,
         [tile, 32] x [32, Hp], or with tf32_fp16 through a second [tile, 16] x [16, Hp]
         dot, instead of [U, Hp] / [V, Hp] tables: 8 floats a column read, not Hp, and no
-        table sums; `_row_col_as_planes`) or "fma" (a multiply-add per feature). On an
-        H200 the step with "dot" took 1.23 / 8.76 ms at 1e7 / 1e8 parameters, with "fma"
-        2.25 / 17.6; "dot_all" is not timed yet.
+        table sums; `_row_col_as_planes`). On an H200 the step with "dot" took 1.23 / 8.76
+        ms at 1e7 / 1e8 parameters, with a multiply-add per feature instead (the form
+        before session 15, removed in session 27) 2.25 / 17.6; "dot_all" is not timed yet.
       in_place: the apply kernels write into their p / state operands (`plan.in_place_aliases`).
       early_weights: the apply kernels read the MLP's biases and output layer with the
         dots' weights, before any math, not where they are used: fewer memory round trips
@@ -878,10 +871,9 @@ class PallasKernels:
     relu_floors = True
 
     def _form(self, mlp: plan.MLPWeights, mults) -> dict:
-        """The apply kernels' static MLP arguments."""
-        return dict(mults=mults, precision=self.mlp_precision, layer1=self.layer1,
-                    hidden=mlp.w_hidden is not None, early_weights=self.early_weights,
-                    compiled=not self.interpret)
+        """The apply kernels' static MLP arguments (the factored one's also take `layer1`)."""
+        return dict(mults=mults, precision=self.mlp_precision, hidden=mlp.w_hidden is not None,
+                    early_weights=self.early_weights, compiled=not self.interpret)
 
     def _call(self, kernel, name, blocks: BlockSizes, **kw):
         if self.interpret:
@@ -1006,7 +998,8 @@ class PallasKernels:
             tiles.stacked_spec(w, run.start),  # the member's first-layer rows
             *mlp_specs, self._whole(new_u), self._whole(new_v)]
         kernel = functools.partial(_factored_apply_kernel, tiles=tiles,
-                                   offsets=self._offsets(group, run), **self._form(mlp, mults))
+                                   offsets=self._offsets(group, run), layer1=self.layer1,
+                                   **self._form(mlp, mults))
         aliases = plan.in_place_aliases(count, (plan.P, plan.MOM, plan.RMS), self.in_place)
         out = self._call(
             kernel, "adafac_apply", tiles.tile, grid=(tiles.total,), in_specs=in_specs,
@@ -1184,7 +1177,7 @@ def pallas_update(lopt, theta, state, grad, *, interpret: bool | None = None,
         (`blocks`: the factored tensors' tile in every pass).
       reduction_blocks: the factored tensors' tile in the reduction passes (row / column
         sums, moments) only, over `blocks` and `reduction_block_sizes`.
-      layer1: the first MLP layer as "dot", "dot_all" or "fma" (see `PallasKernels`).
+      layer1: the first MLP layer as "dot" or "dot_all" (see `PallasKernels`).
       in_place: update p and the state in their buffers: right when the caller donates
         the state (or carries it through `lax.scan`); otherwise XLA copies them first,
         and `in_place=False` (fresh outputs) saves those copies (`plan.in_place_aliases`).

@@ -40,7 +40,7 @@ REDUCTION_ROW_CHUNKS = 8
 # How the apply kernels run layer 1 and the dots' operands (`triton_update`'s and
 # `pallas_update`'s `layer1` / `mlp_precision`; lopt_fast/kernels/adafac_triton.py says
 # what each does). Here, not there, so tools can offer them without importing triton.
-LAYER1_FORMS = ("fma", "dot", "dot_all")
+LAYER1_FORMS = ("dot", "dot_all")
 MLP_PRECISIONS = ("tf32", "ieee", "bf16", "tf32_fp16")
 # "tf32_fp16" runs the dots whose operands have unit scale (the H x H layers and the
 # output layer; "dot_all"'s normalised per-row / per-column features) on fp16, whose
