@@ -745,3 +745,16 @@ def test_member_runs_split_at_a_new_dtype_and_at_the_cap():
     assert member_runs(keys, max_members=2) == [range(0, 2), range(2, 3), range(3, 5), range(5, 6)]
     assert member_runs(keys) == [range(0, 2), range(2, 3), range(3, 6)]
     assert member_runs([]) == []
+
+
+@pytest.mark.parametrize("option, value, choices", [
+    ("layer1", "fma", "('dot', 'dot_all')"),  # multiply-adds: removed in session 27
+    ("mlp_precision", "fp8", "('tf32', 'ieee', 'bf16', 'tf32_fp16')"),
+    ("tile_order", "diagonal", "('rows', 'columns')")])
+def test_an_option_the_kernels_lack_names_the_choices(lopt, option, value, choices):
+    theta = lopt.init(jax.random.key(0))
+    params = {"w": jnp.ones((4, 8))}
+    state = lopt.opt_fn(theta, backend="reference").init(params, num_steps=10)
+    with pytest.raises(ValueError, match=re.escape(f"{option} must be one of {choices}, "
+                                                   f"got {value!r}")):
+        pallas_update(lopt, theta, state, params, interpret=True, **{option: value})

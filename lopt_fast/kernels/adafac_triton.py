@@ -85,6 +85,7 @@ from lopt_fast.pallas.blocks import (
     TRITON_LAUNCHER_ENV_VAR,
     TRITON_LAUNCHERS,
     BlockSizes,
+    check_choice,
     member_runs,
     sums_row_chunks,
 )
@@ -830,8 +831,7 @@ def _row_alignment(v: int) -> int:
 def resolve_launcher(launcher: str | None) -> str:
     """`launcher`, or by default `$LOPT_FAST_TRITON_LAUNCHER` or "jax_triton"."""
     launcher = launcher or os.environ.get(TRITON_LAUNCHER_ENV_VAR) or "jax_triton"
-    if launcher not in TRITON_LAUNCHERS:
-        raise ValueError(f"launcher must be one of {TRITON_LAUNCHERS}, got {launcher!r}")
+    check_choice("launcher", launcher, TRITON_LAUNCHERS)
     return launcher
 
 
@@ -868,10 +868,8 @@ class TritonKernels:
     def __init__(self, mlp_precision: str = "tf32", compute_capability: int | None = None,
                  layer1: str = "dot", persistent: bool = False, in_place: bool = True,
                  launcher: str | None = None):
-        if mlp_precision not in MLP_PRECISIONS:
-            raise ValueError(f"mlp_precision must be one of {MLP_PRECISIONS}, got {mlp_precision!r}")
-        if layer1 not in LAYER1_FORMS:
-            raise ValueError(f"layer1 must be one of {LAYER1_FORMS}, got {layer1!r}")
+        check_choice("mlp_precision", mlp_precision, MLP_PRECISIONS)
+        check_choice("layer1", layer1, LAYER1_FORMS)
         # the H x H and output layers' weights come as `plan.mlp_weights` hands them
         # under this precision (rounded to their dots' operands; TF32's reordered)
         self.mlp_precision = mlp_precision

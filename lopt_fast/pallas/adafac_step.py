@@ -76,6 +76,7 @@ from lopt_fast.pallas.blocks import (
     RELU_CASTS,
     TILE_ORDERS,
     BlockSizes,
+    check_choice,
     member_runs,
     sums_tile,
 )
@@ -842,12 +843,9 @@ class PallasKernels:
 
     def __init__(self, interpret: bool, mlp_precision: str = "tf32", layer1: str = "dot",
                  in_place: bool = True, early_weights: bool = False, tile_order: str = "rows"):
-        if mlp_precision not in MLP_PRECISIONS:
-            raise ValueError(f"mlp_precision must be one of {MLP_PRECISIONS}, got {mlp_precision!r}")
-        if layer1 not in LAYER1_FORMS:
-            raise ValueError(f"layer1 must be one of {LAYER1_FORMS}, got {layer1!r}")
-        if tile_order not in TILE_ORDERS:
-            raise ValueError(f"tile_order must be one of {TILE_ORDERS}, got {tile_order!r}")
+        check_choice("mlp_precision", mlp_precision, MLP_PRECISIONS)
+        check_choice("layer1", layer1, LAYER1_FORMS)
+        check_choice("tile_order", tile_order, TILE_ORDERS)
         self.interpret = interpret
         # the layers after the first take their weights as `plan.mlp_weights` hands them
         # under this precision: rounded to their dots' operand type once per step, not in

@@ -95,6 +95,12 @@ MAX_MEMBERS = 32
 PALLAS_MAX_MEMBERS = 4
 
 
+def check_choice(name: str, value, choices: tuple) -> None:
+    """A ValueError naming the choices unless `value` (the option `name`) is one of them."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
 def member_runs(keys: Sequence, max_members: int | None = None) -> list[range]:
     """Consecutive runs of members with equal `keys` (e.g. their dtypes), at most
     `max_members` (default `MAX_MEMBERS`, read at call time) long: the members that can
