@@ -160,6 +160,15 @@ TREE_SHAPES = {
     "largest_axis_first": (37, 6),
     "conv_hwio": (3, 3, 5, 11),
 }
+# Dimensions of 1, as real models have them (a conv on one input channel, a [D, 1] head):
+# the canonical [B, U, V] views with U or V of 1, or a factored tensor of one element.
+UNIT_DIM_SHAPES = {
+    "row_2d": (1, 45),
+    "column_2d": (45, 1),
+    "conv_one_channel_in": (3, 3, 1, 16),
+    "unit_middle": (2, 1, 5),
+    "all_ones": (1, 1, 1, 1),
+}
 SMALL_TILES = BlockSizes(rows=4, cols=8)  # several tiles per tensor, ragged edges
 SMALL_PACKED = BlockSizes(rows=2, cols=8)  # several tiles per packed tensor
 
@@ -200,6 +209,19 @@ def test_tree_of_shape_classes_multi_tile(lopt, ref_fn, layer1, mlp_precision, t
     jaxpr = str(jax.make_jaxpr(kernel)(theta, state, params))
     assert ("bfloat16" in jaxpr) == (mlp_precision == "bf16")
     assert bool(re.search(r"(?<!b)float16", jaxpr)) == (mlp_precision == "tf32_fp16")
+
+
+@pytest.mark.parametrize("tiles", ["default", "small"])
+def test_unit_dimensions(lopt, ref_fn, tiles):
+    """Tensors with dimensions of 1 (`UNIT_DIM_SHAPES`), in the library's tiles (each
+    tensor smaller than one) and in small ones (several per tensor, ragged)."""
+    seed = _seed()
+    rng = np.random.default_rng(seed)
+    theta = random_theta(lopt, jax.random.key(seed))
+    blocks = dict(blocks=SMALL_TILES, packed_blocks=SMALL_PACKED) if tiles == "small" else {}
+    kernel = jax.jit(lambda t, s, g: pallas_update(lopt, t, s, g, **blocks))
+    run_trajectories(lopt, theta, random_tree(rng, UNIT_DIM_SHAPES), UNIT_DIM_SHAPES, rng,
+                     kernel, ref_fn)
 
 
 def check_fp16_saturation(lopt, update, seed):

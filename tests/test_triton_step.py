@@ -36,6 +36,7 @@ from tests.test_pallas_step import (
     SMALL_TILES,
     TF32_TOLERANCE,
     TREE_SHAPES,
+    UNIT_DIM_SHAPES,
     run_trajectories,
 )
 
@@ -47,11 +48,12 @@ CUDA_LOWERING_PATH = os.environ.get("LOPT_FAST_CUDA_LOWERING_PATH")
 
 
 def every_shape_class(lopt, seed, large=True):
-    """(theta, params, shapes, rng): TREE_SHAPES and bf16 params, and unless `large` is
-    False, shapes of several default tiles (a 3x3x32x64 conv kernel among them)."""
+    """(theta, params, shapes, rng): TREE_SHAPES, UNIT_DIM_SHAPES and bf16 params, and
+    unless `large` is False, shapes of several default tiles (a 3x3x32x64 conv kernel among
+    them)."""
     rng = np.random.default_rng(seed)
     theta = random_theta(lopt, jax.random.key(seed))
-    shapes = dict(TREE_SHAPES, matrix_bf16=(9, 12), bias_bf16=(5,))
+    shapes = dict(TREE_SHAPES, **UNIT_DIM_SHAPES, matrix_bf16=(9, 12), bias_bf16=(5,))
     if large:
         shapes.update(big=(130, 257), conv=(3, 3, 32, 64), tall=(1000, 7))
     params = {k: jnp.asarray(rng.normal(size=s), jnp.bfloat16 if k.endswith("bf16") else jnp.float32)
