@@ -89,8 +89,8 @@ jax_triton.__version__); print(jax.devices())" ;;
       # NCU_RUNS; each writes its report, details page and raw metrics to $OUT/ncu_<n>.
       # A run that fails (no ncu, no counters) ends the section: the rest would too.
       # The second run is "dot_all" at the default TF32: against the first it shows what
-      # the "dot" form's per-column tables cost in L2 traffic (docs/KERNELS.md, "Session
-      # 22": 128 B per element at 1x256, three times the tile's DRAM bytes). The third
+      # the "dot" form's per-column tables cost in L2 traffic (docs/KERNEL-SESSIONS.md,
+      # "Session 22": 128 B per element at 1x256, three times the tile's DRAM bytes). The third
       # walks the tiles down the column blocks (session 23, `blocks.TILE_ORDERS`): its L2
       # throughput against the first's says whether the SMs' L1 then serves the tables.
       # Triton's last, the first to go if the call runs out.
@@ -130,7 +130,7 @@ jax_triton.__version__); print(jax.devices())" ;;
       # default) and "dot_all", TF32 and "tf32_fp16" (the H x H and output layers on fp16
       # operands, TF32's mantissa at twice its tensor rate), three apply tiles (the
       # reduction passes at the library's tile, 1x1024, in every row since session 21).
-      # Compiled for sm_90 (docs/KERNELS.md, "Session 22"), instructions per element of
+      # Compiled for sm_90 (docs/KERNEL-SESSIONS.md, "Session 22"), instructions per element of
       # the apply kernel (dot / dot_all): 1x256 (the default) 408 / 340 with TF32, 376 /
       # 320 with tf32_fp16 (12 warps per SM; dot_all tf32_fp16 16); 8x32 376 / 336 and
       # 344 / 320 (12, tf32_fp16 16 warps per SM), reading 5 floats of the per-row /
@@ -169,7 +169,7 @@ jax_triton.__version__); print(jax.devices())" ;;
     profile)
       # 1e7 parameters, and the meta-training shape (64 tasks x the convnet), where the
       # wall time against the device's busy time says whether launches dominate
-      # (docs/KERNELS.md, "Session 11").
+      # (docs/KERNEL-SESSIONS.md, "Session 11").
       for b in ${PROFILE_BACKENDS:-pallas triton}; do
         run 90 profile python3 profiling/trace_step.py --backend "$b" --params 1e7 \
           --logdir "/tmp/trace_$b"

@@ -50,7 +50,7 @@ HEADLINE = (
     "dram__bytes_write.sum",
     "lts__t_bytes.sum",
     # L2 -> SM traffic: the "dot" form's per-column table is 128 B per element at 1x256,
-    # three times the tile's own 44 B of DRAM traffic (docs/KERNELS.md, "Session 22")
+    # three times the tile's own 44 B of DRAM traffic (docs/KERNEL-SESSIONS.md, "Session 22")
     "lts__throughput.avg.pct_of_peak_sustained_elapsed",
     "lts__t_sector_hit_rate.pct",
     "l1tex__throughput.avg.pct_of_peak_sustained_active",

@@ -57,8 +57,8 @@ loop is software-pipelined (`tl.range(..., num_stages)`): Triton issues the next
 loads as asynchronous copies into shared memory (cp.async, LDGSTS), so they are in flight
 while the program computes, without registers to hold them. One program per tile has
 its tile's bytes in flight only before it computes: two or three programs per SM keep
-far fewer bytes in flight than the memory's bandwidth x latency (docs/KERNELS.md). Not
-yet timed on a GPU.
+far fewer bytes in flight than the memory's bandwidth x latency (docs/KERNEL-SESSIONS.md,
+"Session 10"). Not yet timed on a GPU.
 
 Only on NVIDIA GPUs with the `gpu` extra (jax-triton needs a CUDA jaxlib). jax-triton has
 no vmap rule of its own; `_over_tasks` gives each launch one: `jax.vmap` over tasks (each
