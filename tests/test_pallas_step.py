@@ -570,8 +570,12 @@ def test_abstract_gpu_names_the_device_pallas_lowers_for():
     assert jax.sharding.get_abstract_mesh().abstract_device is None
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                    reason="triton not installed (pip install 'lopt-fast[gpu]')")
+# profiling/pallas_resources.py compiles Pallas' Triton modules with the installed triton
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="triton not installed (pip install 'lopt-fast[gpu]')")
+
+
+@needs_triton
 def test_arrays_past_4_gib_get_64_bit_offsets():
     """Pallas' Triton lowering addresses an operand of more than 2^32 bytes with 64-bit
     offsets, the others with 32-bit ones: so the fused step takes a tensor of 2^30
@@ -590,6 +594,7 @@ def test_arrays_past_4_gib_get_64_bit_offsets():
         assert found == ({"i32", "i64"} if wide else {"i32"}), (side, found)
 
 
+@needs_triton
 def test_kernels_compile_for_sm90():
     """Each pallas_call's Triton module (the sides pass's too), as Pallas' Triton lowering
     emits it for CUDA, compiles to sm_90 machine code with triton
