@@ -214,12 +214,16 @@ def test_tree_of_shape_classes_multi_tile(lopt, ref_fn, layer1, mlp_precision, t
 @pytest.mark.parametrize("tiles", ["default", "small"])
 def test_unit_dimensions(lopt, ref_fn, tiles):
     """Tensors with dimensions of 1 (`UNIT_DIM_SHAPES`), in the library's tiles (each
-    tensor smaller than one) and in small ones (several per tensor, ragged)."""
+    tensor smaller than one) and in small ones (several per tensor, ragged). Float32
+    dots, as the float32 tolerance assumes: the default "tf32" rounds operands to TF32
+    even interpreted, ~4e-4 of the step per step (it failed 1e-3 after 3 steps for 1
+    seed in 40)."""
     seed = _seed()
     rng = np.random.default_rng(seed)
     theta = random_theta(lopt, jax.random.key(seed))
     blocks = dict(blocks=SMALL_TILES, packed_blocks=SMALL_PACKED) if tiles == "small" else {}
-    kernel = jax.jit(lambda t, s, g: pallas_update(lopt, t, s, g, **blocks))
+    kernel = jax.jit(lambda t, s, g: pallas_update(lopt, t, s, g, mlp_precision="ieee",
+                                                   **blocks))
     run_trajectories(lopt, theta, random_tree(rng, UNIT_DIM_SHAPES), UNIT_DIM_SHAPES, rng,
                      kernel, ref_fn)
 
