@@ -1,13 +1,20 @@
 """Shared test inputs, and running repository scripts in a fresh process."""
 
+import importlib.util
 import os
 import re
 import subprocess
 import sys
 
 import jax
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+# For what compiles Triton modules to sm_90 without a GPU (triton bundles ptxas) or
+# runs them in its interpreter: CI may have no triton (.ci/run lets its install fail).
+needs_triton = pytest.mark.skipif(not HAVE_TRITON,
+                                  reason="triton not installed (pip install 'lopt-fast[gpu]')")
 
 
 def run_python(args, label, timeout=600, **env):

@@ -1,17 +1,15 @@
 """The benchmark scripts run end to end on CPU at tiny sizes, so a lent GPU's few minutes
 are not lost to a broken script (`benchmarks/gpu_session.sh` runs them there)."""
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 import jax
-import pytest
 
 from lopt_fast.pallas.blocks import TRITON_LAUNCHERS
-from tests.helpers import ROOT, run_python
+from tests.helpers import ROOT, needs_triton, run_python
 
 
 def _run(script, *args):
@@ -116,12 +114,11 @@ def test_reference_update_benchmark(tmp_path):
     assert row["params"] == 1024 * 1024 + 1024 and row["lopt_over_adam"] > 1, row
 
 
+@needs_triton
 def test_launcher_check_reports_every_launcher():
     """benchmarks/launcher_check.py tries one Triton step per launcher: on a GPU all pass; on
     CPU each reports why it cannot run (jax-triton missing, XLA's Triton calls GPU-only) and
     the script exits non-zero, which is what makes gpu_session.sh fall back."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton not installed (pip install 'lopt-fast[gpu]')")
     out = subprocess.run([sys.executable, os.path.join("benchmarks", "launcher_check.py")],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     for launcher in TRITON_LAUNCHERS:

@@ -10,7 +10,6 @@ across steps (interpret mode compiles slowly on a small CPU).
 """
 
 import functools
-import importlib.util
 import os
 import re
 import sys
@@ -26,7 +25,14 @@ from lopt_fast.pallas import BlockSizes, abstract_gpu, block_sizes, pallas_updat
 from lopt_fast.pallas import plan as pallas_plan
 from lopt_fast.pallas.blocks import FLOOR_CASTS, RELU_CASTS, TILE_ORDERS, member_runs, plane_tile
 from lopt_fast.pallas.members import MemberTiles
-from tests.helpers import ROOT, precise_reference, random_state, random_theta, stored_after_a_move
+from tests.helpers import (
+    ROOT,
+    needs_triton,
+    precise_reference,
+    random_state,
+    random_theta,
+    stored_after_a_move,
+)
 
 
 class Tolerance(NamedTuple):
@@ -572,11 +578,6 @@ def test_abstract_gpu_names_the_device_pallas_lowers_for():
         device = jax.sharding.get_abstract_mesh().abstract_device
         assert (device.platform, device.device_kind) == ("cuda", "NVIDIA H200")
     assert jax.sharding.get_abstract_mesh().abstract_device is None
-
-
-# profiling/pallas_resources.py compiles Pallas' Triton modules with the installed triton
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                  reason="triton not installed (pip install 'lopt-fast[gpu]')")
 
 
 @needs_triton

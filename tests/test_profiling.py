@@ -10,9 +10,7 @@ import os
 import subprocess
 import sys
 
-import pytest
-
-from tests.helpers import ROOT, run_python
+from tests.helpers import ROOT, needs_triton, run_python
 
 SCRIPT = os.path.join(ROOT, "profiling", "trace_step.py")
 XLA_KERNELS = os.path.join(ROOT, "profiling", "xla_kernels.py")
@@ -200,13 +198,12 @@ def test_ncu_step_profiled_workload_runs():
     assert "finite: True" in stdout and "'layer1': 'dot_all'" in stdout, stdout[-2000:]
 
 
+@needs_triton
 def test_load_round_trips_reads_the_sass_order():
     """profiling/triton_resources.py's RT column: runs of global loads, each ended by the
     first instruction that reads what one of them loaded; stores read registers too, and
     loads after the first branch are not counted (the factored apply kernels' side
     copies)."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton not installed (pip install 'lopt-fast[gpu]')")
     sys.path.insert(0, os.path.join(ROOT, "profiling"))
     from triton_resources import load_round_trips
 
@@ -229,11 +226,10 @@ def test_load_round_trips_reads_the_sass_order():
     assert load_round_trips(sass) == 4
 
 
+@needs_triton
 def test_warps_per_sm_allocates_registers_in_units():
     """Registers go to a warp in units of 256 (8 per thread), so 162-168 registers fit 3
     programs of 4 warps on an SM (65536 registers) and 169-176 only 2."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton not installed (pip install 'lopt-fast[gpu]')")
     sys.path.insert(0, os.path.join(ROOT, "profiling"))
     from triton_resources import warps_per_sm
 

@@ -28,7 +28,15 @@ import pytest
 
 from lopt_fast.learned import AdafacMLPLOpt
 from lopt_fast.pallas.blocks import RELU_CASTS
-from tests.helpers import ROOT, precise_reference, random_theta, run_python, stored_after_a_move
+from tests.helpers import (
+    HAVE_TRITON,
+    ROOT,
+    needs_triton,
+    precise_reference,
+    random_theta,
+    run_python,
+    stored_after_a_move,
+)
 from tests.test_pallas_step import (
     BF16_DOTS_TOLERANCE,
     KERNEL_TOLERANCE,
@@ -40,7 +48,6 @@ from tests.test_pallas_step import (
     run_trajectories,
 )
 
-HAVE_TRITON = importlib.util.find_spec("triton") is not None
 HAVE_JAX_TRITON = importlib.util.find_spec("jax_triton") is not None
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 ON_CUDA = jax.default_backend() == "gpu"
@@ -61,9 +68,7 @@ def every_shape_class(lopt, seed, large=True):
     return theta, params, shapes, rng
 
 
-
-
-@pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed (pip install 'lopt-fast[gpu]')")
+@needs_triton
 @pytest.mark.parametrize("hidden_layers", [1, 2])
 def test_kernels_compile_for_sm90(hidden_layers):
     from lopt_fast.kernels import adafac_triton as at
@@ -220,7 +225,7 @@ def test_triton_lowers_for_cuda_through_jax_triton():
     run_python(["-m", "tests.triton_cuda_lowering"], "CUDA lowering", PYTHONPATH=pythonpath)
 
 
-@pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed (pip install 'lopt-fast[gpu]')")
+@needs_triton
 def test_launchers_and_the_jax_triton_call_target(monkeypatch):
     """The launcher comes from the argument, else $LOPT_FAST_TRITON_LAUNCHER, else
     "jax_triton"; its launches go to jaxlib's FFI call where the CUDA plugin registers it
@@ -248,7 +253,7 @@ def test_launchers_and_the_jax_triton_call_target(monkeypatch):
     assert ffi_call.call_target() == ffi_call.LEGACY_TARGET
 
 
-@pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed (pip install 'lopt-fast[gpu]')")
+@needs_triton
 @pytest.mark.parametrize("tasks, in_place, mlp_precision", [
     (None, True, "tf32"), (3, True, "tf32_fp16"), (3, False, "bf16")])
 def test_xla_launcher_lowers_for_cuda(tasks, in_place, mlp_precision, monkeypatch):
@@ -274,7 +279,7 @@ def test_xla_launcher_lowers_for_cuda(tasks, in_place, mlp_precision, monkeypatc
     assert aliases == (lowering.EXPECTED_ALIASES if in_place else 0), aliases
 
 
-@pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed (pip install 'lopt-fast[gpu]')")
+@needs_triton
 def test_small_planes_take_one_launch_before_the_moments():
     """When every factored tensor's [U, V] plane fits one tile (PLANE_TILE_MAX), one launch
     gives the new row / column accumulators and factors; larger planes take the sums pass
