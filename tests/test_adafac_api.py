@@ -183,14 +183,30 @@ def test_mismatched_grad_tree(lopt, theta):
         opt.update(state, {"a": jnp.ones(3), "b": jnp.ones(3)})
 
 
+def test_init_gives_float32_theta_under_x64(lopt):
+    """learned_optimization's dtype, whatever JAX's default float is."""
+    with jax.enable_x64(True):
+        theta = lopt.init(jax.random.key(0))
+    assert {x.dtype for x in jax.tree.leaves(theta)} == {jnp.dtype(jnp.float32)}
+
+
 def test_integer_params_rejected(lopt, theta):
     with pytest.raises(TypeError, match="only floating-point"):
         lopt.opt_fn(theta).init({"step": jnp.asarray(3)}, num_steps=3)
 
 
-@pytest.mark.parametrize(("bad", "backend"), [(np.nan, "reference"), (np.inf, "reference"),
-                                            (-np.inf, "reference"), (np.nan, "pallas")])
-def test_nonfinite_gradient_skips_the_step(lopt, theta, bad, backend):
+@pytest.mark.parametrize(("bad", "backend", "x64"), [
+    (np.nan, "reference", False), (np.inf, "reference", False), (-np.inf, "reference", False),
+    (np.nan, "pallas", False), (np.nan, "reference", True), (np.nan, "pallas", True)])
+def test_nonfinite_gradient_skips_the_step(lopt, bad, backend, x64):
+    """With jax_enable_x64 the params are float64 ("w", "b"): kept bitwise too, which a
+    step computed as float32 p - 0 would not (it rounds them)."""
+    with jax.enable_x64(x64):
+        assert jnp.ones(()).dtype == (jnp.float64 if x64 else jnp.float32)
+        _check_nonfinite_gradient_skips_the_step(lopt, bad, backend)
+
+
+def _check_nonfinite_gradient_skips_the_step(lopt, bad, backend):
     # theta as numpy arrays, as load_theta returns it.
     opt = lopt.opt_fn(jax.tree.map(np.asarray, random_theta(lopt, jax.random.key(8))), backend=backend)
     params = {"w": jax.random.normal(jax.random.key(9), (5, 6)), "b": jnp.ones(6),
@@ -206,6 +222,11 @@ def test_nonfinite_gradient_skips_the_step(lopt, theta, bad, backend):
     unchanged = lambda s: jax.tree.leaves(s.replace(iteration=None, nonfinite_steps=None))  # noqa: E731
     for a, b in zip(unchanged(after), unchanged(state), strict=True):
         assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    # A skipped first step too: float64 params straight from their init, most of them not
+    # float32 values (after a step of the old float32 p - step, all would be).
+    first = update(opt.init(params, num_steps=10), bad_grad)
+    for a, b in zip(jax.tree.leaves(first.params), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(a, b)
     # Training continues normally on the next finite gradient, as if the bad step never came.
     resumed = update(after, good)

@@ -43,6 +43,8 @@ class Tolerance(NamedTuple):
 # float32 MLP arithmetic ("ieee"), kernels interpreted on the CPU like the reference.
 TOLERANCE = Tolerance({
     jnp.dtype(jnp.float32): (2e-6, 1e-5),
+    # float64 params (jax_enable_x64): float32 steps, so float32's error less the rounding
+    jnp.dtype(jnp.float64): (2e-6, 1e-5),
     jnp.dtype(jnp.bfloat16): (1e-2, 1.6e-2),  # one bf16 ulp: a rounding flip of p - step
 }, step_rel=1e-3)
 # The same kernels compiled for a GPU round differently from the CPU reference (FMA
@@ -77,6 +79,8 @@ TF32_TOLERANCE = Tolerance({jnp.dtype(jnp.float32): (3e-4, 3e-4),
                             jnp.dtype(jnp.bfloat16): (1e-2, 1.6e-2)}, step_rel=3e-2)
 
 NUM_STEPS = 3
+# params whose new value carries the whole step: bf16 rounds most of it away
+FULL_STEP_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
 
 
 def _seed():
@@ -104,7 +108,7 @@ def assert_close(name, got, want, old=None, dtype=None, tol=KERNEL_TOLERANCE):
     # The step's relative error over a whole tensor; over a handful of elements it is one
     # element's, which TF32 dots can put a few percent off where cancellation leaves a step
     # near zero (2.7% for a scalar on an H100), within the elementwise bound above.
-    if old is not None and jnp.dtype(got.dtype) == jnp.float32 and got64.size >= 16:
+    if old is not None and jnp.dtype(got.dtype) in FULL_STEP_DTYPES and got64.size >= 16:
         d_ref = want64 - np.asarray(old, np.float64)
         d_got = got64 - np.asarray(old, np.float64)
         norm = np.linalg.norm(d_ref)
@@ -144,13 +148,18 @@ def run_trajectories(lopt, theta, params, shapes, rng, kernel_fn, ref_fn, vmappe
     k_state = r_state = random_state(init(params), rng)
     for step in range(NUM_STEPS):
         lead = (jax.tree.leaves(params)[0].shape[0],) if vmapped else ()
-        grad = {k: jnp.asarray(rng.normal(size=lead + s) * (0.5 + step), jnp.float32)
+        grad = {k: jnp.asarray(rng.normal(size=lead + s) * (0.5 + step), _grad_dtype(params[k]))
                 for k, s in shapes.items()}
         kp, kacc = kernel_fn(theta, k_state, grad)
         rp, racc = ref_fn(theta, r_state, grad)
         compare_states(f"step {step}:", kp, kacc, rp, racc, r_state.params, tol)
         k_state = _advance(k_state, kp, kacc)
         r_state = _advance(r_state, rp, racc)
+
+
+def _grad_dtype(param):
+    """float32 gradients, or float64 ones for float64 params (jax_enable_x64)."""
+    return jnp.float64 if param.dtype == jnp.float64 else jnp.float32
 
 
 def _advance(state, params, acc):
@@ -232,6 +241,50 @@ def test_unit_dimensions(lopt, ref_fn, tiles):
                                                    **blocks))
     run_trajectories(lopt, theta, random_tree(rng, UNIT_DIM_SHAPES), UNIT_DIM_SHAPES, rng,
                      kernel, ref_fn)
+
+
+# Under jax_enable_x64: float64 params (and gradients) beside float32 and bf16 ones.
+X64_SHAPES = dict(TREE_SHAPES, matrix_f64=(9, 12), conv_f64=(3, 3, 2, 5), bias_f64=(5,),
+                  scalar_f64=(), bias_bf16=(6,))
+X64_DTYPES = {k: jnp.bfloat16 if k.endswith("bf16") else jnp.float64
+              for k in X64_SHAPES if k.endswith(("f64", "bf16"))}
+
+
+def test_float64_theta_and_params_under_x64(lopt, ref_fn):
+    """With jax_enable_x64 on, a float64 theta (as numpy weights are) and float64 params:
+    every backend computes with theta in float32 (`adafac_math.float32_theta`), keeps each
+    param's dtype and float32 state, and the kernels match the reference over several
+    steps. Before, the interpreted kernels' side stores raised (a Python int index is an
+    int64 there, the traced one an int32) and a float64 theta made the step float64."""
+    seed = _seed()
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(seed)
+        theta = jax.tree.map(lambda x: np.asarray(x, np.float64),
+                             random_theta(lopt, jax.random.key(seed)))
+        params = random_tree(rng, X64_SHAPES, X64_DTYPES)
+        kernel = jax.jit(lambda t, s, g: pallas_update(lopt, t, s, g, mlp_precision="ieee",
+                                                       blocks=SMALL_TILES,
+                                                       packed_blocks=SMALL_PACKED))
+        run_trajectories(lopt, theta, params, X64_SHAPES, rng, kernel, ref_fn)
+
+        # Two float64 params that round to the same float32 get the same features and step,
+        # and stay as far apart as they were: p - step is float64 (`adafac_math.step_dtype`),
+        # not float32 rounded back.
+        delta = 1e-10  # under half a float32 ulp of [0.5, 2)
+        a = {k: jnp.asarray(np.float32(rng.uniform(0.5, 2.0, s)), jnp.float64)
+             for k, s in X64_SHAPES.items() if k.endswith("f64")}
+        b = jax.tree.map(lambda x: x + delta, a)
+        grad = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape)), a)
+        state = lopt.opt_fn(theta, backend="reference").init(a, num_steps=10)
+        for name, update in (("pallas", kernel), ("reference", ref_fn)):
+            new_a, acc = update(theta, state, grad)
+            new_b, _ = update(theta, state.replace(params=b), grad)
+            for k in a:
+                assert new_a[k].dtype == jnp.float64, (name, k, new_a[k].dtype)
+                assert not np.array_equal(new_a[k], a[k]), (name, k)
+                np.testing.assert_allclose(new_b[k] - new_a[k], delta, rtol=0, atol=1e-14,
+                                           err_msg=f"{name} {k}")
+            assert {x.dtype for x in jax.tree.leaves(acc)} == {jnp.dtype(jnp.float32)}, name
 
 
 def check_fp16_saturation(lopt, update, seed):
@@ -415,13 +468,23 @@ def _all_eqns(jaxpr):
                 yield from _all_eqns(p)
 
 
-def test_gradients_through_custom_vjp_equal_reference(lopt):
-    """Meta-gradient of a loss after one step: kernel forward + reference backward."""
+@pytest.mark.parametrize("x64", [False, True])
+def test_gradients_through_custom_vjp_equal_reference(lopt, x64):
+    """Meta-gradient of a loss after one step: kernel forward + reference backward. With
+    jax_enable_x64, of a float64 theta, through float64 and float32 params: float64
+    gradients (a float32 cotangent for float64 primals raised before)."""
+    with jax.enable_x64(x64):
+        _check_gradients_through_custom_vjp(lopt, x64)
+
+
+def _check_gradients_through_custom_vjp(lopt, x64):
     seed = _seed()
     rng = np.random.default_rng(seed)
     theta = random_theta(lopt, jax.random.key(seed))
     shapes = {"w": (6, 10), "b": (4,)}
-    params = random_tree(rng, shapes)
+    params = random_tree(rng, shapes, {"w": jnp.float64} if x64 else None)
+    if x64:
+        theta = jax.tree.map(lambda x: np.asarray(x, np.float64), theta)
     grads = [random_tree(rng, shapes)]
     opt = lopt.opt_fn(theta, backend="reference")
     state0 = opt.init(params, num_steps=100)
@@ -439,6 +502,7 @@ def test_gradients_through_custom_vjp_equal_reference(lopt):
         gk = jax.jit(jax.grad(lambda t: loss(t, kernel)))(theta)
         gr = jax.jit(jax.grad(lambda t: loss(t, reference)))(theta)
     for (path, want), got in zip(jax.tree.leaves_with_path(gr), jax.tree.leaves(gk), strict=True):
+        assert got.dtype == want.dtype == (jnp.float64 if x64 else jnp.float32), (path, got.dtype)
         scale = np.abs(np.asarray(want)).max()
         assert scale > 0, f"zero reference gradient at {jax.tree_util.keystr(path)}"
         err = np.abs(np.asarray(got) - np.asarray(want)).max()

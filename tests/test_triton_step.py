@@ -45,6 +45,8 @@ from tests.test_pallas_step import (
     TF32_TOLERANCE,
     TREE_SHAPES,
     UNIT_DIM_SHAPES,
+    X64_DTYPES,
+    X64_SHAPES,
     run_trajectories,
 )
 
@@ -57,13 +59,18 @@ CUDA_LOWERING_PATH = os.environ.get("LOPT_FAST_CUDA_LOWERING_PATH")
 def every_shape_class(lopt, seed, large=True):
     """(theta, params, shapes, rng): TREE_SHAPES, UNIT_DIM_SHAPES and bf16 params, and
     unless `large` is False, shapes of several default tiles (a 3x3x32x64 conv kernel among
-    them)."""
+    them). With jax_enable_x64 on, a float64 theta and float64 params too."""
     rng = np.random.default_rng(seed)
     theta = random_theta(lopt, jax.random.key(seed))
     shapes = dict(TREE_SHAPES, **UNIT_DIM_SHAPES, matrix_bf16=(9, 12), bias_bf16=(5,))
+    dtypes = {"matrix_bf16": jnp.bfloat16, "bias_bf16": jnp.bfloat16}
+    if jax.config.jax_enable_x64:
+        theta = jax.tree.map(lambda x: np.asarray(x, np.float64), theta)
+        shapes.update(X64_SHAPES)
+        dtypes.update(X64_DTYPES)
     if large:
         shapes.update(big=(130, 257), conv=(3, 3, 32, 64), tall=(1000, 7))
-    params = {k: jnp.asarray(rng.normal(size=s), jnp.bfloat16 if k.endswith("bf16") else jnp.float32)
+    params = {k: jnp.asarray(rng.normal(size=s), dtypes.get(k, jnp.float32))
               for k, s in shapes.items()}
     return theta, params, shapes, rng
 
@@ -189,12 +196,14 @@ def test_triton_matches_reference_every_shape_class_and_bf16(mlp_precision, tol,
                                    "dot_all"],
                                   ["--vmapped"],
                                   ["--precision", "ieee", "--small-tiles", "--persistent"],
-                                  ["--vmapped", "--persistent"]],
+                                  ["--vmapped", "--persistent"],
+                                  ["--precision", "ieee", "--small-tiles", "--x64"]],
                          ids=["ieee-small-tiles-one-member-launches", "layer1-dot_all",
                               "tf32-default-tiles", "tf32-no-hidden-layer",
                               "tf32-two-hidden-layers", "bf16-dots-dot_all",
                               "tf32_fp16-dots-dot_all", "vmapped-tasks",
-                              "persistent-small-tiles", "persistent-vmapped-tasks"])
+                              "persistent-small-tiles", "persistent-vmapped-tasks",
+                              "x64-float64-theta-and-params"])
 def test_triton_kernels_interpreted_match_reference(case):
     """Small ragged tiles with float32 dots, layer 1 in each form ("dot" with one small
     tensor per member launch: several launches per pass; "dot_all" with the row / column
@@ -208,8 +217,9 @@ def test_triton_kernels_interpreted_match_reference(case):
     NumPy, `_relu_casts_in_numpy`); 3
     vmapped tasks with their own theta, and meta-gradients through the custom_vjp under
     vmap (not again for the persistent kernel: the backward pass is the reference's either
-    way). The public `triton_update` with interpreted launches, in a fresh process because
-    Triton must start interpreted. On 2 cores running two at a time (2026-12-02): 20-26 s
+    way); with jax_enable_x64, a float64 theta and float64 params. The public
+    `triton_update` with interpreted launches, in a fresh process because Triton must start
+    interpreted. On 2 cores running two at a time (2026-12-02): 20-26 s
     each with small tiles, 40-47 s with the default ones, 51 / 73 s vmapped."""
     seed = int(np.random.default_rng().integers(1 << 30))
     run_python(["-m", "tests.triton_interpret", *case, "--seed", str(seed)], f"seed {seed}",

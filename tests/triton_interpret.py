@@ -368,10 +368,14 @@ if __name__ == "__main__":
                          "many tiles")
     ap.add_argument("--max-members", type=int, default=None,
                     help="at most this many small tensors per member launch (blocks.MAX_MEMBERS)")
+    ap.add_argument("--x64", action="store_true",
+                    help="jax_enable_x64 on: float64 theta, and float64 params among the others")
     ap.add_argument("--no-whole-planes", action="store_true",
                     help="the row / column sums pass and XLA's between-pass math even where "
                          "the planes fit one tile (PLANE_TILE_MAX = 0)")
     args = ap.parse_args()
+    if args.x64:
+        jax.config.update("jax_enable_x64", True)
     if args.no_whole_planes:
         from lopt_fast.pallas import blocks
 

@@ -417,9 +417,10 @@ def _store_updated(p_ptr, po_ptr, off, mask, step):
     computes it in the loads' layout and moves only the step there, instead of moving p
     into the step's layout right after its first load and the result back (the Pallas
     kernels' `_updated` says more). evict_first keeps the two reads apart (CSE merges
-    equal ones)."""
+    equal ones). Triton's promotion of p - step (float32 step) is `adafac_math.step_dtype`:
+    float32, or float64 for float64 params."""
     p = tl.load(p_ptr + off, mask=mask, other=0.0, eviction_policy="evict_first")
-    tl.store(po_ptr + off, (p.to(tl.float32) - step).to(po_ptr.dtype.element_ty), mask=mask)
+    tl.store(po_ptr + off, (p - step).to(po_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

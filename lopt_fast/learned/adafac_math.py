@@ -112,6 +112,20 @@ def param_to_decay(x):
     return 1 - jnp.exp(x * 10.0)
 
 
+def step_dtype(param_dtype):
+    """The dtype of p - step for params of `param_dtype`: float32, or float64 for float64
+    params, which would otherwise be rounded to float32 by every step (a skipped step
+    too). Features, accumulators and the MLP are float32 whatever the params."""
+    return jnp.promote_types(param_dtype, jnp.float32)
+
+
+def float32_theta(theta):
+    """`theta` with float32 leaves, the precision every backend computes in. A float64
+    theta (numpy weights, or arrays made under jax_enable_x64) would otherwise promote
+    the step, and the reference's new params, to float64."""
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), theta)
+
+
 def decays_from_theta(theta, initial) -> Decays:
     """Learned decays: the initial decay shifted in log(1 - decay) / 10 space."""
 
@@ -429,7 +443,8 @@ def apply_step(p, g, acc: LeafAccumulators, w0_feat, b0, nn, exp_mult, step_mult
     run row-major ([M, H] @ [H, H]).
 
     Args:
-      p, g: float32 tensors of the work shape (scalars already made shape (1,)).
+      p, g: tensors of the work shape (scalars already made shape (1,)): g float32, p
+        in `step_dtype` (the features see p in float32).
       acc: the *updated* accumulators.
       w0_feat, b0: from `first_layer`.
     """
@@ -438,13 +453,14 @@ def apply_step(p, g, acc: LeafAccumulators, w0_feat, b0, nn, exp_mult, step_mult
     planes = (p[None], g[None], acc.mom, acc.rms, side)
 
     def visit(planes_c, terms_c, axis, start, new_p):
-        feats = _elementwise_features(*planes_c)
+        p_c = planes_c[0]
+        feats = _elementwise_features(p_c.astype(jnp.float32), *planes_c[1:])
         chunk_shape = jnp.broadcast_shapes(*(f.shape[1:] for f in feats))
         inputs = [jnp.broadcast_to(row, chunk_shape)[..., None] for f in feats for row in f]
         products = [x * w for x, w in zip(inputs, w_ew, strict=True)]
         pre0 = _sum_in_chains([*products, b0, *terms_c])  # [*chunk, H]
         step = mlp_step(pre0.reshape(-1, pre0.shape[-1]), nn, exp_mult, step_mult)
-        p_c = planes_c[0][0] - step.reshape(chunk_shape)
+        p_c = p_c[0] - step.reshape(chunk_shape).astype(p_c.dtype)
         if axis is None:
             return p_c
         return lax.dynamic_update_slice_in_dim(new_p, p_c, start, axis=axis)
@@ -459,7 +475,8 @@ def leaf_update(p, g, acc: LeafAccumulators, nn, decays: Decays, iteration,
         return p, acc
     orig_shape, orig_dtype = p.shape, p.dtype
     work = _work_shape(orig_shape)
-    p32 = p.astype(jnp.float32).reshape(work)
+    p_wide = p.astype(step_dtype(p.dtype)).reshape(work)
+    p32 = p_wide.astype(jnp.float32)
     g32 = g.astype(jnp.float32).reshape(work)
     # Scalars work as shape (1,): their state planes gain a trailing axis of 1.
     scalar = orig_shape == ()
@@ -467,7 +484,7 @@ def leaf_update(p, g, acc: LeafAccumulators, nn, decays: Decays, iteration,
     new_acc = update_accumulators(acc_w, g32, decays)
     moments = feature_second_moments(p32, g32, new_acc)
     w0_feat, b0 = first_layer(nn, moments, iteration)
-    new_p = apply_step(p32, g32, new_acc, w0_feat, b0, nn, exp_mult, step_mult)
+    new_p = apply_step(p_wide, g32, new_acc, w0_feat, b0, nn, exp_mult, step_mult)
     if scalar:
         new_acc = LeafAccumulators(*(a[..., 0] if a.size else a for a in new_acc))
     return new_p.reshape(orig_shape).astype(orig_dtype), new_acc

@@ -59,7 +59,8 @@ class _InitialDecays(NamedTuple):
 
 def _truncated_normal(key, shape, stddev):
     # haiku.initializers.TruncatedNormal: a standard normal truncated to [-2, 2], times stddev.
-    return stddev * jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
+    # float(): a numpy float64 would make the weights float64 under jax_enable_x64.
+    return float(stddev) * jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
 
 
 class AdafacMLPLOpt(LearnedOptimizer):
@@ -157,6 +158,7 @@ def reference_update(lopt: AdafacMLPLOpt, theta, state: AdafacMLPLOptState, grad
 
     This is the `reference` backend; kernel backends implement the same signature.
     """
+    theta = am.float32_theta(theta)
     decays = am.decays_from_theta(theta, lopt.initial_decays)
     nn = theta["nn"]["~"]
     treedef = jax.tree.structure(state.params)

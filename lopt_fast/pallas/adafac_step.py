@@ -66,6 +66,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from lopt_fast.learned import adafac_math as am
 from lopt_fast.pallas import plan
 from lopt_fast.pallas.blocks import (
     FLOOR_CASTS,
@@ -129,10 +130,12 @@ def _updated(p_ref, step, mask=None):
     thread (was 1216); the packed kernel with TF32 167 registers (was 173: 12 warps per
     SM, not 8). The
     eviction policy keeps the two reads apart (CSE merges equal ones).
-    `tests/test_pallas_step.py` checks that the new p is not moved before its store."""
+    `tests/test_pallas_step.py` checks that the new p is not moved before its store.
+    In float32, or float64 for float64 params (`adafac_math.step_dtype`)."""
     where = {} if mask is None else {"mask": jnp.broadcast_to(mask, p_ref.shape), "other": 0}
-    p = pltriton.load(p_ref, eviction_policy="evict_first", **where).astype(jnp.float32)
-    return p - step.reshape(p.shape)
+    p = pltriton.load(p_ref, eviction_policy="evict_first", **where)
+    dtype = am.step_dtype(p.dtype)
+    return p.astype(dtype) - step.reshape(p.shape).astype(dtype)
 
 
 def _store_updated(tiles: MemberTiles, seg, p_refs, po, step, mask):
@@ -160,8 +163,10 @@ def _side_load(ref, start, ok, plane=None):
 
 def _side_store(ref, start, ok, plane, value):
     """Write value [len(ok)] into entries start .. start + len(ok) of plane `plane` of a
-    flat side ref [3, n] where `ok` (`_side_load`'s counterpart)."""
-    pltriton.store(ref.at[pl.ds(plane, 1), pl.ds(start, ok.shape[0])], value[None],
+    flat side ref [3, n] where `ok` (`_side_load`'s counterpart). The plane index is an
+    int32 as `start` is: with jax_enable_x64 a Python int would be an int64, and the
+    interpreter's store rejects indices of two integer types."""
+    pltriton.store(ref.at[pl.ds(jnp.int32(plane), 1), pl.ds(start, ok.shape[0])], value[None],
                    mask=ok[None])
 
 

@@ -631,6 +631,7 @@ def fused_update(kernels: Kernels, lopt, theta, state, grad, *, blocks: BlockSiz
     Returns (new params tree, `LeafAccumulators` of trees), like
     `lopt_fast.learned.adafac_mlp.reference_update`.
     """
+    theta = am.float32_theta(theta)
     decays = am.decays_from_theta(theta, lopt.initial_decays)
     nn = theta["nn"]["~"]
     hp = padded_hidden(lopt.hidden_size)
