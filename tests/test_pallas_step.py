@@ -46,6 +46,7 @@ TOLERANCE = Tolerance({
     # float64 params (jax_enable_x64): float32 steps, so float32's error less the rounding
     jnp.dtype(jnp.float64): (2e-6, 1e-5),
     jnp.dtype(jnp.bfloat16): (1e-2, 1.6e-2),  # one bf16 ulp: a rounding flip of p - step
+    jnp.dtype(jnp.float16): (1e-3, 2e-3),  # one fp16 ulp (10-bit mantissa)
 }, step_rel=1e-3)
 # The same kernels compiled for a GPU round differently from the CPU reference (FMA
 # contraction, the GPU's exp / rsqrt, summation order): over 3 steps float32 params were
@@ -62,7 +63,8 @@ KERNEL_TOLERANCE = GPU_TOLERANCE if jax.default_backend() == "gpu" else TOLERANC
 # the worst element and 2.4x over the worst step (steps here are ~1e-2 per element).
 # Pallas' bf16 dots (interpreted: XLA's CPU dot of bf16 operands) passed them for 6 seeds.
 BF16_DOTS_TOLERANCE = Tolerance({jnp.dtype(jnp.float32): (2e-3, 2e-3),
-                                 jnp.dtype(jnp.bfloat16): (1e-2, 1.6e-2)}, step_rel=8e-2)
+                                 jnp.dtype(jnp.bfloat16): (1e-2, 1.6e-2),
+                                 jnp.dtype(jnp.float16): (1e-3, 2e-3)}, step_rel=8e-2)
 # TF32 hidden-layer dots (the default): operands keep a 10-bit mantissa. Measured on an
 # H100 (2026-11-25) against the CPU reference: params up to 3.1e-5 off after 3 steps
 # (layer 1 as FMAs), and a step relative error of 3.2e-3 against a TF32 reference. With
@@ -76,7 +78,8 @@ BF16_DOTS_TOLERANCE = Tolerance({jnp.dtype(jnp.float32): (2e-3, 2e-3),
 # layer 1 as "dot", 40 as "dot_all", from random states) 5 passed 1e-2, the worst at
 # 1.46e-2; from opt.init's zero state 1 of 16 did (1.17e-2). 3e-2 leaves 2x over it.
 TF32_TOLERANCE = Tolerance({jnp.dtype(jnp.float32): (3e-4, 3e-4),
-                            jnp.dtype(jnp.bfloat16): (1e-2, 1.6e-2)}, step_rel=3e-2)
+                            jnp.dtype(jnp.bfloat16): (1e-2, 1.6e-2),
+                            jnp.dtype(jnp.float16): (1e-3, 2e-3)}, step_rel=3e-2)
 
 NUM_STEPS = 3
 # params whose new value carries the whole step: bf16 rounds most of it away
@@ -413,18 +416,22 @@ VMAP_SHAPES = {
     "factored_axes_not_adjacent": (6, 2, 9),  # d1 = 0, d0 = 2: transposed in and out
     "bias_bf16": (5,),
     "matrix_bf16": (9, 12),
+    "bias_f16": (6,),
+    "matrix_f16": (7, 9),
 }
-VMAP_DTYPES = {"bias_bf16": jnp.bfloat16, "matrix_bf16": jnp.bfloat16}
+VMAP_DTYPES = {"bias_bf16": jnp.bfloat16, "matrix_bf16": jnp.bfloat16,
+               "bias_f16": jnp.float16, "matrix_f16": jnp.float16}
 
 
 @pytest.mark.parametrize("layer1, mlp_precision, tol", [
     ("dot", "tf32_fp16", TF32_TOLERANCE), ("dot_all", "ieee", KERNEL_TOLERANCE),
     ("dot", "tf32", TF32_TOLERANCE)])
 def test_vmapped_tasks_per_task_theta_bf16(lopt, layer1, mlp_precision, tol):
-    """Default tiles (each tensor smaller than one tile), 3 tasks with their own theta
-    (and their own first-layer rows, which "dot_all" reorders; their own fp16 weights of
-    the later layers, or TF32's in `plan.tf32_operand_order`: `plan.mlp_weights`); layer 1
-    as a dot."""
+    """Default tiles (each tensor smaller than one tile), bf16 and fp16 params beside
+    float32 ones (each dtype its own launches: `blocks.member_runs`), 3 tasks with their
+    own theta (and their own first-layer rows, which "dot_all" reorders; their own fp16
+    weights of the later layers, or TF32's in `plan.tf32_operand_order`:
+    `plan.mlp_weights`); layer 1 as a dot."""
     seed, tasks = _seed(), 3
     rng = np.random.default_rng(seed)
     thetas = [random_theta(lopt, jax.random.key(seed + t)) for t in range(tasks)]

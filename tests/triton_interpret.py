@@ -55,7 +55,8 @@ def _from_torch(t):
 def _nan_torch(shape_dtype):
     import torch
 
-    dtypes = {jnp.dtype(jnp.float32): torch.float32, jnp.dtype(jnp.bfloat16): torch.bfloat16}
+    dtypes = {jnp.dtype(jnp.float32): torch.float32, jnp.dtype(jnp.bfloat16): torch.bfloat16,
+              jnp.dtype(jnp.float16): torch.float16, jnp.dtype(jnp.float64): torch.float64}
     return torch.full(shape_dtype.shape, float("nan"), dtype=dtypes[jnp.dtype(shape_dtype.dtype)])
 
 
