@@ -87,12 +87,12 @@ def _triton_modules():
 
 def step_modules(shapes: dict, hidden: int = 32, layer1: str = "dot",
                  blocks: BlockSizes | None = None, mlp_precision: str = "tf32",
-                 early_weights: bool = False) -> list[tuple[str, str]]:
-    """(pallas_call name, Triton IR) of each launch of one step on float32 params `shapes`
-    (traced from their shapes: nothing of their size is allocated)."""
+                 early_weights: bool = False, dtype=jnp.float32) -> list[tuple[str, str]]:
+    """(pallas_call name, Triton IR) of each launch of one step on params `shapes` of
+    `dtype` (traced from their shapes: nothing of their size is allocated)."""
     lopt = AdafacMLPLOpt(hidden_size=hidden)
     theta = lopt.init(jax.random.key(0))
-    params = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
+    params = {k: jax.ShapeDtypeStruct(s, dtype) for k, s in shapes.items()}
     state = jax.eval_shape(
         lambda p: lopt.opt_fn(theta, backend="reference").init(p, num_steps=50), params)
     step = jax.jit(lambda t, s, g: pallas_update(lopt, t, s, g, interpret=False, layer1=layer1,

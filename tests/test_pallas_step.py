@@ -767,6 +767,27 @@ def test_kernels_compile_for_sm90():
         assert compile_once(ir_text).asm.get("cubin"), f"unit dimensions, {name}: no machine code"
 
 
+@needs_triton
+def test_kernels_compile_for_sm90_under_x64():
+    """With jax_enable_x64 on and float64 params, each pallas_call lowers for CUDA and
+    compiles to sm_90 (Pallas emits some int64 constants there and truncates them), and
+    the apply kernels subtract the step from p in float64 (`adafac_math.step_dtype`)."""
+    sys.path.insert(0, os.path.join(ROOT, "profiling"))
+    from pallas_resources import compile_module, step_modules, unavailable_reason
+
+    if unavailable_reason():
+        pytest.skip(unavailable_reason())
+    shapes = {"m": (130, 290), "conv": (3, 3, 16, 32), "bias": (290,), "scalar": ()}
+    with jax.enable_x64(True):
+        modules = step_modules(shapes, dtype=jnp.float64)
+    assert len(modules) == 5, [name for name, _ in modules]
+    for name, ir_text in modules:
+        compiled = compile_module(ir_text)
+        assert compiled.asm.get("cubin"), f"{name}: no machine code"
+        if "apply" in name:
+            assert "sub.f64" in compiled.asm["ptx"], name
+
+
 def test_small_factored_tensors_share_a_tile_where_it_costs_little():
     """Tensors of up to SHARED_TILE_MAX_ELEMENTS take the full-size apply tile (rows of
     >= 32 floats) that covers them with the fewest lanes and a reduction tile as wide as
