@@ -257,10 +257,11 @@ X64_DTYPES = {k: jnp.bfloat16 if k.endswith("bf16") else jnp.float64
 
 def test_float64_theta_and_params_under_x64(lopt, ref_fn):
     """With jax_enable_x64 on, a float64 theta (as numpy weights are) and float64 params:
-    every backend computes with theta in float32 (`adafac_math.float32_theta`), keeps each
-    param's dtype and float32 state, and the kernels match the reference over several
-    steps. Before, the interpreted kernels' side stores raised (a Python int index is an
-    int64 there, the traced one an int32) and a float64 theta made the step float64."""
+    the reference and the kernels compute with theta in float32
+    (`adafac_math.float32_theta`), keep each param's dtype and float32 state, and match
+    over several steps (Triton's: `test_triton_kernels_interpreted_match_reference`).
+    Before, the interpreted kernels' side stores raised (a Python int index is an int64
+    there, the traced one an int32) and a float64 theta made the step float64."""
     seed = _seed()
     with jax.enable_x64(True):
         rng = np.random.default_rng(seed)
