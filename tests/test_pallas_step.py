@@ -92,9 +92,19 @@ def _seed():
     return int(np.random.default_rng().integers(1 << 30))
 
 
-def random_tree(rng, shapes, dtypes=None, scale=1.0):
+# A test param's dtype from its name: "..._bf16", "..._f16", "..._f64" (jax_enable_x64 on),
+# float32 otherwise.
+_NAME_DTYPES = {"_bf16": jnp.bfloat16, "_f16": jnp.float16, "_f64": jnp.float64}
+
+
+def param_dtype(name: str):
+    return next((d for end, d in _NAME_DTYPES.items() if name.endswith(end)), jnp.float32)
+
+
+def random_tree(rng, shapes, dtypes=None, scale=1.0, lead=()):
+    """Normal draws of shape lead + shape per name, in `dtypes`' dtype or `param_dtype`'s."""
     dtypes = dtypes or {}
-    return {k: jnp.asarray(scale * rng.normal(size=s), dtypes.get(k, jnp.float32))
+    return {k: jnp.asarray(scale * rng.normal(size=lead + s), dtypes.get(k, param_dtype(k)))
             for k, s in shapes.items()}
 
 
@@ -251,8 +261,6 @@ def test_unit_dimensions(lopt, ref_fn, tiles):
 # Under jax_enable_x64: float64 params (and gradients) beside float32 and bf16 ones.
 X64_SHAPES = dict(TREE_SHAPES, matrix_f64=(9, 12), conv_f64=(3, 3, 2, 5), bias_f64=(5,),
                   scalar_f64=(), bias_bf16=(6,))
-X64_DTYPES = {k: jnp.bfloat16 if k.endswith("bf16") else jnp.float64
-              for k in X64_SHAPES if k.endswith(("f64", "bf16"))}
 
 
 def test_float64_theta_and_params_under_x64(lopt, ref_fn):
@@ -267,7 +275,7 @@ def test_float64_theta_and_params_under_x64(lopt, ref_fn):
         rng = np.random.default_rng(seed)
         theta = jax.tree.map(lambda x: np.asarray(x, np.float64),
                              random_theta(lopt, jax.random.key(seed)))
-        params = random_tree(rng, X64_SHAPES, X64_DTYPES)
+        params = random_tree(rng, X64_SHAPES)
         kernel = jax.jit(lambda t, s, g: pallas_update(lopt, t, s, g, mlp_precision="ieee",
                                                        blocks=SMALL_TILES,
                                                        packed_blocks=SMALL_PACKED))
@@ -422,8 +430,6 @@ VMAP_SHAPES = {
     "bias_f16": (6,),
     "matrix_f16": (7, 9),
 }
-VMAP_DTYPES = {"bias_bf16": jnp.bfloat16, "matrix_bf16": jnp.bfloat16,
-               "bias_f16": jnp.float16, "matrix_f16": jnp.float16}
 
 
 @pytest.mark.parametrize("layer1, mlp_precision, tol", [
@@ -439,8 +445,7 @@ def test_vmapped_tasks_per_task_theta_bf16(lopt, layer1, mlp_precision, tol):
     rng = np.random.default_rng(seed)
     thetas = [random_theta(lopt, jax.random.key(seed + t)) for t in range(tasks)]
     theta = jax.tree.map(lambda *xs: jnp.stack(xs), *thetas)
-    params = {k: jnp.asarray(rng.normal(size=(tasks,) + s), VMAP_DTYPES.get(k, jnp.float32))
-              for k, s in VMAP_SHAPES.items()}
+    params = random_tree(rng, VMAP_SHAPES, lead=(tasks,))
     kernel = jax.jit(jax.vmap(lambda t, s, g: pallas_update(
         lopt, t, s, g, mlp_precision=mlp_precision, layer1=layer1)))
     run_trajectories(lopt, theta, params, VMAP_SHAPES, rng, kernel,

@@ -22,7 +22,6 @@ import re
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -45,8 +44,8 @@ from tests.test_pallas_step import (
     TF32_TOLERANCE,
     TREE_SHAPES,
     UNIT_DIM_SHAPES,
-    X64_DTYPES,
     X64_SHAPES,
+    random_tree,
     run_trajectories,
 )
 
@@ -63,16 +62,12 @@ def every_shape_class(lopt, seed, large=True):
     rng = np.random.default_rng(seed)
     theta = random_theta(lopt, jax.random.key(seed))
     shapes = dict(TREE_SHAPES, **UNIT_DIM_SHAPES, matrix_bf16=(9, 12), bias_bf16=(5,))
-    dtypes = {"matrix_bf16": jnp.bfloat16, "bias_bf16": jnp.bfloat16}
     if jax.config.jax_enable_x64:
         theta = jax.tree.map(lambda x: np.asarray(x, np.float64), theta)
         shapes.update(X64_SHAPES)
-        dtypes.update(X64_DTYPES)
     if large:
         shapes.update(big=(130, 257), conv=(3, 3, 32, 64), tall=(1000, 7))
-    params = {k: jnp.asarray(rng.normal(size=s), dtypes.get(k, jnp.float32))
-              for k, s in shapes.items()}
-    return theta, params, shapes, rng
+    return theta, random_tree(rng, shapes), shapes, rng
 
 
 @needs_triton

@@ -55,9 +55,8 @@ def _from_torch(t):
 def _nan_torch(shape_dtype):
     import torch
 
-    dtypes = {jnp.dtype(jnp.float32): torch.float32, jnp.dtype(jnp.bfloat16): torch.bfloat16,
-              jnp.dtype(jnp.float16): torch.float16, jnp.dtype(jnp.float64): torch.float64}
-    return torch.full(shape_dtype.shape, float("nan"), dtype=dtypes[jnp.dtype(shape_dtype.dtype)])
+    dtype = getattr(torch, jnp.dtype(shape_dtype.dtype).name)  # float32, bfloat16, ...: torch's names
+    return torch.full(shape_dtype.shape, float("nan"), dtype=dtype)
 
 
 def _interpreted_call(*args, kernel, out_shape, grid, name="", num_warps=None, num_stages=None,
@@ -306,8 +305,8 @@ def check_vmapped_against_reference(seed: int, tasks: int = 3, persistent: bool 
         SMALL_TILES,
         TOLERANCE,
         TREE_SHAPES,
-        VMAP_DTYPES,
         VMAP_SHAPES,
+        random_tree,
         run_trajectories,
     )
 
@@ -316,8 +315,7 @@ def check_vmapped_against_reference(seed: int, tasks: int = 3, persistent: bool 
     thetas = [random_theta(lopt, jax.random.key(seed + t)) for t in range(tasks)]
     theta = jax.tree.map(lambda *xs: jnp.stack(xs), *thetas)
     shapes = {**TREE_SHAPES, **VMAP_SHAPES}
-    params = {k: jnp.asarray(rng.normal(size=(tasks,) + s), VMAP_DTYPES.get(k, jnp.float32))
-              for k, s in shapes.items()}
+    params = random_tree(rng, shapes, lead=(tasks,))
     kernel = jax.jit(jax.vmap(lambda t, s, g: interpreted_triton_update(
         lopt, t, s, g, mlp_precision="ieee", blocks=SMALL_TILES, packed_blocks=SMALL_PACKED,
         persistent=persistent)))
