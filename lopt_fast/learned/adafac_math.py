@@ -453,14 +453,14 @@ def apply_step(p, g, acc: LeafAccumulators, w0_feat, b0, nn, exp_mult, step_mult
     planes = (p[None], g[None], acc.mom, acc.rms, side)
 
     def visit(planes_c, terms_c, axis, start, new_p):
-        p_c = planes_c[0]
-        feats = _elementwise_features(p_c.astype(jnp.float32), *planes_c[1:])
+        p_plane = planes_c[0]
+        feats = _elementwise_features(p_plane.astype(jnp.float32), *planes_c[1:])
         chunk_shape = jnp.broadcast_shapes(*(f.shape[1:] for f in feats))
         inputs = [jnp.broadcast_to(row, chunk_shape)[..., None] for f in feats for row in f]
         products = [x * w for x, w in zip(inputs, w_ew, strict=True)]
         pre0 = _sum_in_chains([*products, b0, *terms_c])  # [*chunk, H]
         step = mlp_step(pre0.reshape(-1, pre0.shape[-1]), nn, exp_mult, step_mult)
-        p_c = p_c[0] - step.reshape(chunk_shape).astype(p_c.dtype)
+        p_c = p_plane[0] - step.reshape(chunk_shape).astype(p_plane.dtype)
         if axis is None:
             return p_c
         return lax.dynamic_update_slice_in_dim(new_p, p_c, start, axis=axis)
