@@ -30,6 +30,14 @@ coarser) or "ieee" (float32); None (the default) leaves each kernel backend its 
 default, `pallas_update`'s / `triton_update`'s keyword (both "tf32" now), so a
 measured change of one backend's default is made in one place. The reference runs its
 dots at JAX's default precision whatever this says.
+
+`kernel_options` (kernel backends): more keyword arguments of the backend's update, for
+tuning the kernels without calling them directly: `pallas_update`'s `layer1`, `blocks`,
+`packed_blocks`, `reduction_blocks`, `early_weights`, `tile_order`; `triton_update`'s
+`layer1`, `blocks`, `packed_blocks`, `reduction_blocks`, `persistent`, `launcher`,
+`compute_capability`. A name the chosen backend's update does not take raises
+`ValueError` (so options for one kernel backend fail loudly on the other); the reference
+ignores them, as it ignores `mlp_precision`, so the same call runs on CPU.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import inspect
 import os
 import warnings
 from collections.abc import Callable
@@ -101,16 +110,34 @@ def _import_error(module: str) -> str | None:
     return None
 
 
-def _make(name: str, in_place: bool = True, mlp_precision: str | None = None) -> Backend:
-    # None: the kernel's own default precision (not passed)
-    options = {} if mlp_precision is None else {"mlp_precision": mlp_precision}
+# The kernel updates' keywords that resolve_backend sets itself, not `kernel_options`.
+_OWN_KEYWORDS = ("interpret", "in_place", "mlp_precision")
+
+
+def _check_kernel_options(name: str, update: Callable, kernel_options: dict) -> None:
+    accepted = [k for k, p in inspect.signature(update).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in _OWN_KEYWORDS]
+    unknown = sorted(set(kernel_options) - set(accepted))
+    if unknown:
+        raise ValueError(f"kernel_options {', '.join(map(repr, unknown))} are not options of "
+                         f"the {name!r} backend's update; it takes {', '.join(accepted)} "
+                         f"(and in_place, mlp_precision as their own arguments)")
+
+
+def _make(name: str, in_place: bool = True, mlp_precision: str | None = None,
+          kernel_options: dict | None = None) -> Backend:
     if name == "reference":
         from lopt_fast.learned.adafac_mlp import reference_update
 
         return Backend("reference", reference_update)
+    # mlp_precision None: the kernel's own default precision (not passed)
+    options = dict(kernel_options or {})
+    if mlp_precision is not None:
+        options["mlp_precision"] = mlp_precision
     if name == "pallas":
         from lopt_fast.pallas import pallas_update
 
+        _check_kernel_options(name, pallas_update, kernel_options or {})
         interpret = _platform() == "cpu"
         return Backend("pallas-interpret" if interpret else "pallas",
                        functools.partial(pallas_update, interpret=interpret, in_place=in_place,
@@ -118,6 +145,7 @@ def _make(name: str, in_place: bool = True, mlp_precision: str | None = None) ->
     if name == "triton":
         from lopt_fast.kernels import triton_update
 
+        _check_kernel_options(name, triton_update, kernel_options or {})
         return Backend("triton", functools.partial(triton_update, in_place=in_place, **options))
     raise BackendUnavailableError(_unavailable_reason(name))
 
@@ -139,9 +167,11 @@ def auto_backend_name() -> str:
 
 
 def resolve_backend(backend: str = "auto", in_place: bool = True,
-                    mlp_precision: str | None = None) -> Backend:
-    """The backend to use for `backend` (after the `LOPT_FAST_BACKEND` override); `in_place`
-    and `mlp_precision` as the module docstring says (the reference has no such choices)."""
+                    mlp_precision: str | None = None,
+                    kernel_options: dict | None = None) -> Backend:
+    """The backend to use for `backend` (after the `LOPT_FAST_BACKEND` override); `in_place`,
+    `mlp_precision` and `kernel_options` as the module docstring says (the reference has no
+    such choices)."""
     from lopt_fast.pallas.blocks import MLP_PRECISIONS
 
     requested = os.environ.get(ENV_VAR) or backend
@@ -152,7 +182,7 @@ def resolve_backend(backend: str = "auto", in_place: bool = True,
         raise ValueError(f"mlp_precision={mlp_precision!r} is not one of "
                          f"{', '.join(MLP_PRECISIONS)}")
     if requested == "auto":
-        return _make(auto_backend_name(), in_place, mlp_precision)
+        return _make(auto_backend_name(), in_place, mlp_precision, kernel_options)
     reason = _unavailable_reason(requested)
     if reason is not None:
         raise BackendUnavailableError(f"backend {requested!r} cannot run: {reason}")
@@ -160,4 +190,4 @@ def resolve_backend(backend: str = "auto", in_place: bool = True,
         warnings.warn("backend 'pallas' on CPU runs the kernels in Pallas' interpreter: "
                       "correct, but orders of magnitude slower than 'reference' (for tests "
                       "and debugging; 'auto' picks 'reference' here)", UserWarning, stacklevel=2)
-    return _make(requested, in_place, mlp_precision)
+    return _make(requested, in_place, mlp_precision, kernel_options)

@@ -141,6 +141,43 @@ def test_opt_fn_and_optax_bridge_route_to_pallas():
                                    err_msg=f"as_optax {k} shape={params[k].shape}")
 
 
+@pytest.mark.filterwarnings("ignore:backend 'pallas' on CPU")
+def test_kernel_options_reach_the_kernel_and_unknown_ones_raise():
+    """`kernel_options` from `opt_fn` / `as_optax` reach `pallas_update` (its keywords, and a
+    step equal to the direct call with the same options); names the update does not take
+    raise; the reference ignores them."""
+    from lopt_fast.pallas import BlockSizes, pallas_update
+
+    lopt = AdafacMLPLOpt(hidden_size=4)
+    theta = lopt.init(jax.random.key(2))
+    rng = np.random.default_rng()
+    params = {"w": jnp.asarray(rng.normal(size=(6, 40)), jnp.float32),
+              "b": jnp.asarray(rng.normal(size=(40,)), jnp.float32)}
+    grad = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+    options = {"layer1": "dot_all", "blocks": BlockSizes(rows=2, cols=16),
+               "tile_order": "columns"}
+    opt = lopt.opt_fn(theta, backend="pallas", mlp_precision="ieee", kernel_options=options)
+    assert {k: opt.backend.update.keywords[k] for k in options} == options
+    state = opt.init(params, num_steps=10)
+    got = opt.get_params(jax.jit(opt.update)(state, grad))
+    direct, _ = jax.jit(lambda s, g: pallas_update(lopt, theta, s, g, mlp_precision="ieee",
+                                                   **options))(state, grad)
+    tx = lopt.as_optax(theta, num_steps=10, backend="pallas", mlp_precision="ieee",
+                       kernel_options=options)
+    upd, _ = jax.jit(tx.update)(grad, tx.init(params), params)
+    for k in params:
+        np.testing.assert_array_equal(got[k], direct[k], err_msg=k)
+        np.testing.assert_allclose(params[k] + upd[k], direct[k], rtol=1e-6, atol=1e-6,
+                                   err_msg=k)
+
+    with pytest.raises(ValueError, match=r"'persistent' are not options of the 'pallas' "
+                                         r"backend's update; it takes .*layer1"):
+        lopt.opt_fn(theta, backend="pallas", kernel_options={"persistent": True})
+    with pytest.raises(ValueError, match="'in_place' are not options"):
+        resolve_backend("pallas", kernel_options={"in_place": False})
+    assert resolve_backend("reference", kernel_options={"layer1": "dot_all"}).name == "reference"
+
+
 @pytest.mark.skipif(ON_CPU, reason="the compiled in-place kernels need a GPU")
 @pytest.mark.parametrize("backend", ["pallas", "triton"])
 def test_donated_state_is_updated_in_place(backend):

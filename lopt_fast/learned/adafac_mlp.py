@@ -131,7 +131,8 @@ class AdafacMLPLOpt(LearnedOptimizer):
 
     def opt_fn(self, theta: MetaParams, is_training: bool = False,
                backend: str = "auto", in_place: bool = True,
-               mlp_precision: str | None = None) -> Optimizer:
+               mlp_precision: str | None = None,
+               kernel_options: dict | None = None) -> Optimizer:
         """The optimizer that `theta` defines.
 
         Args:
@@ -145,12 +146,16 @@ class AdafacMLPLOpt(LearnedOptimizer):
           mlp_precision: kernel backends' MLP dot operands: "tf32", "tf32_fp16", "bf16" or
             "ieee"; None (default): the backend's own default (`lopt_fast.backends`); the
             reference ignores it.
+          kernel_options: more keyword arguments of the kernel backend's update (e.g.
+            `{"layer1": "dot_all"}` for `pallas_update`); a name it does not take raises
+            ValueError; the reference ignores them (`lopt_fast.backends`).
         """
         del is_training
         self.check_theta(theta)
         from lopt_fast.backends import resolve_backend
 
-        return _AdafacOpt(self, theta, resolve_backend(backend, in_place, mlp_precision))
+        return _AdafacOpt(self, theta, resolve_backend(backend, in_place, mlp_precision,
+                                                        kernel_options))
 
 
 def reference_update(lopt: AdafacMLPLOpt, theta, state: AdafacMLPLOptState, grad):
