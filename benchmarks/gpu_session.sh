@@ -15,11 +15,13 @@
 # sweeps, each with Adam and the copy / matmul ceilings timed in the same run, so each
 # configuration's "x adam" and "% floor" are the issue's targets, Triton's last (the first
 # to give up), and `pick_default.py`'s verdict on them ($OUT/pick.json; it needs no GPU,
-# so run it here on the returned JSON if the call ran out first). Then, with Pallas'
-# pick made its default if its tests passed (Triton's after: docs/KERNELS.md, "Where it
-# stands"), record: `ncu step donated` (about 4-5
-# minutes: the kernels' hardware counters, step.py with the state kept and donated at
-# 1e7, 1e8 and 64 tasks); `profile` (where the time goes) only if time is left. Left out:
+# so run it here on the returned JSON if the call ran out first). Then, with that
+# pick.json copied to benchmarks/pick.json (git-ignored: carry it with .whl), record:
+# `ncu step donated` (about 5 minutes: the kernels' hardware counters, step.py with the
+# state kept and donated at 1e7, 1e8 and 64 tasks, each backend's pick timed next to its
+# default, `step.py --pick`; `pick_default.py --step` on those JSONs says whether the
+# pick holds there: docs/KERNELS.md, "Where it stands"); `profile` (where the time goes)
+# only if time is left. Left out:
 # the diagnostic compare, xla_step (step.py's Triton rows through XLA's own Triton
 # calls), graphs (host launches per step) and meta-training. jax-triton is not in the
 # device image: carry its wheel in .whl/ (docs/KERNELS.md).
@@ -32,6 +34,10 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1
 SECTIONS=("$@")
+# Call 1's pick (pick_default.py --json), which step.py then times next to the defaults.
+PICK=${PICK:-benchmarks/pick.json}
+PICK_ARGS=()
+[ -f "$PICK" ] && PICK_ARGS=(--pick "$PICK")
 [ ${#SECTIONS[@]} -eq 0 ] && SECTIONS=(env tests launchers sweep ncu step donated profile)
 
 run() {  # run SECONDS SECTION CMD...: time-limited, logged, never stops the script
@@ -112,7 +118,7 @@ jax_triton.__version__); print(jax.devices())" ;;
       # Each kernel backend at TF32 and "tf32_fp16" (session 17; rows "pallas tf32", ...),
       # against Adam and the ceilings of the same run: % of the floor for both.
       run "${STEP_LIMIT:-240}" step python3 benchmarks/step.py --json "$OUT/step.json" \
-        ${STEP_ARGS:---sizes 1e7 1e8 --tasks 64 --repeats 10 --backends pallas triton \
+        "${PICK_ARGS[@]}" ${STEP_ARGS:---sizes 1e7 1e8 --tasks 64 --repeats 10 --backends pallas triton \
           --mlp-precision tf32 tf32_fp16} ;;
     xla_step)
       # step.py's Triton rows again with launcher="xla" (XLA's own Triton calls, inside CUDA
@@ -123,7 +129,7 @@ jax_triton.__version__); print(jax.devices())" ;;
     donated)
       # shellcheck disable=SC2086
       run "${STEP_LIMIT:-240}" donated python3 benchmarks/step.py --donate \
-        --json "$OUT/step_donated.json" \
+        --json "$OUT/step_donated.json" "${PICK_ARGS[@]}" \
         ${DONATED_ARGS:---sizes 1e7 1e8 --tasks 64 --repeats 10 --backends pallas triton} ;;
     sweep)
       # pallas first (the default backend on a GPU): 4 warps, layer 1 as "dot" (the

@@ -5,6 +5,7 @@
     python benchmarks/step.py --json out.json --repeats 20 --hidden-size 32
     python benchmarks/step.py --donate               # state updated in place, as in training
     python benchmarks/step.py --backends pallas --mlp-precision tf32 tf32_fp16 bf16
+    python benchmarks/step.py --sizes 1e7 1e8 --tasks 64 --pick out/pick.json
 
 Workloads:
   * one model of N parameters: a square matrix plus its bias (N = 1e5 ... 1e8);
@@ -21,6 +22,11 @@ With --donate every step (Adam's too) donates its state and is called on its pre
 output, as a training loop does, and the fused kernels update it in place; without it
 they write fresh outputs (`opt_fn(..., in_place=False)`), since updating a state that is
 not donated in place makes XLA copy it first (`lopt_fast.pallas.plan.in_place_aliases`).
+With --pick (`pick_default.py --json`: each kernel backend's pick from the tile sweeps, or
+null) a row "<backend> pick" times that configuration next to the backend's default in the
+same run: on the one-matrix workloads as swept (`sweep_options.update_options`), on the
+tasks workloads its kernel form with the library's tiles (`sweep_options.form_options`:
+the sweeps timed tiles on one matrix only). `pick_default.py --step` reads these rows.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from timing import median_and_iqr, threaded_median_and_iqr  # benchmarks/timing.py (scripts)
+from sweep_options import TILE_KEYS, form_options, update_options  # benchmarks/ (scripts)
+from timing import median_and_iqr, threaded_median_and_iqr
 
 from lopt_fast.backends import BackendUnavailableError, _platform, resolve_backend
 from lopt_fast.learned import AdafacMLPLOpt
@@ -102,9 +109,11 @@ def random_tree(shapes, key, lead=()):
 # Each step builder returns (jitted fn, carry, rest): fn(*carry, *rest) -> the next carry
 # (a tuple), with the carry donated when asked.
 
-def lopt_step(lopt, backend, shapes, tasks, donate=False, mlp_precision=None):
+def lopt_step(lopt, backend, shapes, tasks, donate=False, mlp_precision=None,
+              kernel_options=None):
     theta = lopt.init(jax.random.key(0))
-    options = dict(backend=backend, in_place=donate, mlp_precision=mlp_precision)
+    options = dict(backend=backend, in_place=donate, mlp_precision=mlp_precision,
+                   kernel_options=kernel_options)
     opt = lopt.opt_fn(theta, **options)
     lead = () if tasks is None else (tasks,)
     params = random_tree(shapes, jax.random.key(1), lead)
@@ -163,6 +172,9 @@ def main(argv=None):
                     help="the kernel backends' dot operands, a row each (named after the "
                          "backend and, unless 'default', the backend's own default, the "
                          "precision); the reference has one")
+    ap.add_argument("--pick", default=None,
+                    help="pick_default.py's JSON: also time each kernel backend's pick "
+                         "(rows '<backend> pick')")
     args = ap.parse_args(argv)
 
     notes = []
@@ -183,6 +195,14 @@ def main(argv=None):
             "optax": optax.__version__, "numpy": np.__version__,
             "date": datetime.date.today().isoformat(), "hidden_size": args.hidden_size,
             "donate": args.donate, "mlp_precision": args.mlp_precision}
+    picks = {}  # kernel backend: its pick's options (the sweep JSON's form)
+    if args.pick:
+        with open(args.pick) as f:
+            info["pick"] = json.load(f)
+        picks = {b: p["options"] for b, p in info["pick"].items() if p and b in backends}
+        notes += [f"{b} pick on the tasks workloads: its kernel form with the library's tiles "
+                  f"({', '.join(f'{k} {o[k]}' for k in TILE_KEYS if k in o)} swept on one "
+                  "matrix)" for b, o in picks.items() if args.tasks]
     ceil = ceilings(on_cpu, args.repeats)
     h = args.hidden_size
     lopt = AdafacMLPLOpt(hidden_size=h)
@@ -203,6 +223,13 @@ def main(argv=None):
                                    args.repeats, args.donate)
                 entries.append((b if default else f"{b} {prec}", t, iqr, LOPT_BYTES,
                                 lopt_flop(h)))
+            if b in picks:
+                options = (form_options(picks[b]) if tasks else
+                           update_options(picks[b], max(shapes.values(), key=len)))
+                built = lopt_step(lopt, b, shapes, tasks, args.donate,
+                                  options.pop("mlp_precision", None), options)
+                t, iqr = time_step(built, args.repeats, args.donate)
+                entries.append((f"{b} pick", t, iqr, LOPT_BYTES, lopt_flop(h)))
         for name, t, iqr, bpp, fpp in entries:
             floor = floor_seconds(nparams, bpp, fpp, ceil)
             rows.append({"workload": label, "params": nparams, "backend": name, "ms": t * 1e3,

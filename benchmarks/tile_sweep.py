@@ -48,16 +48,11 @@ from step import (  # benchmarks/step.py (run as scripts)
     model_shapes,
     random_tree,
 )
+from sweep_options import update_options  # benchmarks/sweep_options.py
 from timing import interleaved_median_and_iqr  # benchmarks/timing.py
 
 from lopt_fast.learned import AdafacMLPLOpt
-from lopt_fast.pallas.blocks import (
-    LAYER1_FORMS,
-    MLP_PRECISIONS,
-    TILE_ORDERS,
-    BlockSizes,
-    reduction_block_sizes,
-)
+from lopt_fast.pallas.blocks import LAYER1_FORMS, MLP_PRECISIONS, TILE_ORDERS
 
 
 def _update_fn(backend):
@@ -68,28 +63,6 @@ def _update_fn(backend):
     from lopt_fast.pallas import pallas_update
 
     return pallas_update
-
-
-def _reduction_blocks(reduction: str, matrix: tuple[int, ...]) -> dict:
-    """The update's `reduction_blocks` option for a --reduction-tiles value: the library's
-    tile for the swept matrix, none (the apply tile's, "same"), or RxC."""
-    if reduction == "same":
-        return {}
-    if reduction == "library":
-        return {"reduction_blocks": reduction_block_sizes(matrix[0], matrix[-1])}
-    return {"reduction_blocks": BlockSizes.parse(reduction)}
-
-
-def _update_options(spec: dict, matrix: tuple[int, ...]) -> dict:
-    """The update's keyword arguments for a configuration as the JSON records it ({}: the
-    library's defaults): its apply tile, kernel form and reduction tile."""
-    if not spec:
-        return {}
-    form = dict(spec)  # what is left after the tiles: layer1, mlp_precision, ...
-    blocks = BlockSizes.parse(form.pop("tile"), num_warps=form.pop("warps"),
-                              num_stages=form.pop("stages", 2))
-    reduction = _reduction_blocks(form.pop("reduction"), matrix)
-    return {"blocks": blocks, **form, **reduction}
 
 
 def main(argv=None):
@@ -138,7 +111,7 @@ def main(argv=None):
                          "tile_order": order}
                         for l1 in args.layer1 or ["dot"] for prec in args.precision
                         for early in args.early_weights for order in args.tile_order]
-    configs = {"default": {}}  # name: its options as the JSON records them (`_update_options`)
+    configs = {"default": {}}  # name: its options as the JSON records them (`update_options`)
     for tile in args.tiles:
         for warps in args.warps:
             for form in kernel_forms:
@@ -173,7 +146,7 @@ def main(argv=None):
         calls = {"optax.adam": (adam_fn, (*adam_carry, *adam_rest))}
         matrix = max(shapes.values(), key=len)
         for name, spec in configs.items():
-            options = _update_options(spec, matrix)
+            options = update_options(spec, matrix)
             # Not donated, as Adam is not: fresh outputs, so XLA copies nothing first.
             fn = jax.jit(lambda s, g, options=options: update(lopt, theta, s, g, in_place=False,
                                                               **options))

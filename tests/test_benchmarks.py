@@ -106,6 +106,54 @@ def test_pick_default_takes_only_a_win_beyond_the_spread_at_every_size(tmp_path)
     assert json.loads((tmp_path / "pick.json").read_text()) == {"pallas": None}
 
 
+def _step_file(path, pick_config, rows):
+    path.write_text(json.dumps({"info": {"pick": {"pallas": {"config": pick_config}}},
+                                "rows": [{"workload": w, "backend": b, "ms": ms, "iqr_ms": 0.01}
+                                         for w, b, ms in rows]}))
+    return str(path)
+
+
+def test_step_times_the_pick_and_pick_default_checks_it(tmp_path):
+    """The pick of a sweep goes through step.py --pick (as swept on the matrix, its kernel
+    form on the tasks) and back into pick_default.py --step, whose verdict follows the
+    iqr rule at every workload of every file that timed that pick."""
+    form = {"tile": "1x16", "warps": 4, "layer1": "dot_all", "mlp_precision": "tf32",
+            "early_weights": True, "tile_order": "rows", "reduction": "library"}
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps({"backend": "pallas", "device": "test", "rows": [
+        _sweep_row(n, name, ms, 0.01, options) for n in (10, 100)
+        for name, ms, options in (("default", 1.0, {}), ("fast", 0.5, form))]}))
+    _run("pick_default.py", str(sweep), "--json", str(tmp_path / "pick.json"))
+    out = _run("step.py", "--sizes", "2e3", "--tasks", "1", "--repeats", "1", "--backends",
+               "pallas", "--pick", str(tmp_path / "pick.json"), "--json", str(tmp_path / "s.json"))
+    assert "pallas pick on the tasks workloads: its kernel form" in out, out
+    step = json.loads((tmp_path / "s.json").read_text())
+    assert step["info"]["pick"]["pallas"]["config"] == "fast"
+    assert [(r["workload"], r["backend"]) for r in step["rows"] if r["backend"] != "optax.adam"] \
+        == [(w, b) for w in ("model 2e+03", "1 tasks x conv") for b in ("pallas", "pallas pick")]
+    out = _run("pick_default.py", str(sweep), "--step", str(tmp_path / "s.json"))
+    assert "pallas pick in" in out and "x default model 2e+03" in out, out
+
+    kept = _step_file(tmp_path / "kept.json", "fast", [
+        ("model", "pallas", 1.0), ("model", "pallas pick", 0.6),
+        ("tasks", "pallas", 1.0), ("tasks", "pallas pick", 1.015)])  # within 2 x 0.01
+    donated = _step_file(tmp_path / "donated.json", "fast", [
+        ("model", "pallas", 1.0), ("model", "pallas pick", 0.6),
+        ("tasks", "pallas", 1.0), ("tasks", "pallas pick", 1.03)])  # slower beyond them
+    other = _step_file(tmp_path / "other.json", "another", [
+        ("tasks", "pallas", 1.0), ("tasks", "pallas pick", 2.0)])
+    out_json = tmp_path / "checked.json"
+    out = _run("pick_default.py", str(sweep), "--step", kept, other, "--json", str(out_json))
+    assert "step check for pallas: confirmed" in out, out
+    check = json.loads(out_json.read_text())["pallas"]["step_check"]
+    assert check["confirmed"] is True and list(check["x_default"]) == [kept], check
+    out = _run("pick_default.py", str(sweep), "--step", kept, donated, "--json", str(out_json))
+    assert f"step check for pallas: slower at {donated}: tasks" in out, out
+    assert json.loads(out_json.read_text())["pallas"]["step_check"]["confirmed"] is False
+    out = _run("pick_default.py", str(sweep), "--step", other)
+    assert "step check for pallas: not timed by step.py --pick" in out, out
+
+
 def test_reference_update_benchmark(tmp_path):
     path = tmp_path / "ref.json"
     _run("reference_update.py", "--trees", "1M", "--repeats", "1", "--no-literal", "--json",
