@@ -52,8 +52,8 @@ def _leaves_equal(a, b):
 
 
 def test_truncated_step_passes_the_optimizer_options():
-    """backend and mlp_precision reach `opt_fn` (mlp_precision only when given, so learned
-    optimizers without it still work)."""
+    """backend, mlp_precision and kernel_options reach `opt_fn` (the last two only when
+    given, so learned optimizers without them still work)."""
     seen = []
 
     class Recording(LearnedLR):
@@ -61,11 +61,15 @@ def test_truncated_step_passes_the_optimizer_options():
             seen.append(options)
             return super().opt_fn(theta, is_training)
 
-    for precision, want in ((None, {"backend": "reference"}),
-                            ("bf16", {"backend": "reference", "mlp_precision": "bf16"})):
+    layer1 = {"layer1": "dot_all"}
+    for precision, kernel_options, want in (
+            (None, None, {"backend": "reference"}),
+            ("bf16", layer1, {"backend": "reference", "mlp_precision": "bf16",
+                              "kernel_options": layer1})):
         seen.clear()
         step = VectorizedLOptTruncatedStep(Regression(), Recording(), ConstantTruncationSchedule(6),
-                                           2, backend="reference", mlp_precision=precision)
+                                           2, backend="reference", mlp_precision=precision,
+                                           kernel_options=kernel_options)
         theta = step.learned_opt.init(None)
         state = step.init_step_state(theta, jax.random.key(0))
         step.unroll(theta, state, jax.random.key(1), 2, step.get_data(2))

@@ -71,6 +71,8 @@ class VectorizedLOptTruncatedStep(TruncatedStep):
       backend: passed to `learned_opt.opt_fn` (None: don't pass it).
       mlp_precision: passed to `learned_opt.opt_fn` unless None (the default): the kernel
         backends' MLP dot operands (`lopt_fast.backends`).
+      kernel_options: passed to `learned_opt.opt_fn` unless None (the default): more
+        keyword arguments of the kernel backend's update (`lopt_fast.backends`).
 
     Example:
         step = VectorizedLOptTruncatedStep(task, AdafacMLPLOpt(hidden_size=32),
@@ -82,7 +84,7 @@ class VectorizedLOptTruncatedStep(TruncatedStep):
                  trunc_sched: TruncationSchedule, num_tasks: int, *,
                  random_initial_iteration_offset: int = 0,
                  meta_loss_split: str | None = None, backend: str | None = "auto",
-                 mlp_precision: str | None = None):
+                 mlp_precision: str | None = None, kernel_options: dict | None = None):
         if isinstance(task_family, Task):
             task_family = single_task_to_family(task_family)
         if int(num_tasks) < 1:
@@ -97,7 +99,9 @@ class VectorizedLOptTruncatedStep(TruncatedStep):
         self.random_initial_iteration_offset = int(random_initial_iteration_offset)
         self.meta_loss_split = meta_loss_split
         self._opt_kwargs = {k: v for k, v in (("backend", backend),
-                                              ("mlp_precision", mlp_precision)) if v is not None}
+                                              ("mlp_precision", mlp_precision),
+                                              ("kernel_options", kernel_options))
+                            if v is not None}
         self._pools: dict[str, Any] = {}
         datasets = task_family.datasets
         if datasets is None and meta_loss_split is not None:
