@@ -201,6 +201,96 @@ def test_sharded_equals_single_device():
     np.testing.assert_allclose(sharded["theta"], single["theta"], rtol=1e-5, atol=1e-6)
 
 
+_CUSTOM_CALL_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from lopt_fast.meta import task_mesh
+    from lopt_fast.meta.sharding import local_tasks
+    mesh = task_mesh()
+    assert mesh.size == 2, jax.devices()
+
+    def opaque_step(a):  # a custom call with no partitioning rule, as a kernel launch is
+        out = (jax.ShapeDtypeStruct(a.shape, a.dtype), jax.ShapeDtypeStruct(a.shape[:-1], jnp.int32),
+               jax.ShapeDtypeStruct(a.shape[:-2], jnp.int32))
+        return jax.ffi.ffi_call("lapack_sgetrf_ffi", out, vmap_method="broadcast_all")(a)[0]
+
+    tasks = NamedSharding(mesh, P("tasks"))
+    x = jax.ShapeDtypeStruct((4, 8, 8), jnp.float32, sharding=tasks)
+    plain = jax.vmap(opaque_step)
+    for name, fn in (("plain", plain), ("local_tasks", None)):
+        with jax.set_mesh(mesh):  # compiled only: the LU call is a stand-in, not run
+            fn = fn or local_tasks(plain, (0,))
+            hlo = jax.jit(fn, out_shardings=tasks).lower(x).compile().as_text()
+        calls = [l for l in hlo.splitlines() if "lapack_sgetrf_ffi" in l and "custom-call(" in l]
+        print(name, "all-gather" in hlo, calls[0].split("=")[1].split("custom-call")[0].strip())
+""")
+
+
+def test_local_tasks_keeps_an_opaque_custom_call_on_each_devices_own_tasks():
+    """Why the tasks' inner steps run in `shard_map` (`sharding.local_tasks`): XLA cannot
+    partition a custom call without a rule (a kernel launch is one), so under plain `jit`
+    sharding it gathers the whole task batch onto every device and runs it there; inside
+    `local_tasks` each device calls it on its own 2 of the 4 tasks. Compiled (not run) for
+    2 CPU devices with jaxlib's LU custom call standing in for a kernel."""
+    proc = subprocess.run([sys.executable, "-c", _CUSTOM_CALL_SCRIPT], cwd=REPO,
+                          env=host_devices_env(2, PYTHONPATH=REPO),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines()
+                 if line.startswith(("plain ", "local_tasks ")))
+    assert lines["plain"].startswith("True (f32[4,8,8]"), proc.stdout  # gathered, all 4 tasks
+    assert lines["local_tasks"].startswith("False (f32[2,8,8]"), proc.stdout
+
+
+_KERNELS_PER_DEVICE_SCRIPT = textwrap.dedent("""
+    import contextlib, math, jax, optax
+    from lopt_fast.learned import AdafacMLPLOpt
+    from lopt_fast.meta import (ConstantTruncationSchedule, OuterTrainer, TruncatedGrad,
+                                TruncatedPES, VectorizedLOptTruncatedStep, task_mesh)
+    from tests.test_meta_toys import Regression
+
+    def kernel_calls(jaxpr, in_shard_map=False):
+        # (inside a shard_map?, elements of its first operand: the tasks' constants) of
+        # every pallas_call
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                yield in_shard_map, math.prod(eqn.invars[0].aval.shape)
+            for p in eqn.params.values():
+                for sub in p if isinstance(p, (list, tuple)) else [p]:
+                    sub = getattr(sub, "jaxpr", sub)
+                    if isinstance(sub, jax.extend.core.Jaxpr):
+                        yield from kernel_calls(sub, in_shard_map or eqn.primitive.name == "shard_map")
+
+    for name, mesh in (("single", None), ("sharded", task_mesh())):
+        step = VectorizedLOptTruncatedStep(Regression(), AdafacMLPLOpt(hidden_size=4),
+                                           ConstantTruncationSchedule(6), 2, backend="pallas")
+        trainer = OuterTrainer([TruncatedPES(step, trunc_length=2),
+                                TruncatedGrad(step, trunc_length=2)], optax.adam(1e-2), mesh=mesh)
+        state = trainer.init(jax.random.key(0))
+        datas = tuple(e.get_data() for e in trainer.estimators)
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            jaxpr = trainer._compile(state, datas).trace(state, datas).jaxpr.jaxpr
+        print(name, sorted(kernel_calls(jaxpr)))
+""")
+
+
+def test_sharded_meta_training_launches_the_kernels_per_device():
+    """With a mesh, every fused-kernel launch of the outer step (PES and truncated backprop,
+    the Pallas backend) is traced inside the tasks' `shard_map`, for half the tasks with 2
+    devices (its per-task constants, the first operand, have half the elements); without
+    one, none is."""
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", _KERNELS_PER_DEVICE_SCRIPT],
+                          cwd=REPO, env=host_devices_env(2, PYTHONPATH=REPO),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    calls = {line.split(" ", 1)[0]: eval(line.split(" ", 1)[1])  # noqa: S307 -- our own output
+             for line in proc.stdout.splitlines() if line.startswith(("single ", "sharded "))}
+    assert calls["single"] and len(calls["sharded"]) == len(calls["single"]), proc.stdout
+    assert all(not inside for inside, _ in calls["single"]), calls
+    assert all(inside for inside, _ in calls["sharded"]), calls
+    assert sorted(2 * n for _, n in calls["sharded"]) == sorted(n for _, n in calls["single"])
+
+
 def test_task_family_with_vmapped_configs_and_log_uniform_runs():
     from lopt_fast.tasks import QuadraticFamily
 

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lopt_fast.learned.base import LearnedOptimizer
+from lopt_fast.meta.sharding import local_tasks
 from lopt_fast.meta.truncated_step import TruncatedStep, UnrollOut, repeat_pairs
 from lopt_fast.meta.truncation import TruncationSchedule, TruncationState
 from lopt_fast.tasks.base import Task, TaskFamily, single_task_to_family
@@ -236,8 +237,8 @@ class VectorizedLOptTruncatedStep(TruncatedStep):
         if antithetic:
             batches, meta = repeat_pairs((batches, meta), axis=1)
         keys = jax.random.split(k_steps, trunc_length)
-        vstep = jax.vmap(self._step_single,
-                         in_axes=(0 if theta_is_vector else None, 0, 0, 0, 0))
+        in_axes = (0 if theta_is_vector else None, 0, 0, 0, 0)
+        vstep = local_tasks(jax.vmap(self._step_single, in_axes=in_axes), in_axes)
 
         def body(state, xs):
             step_key, batch, meta_batch = xs

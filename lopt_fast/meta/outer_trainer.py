@@ -143,7 +143,10 @@ class OuterTrainer:
         datas = tuple(est.get_data() for est in self.estimators)
         if self._jit_update is None:
             self._jit_update = self._compile(state, datas)
-        return self._jit_update(state, datas)
+        if self.mesh is None:
+            return self._jit_update(state, datas)
+        with jax.set_mesh(self.mesh):  # the tasks' steps run per device (`shd.local_tasks`)
+            return self._jit_update(state, datas)
 
     def inner_steps_per_update(self) -> int:
         """Inner steps x tasks run per outer step (antithetic halves counted)."""

@@ -6,7 +6,10 @@ and the step counter are replicated. Host-fetched data batches are split on thei
 task axis (axis 1: `[T, num_tasks, ...]`); device-resident data pools are replicated.
 The jitted outer step then runs each device's tasks locally, and the mean over
 tasks that forms the meta-gradient becomes an all-reduce inserted by XLA, so every
-device ends the step with the same theta.
+device ends the step with the same theta. The inner steps of the tasks run inside
+`jax.shard_map` (`local_tasks`): XLA cannot partition the kernel backends' custom calls
+and would otherwise gather every task's state onto every device to run the whole update
+there.
 
 Multi-host: call `jax.distributed.initialize()` first in every process; `task_mesh()`
 then spans `jax.devices()` (all hosts) and the same program runs everywhere (see
@@ -15,6 +18,7 @@ docs/META.md).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -62,6 +66,32 @@ def check_divisible(mesh: Mesh, tree: Any, axes: Any, what: str) -> None:
                     f"not split over {size} devices; use a num_tasks that is a multiple of {size}")
 
     jax.tree.map(check, axes, tree, is_leaf=lambda x: x is None)
+
+
+def local_tasks(fn: Callable, in_axes: tuple[int | None, ...]) -> Callable:
+    """`fn`, vmapped over tasks (`in_axes` as `jax.vmap`'s: 0 or None per argument; its
+    outputs' task axis 0), with each device running its own tasks: `jax.shard_map` over
+    the "tasks" axis of the mesh in context (`jax.set_mesh`, which `OuterTrainer.update`
+    sets); `fn` itself without one.
+
+    Why: a kernel backend's step is a custom call without a partitioning rule, and XLA's
+    partitioner replicates the operands of such a call: under plain `jit` sharding every
+    device would gather all tasks' params, gradients and optimizer state and run the
+    whole batch's update (measured with an unannotated custom call on 2 CPU devices: an
+    all-gather of the batch axis before the call). Inside `shard_map` the kernels are
+    traced, and launched, for the device's own tasks. The tasks' steps are independent
+    (their keys are split before the call), so the result is the unsharded one.
+    """
+    if any(a not in (0, None) for a in in_axes):
+        raise ValueError(f"local_tasks takes task axes 0 or None, got {in_axes}")
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or AXIS not in mesh.axis_names or mesh.shape[AXIS] == 1:
+        return fn
+    specs = tuple(PartitionSpec() if a is None else PartitionSpec(AXIS) for a in in_axes)
+    # check_vma=False: pallas_call's outputs carry no varying-axes type (the check would
+    # reject them); without it the cotangents of replicated inputs are still psummed.
+    return jax.shard_map(fn, in_specs=specs, out_specs=PartitionSpec(AXIS),
+                         axis_names={AXIS}, check_vma=False)
 
 
 def put(tree: Any, shardings: Any) -> Any:
