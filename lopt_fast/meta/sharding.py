@@ -77,8 +77,9 @@ def local_tasks(fn: Callable, in_axes: tuple[int | None, ...]) -> Callable:
     Why: a kernel backend's step is a custom call without a partitioning rule, and XLA's
     partitioner replicates the operands of such a call: under plain `jit` sharding every
     device would gather all tasks' params, gradients and optimizer state and run the
-    whole batch's update (measured with an unannotated custom call on 2 CPU devices: an
-    all-gather of the batch axis before the call). Inside `shard_map` the kernels are
+    whole batch's update (an unannotated custom call compiled for 2 CPU devices gets an
+    all-gather of the batch axis before it: tests/test_meta_trainer.py). Inside
+    `shard_map` the kernels are
     traced, and launched, for the device's own tasks. The tasks' steps are independent
     (their keys are split before the call), so the result is the unsharded one.
     """
