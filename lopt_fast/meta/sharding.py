@@ -79,9 +79,9 @@ def local_tasks(fn: Callable, in_axes: tuple[int | None, ...]) -> Callable:
     device would gather all tasks' params, gradients and optimizer state and run the
     whole batch's update (an unannotated custom call compiled for 2 CPU devices gets an
     all-gather of the batch axis before it: tests/test_meta_trainer.py). Inside
-    `shard_map` the kernels are
-    traced, and launched, for the device's own tasks. The tasks' steps are independent
-    (their keys are split before the call), so the result is the unsharded one.
+    `shard_map` the kernels are traced, and launched, for the device's own tasks. The
+    tasks' steps are independent (their keys are split before the call), so the result
+    is the unsharded one.
     """
     if any(a not in (0, None) for a in in_axes):
         raise ValueError(f"local_tasks takes task axes 0 or None, got {in_axes}")
