@@ -23,7 +23,7 @@ from lopt_fast.meta.loop import ConfigMismatchError, MetaTrainResult, meta_train
 from lopt_fast.meta.lopt_truncated_step import LOptUnrollState, VectorizedLOptTruncatedStep
 from lopt_fast.meta.outer_trainer import MetaTrainState, OuterTrainer, default_outer_optimizer
 from lopt_fast.meta.pes import PESWorkerState, TruncatedPES, compute_pes_grad
-from lopt_fast.meta.sharding import task_mesh
+from lopt_fast.meta.sharding import local_tasks, task_mesh
 from lopt_fast.meta.tbptt import TruncatedGrad
 from lopt_fast.meta.truncated_step import TruncatedStep, UnrollOut
 from lopt_fast.meta.truncation import (
@@ -57,6 +57,7 @@ __all__ = [
     "compute_pes_grad",
     "default_outer_optimizer",
     "load_checkpoint",
+    "local_tasks",
     "meta_train",
     "sample_perturbations",
     "save_checkpoint",
