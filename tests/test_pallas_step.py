@@ -648,6 +648,37 @@ def test_lowers_for_cuda_through_triton(lopt, in_place):
     assert aliases == (3 * 3 + 4 * 2 if in_place else 0), f"{aliases} aliased operands"
 
 
+def test_meta_training_mesh_lowers_each_devices_launches_for_its_own_tasks(lopt):
+    """Under a 2-GPU mesh (abstract, lowered here without one), the vmapped kernels wrapped
+    as meta-training wraps the tasks' steps (`lopt_fast.meta.local_tasks`) lower inside the
+    shard_map as launches over each device's 2 of the 4 tasks: every launch's task grid
+    axis (grid_y) is half the unsharded one's; unwrapped, XLA would gather all 4 tasks onto
+    each device (docs/META.md)."""
+    if not hasattr(jax.sharding, "AbstractDevice"):
+        pytest.skip(f"jax {jax.__version__} has no jax.sharding.AbstractDevice")
+    from lopt_fast.meta import local_tasks
+
+    theta = lopt.init(jax.random.key(0))
+    params = {k: jnp.full(s, 0.5, jnp.float32)
+              for k, s in {"m": (130, 290), "v": (7,), "c": (3, 3, 16, 32)}.items()}
+    state = lopt.opt_fn(theta, backend="reference").init(params, num_steps=50)
+    step = jax.vmap(lambda t, s, g: pallas_update(lopt, t, s, g, interpret=False),
+                    in_axes=(None, 0, 0))
+    batched = jax.tree.map(lambda x: jnp.stack([x] * 4), (state, params))
+
+    def grids(fn, **mesh):
+        with abstract_gpu(**mesh):
+            text = jax.jit(fn()).trace(theta, *batched).lower(
+                lowering_platforms=("cuda",)).as_text()
+        found = re.findall(r"grid_x = (\d+) : i32, grid_y = (\d+) : i32, grid_z = (\d+)", text)
+        return sorted(tuple(map(int, g)) for g in found), "manual_computation" in text
+
+    plain, _ = grids(lambda: step)
+    sharded, manual = grids(lambda: local_tasks(step, (None, 0, 0)), axes={"tasks": 2})
+    assert plain and all(y == 4 for _, y, _ in plain), plain
+    assert manual and sharded == [(x, y // 2, z) for x, y, z in plain], (sharded, plain)
+
+
 def test_abstract_gpu_names_the_device_pallas_lowers_for():
     """Inside `abstract_gpu` the abstract mesh's device is the CUDA GPU that Pallas'
     Triton lowering asks for when this machine has none (JAX >= 0.11), and only there."""

@@ -25,13 +25,18 @@ DEFAULT_DEVICE_KIND = "NVIDIA H100 80GB HBM3"
 
 
 @contextlib.contextmanager
-def abstract_gpu(device_kind: str = DEFAULT_DEVICE_KIND):
+def abstract_gpu(device_kind: str = DEFAULT_DEVICE_KIND, axes: dict[str, int] | None = None):
     """Lowerings inside compile for an NVIDIA GPU of `device_kind` (its compute
-    capability), whatever devices this machine has."""
+    capability), whatever devices this machine has; `axes` (name: size) makes the abstract
+    mesh one of several such GPUs, for lowering sharded code (e.g. {"tasks": 2})."""
     sharding = jax.sharding
     if not hasattr(sharding, "AbstractDevice"):
+        if axes:
+            raise RuntimeError(f"jax {jax.__version__} has no jax.sharding.AbstractDevice: "
+                               "no abstract mesh of GPUs to lower for")
         yield
         return
     device = sharding.AbstractDevice(device_kind, None, "cuda")
-    with sharding.use_abstract_mesh(sharding.AbstractMesh((1,), ("gpu",), abstract_device=device)):
+    names, sizes = zip(*(axes or {"gpu": 1}).items(), strict=True)
+    with sharding.use_abstract_mesh(sharding.AbstractMesh(sizes, names, abstract_device=device)):
         yield
