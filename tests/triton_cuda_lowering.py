@@ -12,8 +12,10 @@ kept in its own directory and this runs in its own process:
 
 Exits non-zero unless the lowered step holds the expected Triton launches, for each MLP
 precision and for 3 vmapped tasks with their own theta (folded into the grid, not a loop),
-and the apply launches update the state in place: each aliases its p, mom, rms (and a
-small tensor's v) operands to its outputs, and none does with `in_place=False` (fresh outputs);
+4 tasks over an abstract mesh of 2 GPUs as meta-training runs them (`local_tasks`: each
+device's launches take its 2 tasks' operands), and the apply launches update the state
+in place: each aliases its p, mom, rms (and a small tensor's v) operands to its outputs,
+and none does with `in_place=False` (fresh outputs);
 and unless the launches are jaxlib's FFI Triton calls carrying the kernel-call protos
 that jax-triton's legacy calls carry (`lopt_fast.kernels.ffi_call`).
 """
@@ -27,6 +29,8 @@ import jax.numpy as jnp
 
 from lopt_fast.kernels import ffi_call, triton_update
 from lopt_fast.learned import AdafacMLPLOpt
+from lopt_fast.meta import local_tasks
+from lopt_fast.pallas import abstract_gpu
 
 # Factored tensors (3 launches per run of them alike in tile and dtype: row/col sums,
 # moments, apply; here the float32 ones share a tile, the bf16 one is a run of its own)
@@ -42,10 +46,12 @@ EXPECTED_ALIASES = 3 * NUM_FACTORED + 4 * NUM_SMALL
 
 def lowered_step(mlp_precision: str = "tf32", tasks: int | None = None, layer1: str = "dot",
                  persistent: bool = False, in_place: bool = True,
-                 launcher: str = "jax_triton", shapes: dict | None = None) -> list[str]:
+                 launcher: str = "jax_triton", shapes: dict | None = None,
+                 devices: int | None = None) -> list[str]:
     """The step's Triton launches, lowered for CUDA (lines of StableHLO text): jax-triton's
     custom calls, or with launcher="xla" XLA's own Triton calls. `shapes`: the params'
-    (default SHAPES; a key "bf16" is a bf16 tensor)."""
+    (default SHAPES; a key "bf16" is a bf16 tensor). `devices`: the vmapped `tasks` split
+    over an abstract mesh of that many GPUs by `local_tasks`."""
     lopt = AdafacMLPLOpt(hidden_size=32)
     theta = lopt.init(jax.random.key(0))
     params = {k: jnp.full(s, 0.5, jnp.bfloat16 if k == "bf16" else jnp.float32)
@@ -59,7 +65,11 @@ def lowered_step(mlp_precision: str = "tf32", tasks: int | None = None, layer1: 
         step = jax.vmap(step)
         theta, state, params = jax.tree.map(
             lambda x: jnp.stack([x] * tasks), (theta, state, params))
-    text = jax.jit(step).trace(theta, state, params).lower(lowering_platforms=("cuda",)).as_text()
+    with abstract_gpu(axes={"tasks": devices} if devices else None):
+        if devices:
+            step = local_tasks(step, (0, 0, 0))
+        text = jax.jit(step).trace(theta, state, params).lower(
+            lowering_platforms=("cuda",)).as_text()
     return [line for line in text.splitlines()
             if "custom_call @triton_kernel_call" in line or "__gpu$xla.gpu.triton" in line]
 
@@ -108,3 +118,9 @@ if __name__ == "__main__":
         assert launches == EXPECTED_LAUNCHES, f"{case}: {launches} launches"
         assert aliases == expected_aliases, f"{case}: {aliases} aliased operands"
     check_ffi_form()
+    sharded = lowered_step(tasks=4, devices=2)
+    # the matrix's operands: [tasks, B = 1, 130, 290]
+    task_counts = {int(n) for line in sharded for n in re.findall(r"tensor<(\d+)x1x130x290xf32>", line)}
+    print(f"4 tasks over 2 GPUs: {len(sharded)} Triton launches, the matrix's operands "
+          f"for {sorted(task_counts)} task(s) (expected [2])")
+    assert len(sharded) == EXPECTED_LAUNCHES and task_counts == {2}, sharded[0][-600:]
