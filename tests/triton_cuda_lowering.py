@@ -22,6 +22,7 @@ that jax-triton's legacy calls carry (`lopt_fast.kernels.ffi_call`).
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import jax
@@ -65,7 +66,7 @@ def lowered_step(mlp_precision: str = "tf32", tasks: int | None = None, layer1: 
         step = jax.vmap(step)
         theta, state, params = jax.tree.map(
             lambda x: jnp.stack([x] * tasks), (theta, state, params))
-    with abstract_gpu(axes={"tasks": devices} if devices else None):
+    with abstract_gpu(axes={"tasks": devices}) if devices else contextlib.nullcontext():
         if devices:
             step = local_tasks(step, (0, 0, 0))
         text = jax.jit(step).trace(theta, state, params).lower(
