@@ -114,14 +114,22 @@ def _import_error(module: str) -> str | None:
 _OWN_KEYWORDS = ("interpret", "in_place", "mlp_precision")
 
 
-def _check_kernel_options(name: str, update: Callable, kernel_options: dict) -> None:
+def _kernel_keywords(name: str, update: Callable, mlp_precision: str | None,
+                     kernel_options: dict | None) -> dict:
+    """The keywords a kernel backend's `update` gets besides interpret / in_place:
+    `kernel_options`, checked against its signature, and `mlp_precision` unless None (the
+    kernel's own default precision, not passed)."""
+    options = dict(kernel_options or {})
     accepted = [k for k, p in inspect.signature(update).parameters.items()
                 if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in _OWN_KEYWORDS]
-    unknown = sorted(set(kernel_options) - set(accepted))
+    unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"kernel_options {', '.join(map(repr, unknown))} are not options of "
                          f"the {name!r} backend's update; it takes {', '.join(accepted)} "
                          f"(and in_place, mlp_precision as their own arguments)")
+    if mlp_precision is not None:
+        options["mlp_precision"] = mlp_precision
+    return options
 
 
 def _make(name: str, in_place: bool = True, mlp_precision: str | None = None,
@@ -130,14 +138,10 @@ def _make(name: str, in_place: bool = True, mlp_precision: str | None = None,
         from lopt_fast.learned.adafac_mlp import reference_update
 
         return Backend("reference", reference_update)
-    # mlp_precision None: the kernel's own default precision (not passed)
-    options = dict(kernel_options or {})
-    if mlp_precision is not None:
-        options["mlp_precision"] = mlp_precision
     if name == "pallas":
         from lopt_fast.pallas import pallas_update
 
-        _check_kernel_options(name, pallas_update, kernel_options or {})
+        options = _kernel_keywords(name, pallas_update, mlp_precision, kernel_options)
         interpret = _platform() == "cpu"
         return Backend("pallas-interpret" if interpret else "pallas",
                        functools.partial(pallas_update, interpret=interpret, in_place=in_place,
@@ -145,7 +149,7 @@ def _make(name: str, in_place: bool = True, mlp_precision: str | None = None,
     if name == "triton":
         from lopt_fast.kernels import triton_update
 
-        _check_kernel_options(name, triton_update, kernel_options or {})
+        options = _kernel_keywords(name, triton_update, mlp_precision, kernel_options)
         return Backend("triton", functools.partial(triton_update, in_place=in_place, **options))
     raise BackendUnavailableError(_unavailable_reason(name))
 
